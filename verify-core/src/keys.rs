@@ -1,0 +1,324 @@
+//! Keys: RFC 7517 JWKs and the trust store (a JWKS). Every key carries its own `alg`,
+//! and that alg alone decides how a token signed with the key is checked.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::b64;
+use crate::crypto::{Backend, Es256Signer, Es256Verifier, Hs256Key};
+use crate::decision::Alg;
+use crate::error::ConfigError;
+
+/// RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
+pub const MIN_HS256_KEY_BYTES: usize = 32;
+
+/// The JWK members the gateway understands; any other member is an error, so a key
+/// never means something different here than where it was made.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwk {
+    pub kty: String,
+    pub kid: Option<String>,
+    pub alg: Option<String>,
+    #[serde(rename = "use")]
+    pub use_: Option<String>,
+    pub key_ops: Option<Vec<String>>,
+    pub crv: Option<String>,
+    pub x: Option<String>,
+    pub y: Option<String>,
+    pub d: Option<Zeroizing<String>>,
+    pub k: Option<Zeroizing<String>>,
+}
+
+impl fmt::Debug for Jwk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print secret members.
+        f.debug_struct("Jwk")
+            .field("kty", &self.kty)
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwkSet {
+    keys: Vec<Jwk>,
+}
+
+/// The key material of one JWK, checked for its alg.
+pub enum KeyMaterial {
+    Es256 { point: [u8; 65], d: Option<Zeroizing<[u8; 32]>> },
+    Hs256 { secret: Zeroizing<Vec<u8>> },
+}
+
+impl fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyMaterial::Es256 { d, .. } => write!(f, "Es256 {{ private: {} }}", d.is_some()),
+            KeyMaterial::Hs256 { secret } => write!(f, "Hs256 {{ {} bytes }}", secret.len()),
+        }
+    }
+}
+
+/// A JWK with its kid and alg, validated.
+#[derive(Debug)]
+pub struct ParsedJwk {
+    pub kid: String,
+    pub alg: Alg,
+    pub material: KeyMaterial,
+}
+
+/// Why a JWK was refused: the field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwkError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn jwk_err(field: &'static str, message: impl Into<String>) -> JwkError {
+    JwkError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl Jwk {
+    /// Validates the key: kid and alg present, alg one of ours and matching kty/crv,
+    /// coordinates and secrets of exactly the right length, usage (if stated) signing.
+    pub fn parse(self) -> Result<ParsedJwk, JwkError> {
+        let kid = self.kid.ok_or_else(|| jwk_err("kid", "required"))?;
+        if kid.is_empty() || kid.len() > 256 || kid.chars().any(char::is_control) {
+            return Err(jwk_err("kid", "must be 1 to 256 printable characters"));
+        }
+        let alg_name = self.alg.ok_or_else(|| jwk_err("alg", "required"))?;
+        let alg = Alg::from_name(&alg_name).ok_or_else(|| {
+            jwk_err("alg", format!("`{alg_name}` is not allowed (ES256 or HS256 only)"))
+        })?;
+        if let Some(use_) = &self.use_ {
+            if use_ != "sig" {
+                return Err(jwk_err("use", format!("`{use_}` is not `sig`")));
+            }
+        }
+        if let Some(ops) = &self.key_ops {
+            if ops.iter().any(|op| !matches!(op.as_str(), "sign" | "verify")) {
+                return Err(jwk_err("key_ops", "only `sign` and `verify` are allowed"));
+            }
+        }
+        let material = match alg {
+            Alg::Es256 => {
+                if self.kty != "EC" {
+                    return Err(jwk_err("kty", format!("ES256 needs kty EC, not `{}`", self.kty)));
+                }
+                if self.crv.as_deref() != Some("P-256") {
+                    return Err(jwk_err("crv", "ES256 needs crv P-256"));
+                }
+                if self.k.is_some() {
+                    return Err(jwk_err("k", "not a member of an EC key"));
+                }
+                let x = coordinate(self.x.as_deref(), "x")?;
+                let y = coordinate(self.y.as_deref(), "y")?;
+                let mut point = [0u8; 65];
+                point[0] = 0x04;
+                point[1..33].copy_from_slice(&x);
+                point[33..].copy_from_slice(&y);
+                let d = match &self.d {
+                    None => None,
+                    Some(d) => Some(Zeroizing::new(
+                        b64::decode_exact::<32>(d.as_bytes())
+                            .ok()
+                            .flatten()
+                            .ok_or_else(|| jwk_err("d", "must be 32 bytes of base64url"))?,
+                    )),
+                };
+                KeyMaterial::Es256 { point, d }
+            }
+            Alg::Hs256 => {
+                if self.kty != "oct" {
+                    return Err(jwk_err("kty", format!("HS256 needs kty oct, not `{}`", self.kty)));
+                }
+                if self.crv.is_some() || self.x.is_some() || self.y.is_some() || self.d.is_some() {
+                    return Err(jwk_err("kty", "an oct key has only `k`"));
+                }
+                let k = self.k.ok_or_else(|| jwk_err("k", "required"))?;
+                let secret = Zeroizing::new(
+                    b64::decode(k.as_bytes()).map_err(|_| jwk_err("k", "not base64url"))?,
+                );
+                if secret.len() < MIN_HS256_KEY_BYTES {
+                    return Err(jwk_err(
+                        "k",
+                        format!(
+                            "HS256 key is {} bytes; RFC 7518 requires at least {MIN_HS256_KEY_BYTES}",
+                            secret.len()
+                        ),
+                    ));
+                }
+                KeyMaterial::Hs256 { secret }
+            }
+        };
+        Ok(ParsedJwk { kid, alg, material })
+    }
+}
+
+fn coordinate(value: Option<&str>, field: &'static str) -> Result<[u8; 32], JwkError> {
+    let value = value.ok_or_else(|| jwk_err(field, "required"))?;
+    b64::decode_exact::<32>(value.as_bytes())
+        .ok()
+        .flatten()
+        .ok_or_else(|| jwk_err(field, "must be 32 bytes of base64url"))
+}
+
+/// A verifier prepared once at load time.
+pub enum Verifier {
+    Es256(Box<dyn Es256Verifier>),
+    Hs256(Box<dyn Hs256Key>),
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verifier::Es256(_) => "Es256",
+            Verifier::Hs256(_) => "Hs256",
+        })
+    }
+}
+
+/// One trusted key: its kid, its one alg, and a prepared verifier.
+#[derive(Debug)]
+pub struct TrustedKey {
+    pub kid: String,
+    pub alg: Alg,
+    pub verifier: Verifier,
+}
+
+/// The trust store: keys found only by `kid`.
+#[derive(Debug, Default)]
+pub struct KeyStore {
+    keys: HashMap<String, TrustedKey>,
+}
+
+impl KeyStore {
+    pub fn get(&self, kid: &str) -> Option<&TrustedKey> {
+        self.keys.get(kid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    /// Loads a JWKS file.
+    pub fn load(path: &Path, backend: &'static dyn Backend) -> Result<KeyStore, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        KeyStore::from_jwks(&bytes, path, backend)
+    }
+
+    /// Parses a JWKS document; `origin` names it in errors.
+    pub fn from_jwks(
+        bytes: &[u8],
+        origin: &Path,
+        backend: &'static dyn Backend,
+    ) -> Result<KeyStore, ConfigError> {
+        let set: JwkSet = crate::json::from_slice_strict(bytes)
+            .map_err(|e| ConfigError::invalid(origin, "-", e.to_string()))?;
+        let mut store = KeyStore::default();
+        for (i, jwk) in set.keys.into_iter().enumerate() {
+            let parsed = jwk.parse().map_err(|e| {
+                ConfigError::invalid(origin, format!("keys[{i}].{}", e.field), e.message)
+            })?;
+            let key = TrustedKey::prepare(parsed, backend).map_err(|message| {
+                ConfigError::invalid(origin, format!("keys[{i}]"), message)
+            })?;
+            if store.keys.contains_key(&key.kid) {
+                return Err(ConfigError::invalid(
+                    origin,
+                    format!("keys[{i}].kid"),
+                    format!("duplicate kid `{}`", key.kid),
+                ));
+            }
+            store.keys.insert(key.kid.clone(), key);
+        }
+        Ok(store)
+    }
+
+    /// Adds a key from another source (for example a TPM-sealed HS256 key).
+    pub fn insert(&mut self, key: TrustedKey) -> Result<(), String> {
+        if self.keys.contains_key(&key.kid) {
+            return Err(format!("duplicate kid `{}`", key.kid));
+        }
+        self.keys.insert(key.kid.clone(), key);
+        Ok(())
+    }
+}
+
+impl TrustedKey {
+    /// Prepares a verifier. A trust store holds public keys; an EC private scalar in it
+    /// is refused, because a leaked trust store must not be a signing key.
+    pub fn prepare(jwk: ParsedJwk, backend: &'static dyn Backend) -> Result<TrustedKey, String> {
+        let verifier = match &jwk.material {
+            KeyMaterial::Es256 { d: Some(_), .. } => {
+                return Err("private EC key in a trust store (remove `d`)".to_string())
+            }
+            KeyMaterial::Es256 { point, d: None } => {
+                Verifier::Es256(backend.es256_verifier(point).map_err(|e| e.to_string())?)
+            }
+            KeyMaterial::Hs256 { secret } => Verifier::Hs256(backend.hs256_key(secret)),
+        };
+        Ok(TrustedKey {
+            kid: jwk.kid,
+            alg: jwk.alg,
+            verifier,
+        })
+    }
+}
+
+/// A signing key made from a private JWK (for `pack`).
+pub enum SigningKey {
+    Es256(Box<dyn Es256Signer>),
+    Hs256(Box<dyn Hs256Key>),
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SigningKey::Es256(_) => "SigningKey::Es256",
+            SigningKey::Hs256(_) => "SigningKey::Hs256",
+        })
+    }
+}
+
+impl SigningKey {
+    pub fn from_jwk(jwk: &ParsedJwk, backend: &'static dyn Backend) -> Result<SigningKey, String> {
+        match &jwk.material {
+            KeyMaterial::Es256 { point, d: Some(d) } => Ok(SigningKey::Es256(
+                backend.es256_signer(d, point).map_err(|e| e.to_string())?,
+            )),
+            KeyMaterial::Es256 { d: None, .. } => {
+                Err("an EC public key cannot sign (the JWK has no `d`)".to_string())
+            }
+            KeyMaterial::Hs256 { secret } => Ok(SigningKey::Hs256(backend.hs256_key(secret))),
+        }
+    }
+
+    pub fn sign(&self, signing_input: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            SigningKey::Es256(s) => s.sign(signing_input).map(|s| s.to_vec()).map_err(|e| e.to_string()),
+            SigningKey::Hs256(k) => Ok(k.sign(signing_input).to_vec()),
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! verify-core: decides whether a capsule may run.
+//!
+//! Strict compact JWS (ES256/HS256), a trust store of JWKs, a TOML policy, manifest v1
+//! checks, and artifact hashing in parallel. Every verification ends in one
+//! [`Decision`]; a capsule that passes becomes an [`Admitted`], which only this crate
+//! can build. No network, no processes, no async runtime.
+//!
+//! Errors untrusted input can cause are denials with a [`Reason`], never panics;
+//! configuration problems are [`ConfigError`]s naming the file and field.
+
+pub mod b64;
+pub mod crypto;
+pub mod decision;
+pub mod digest;
+pub mod error;
+pub mod json;
+pub mod jws;
+pub mod keys;
+pub mod limits;
+pub mod manifest;
+pub mod policy;
+pub mod runner;
+pub mod time;
+pub mod verify;
+
+pub use decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
+pub use digest::{ArtifactSource, HashMode};
+pub use error::ConfigError;
+pub use limits::Limits;
+pub use manifest::Manifest;
+pub use policy::Policy;
+pub use runner::{RunnerPattern, SpiffeId};
+pub use time::{Clock, FixedClock, SystemClock};
+pub use verify::{check_rollback, Admitted, AdmittedVersion, Capsule, NoHistory, RollbackView, Verifier};

@@ -1,0 +1,189 @@
+//! Manifest v1: the JWS payload. Wire types only; the checks live in `verify`.
+//!
+//! Unknown members and duplicate members are errors at every level, so that the
+//! document that was approved is the document that is checked.
+
+use serde::{Deserialize, Serialize};
+
+use crate::decision::Sha256Digest;
+use crate::json::UniqueMap;
+
+pub const SCHEMA_V1: &str = "capsule/v1";
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema: String,
+    pub capsule_id: String,
+    pub version: u64,
+    /// `sha256:<hex>` of the parent capsule's JWS bytes; `null` only for version 1.
+    pub parent: Option<String>,
+    pub tenant: String,
+    pub issued_at: u64,
+    pub not_before: u64,
+    pub expires_at: u64,
+    pub policy_version: String,
+    pub author: String,
+    pub approvals: Vec<Approval>,
+    #[serde(default)]
+    pub runners: Vec<String>,
+    pub scope: Scope,
+    pub limits: SandboxLimits,
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub env: UniqueMap,
+    pub artifacts: Vec<Artifact>,
+    #[serde(default)]
+    pub tools: Vec<Tool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    pub approver: String,
+    pub role: String,
+    pub approved_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    pub environment: String,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub actions: Vec<String>,
+    /// Only `none` is accepted: the sandbox has no network.
+    pub network: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxLimits {
+    pub timeout_ms: u64,
+    pub memory_mib: u64,
+    pub pids: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    pub name: String,
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// One file the manifest names, artifact or tool, with its path checked and its
+/// digest decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    pub path: ArtifactPath,
+    pub sha256: Sha256Digest,
+    pub size: u64,
+    pub is_tool: bool,
+}
+
+impl Manifest {
+    /// Parses manifest bytes strictly.
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+        crate::json::from_slice_strict(bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// A relative path beneath `files/`: `/`-separated, no empty, `.` or `..` segment,
+/// no NUL or control characters, not absolute, at most 4096 bytes and 255 per segment.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ArtifactPath(String);
+
+pub const MAX_PATH_BYTES: usize = 4096;
+pub const MAX_SEGMENT_BYTES: usize = 255;
+
+impl ArtifactPath {
+    pub fn parse(path: &str) -> Result<ArtifactPath, &'static str> {
+        if path.is_empty() {
+            return Err("empty path");
+        }
+        if path.len() > MAX_PATH_BYTES {
+            return Err("path longer than 4096 bytes");
+        }
+        if path.starts_with('/') {
+            return Err("absolute path");
+        }
+        for segment in path.split('/') {
+            match segment {
+                "" => return Err("empty path segment"),
+                "." | ".." => return Err("`.` or `..` segment"),
+                s if s.len() > MAX_SEGMENT_BYTES => return Err("path segment longer than 255 bytes"),
+                s if s.chars().any(|c| c.is_control() || c == '\\') => {
+                    return Err("control character or backslash in path")
+                }
+                _ => {}
+            }
+        }
+        Ok(ArtifactPath(path.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ArtifactPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn path_rules() {
+        for ok in ["run.sh", "tools/busybox", "a/b/c.txt", "..a", "a..", ".hidden", "a b"] {
+            assert!(ArtifactPath::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "/etc/passwd", "../x", "a/../b", "a/./b", "./a", "a//b", "a/", "..", ".",
+            "a\0b", "a\\b", "a\nb",
+        ] {
+            assert!(ArtifactPath::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(ArtifactPath::parse(&"a".repeat(256)).is_err());
+        assert!(ArtifactPath::parse(&"a/".repeat(2049)).is_err());
+    }
+
+    proptest! {
+        /// Whatever is accepted stays beneath the root: joining it never climbs out.
+        #[test]
+        fn accepted_paths_never_escape(segments in proptest::collection::vec("[a-z.]{0,4}", 1..6)) {
+            let path = segments.join("/");
+            if let Ok(p) = ArtifactPath::parse(&path) {
+                let mut depth = 0i32;
+                for s in p.as_str().split('/') {
+                    prop_assert!(s != ".." && s != "." && !s.is_empty());
+                    depth += 1;
+                }
+                prop_assert!(depth >= 1);
+                prop_assert!(!p.as_str().starts_with('/'));
+            } else {
+                prop_assert!(segments.iter().any(|s| s.is_empty() || s == "." || s == ".."));
+            }
+        }
+
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,64}") {
+            let _ = ArtifactPath::parse(&s);
+        }
+    }
+}

@@ -1,0 +1,554 @@
+//! The admission pipeline: every check of DESIGN.md, cheapest first, each denial
+//! with one reason. Nothing in the payload is parsed before the signature verifies
+//! (`jws::verify` returns the payload only after that).
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
+use crate::digest::{ArtifactSource, HashMode};
+use crate::jws;
+use crate::manifest::{ArtifactPath, FileEntry, Manifest, SCHEMA_V1};
+use crate::policy::{Policy, Tenant};
+use crate::runner::{RunnerPattern, SpiffeId};
+use crate::time::Clock;
+
+/// The highest version admitted so far for one (tenant, capsule_id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmittedVersion {
+    pub version: u64,
+    pub digest: Sha256Digest,
+}
+
+/// Read access to the anti-rollback state (the gateway keeps it durably).
+pub trait RollbackView: Sync {
+    fn latest(&self, tenant: &str, capsule_id: &str) -> Result<Option<AdmittedVersion>, String>;
+}
+
+/// No history: every version is new (for `verify` without `--state`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHistory;
+
+impl RollbackView for NoHistory {
+    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, String> {
+        Ok(None)
+    }
+}
+
+/// The anti-rollback rule. A lower version than the highest admitted is a rollback.
+/// The same version is admitted again only with the same bytes: a second, different
+/// capsule under an already admitted version is an equivocation and is refused too.
+pub fn check_rollback(
+    latest: Option<AdmittedVersion>,
+    version: u64,
+    digest: Sha256Digest,
+) -> Result<(), String> {
+    match latest {
+        Some(l) if version < l.version => Err(format!(
+            "version {version} is below the highest admitted version {}",
+            l.version
+        )),
+        Some(l) if version == l.version && digest != l.digest => Err(format!(
+            "version {version} was already admitted with other bytes ({})",
+            l.digest
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A capsule as handed to the verifier: the JWS bytes (or why they could not be
+/// read) and where its files are.
+#[derive(Debug, Clone)]
+pub struct Capsule {
+    jws: Result<Arc<[u8]>, (Reason, String)>,
+    source: ArtifactSource,
+}
+
+/// Name of the JWS file in a capsule directory.
+pub const JWS_FILE: &str = "capsule.jws";
+/// Name of the artifact directory in a capsule directory.
+pub const FILES_DIR: &str = "files";
+
+impl Capsule {
+    /// A capsule from JWS bytes already in memory (one trailing newline tolerated).
+    pub fn from_bytes(jws: &[u8], source: ArtifactSource) -> Capsule {
+        Capsule {
+            jws: Ok(Arc::from(strip_newline(jws))),
+            source,
+        }
+    }
+
+    /// Reads `DIR/capsule.jws` (at most `max_jws_bytes`, plus one newline); the files
+    /// are looked up in `DIR/files/`. A read failure becomes a denial at verify time,
+    /// so one unreadable capsule never stops a batch.
+    pub fn from_dir(dir: &Path, max_jws_bytes: usize) -> Capsule {
+        let source = ArtifactSource::Dir(dir.join(FILES_DIR));
+        let path = dir.join(JWS_FILE);
+        let read = || -> std::io::Result<Vec<u8>> {
+            let file = std::fs::File::open(&path)?;
+            let mut bytes = Vec::new();
+            // Read one byte past the limit (plus a newline) to see that it was exceeded.
+            file.take(max_jws_bytes as u64 + 2).read_to_end(&mut bytes)?;
+            Ok(bytes)
+        };
+        let jws = match read() {
+            Ok(bytes) => {
+                let bytes = strip_newline(&bytes);
+                if bytes.len() > max_jws_bytes {
+                    Err((
+                        Reason::LimitExceeded,
+                        format!("{}: larger than {max_jws_bytes} bytes", path.display()),
+                    ))
+                } else {
+                    Ok(Arc::from(bytes))
+                }
+            }
+            Err(e) => Err((Reason::MalformedJws, format!("{}: {e}", path.display()))),
+        };
+        Capsule { jws, source }
+    }
+
+    pub fn jws(&self) -> Option<&[u8]> {
+        self.jws.as_deref().ok()
+    }
+
+    pub fn source(&self) -> &ArtifactSource {
+        &self.source
+    }
+}
+
+fn strip_newline(bytes: &[u8]) -> &[u8] {
+    bytes.strip_suffix(b"\n").unwrap_or(bytes)
+}
+
+/// A capsule that passed every check. Only this crate can build one: its fields are
+/// private and there is no constructor outside `Verifier`, so a launcher that takes
+/// `Admitted` cannot be handed anything unverified.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    decision: Decision,
+    manifest: Arc<Manifest>,
+    jws: Arc<[u8]>,
+    files: Arc<[FileEntry]>,
+    source: ArtifactSource,
+}
+
+impl Admitted {
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    /// The exact JWS bytes that were verified.
+    pub fn jws(&self) -> &[u8] {
+        &self.jws
+    }
+    pub fn digest(&self) -> Sha256Digest {
+        // An admitted decision always carries the digest it was verified under.
+        self.decision.digest.unwrap_or(Sha256Digest([0; 32]))
+    }
+    /// Every artifact and tool, with the digest it was verified against.
+    pub fn files(&self) -> &[FileEntry] {
+        &self.files
+    }
+    pub fn source(&self) -> &ArtifactSource {
+        &self.source
+    }
+    pub fn into_decision(self) -> Decision {
+        self.decision
+    }
+}
+
+/// Everything a verification needs besides the capsule.
+#[derive(Clone, Copy)]
+pub struct Verifier<'a> {
+    pub policy: &'a Policy,
+    pub clock: &'a dyn Clock,
+    pub rollback: &'a dyn RollbackView,
+    /// This runner's SPIFFE ID; `None` denies any manifest that names runners.
+    pub runner: Option<&'a SpiffeId>,
+    pub hash_mode: HashMode,
+}
+
+impl std::fmt::Debug for Verifier<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("policy", &self.policy.source)
+            .field("runner", &self.runner)
+            .field("hash_mode", &self.hash_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A denial under construction: the facts learned so far travel with it.
+struct Facts {
+    digest: Option<Sha256Digest>,
+    capsule_id: Option<String>,
+    version: Option<u64>,
+    tenant: Option<String>,
+    kid: Option<String>,
+    alg: Option<Alg>,
+}
+
+impl Facts {
+    fn deny(&self, reason: Reason, detail: impl Into<String>) -> Decision {
+        self.decision(Verdict::Deny, Some(reason), detail.into())
+    }
+
+    fn decision(&self, verdict: Verdict, reason: Option<Reason>, detail: String) -> Decision {
+        Decision {
+            verdict,
+            reason,
+            detail,
+            digest: self.digest,
+            capsule_id: self.capsule_id.clone(),
+            version: self.version,
+            tenant: self.tenant.clone(),
+            kid: self.kid.clone(),
+            alg: self.alg,
+        }
+    }
+}
+
+impl Verifier<'_> {
+    /// Verifies a batch on the current rayon pool; decisions come back in input
+    /// order, and one capsule's failure never touches another's verdict.
+    pub fn admit_batch(&self, capsules: &[Capsule]) -> Vec<Decision> {
+        capsules
+            .par_iter()
+            .map(|c| match self.verify(c) {
+                Ok(a) => a.decision,
+                Err(d) => d,
+            })
+            .collect()
+    }
+
+    /// Like [`Verifier::admit_batch`], keeping the admitted capsules.
+    pub fn verify_batch(&self, capsules: &[Capsule]) -> Vec<Result<Admitted, Decision>> {
+        capsules.par_iter().map(|c| self.verify(c)).collect()
+    }
+
+    /// Runs every check on one capsule.
+    pub fn verify(&self, capsule: &Capsule) -> Result<Admitted, Decision> {
+        let policy = self.policy;
+        let jws = match &capsule.jws {
+            Ok(bytes) => bytes.clone(),
+            Err((reason, detail)) => return Err(Decision::deny_unread(*reason, detail.clone())),
+        };
+        let mut facts = Facts {
+            digest: Some(Sha256Digest(policy.backend.sha256_oneshot(&jws))),
+            capsule_id: None,
+            version: None,
+            tenant: None,
+            kid: None,
+            alg: None,
+        };
+
+        // 1. Signature, by the trust store's key for this kid (JWS rules, DESIGN.md).
+        let verified = match jws::verify(&jws, &policy.keys, policy.limits.max_jws_bytes) {
+            Ok(v) => v,
+            Err(f) => {
+                facts.kid = f.kid;
+                facts.alg = f.alg;
+                return Err(facts.deny(f.reason, f.detail));
+            }
+        };
+        facts.kid = Some(verified.kid.clone());
+        facts.alg = Some(verified.alg);
+
+        // 2. The manifest, now that its bytes are authentic.
+        let manifest = Manifest::parse(&verified.payload)
+            .map_err(|e| facts.deny(Reason::MalformedManifest, e))?;
+        facts.capsule_id = Some(manifest.capsule_id.clone());
+        facts.version = Some(manifest.version);
+        facts.tenant = Some(manifest.tenant.clone());
+        check_shape(&manifest).map_err(|e| facts.deny(Reason::MalformedManifest, e))?;
+        let files = self.check_files(&manifest).map_err(|(r, e)| facts.deny(r, e))?;
+
+        // 3. Tenant and key binding: the kid must be one this tenant signs with.
+        let tenant = policy.tenants.get(&manifest.tenant).ok_or_else(|| {
+            facts.deny(Reason::TenantUnknown, format!("tenant `{}` is not in the policy", manifest.tenant))
+        })?;
+        if !tenant.keys.contains(&verified.kid) {
+            return Err(facts.deny(
+                Reason::TenantKeyMismatch,
+                format!("key `{}` may not sign for tenant `{}`", verified.kid, tenant.name),
+            ));
+        }
+        if manifest.policy_version != policy.policy_version {
+            return Err(facts.deny(
+                Reason::PolicyMismatch,
+                format!(
+                    "manifest names policy {}, the policy in force is {}",
+                    manifest.policy_version, policy.policy_version
+                ),
+            ));
+        }
+
+        // 4. Validity window, with the policy's clock skew either way.
+        let now = self.clock.now_unix();
+        let skew = policy.clock_skew_s;
+        if manifest.not_before > now.saturating_add(skew) || manifest.issued_at > now.saturating_add(skew) {
+            return Err(facts.deny(
+                Reason::NotYetValid,
+                format!("not valid before {} (now {now})", manifest.not_before.max(manifest.issued_at)),
+            ));
+        }
+        if now >= manifest.expires_at.saturating_add(skew) {
+            return Err(facts.deny(Reason::Expired, format!("expired at {} (now {now})", manifest.expires_at)));
+        }
+
+        // 5. Runner, scope, tools, approvals.
+        self.check_runner(&manifest, tenant).map_err(|e| facts.deny(Reason::RunnerNotAllowed, e))?;
+        check_scope(&manifest, tenant).map_err(|e| facts.deny(Reason::ScopeViolation, e))?;
+        check_tools(&files, tenant).map_err(|e| facts.deny(Reason::ToolNotAuthorized, e))?;
+        check_approvals(&manifest, tenant, now, skew)
+            .map_err(|e| facts.deny(Reason::ApprovalInsufficient, e))?;
+
+        // 6. Anti-rollback against the highest admitted version.
+        let digest = facts.digest.unwrap_or(Sha256Digest([0; 32]));
+        let latest = self
+            .rollback
+            .latest(&manifest.tenant, &manifest.capsule_id)
+            .map_err(|e| facts.deny(Reason::StateUnavailable, e))?;
+        check_rollback(latest, manifest.version, digest).map_err(|e| facts.deny(Reason::Rollback, e))?;
+
+        // 7. Every artifact and tool, hashed in parallel: the expensive step goes last.
+        self.check_artifacts(&capsule.source, &files).map_err(|(r, e)| facts.deny(r, e))?;
+
+        let detail = format!(
+            "signed by {} ({}), {} file(s) verified",
+            verified.kid,
+            verified.alg.as_str(),
+            files.len()
+        );
+        Ok(Admitted {
+            decision: facts.decision(Verdict::Admit, None, detail),
+            manifest: Arc::new(manifest),
+            jws,
+            files: files.into(),
+            source: capsule.source.clone(),
+        })
+    }
+
+    /// Paths, digests, sizes and counts of every artifact and tool.
+    fn check_files(&self, m: &Manifest) -> Result<Vec<FileEntry>, (Reason, String)> {
+        let limits = &self.policy.limits;
+        let count = m.artifacts.len() + m.tools.len();
+        if count > limits.max_artifacts {
+            return Err((
+                Reason::LimitExceeded,
+                format!("{count} artifacts and tools, the limit is {}", limits.max_artifacts),
+            ));
+        }
+        let sandbox = [
+            ("timeout_ms", m.limits.timeout_ms, limits.max_timeout_ms),
+            ("memory_mib", m.limits.memory_mib, limits.max_memory_mib),
+            ("pids", m.limits.pids, limits.max_pids),
+        ];
+        for (name, asked, max) in sandbox {
+            if asked > max {
+                return Err((Reason::LimitExceeded, format!("limits.{name} {asked} exceeds the policy's {max}")));
+            }
+        }
+        let entries = m
+            .artifacts
+            .iter()
+            .map(|a| (a.path.as_str(), a.sha256.as_str(), a.size, false))
+            .chain(m.tools.iter().map(|t| (t.path.as_str(), t.sha256.as_str(), t.size, true)));
+        let mut seen = HashSet::with_capacity(count);
+        let mut files = Vec::with_capacity(count);
+        for (path, sha, size, is_tool) in entries {
+            let parsed = ArtifactPath::parse(path)
+                .map_err(|e| (Reason::ArtifactPathInvalid, format!("`{}`: {e}", truncate(path))))?;
+            if !seen.insert(parsed.clone()) {
+                return Err((Reason::ArtifactPathInvalid, format!("`{path}` is named twice")));
+            }
+            let sha256 = Sha256Digest::from_hex(sha).ok_or_else(|| {
+                (Reason::MalformedManifest, format!("`{path}`: sha256 must be 64 lowercase hex"))
+            })?;
+            if size > limits.max_artifact_bytes {
+                return Err((
+                    Reason::LimitExceeded,
+                    format!("`{path}` is {size} bytes, the limit is {}", limits.max_artifact_bytes),
+                ));
+            }
+            files.push(FileEntry {
+                path: parsed,
+                sha256,
+                size,
+                is_tool,
+            });
+        }
+        Ok(files)
+    }
+
+    fn check_runner(&self, m: &Manifest, tenant: &Tenant) -> Result<(), String> {
+        let Some(runner) = self.runner else {
+            if m.runners.is_empty() {
+                return Ok(());
+            }
+            return Err("the manifest names runners and this runner has no SPIFFE ID".into());
+        };
+        // Both the manifest (what the approvers allowed) and the tenant policy (what the
+        // operator allows) must let this runner in.
+        let manifest_ok = m.runners.is_empty()
+            || m.runners
+                .iter()
+                .filter_map(|r| RunnerPattern::parse(r).ok())
+                .any(|p| p.matches(runner));
+        if !manifest_ok {
+            return Err(format!("runner {runner} is not named by the manifest"));
+        }
+        if !tenant.runners.is_empty() && !tenant.runners.iter().any(|p| p.matches(runner)) {
+            return Err(format!("runner {runner} is not allowed for tenant `{}`", tenant.name));
+        }
+        Ok(())
+    }
+
+    fn check_artifacts(&self, source: &ArtifactSource, files: &[FileEntry]) -> Result<(), (Reason, String)> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let root = source.open().map_err(|e| {
+            let where_ = match source {
+                ArtifactSource::Dir(p) | ArtifactSource::Blobs(p) => p.display().to_string(),
+            };
+            let reason = if e.raw_os_error() == Some(libc::ELOOP) {
+                Reason::ArtifactPathInvalid
+            } else {
+                Reason::ArtifactMissing
+            };
+            (reason, format!("{where_}: {e}"))
+        })?;
+        let backend = self.policy.backend;
+        let check = |f: &FileEntry| root.check(f, self.hash_mode, backend);
+        if files.len() == 1 {
+            return check(&files[0]);
+        }
+        // The first failure in manifest order is the one reported, whatever finishes first.
+        match files.par_iter().find_map_first(|f| check(f).err()) {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Structural rules of manifest v1 that serde alone does not express.
+fn check_shape(m: &Manifest) -> Result<(), String> {
+    if m.schema != SCHEMA_V1 {
+        return Err(format!("schema must be `{SCHEMA_V1}`"));
+    }
+    if !valid_name(&m.capsule_id) {
+        return Err("capsule_id must be 1 to 128 of [A-Za-z0-9._-]".into());
+    }
+    if !valid_name(&m.tenant) {
+        return Err("tenant must be 1 to 128 of [A-Za-z0-9._-]".into());
+    }
+    if m.version == 0 {
+        return Err("version starts at 1".into());
+    }
+    match &m.parent {
+        None if m.version > 1 => return Err("parent is required after version 1".into()),
+        Some(p) if Sha256Digest::from_prefixed(p).is_none() => {
+            return Err("parent must be sha256:<64 lowercase hex>".into())
+        }
+        _ => {}
+    }
+    if m.expires_at <= m.not_before {
+        return Err("expires_at must be after not_before".into());
+    }
+    if m.entrypoint.is_empty() || m.entrypoint[0].is_empty() {
+        return Err("entrypoint must name a program".into());
+    }
+    if m.limits.timeout_ms == 0 || m.limits.memory_mib == 0 || m.limits.pids == 0 {
+        return Err("limits must be positive".into());
+    }
+    for key in m.env.0.keys() {
+        let ok = !key.is_empty()
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !key.as_bytes()[0].is_ascii_digit();
+        if !ok {
+            return Err(format!("env name `{}` is not [A-Za-z_][A-Za-z0-9_]*", truncate(key)));
+        }
+    }
+    if m.env.0.values().chain(m.entrypoint.iter()).any(|v| v.contains('\0')) {
+        return Err("NUL in env or entrypoint".into());
+    }
+    for r in &m.runners {
+        RunnerPattern::parse(r).map_err(|e| format!("runner `{}`: {e}", truncate(r)))?;
+    }
+    for a in &m.approvals {
+        if a.approver.is_empty() {
+            return Err("approver must not be empty".into());
+        }
+    }
+    for t in &m.tools {
+        if t.name.is_empty() {
+            return Err("tool name must not be empty".into());
+        }
+    }
+    Ok(())
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn check_scope(m: &Manifest, tenant: &Tenant) -> Result<(), String> {
+    if !tenant.environments.contains(&m.scope.environment) {
+        return Err(format!(
+            "environment `{}` is not allowed for tenant `{}`",
+            truncate(&m.scope.environment),
+            tenant.name
+        ));
+    }
+    if m.scope.network != "none" {
+        return Err(format!("network `{}` requested; only `none` is allowed", truncate(&m.scope.network)));
+    }
+    Ok(())
+}
+
+fn check_tools(files: &[FileEntry], tenant: &Tenant) -> Result<(), String> {
+    match files.iter().find(|f| f.is_tool && !tenant.armory.contains(&f.sha256)) {
+        Some(f) => Err(format!("tool `{}` ({}) is not in the armory of `{}`", f.path, f.sha256, tenant.name)),
+        None => Ok(()),
+    }
+}
+
+/// Distinct approvers, none of them the author, none approving from the future.
+/// Addresses compare case-insensitively, so `Alice@x` and `alice@x` count once.
+fn check_approvals(m: &Manifest, tenant: &Tenant, now: u64, skew: u64) -> Result<(), String> {
+    let author = m.author.to_ascii_lowercase();
+    let distinct: HashSet<String> = m
+        .approvals
+        .iter()
+        .filter(|a| a.approved_at <= now.saturating_add(skew))
+        .map(|a| a.approver.to_ascii_lowercase())
+        .filter(|a| *a != author)
+        .collect();
+    let need = tenant.min_approvals as usize;
+    if distinct.len() < need {
+        return Err(format!(
+            "{} distinct approval(s) other than the author's, {need} required",
+            distinct.len()
+        ));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Where a capsule directory keeps its JWS (for callers that write one).
+pub fn jws_path(dir: &Path) -> PathBuf {
+    dir.join(JWS_FILE)
+}
