@@ -322,3 +322,59 @@ impl SigningKey {
         }
     }
 }
+
+impl ParsedJwk {
+    /// A fresh key for `alg` (ES256: P-256 pair; HS256: 32 random bytes).
+    pub fn generate(kid: &str, alg: Alg, backend: &'static dyn Backend) -> Result<ParsedJwk, String> {
+        let material = match alg {
+            Alg::Es256 => {
+                let (d, point) = backend.es256_generate().map_err(|e| e.to_string())?;
+                KeyMaterial::Es256 { point, d: Some(d) }
+            }
+            Alg::Hs256 => {
+                let mut secret = Zeroizing::new(vec![0u8; MIN_HS256_KEY_BYTES]);
+                backend.random(&mut secret).map_err(|e| e.to_string())?;
+                KeyMaterial::Hs256 { secret }
+            }
+        };
+        Ok(ParsedJwk {
+            kid: kid.to_string(),
+            alg,
+            material,
+        })
+    }
+
+    /// The JWK as JSON. `private` includes `d` for EC keys; an HS256 key is its
+    /// secret, so `k` is always included for it.
+    pub fn to_json(&self, private: bool) -> serde_json::Value {
+        let mut jwk = serde_json::Map::new();
+        let mut put = |k: &str, v: String| {
+            jwk.insert(k.to_string(), serde_json::Value::String(v));
+        };
+        match &self.material {
+            KeyMaterial::Es256 { point, d } => {
+                put("kty", "EC".into());
+                put("crv", "P-256".into());
+                put("x", b64::encode(&point[1..33]));
+                put("y", b64::encode(&point[33..]));
+                if let (true, Some(d)) = (private, d) {
+                    put("d", b64::encode(d.as_ref()));
+                }
+            }
+            KeyMaterial::Hs256 { secret } => {
+                put("kty", "oct".into());
+                put("k", b64::encode(secret));
+            }
+        }
+        put("kid", self.kid.clone());
+        put("alg", self.alg.as_str().into());
+        put("use", "sig".into());
+        serde_json::Value::Object(jwk)
+    }
+}
+
+/// Parses one JWK document (for example a private key file).
+pub fn parse_jwk(bytes: &[u8]) -> Result<ParsedJwk, JwkError> {
+    let jwk: Jwk = crate::json::from_slice_strict(bytes).map_err(|e| jwk_err("-", e.to_string()))?;
+    jwk.parse()
+}

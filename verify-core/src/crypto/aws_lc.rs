@@ -1,6 +1,9 @@
 //! aws-lc-rs backend (the default).
 
+use aws_lc_rs::encoding::AsBigEndian;
+use aws_lc_rs::signature::KeyPair;
 use aws_lc_rs::{digest, hmac, rand, signature};
+use zeroize::Zeroizing;
 
 use super::{Backend, Es256Signer, Es256Verifier, Hs256Key, KeyRejected, Sha256};
 
@@ -111,5 +114,30 @@ impl Backend for AwsLc {
         let mut out = [0u8; 32];
         out.copy_from_slice(digest::digest(&digest::SHA256, data).as_ref());
         out
+    }
+
+    fn random(&self, out: &mut [u8]) -> Result<(), KeyRejected> {
+        rand::fill(out).map_err(|_| KeyRejected {
+            backend: NAME,
+            why: "the system random generator failed",
+        })
+    }
+
+    fn es256_generate(&self) -> Result<(Zeroizing<[u8; 32]>, [u8; 65]), KeyRejected> {
+        let err = |why| KeyRejected { backend: NAME, why };
+        let pair = signature::EcdsaKeyPair::generate(&signature::ECDSA_P256_SHA256_FIXED_SIGNING)
+            .map_err(|_| err("key generation failed"))?;
+        let d = pair
+            .private_key()
+            .as_be_bytes()
+            .map_err(|_| err("private key export failed"))?;
+        let mut scalar = Zeroizing::new([0u8; 32]);
+        scalar.copy_from_slice(d.as_ref());
+        let point: [u8; 65] = pair
+            .public_key()
+            .as_ref()
+            .try_into()
+            .map_err(|_| err("public key is not an uncompressed point"))?;
+        Ok((scalar, point))
     }
 }

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use zeroize::Zeroizing;
+
 #[cfg(feature = "aws-lc")]
 mod aws_lc;
 #[cfg(feature = "rust-crypto")]
@@ -40,6 +42,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn hs256_key(&self, secret: &[u8]) -> Box<dyn Hs256Key>;
     fn sha256(&self) -> Box<dyn Sha256>;
     fn sha256_oneshot(&self, data: &[u8]) -> [u8; 32];
+    /// Fills `out` from the operating system's CSPRNG.
+    fn random(&self, out: &mut [u8]) -> Result<(), KeyRejected>;
+    /// A fresh P-256 key pair: private scalar and uncompressed public point.
+    fn es256_generate(&self) -> Result<(Zeroizing<[u8; 32]>, [u8; 65]), KeyRejected>;
 }
 
 pub trait Es256Verifier: Send + Sync {

@@ -4,6 +4,7 @@ use hmac::{Hmac, Mac};
 use p256::ecdsa::signature::{Signer as _, Verifier as _};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use sha2::Digest as _;
+use zeroize::Zeroizing;
 
 use super::{Backend, Es256Signer, Es256Verifier, Hs256Key, KeyRejected, Sha256};
 
@@ -110,5 +111,26 @@ impl Backend for RustCrypto {
 
     fn sha256_oneshot(&self, data: &[u8]) -> [u8; 32] {
         sha2::Sha256::digest(data).into()
+    }
+
+    fn random(&self, out: &mut [u8]) -> Result<(), KeyRejected> {
+        getrandom::fill(out).map_err(|_| KeyRejected {
+            backend: NAME,
+            why: "the system random generator failed",
+        })
+    }
+
+    fn es256_generate(&self) -> Result<(Zeroizing<[u8; 32]>, [u8; 65]), KeyRejected> {
+        // A random 32-byte string is a valid scalar except with negligible probability;
+        // retry rather than bias it.
+        loop {
+            let mut d = Zeroizing::new([0u8; 32]);
+            self.random(d.as_mut())?;
+            if let Ok(key) = SigningKey::from_slice(d.as_ref()) {
+                let mut point = [0u8; 65];
+                point.copy_from_slice(key.verifying_key().to_encoded_point(false).as_bytes());
+                return Ok((d, point));
+            }
+        }
     }
 }

@@ -382,15 +382,14 @@ mod tests {
 
     /// The file is cut to `cut` bytes on another handle while `update` is held
     /// at chunk `at`. The barrier guarantees that this happens in the middle of the read.
-    fn truncate_mid_read(dir: &std::path::Path, cut: u64, at: usize) {
+    fn truncate_mid_read(path: &std::path::Path, cut: u64, at: usize) {
         const LEN: u64 = 64 << 20;
         const CHUNK: usize = 1 << 20;
-        let path = dir.join(format!("f-{cut}-{at}"));
-        let mut writer = File::create(&path).expect("create");
+        let mut writer = File::create(path).expect("create");
         let block = vec![0xA5u8; CHUNK];
         (0..LEN / CHUNK as u64).for_each(|_| writer.write_all(&block).expect("write"));
-        let reader = File::open(&path).expect("open");
-        let truncator = OpenOptions::new().write(true).open(&path).expect("open");
+        let reader = File::open(path).expect("open");
+        let truncator = OpenOptions::new().write(true).open(path).expect("open");
         let barrier = Barrier::new(2);
         let zeros = vec![0u8; CHUNK];
         let (mut calls, mut offset, mut nonzero_pieces) = (0, 0usize, 0usize);
@@ -426,7 +425,7 @@ mod tests {
             (LEN, 0),
             "cut {cut} at chunk {at}"
         );
-        std::fs::remove_file(&path).expect("remove");
+        std::fs::remove_file(path).expect("remove");
     }
 
     #[test]
@@ -442,7 +441,10 @@ mod tests {
                 let dir = dir.path();
                 s.spawn(move || {
                     (0..9).for_each(|i| {
-                        truncate_mid_read(dir, cuts[(t + i) % cuts.len()], (t * 9 + i) % 7)
+                        // Each worker and round gets its own file. If two workers shared one,
+                        // one worker's rewrite would refill the other's truncated file.
+                        let path = dir.join(format!("worker{t}-round{i}"));
+                        truncate_mid_read(&path, cuts[(t + i) % cuts.len()], (t * 9 + i) % 7)
                     })
                 });
             }

@@ -5,8 +5,10 @@
 //! payload decoded. Nothing in the payload is looked at before the signature verifies.
 
 mod header;
+mod sign;
 
-pub use header::{parse_header, Header, HeaderError};
+pub use header::{parse_header, Header, HeaderError, CAPSULE_TYP, FORBIDDEN_MEMBERS};
+pub use sign::sign_compact;
 
 use crate::b64;
 use crate::decision::{Alg, Reason};
