@@ -15,8 +15,11 @@ use verify_core::{Alg, Policy, Sha256Digest};
 
 pub mod negative;
 
-/// The fixed "now" of every fixture (2025-11-22).
-pub const NOW: u64 = 1_763_800_500;
+/// The current time in Unix seconds. Fixtures are built around the real clock so that
+/// the CLI, which has no way to pretend another time, admits them too.
+pub fn now() -> u64 {
+    verify_core::Clock::now_unix(&verify_core::SystemClock)
+}
 pub const TENANT: &str = "acme-payments";
 pub const POLICY_VERSION: &str = "2025-05-06.3";
 pub const RUNNER: &str = "spiffe://acme.example/runner/r1";
@@ -34,6 +37,8 @@ pub struct World {
     pub es: ParsedJwk,
     pub hs: ParsedJwk,
     pub other: ParsedJwk,
+    /// The time every fixture manifest is built around (taken once, at creation).
+    pub now: u64,
     pub backend: &'static dyn Backend,
 }
 
@@ -63,7 +68,7 @@ impl World {
         let es = ParsedJwk::generate(ES_KID, Alg::Es256, backend).expect("es key");
         let hs = ParsedJwk::generate(HS_KID, Alg::Hs256, backend).expect("hs key");
         let other = ParsedJwk::generate(OTHER_KID, Alg::Es256, backend).expect("other key");
-        let world = World { dir, es, hs, other, backend };
+        let world = World { dir, es, hs, other, now: now(), backend };
         let jwks = json!({ "keys": [world.es.to_json(false), world.hs.to_json(true), world.other.to_json(false)] });
         world.write("trusted.jwks.json", jwks.to_string().as_bytes());
         world.write("es.private.jwk.json", world.es.to_json(true).to_string().as_bytes());
@@ -121,18 +126,19 @@ min_approvals = 1
         Policy::load(&self.policy_path(), backend).expect("fixture policy loads")
     }
 
-    /// A manifest that passes every check at [`NOW`] for [`RUNNER`].
+    /// A manifest that passes every check at `self.now` for [`RUNNER`].
     pub fn manifest(&self) -> Value {
+        let now = self.now;
         json!({
             "schema": "capsule/v1",
             "capsule_id": "auth-token-issuance",
             "version": 7,
             "parent": format!("sha256:{}", "ab".repeat(32)),
             "tenant": TENANT,
-            "issued_at": NOW - 400, "not_before": NOW - 400, "expires_at": NOW + 604_800,
+            "issued_at": now - 400, "not_before": now - 400, "expires_at": now + 604_800,
             "policy_version": POLICY_VERSION,
             "author": "planner@acme.example",
-            "approvals": [{"approver": "alice@acme.example", "role": "sre-lead", "approved_at": NOW - 300}],
+            "approvals": [{"approver": "alice@acme.example", "role": "sre-lead", "approved_at": now - 300}],
             "runners": ["spiffe://acme.example/runner/*"],
             "scope": {"environment": "staging", "targets": ["https://auth.staging.acme.example/token"],
                       "actions": ["http.post"], "network": "none"},

@@ -41,8 +41,67 @@ impl<'de> Deserialize<'de> for UniqueMap {
     }
 }
 
+/// Checks that no object anywhere in `bytes` names a member twice. Used where a
+/// document must be read as a generic value (serde_json's `Value` keeps the last).
+pub fn reject_duplicate_keys(bytes: &[u8]) -> serde_json::Result<()> {
+    struct Walk;
+    impl<'de> Visitor<'de> for Walk {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element::<Checked>()?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = map.next_key::<String>()? {
+                if !seen.insert(k.clone()) {
+                    return Err(de::Error::custom(format_args!("duplicate key `{k}`")));
+                }
+                map.next_value::<Checked>()?;
+            }
+            Ok(())
+        }
+    }
+    struct Checked;
+    impl<'de> Deserialize<'de> for Checked {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Walk).map(|()| Checked)
+        }
+    }
+    from_slice_strict::<Checked>(bytes).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nested_duplicates_are_found() {
+        assert!(reject_duplicate_keys(br#"{"a":[{"b":1,"c":{"d":2}}],"e":null}"#).is_ok());
+        assert!(reject_duplicate_keys(br#"{"a":[{"b":1,"b":2}]}"#).is_err());
+        assert!(reject_duplicate_keys(br#"{"a":1,"a":1}"#).is_err());
+        assert!(reject_duplicate_keys(br#"{"a":1} x"#).is_err());
+    }
+
     use super::*;
 
     #[test]

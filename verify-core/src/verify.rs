@@ -439,8 +439,9 @@ impl Verifier<'_> {
     }
 }
 
-/// Structural rules of manifest v1 that serde alone does not express.
-fn check_shape(m: &Manifest) -> Result<(), String> {
+/// Structural rules of manifest v1 that serde alone does not express (also used by
+/// `pack`, so that nothing is signed that the verifier would call malformed).
+pub fn check_shape(m: &Manifest) -> Result<(), String> {
     if m.schema != SCHEMA_V1 {
         return Err(format!("schema must be `{SCHEMA_V1}`"));
     }

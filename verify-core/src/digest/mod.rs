@@ -231,22 +231,13 @@ fn hash_read(file: &File, len: u64, update: &mut dyn FnMut(&[u8])) -> io::Result
     })
 }
 
-/// Hashes a whole file by plain reads (used by `pack` and by tests as a reference).
-pub fn sha256_file(path: &Path, backend: &dyn Backend) -> io::Result<(Sha256Digest, u64)> {
-    let mut file = File::open(path)?;
-    let mut hasher = backend.sha256();
-    let mut buf = vec![0u8; CHUNK_BYTES];
-    let mut total = 0u64;
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                hasher.update(&buf[..n]);
-                total += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Opens a regular file beneath `dir` by the same rules as verification (no symlinks,
+/// no escape, regular files only). `pack` reads what it signs through this.
+pub fn open_beneath_regular(dir: &Path, path: &crate::manifest::ArtifactPath) -> io::Result<File> {
+    let fd = open_beneath(&open_dir(dir)?, path.as_str())?;
+    let st = rustix::fs::fstat(&fd)?;
+    if !FileType::from_raw_mode(st.st_mode).is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
-    Ok((Sha256Digest(hasher.finish()), total))
+    Ok(File::from(fd))
 }

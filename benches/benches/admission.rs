@@ -1,0 +1,251 @@
+//! Admission of one small capsule, single-threaded, against its peers on the same bytes.
+//!
+//! The capsule: the capsule-tests fixture manifest with no tools, one 38-byte artifact
+//! (`run.sh`) and `env` padded so the manifest is 1024 bytes (see `common`). Every
+//! contender in a group verifies the *same* compact JWS:
+//!
+//! - `ours/verify`: `Verifier::verify`, the real admission: JWS digest, strict JWS,
+//!   manifest parse and every policy check, then `openat2` + `fstat` + read + SHA-256
+//!   of the artifact.
+//! - `ours/jws+manifest`: `jws::verify` + `Manifest::parse` only (no policy checks, no
+//!   artifact) — an extra, to split the cost.
+//! - `raw/aws-lc-unparsed`: `UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
+//!   .verify(signing_input, sig)` on the pre-split signing input and pre-decoded
+//!   signature: the signature check and nothing else.
+//! - `raw/aws-lc-parsed`: the same with a `ParsedPublicKey` built once (what our
+//!   backend holds).
+//! - `jsonwebtoken`: `jsonwebtoken::decode::<serde_json::Value>` (aws_lc_rs backend)
+//!   with a `Validation` that checks the signature only (no required claims, no exp,
+//!   no aud).
+//!
+//! HS256 is the same with the fixture's HS256 key (`raw/aws-lc-hmac` is
+//! `hmac::verify` with a prepared `hmac::Key`).
+//!
+//! `components` splits `ours/verify` into its parts (ES256 capsule), and measures two
+//! variants: mmap hashing of the tiny artifact, and the standard fixture capsule
+//! (run.sh + one tool = two files, which goes through rayon `find_map_first`).
+
+mod common;
+
+use std::collections::HashSet;
+use std::hint::black_box;
+use std::time::Duration;
+
+use aws_lc_rs::{hmac, signature};
+use capsule_tests::Signer;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use verify_core::keys::KeyMaterial;
+use verify_core::manifest::{ArtifactPath, FileEntry};
+use verify_core::{jws, HashMode, Manifest, Sha256Digest};
+
+use common::{small_manifest, Env, Signed};
+
+fn configure(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    group
+        .sample_size(60)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(1));
+}
+
+/// A `Validation` for `alg` that checks the signature and nothing about the claims
+/// (the capsule manifest has no `exp`/`aud`; our validity checks are not in it either).
+fn signature_only(alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.required_spec_claims = HashSet::new();
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    v
+}
+
+/// Signing input and decoded signature of a compact JWS, split once, outside the loop.
+fn split(jws_bytes: &[u8]) -> (&[u8], Vec<u8>) {
+    let parts = jws::split(jws_bytes).expect("three parts");
+    let sig = verify_core::b64::decode(parts.signature).expect("b64 signature");
+    (parts.signing_input, sig)
+}
+
+fn es256(c: &mut Criterion, env: &Env, cap: &Signed) {
+    let verifier = env.verifier(HashMode::Read);
+    let max = env.policy.limits.max_jws_bytes;
+    assert!(
+        verifier.verify(&cap.capsule).is_ok(),
+        "small ES256 capsule is admitted"
+    );
+
+    let point = match &env.world.es.material {
+        KeyMaterial::Es256 { point, .. } => *point,
+        KeyMaterial::Hs256 { .. } => unreachable!("fixture es key is ES256"),
+    };
+    let (signing_input, sig) = split(&cap.jws);
+    let unparsed = signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point);
+    let parsed = signature::ParsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+        .expect("valid point");
+    assert!(unparsed.verify(signing_input, &sig).is_ok());
+    assert!(parsed.verify_sig(signing_input, &sig).is_ok());
+
+    let jwk = env.world.es.to_json(false);
+    let (x, y) = (jwk["x"].as_str().expect("x"), jwk["y"].as_str().expect("y"));
+    let jwt_key = DecodingKey::from_ec_components(x, y).expect("jsonwebtoken EC key");
+    let validation = signature_only(Algorithm::ES256);
+    let decoded = jsonwebtoken::decode::<serde_json::Value>(&cap.jws, &jwt_key, &validation)
+        .expect("jsonwebtoken accepts the capsule");
+    let payload = jws::verify(&cap.jws, &env.policy.keys, max)
+        .expect("jws")
+        .payload;
+    assert_eq!(
+        decoded.claims,
+        serde_json::from_slice::<serde_json::Value>(&payload).expect("json")
+    );
+
+    let mut g = c.benchmark_group("admission_es256");
+    configure(&mut g);
+    g.bench_function("ours/verify", |b| {
+        b.iter(|| verifier.verify(black_box(&cap.capsule)))
+    });
+    g.bench_function("ours/jws+manifest", |b| {
+        b.iter(|| {
+            let v = jws::verify(black_box(&cap.jws), &env.policy.keys, max).expect("jws");
+            Manifest::parse(&v.payload).expect("manifest")
+        })
+    });
+    g.bench_function("raw/aws-lc-unparsed", |b| {
+        b.iter(|| {
+            signature::UnparsedPublicKey::new(
+                &signature::ECDSA_P256_SHA256_FIXED,
+                black_box(&point),
+            )
+            .verify(black_box(signing_input), black_box(&sig))
+        })
+    });
+    g.bench_function("raw/aws-lc-parsed", |b| {
+        b.iter(|| parsed.verify_sig(black_box(signing_input), black_box(&sig)))
+    });
+    g.bench_function("jsonwebtoken", |b| {
+        b.iter(|| {
+            jsonwebtoken::decode::<serde_json::Value>(black_box(&cap.jws), &jwt_key, &validation)
+                .expect("decode")
+        })
+    });
+    g.finish();
+}
+
+fn hs256(c: &mut Criterion, env: &Env, cap: &Signed) {
+    let verifier = env.verifier(HashMode::Read);
+    let max = env.policy.limits.max_jws_bytes;
+    assert!(
+        verifier.verify(&cap.capsule).is_ok(),
+        "small HS256 capsule is admitted"
+    );
+
+    let secret = match &env.world.hs.material {
+        KeyMaterial::Hs256 { secret } => secret.to_vec(),
+        KeyMaterial::Es256 { .. } => unreachable!("fixture hs key is HS256"),
+    };
+    let (signing_input, tag) = split(&cap.jws);
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
+    assert!(hmac::verify(&key, signing_input, &tag).is_ok());
+
+    let jwt_key = DecodingKey::from_secret(&secret);
+    let validation = signature_only(Algorithm::HS256);
+    jsonwebtoken::decode::<serde_json::Value>(&cap.jws, &jwt_key, &validation)
+        .expect("jsonwebtoken accepts the capsule");
+
+    let mut g = c.benchmark_group("admission_hs256");
+    configure(&mut g);
+    g.bench_function("ours/verify", |b| {
+        b.iter(|| verifier.verify(black_box(&cap.capsule)))
+    });
+    g.bench_function("ours/jws+manifest", |b| {
+        b.iter(|| {
+            let v = jws::verify(black_box(&cap.jws), &env.policy.keys, max).expect("jws");
+            Manifest::parse(&v.payload).expect("manifest")
+        })
+    });
+    g.bench_function("raw/aws-lc-hmac", |b| {
+        b.iter(|| hmac::verify(&key, black_box(signing_input), black_box(&tag)))
+    });
+    g.bench_function("jsonwebtoken", |b| {
+        b.iter(|| {
+            jsonwebtoken::decode::<serde_json::Value>(black_box(&cap.jws), &jwt_key, &validation)
+                .expect("decode")
+        })
+    });
+    g.finish();
+}
+
+/// The parts of `ours/verify` (ES256 small capsule), and two variants of it.
+fn components(c: &mut Criterion, env: &Env, cap: &Signed, fixture: &Signed) {
+    let max = env.policy.limits.max_jws_bytes;
+    let backend = env.policy.backend;
+    let payload = jws::verify(&cap.jws, &env.policy.keys, max)
+        .expect("jws")
+        .payload;
+    let run_sh = FileEntry {
+        path: ArtifactPath::parse("run.sh").expect("path"),
+        sha256: Sha256Digest(backend.sha256_oneshot(capsule_tests::RUN_SH)),
+        size: capsule_tests::RUN_SH.len() as u64,
+        is_tool: false,
+    };
+    let source = cap.capsule.source();
+    let root = source.open().expect("open files/");
+    root.check(&run_sh, HashMode::Read, backend)
+        .expect("run.sh checks");
+    let read = env.verifier(HashMode::Read);
+    let mmap = env.verifier(HashMode::Mmap);
+    assert!(mmap.verify(&cap.capsule).is_ok());
+    assert!(
+        read.verify(&fixture.capsule).is_ok(),
+        "standard fixture capsule is admitted"
+    );
+
+    let mut g = c.benchmark_group("admission_components");
+    configure(&mut g);
+    g.bench_function("jws_sha256", |b| {
+        b.iter(|| backend.sha256_oneshot(black_box(&cap.jws)))
+    });
+    g.bench_function("jws_verify", |b| {
+        b.iter(|| jws::verify(black_box(&cap.jws), &env.policy.keys, max).expect("jws"))
+    });
+    g.bench_function("manifest_parse", |b| {
+        b.iter(|| Manifest::parse(black_box(&payload)).expect("manifest"))
+    });
+    g.bench_function("artifact_open+check", |b| {
+        b.iter(|| {
+            let root = black_box(source).open().expect("open");
+            root.check(black_box(&run_sh), HashMode::Read, backend)
+        })
+    });
+    g.bench_function("artifact_check", |b| {
+        b.iter(|| root.check(black_box(&run_sh), HashMode::Read, backend))
+    });
+    g.bench_function("ours/verify_mmap", |b| {
+        b.iter(|| mmap.verify(black_box(&cap.capsule)))
+    });
+    g.bench_function("ours/verify_fixture_2_files", |b| {
+        b.iter(|| read.verify(black_box(&fixture.capsule)))
+    });
+    g.finish();
+}
+
+fn admission(c: &mut Criterion) {
+    let env = Env::new();
+    let manifest = small_manifest(&env.world);
+    let es = env.signed("small-es", &manifest, Signer::Es256);
+    let hs = env.signed("small-hs", &manifest, Signer::Hs256);
+    let fixture = env.signed("fixture-es", &env.world.manifest(), Signer::Es256);
+    eprintln!(
+        "small capsule: manifest {} bytes, ES256 JWS {} bytes, HS256 JWS {} bytes",
+        manifest.to_string().len(),
+        es.jws.len(),
+        hs.jws.len()
+    );
+    es256(c, &env, &es);
+    hs256(c, &env, &hs);
+    components(c, &env, &es, &fixture);
+}
+
+criterion_group!(benches, admission);
+criterion_main!(benches);

@@ -1,0 +1,81 @@
+//! Fixtures shared by the `admission` and `batch` benches: the capsule-tests `World`
+//! (fresh keys, JWKS, policy on disk) and the "small capsule" every admission bench
+//! uses, so that the numbers of both benches are about the same bytes.
+
+#![allow(dead_code)] // each bench binary uses a different part of this module
+
+use std::path::PathBuf;
+
+use capsule_tests::{Signer, World, NOW, RUNNER};
+use serde_json::{json, Value};
+use verify_core::{Capsule, FixedClock, HashMode, NoHistory, Policy, SpiffeId, Verifier};
+
+/// Size of the small capsule's manifest (the JWS payload, before base64url).
+pub const SMALL_PAYLOAD_BYTES: usize = 1024;
+
+/// A world with its policy loaded and everything a `Verifier` borrows.
+pub struct Env {
+    pub world: World,
+    pub policy: Policy,
+    pub runner: SpiffeId,
+    pub clock: FixedClock,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let world = World::new();
+        let policy = world.policy();
+        Env {
+            world,
+            policy,
+            runner: SpiffeId::parse(RUNNER).expect("runner id"),
+            clock: FixedClock(NOW),
+        }
+    }
+
+    /// The verifier the gateway would use: fixed clock at the fixtures' "now", no
+    /// anti-rollback history, the fixtures' runner identity.
+    pub fn verifier(&self, hash_mode: HashMode) -> Verifier<'_> {
+        Verifier {
+            policy: &self.policy,
+            clock: &self.clock,
+            rollback: &NoHistory,
+            runner: Some(&self.runner),
+            hash_mode,
+        }
+    }
+
+    /// Signs `manifest` and writes it as capsule directory `name`.
+    pub fn signed(&self, name: &str, manifest: &Value, signer: Signer) -> Signed {
+        let dir = self.world.capsule(name, manifest, signer);
+        let jws = std::fs::read(dir.join("capsule.jws")).expect("read jws");
+        let capsule = Capsule::from_dir(&dir, self.policy.limits.max_jws_bytes);
+        Signed { dir, jws, capsule }
+    }
+}
+
+/// One signed capsule: its directory, its exact JWS bytes, and the `Capsule` handed
+/// to the verifier (JWS already in memory, files looked up in `dir/files`).
+pub struct Signed {
+    pub dir: PathBuf,
+    pub jws: Vec<u8>,
+    pub capsule: Capsule,
+}
+
+/// The fixture manifest with no tools (one artifact: `run.sh`, 38 bytes) and its
+/// `env` padded with `PAD` so that the serialized manifest is exactly
+/// [`SMALL_PAYLOAD_BYTES`] long. One file means `check_artifacts` takes its
+/// single-file path (no rayon hop): the latency of one admission, not of a fan-out.
+pub fn small_manifest(world: &World) -> Value {
+    let mut m = world.manifest();
+    m["tools"] = json!([]);
+    m["env"]["PAD"] = json!("");
+    let base = m.to_string().len();
+    assert!(
+        base < SMALL_PAYLOAD_BYTES,
+        "fixture manifest is already {base} bytes"
+    );
+    m["env"]["PAD"] = json!("p".repeat(SMALL_PAYLOAD_BYTES - base));
+    assert_eq!(m.to_string().len(), SMALL_PAYLOAD_BYTES);
+    m
+}

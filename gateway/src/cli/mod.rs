@@ -1,0 +1,131 @@
+//! Command-line interface: flags become a validated configuration in one place, and
+//! each command returns an exit code.
+
+mod keygen;
+mod pack;
+mod verify;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::GatewayError;
+
+/// Exit code for usage and configuration errors.
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit code when at least one capsule was denied.
+pub const EXIT_DENIED: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "capsule-gateway",
+    version,
+    about = "Verify signed test capsules and admit only what was approved.",
+    long_about = "Verify signed test capsules and admit only what was approved.\n\n\
+        Exit codes: 0 every capsule admitted (or the command succeeded), \
+        1 at least one capsule denied, 2 usage or configuration error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AlgArg {
+    #[value(name = "ES256")]
+    Es256,
+    #[value(name = "HS256")]
+    Hs256,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HashModeArg {
+    /// read() in 1 MiB chunks (default)
+    Read,
+    /// memory-mapped, SIGBUS-guarded
+    Mmap,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Policy file (TOML); its `trust.jwks` is resolved relative to it.
+    #[arg(long, value_name = "FILE")]
+    pub policy: PathBuf,
+    /// This runner's SPIFFE ID. Without it, a manifest that names runners is denied.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    pub runner: Option<String>,
+    /// Directory of the anti-rollback state (rollback.redb).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Print one JSON object per capsule per line, in the order given.
+    #[arg(long)]
+    pub json: bool,
+    /// How artifact bytes are read for hashing.
+    #[arg(long, value_enum, default_value = "read")]
+    pub hash_mode: HashModeArg,
+    /// Capsule directories (each holds capsule.jws and files/).
+    #[arg(required = true, value_name = "CAPSULE")]
+    pub capsules: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a signing key: DIR/KID.private.jwk.json and DIR/KID.public.jwks.json.
+    Keygen {
+        #[arg(long, value_enum)]
+        alg: AlgArg,
+        #[arg(long, value_name = "KID")]
+        kid: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Fill in artifact sizes and digests, sign the manifest, write a capsule directory.
+    Pack {
+        /// Manifest v1 (JSON); missing `size`/`sha256` are computed from --files.
+        #[arg(long, value_name = "FILE")]
+        manifest: PathBuf,
+        /// Directory holding every artifact and tool at its manifest path.
+        #[arg(long, value_name = "DIR")]
+        files: PathBuf,
+        /// Private JWK (RFC 7517) with `kid` and `alg`.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Capsule directory to create (must not exist).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Check capsules in parallel; records nothing.
+    Verify(VerifyArgs),
+    /// Verify, then durably record each admission (anti-rollback state, admission log).
+    Admit(VerifyArgs),
+}
+
+/// Parses the process arguments and runs the command.
+pub fn run() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version to stdout with success, usage errors with code 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_CONFIG } else { 0 });
+        }
+    };
+    let result = match cli.command {
+        Command::Keygen { alg, kid, out } => keygen::run(alg, &kid, &out),
+        Command::Pack { manifest, files, key, out } => pack::run(&manifest, &files, &key, &out),
+        Command::Verify(args) => verify::run(&args, false),
+        Command::Admit(args) => verify::run(&args, true),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("capsule-gateway: error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> GatewayError {
+    GatewayError::Usage(message.into())
+}

@@ -1,0 +1,11 @@
+//! capsule-gateway: the CLI and (later) the service around verify-core.
+//!
+//! This crate does not re-implement checks: verify-core decides, the gateway reads
+//! configuration, records admissions durably and prints results.
+
+pub mod cli;
+pub mod error;
+pub mod output;
+pub mod state;
+
+pub use error::GatewayError;
