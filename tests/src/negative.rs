@@ -368,3 +368,30 @@ pub fn big_artifact() -> Vec<u8> {
 
 /// The name of the redb file inside a `--state` directory (shared with the gateway).
 pub const STATE_FILE: &str = "rollback.redb";
+
+/// Runs `attempt` while another thread truncates `file` to half its size a little
+/// after the start, restoring the file before each try, until the verifier reports
+/// `artifact_changed` (a truncation that lands before the size check gives
+/// `artifact_size_mismatch`, one after the hash an admission: both are retried with
+/// another delay). Returns every reason seen, last one last.
+pub fn truncate_while<T>(file: &std::path::Path, mut attempt: impl FnMut() -> T, reason_of: impl Fn(&T) -> Option<Reason>) -> Vec<Option<Reason>> {
+    let original = big_artifact();
+    let mut seen = Vec::new();
+    for delay_ms in [5u64, 15, 30, 50, 80, 120, 2, 10, 20, 40, 60, 100] {
+        fs::write(file, &original).expect("restore artifact");
+        let path = file.to_path_buf();
+        let cutter = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            let f = fs::OpenOptions::new().write(true).open(&path).expect("open to truncate");
+            f.set_len((BIG_ARTIFACT_BYTES / 2) as u64).expect("truncate");
+        });
+        let outcome = attempt();
+        cutter.join().expect("cutter thread");
+        let reason = reason_of(&outcome);
+        seen.push(reason);
+        if reason == Some(Reason::ArtifactChanged) {
+            break;
+        }
+    }
+    seen
+}

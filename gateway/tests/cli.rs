@@ -1,0 +1,428 @@
+//! The CLI end to end: every named negative fixture through the real binary, exit
+//! codes, NDJSON output, keygen → pack → verify round trips, and capsules produced
+//! and checked by an independent JOSE library (jsonwebtoken).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use capsule_tests::negative::{truncate_while, Prior, CASES};
+use capsule_tests::{read_jws, Signer, World, RUNNER};
+use serde_json::{json, Value};
+use verify_core::Reason;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run capsule-gateway")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Runs `verify`/`admit` with `--json`; returns the exit code and the parsed lines.
+fn check(
+    cmd: &str,
+    w: &World,
+    runner: Option<&str>,
+    state: Option<&Path>,
+    capsules: &[&Path],
+) -> (i32, Vec<Value>) {
+    let policy = w.policy_path();
+    let mut args = vec![cmd, "--policy", s(&policy), "--json"];
+    if let Some(r) = runner {
+        args.extend(["--runner", r]);
+    }
+    if let Some(st) = state {
+        args.extend(["--state", s(st)]);
+    }
+    args.extend(capsules.iter().map(|c| s(c)));
+    let out = run(&args);
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let lines = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    (out.status.code().expect("exit code"), lines)
+}
+
+fn reason(line: &Value) -> Option<Reason> {
+    line["reason"]
+        .as_str()
+        .map(|r| Reason::from_name(r).expect("a known reason code"))
+}
+
+#[test]
+fn every_negative_fixture_is_denied_with_its_reason_by_the_cli() {
+    let w = World::new();
+    for case in CASES {
+        let setup = (case.build)(&w, case.name);
+        let state = w.path(&format!("{}-state", case.name));
+        let capsule = setup.capsule.as_path();
+        let (code, lines) = match &setup.prior {
+            Prior::Nothing => check("verify", &w, setup.runner, None, &[capsule]),
+            Prior::Admitted(prior) => {
+                let (code, first) = check("admit", &w, setup.runner, Some(&state), &[prior]);
+                assert_eq!(code, 0, "{}: prior admitted: {first:?}", case.name);
+                // Both commands consult the recorded state.
+                let (code, lines) = check("verify", &w, setup.runner, Some(&state), &[capsule]);
+                assert_eq!(reason(&lines[0]), Some(case.reason), "{}: verify", case.name);
+                assert_eq!(code, 1);
+                check("admit", &w, setup.runner, Some(&state), &[capsule])
+            }
+            Prior::CorruptState => {
+                std::fs::create_dir_all(&state).expect("mkdir");
+                std::fs::write(
+                    state.join(capsule_tests::negative::STATE_FILE),
+                    b"not a redb database",
+                )
+                .expect("write");
+                check("admit", &w, setup.runner, Some(&state), &[capsule])
+            }
+            Prior::TruncatedWhileHashing(rel) => {
+                for mode in ["read", "mmap"] {
+                    let policy = w.policy_path();
+                    let seen = truncate_while(
+                        &capsule.join(rel),
+                        || {
+                            run(&[
+                                "verify",
+                                "--policy",
+                                s(&policy),
+                                "--json",
+                                "--hash-mode",
+                                mode,
+                                "--runner",
+                                RUNNER,
+                                s(capsule),
+                            ])
+                        },
+                        |out| {
+                            assert!(out.status.code().is_some(), "the CLI was not killed by a signal");
+                            let line: Value =
+                                serde_json::from_slice(&out.stdout).expect("json line");
+                            reason(&line)
+                        },
+                    );
+                    assert_eq!(
+                        seen.last(),
+                        Some(&Some(case.reason)),
+                        "{} {mode}: saw {seen:?}",
+                        case.name
+                    );
+                }
+                continue;
+            }
+        };
+        assert_eq!(lines.len(), 1, "{}: one line per capsule", case.name);
+        assert_eq!(
+            reason(&lines[0]),
+            Some(case.reason),
+            "{}: {}",
+            case.name,
+            lines[0]
+        );
+        assert_eq!(lines[0]["verdict"], "deny");
+        assert_eq!(code, 1, "{}: exit code 1 when denied", case.name);
+    }
+}
+
+#[test]
+fn batch_output_keeps_the_order_given_and_exit_code_reflects_any_denial() {
+    let w = World::new();
+    let good = w.good_capsule("good", Signer::Es256);
+    let good_hs = w.good_capsule("good-hs", Signer::Hs256);
+    let missing = w.path("no-such-capsule");
+    let (code, lines) = check("verify", &w, Some(RUNNER), None, &[&good, &missing, &good_hs]);
+    assert_eq!(code, 1);
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["capsule"], s(&good));
+    assert_eq!(lines[0]["verdict"], "admit");
+    assert_eq!(lines[0]["reason"], Value::Null);
+    assert_eq!(lines[0]["alg"], "ES256");
+    assert_eq!(lines[0]["kid"], capsule_tests::ES_KID);
+    assert_eq!(lines[0]["tenant"], capsule_tests::TENANT);
+    assert_eq!(lines[0]["capsule_id"], "auth-token-issuance");
+    assert_eq!(lines[0]["version"], 7);
+    let digest = format!(
+        "sha256:{}",
+        capsule_tests::sha256_hex(read_jws(&good).as_bytes())
+    );
+    assert_eq!(lines[0]["digest"], digest.as_str());
+    assert_eq!(lines[1]["capsule"], s(&missing));
+    assert_eq!(lines[1]["reason"], "malformed_jws");
+    assert_eq!(lines[2]["verdict"], "admit");
+    assert_eq!(lines[2]["alg"], "HS256");
+    let (code, _) = check("verify", &w, Some(RUNNER), None, &[&good, &good_hs]);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn admit_records_versions_durably_and_refuses_rollback() {
+    let w = World::new();
+    let state = w.path("state");
+    let mut m = w.manifest();
+    let v7 = w.capsule("v7", &m, Signer::Es256);
+    m["version"] = json!(8);
+    let v8 = w.capsule("v8", &m, Signer::Es256);
+    // verify records nothing.
+    let (code, _) = check("verify", &w, Some(RUNNER), Some(&state), &[&v8]);
+    assert_eq!(code, 0);
+    let (code, _) = check("admit", &w, Some(RUNNER), Some(&state), &[&v7]);
+    assert_eq!(code, 0, "v7 admitted: verify did not record v8");
+    // In one batch, v8 then v7: v7 is now a rollback, decided inside the transaction.
+    let (code, lines) = check("admit", &w, Some(RUNNER), Some(&state), &[&v8, &v7]);
+    assert_eq!(code, 1);
+    assert_eq!(lines[0]["verdict"], "admit");
+    assert_eq!(lines[1]["reason"], "rollback");
+    // Re-admitting the highest version with the same bytes is allowed.
+    let (code, _) = check("admit", &w, Some(RUNNER), Some(&state), &[&v8]);
+    assert_eq!(code, 0);
+    let (code, lines) = check("verify", &w, Some(RUNNER), Some(&state), &[&v7]);
+    assert_eq!((code, reason(&lines[0])), (1, Some(Reason::Rollback)));
+}
+
+#[test]
+fn configuration_errors_exit_2_and_name_the_file_and_field() {
+    let w = World::new();
+    let good = w.good_capsule("good", Signer::Es256);
+    let bad = w.write(
+        "bad-policy.toml",
+        w.policy_toml()
+            .replace("min_approvals = 1", "min_approvals = \"one\"")
+            .as_bytes(),
+    );
+    let out = run(&["verify", "--policy", s(&bad), s(&good)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad-policy.toml") && err.contains("tenants[0].min_approvals"),
+        "{err}"
+    );
+
+    let unknown = w.write(
+        "unknown-kid.toml",
+        w.policy_toml()
+            .replace("keys = [\"k-es-2025\"", "keys = [\"k-nope\"")
+            .as_bytes(),
+    );
+    let out = run(&["verify", "--policy", s(&unknown), s(&good)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tenants[0].keys[0]"));
+
+    let short = json!({"keys": [{"kty": "oct", "kid": "short", "alg": "HS256",
+                                  "k": verify_core::b64::encode(&[7u8; 16])}]});
+    w.write("short.jwks.json", short.to_string().as_bytes());
+    let p = w.write(
+        "short.toml",
+        w.policy_toml()
+            .replace("trusted.jwks.json", "short.jwks.json")
+            .as_bytes(),
+    );
+    let out = run(&["verify", "--policy", s(&p), s(&good)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("short.jwks.json") && err.contains("keys[0].k") && err.contains("at least 32"),
+        "{err}"
+    );
+
+    let out = run(&["verify", "--policy", s(&w.path("missing.toml")), s(&good)]);
+    assert_eq!(out.status.code(), Some(2));
+    let policy = w.policy_path();
+    let out = run(&["verify", "--policy", s(&policy), "--runner", "spiffe://UPPER/x", s(&good)]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["admit", "--policy", s(&policy), s(&good)]);
+    assert_eq!(out.status.code(), Some(2), "admit without --state has nowhere to record");
+    let out = run(&["verify", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [
+        &["--help"][..],
+        &["keygen", "--help"],
+        &["pack", "--help"],
+        &["verify", "--help"],
+        &["admit", "--help"],
+    ] {
+        let out = run(cmd);
+        assert_eq!(out.status.code(), Some(0), "{cmd:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage:"),
+            "{cmd:?}"
+        );
+    }
+}
+
+/// Writes a manifest without sizes and digests for `pack` to fill in.
+fn pack_inputs(w: &World, dir: &str) -> (PathBuf, PathBuf) {
+    let mut m = w.manifest();
+    for list in ["artifacts", "tools"] {
+        for e in m[list].as_array_mut().expect("list") {
+            let o = e.as_object_mut().expect("object");
+            o.remove("sha256");
+            o.remove("size");
+        }
+    }
+    let manifest = w.write(
+        &format!("{dir}/manifest.json"),
+        serde_json::to_vec_pretty(&m).expect("json").as_slice(),
+    );
+    w.write(&format!("{dir}/files/run.sh"), capsule_tests::RUN_SH);
+    w.write(
+        &format!("{dir}/files/tools/busybox"),
+        capsule_tests::TOOL_BYTES,
+    );
+    (manifest, w.path(&format!("{dir}/files")))
+}
+
+/// The fixture policy, trusting `jwks` and letting `kids` sign for the tenant.
+fn policy_trusting(w: &World, name: &str, jwks: &str, kids: &str) -> PathBuf {
+    let text = w.policy_toml().replace("trusted.jwks.json", jwks).replace(
+        &format!(
+            "keys = [\"{}\", \"{}\"]",
+            capsule_tests::ES_KID,
+            capsule_tests::HS_KID
+        ),
+        &format!("keys = [{kids}]"),
+    );
+    w.write(name, text.as_bytes())
+}
+
+fn third_party_key(alg: &str, jwk: &Value) -> (jsonwebtoken::DecodingKey, jsonwebtoken::Algorithm) {
+    match alg {
+        "ES256" => (
+            jsonwebtoken::DecodingKey::from_ec_components(
+                jwk["x"].as_str().expect("x"),
+                jwk["y"].as_str().expect("y"),
+            )
+            .expect("ec key"),
+            jsonwebtoken::Algorithm::ES256,
+        ),
+        _ => (
+            jsonwebtoken::DecodingKey::from_secret(
+                &verify_core::b64::decode(jwk["k"].as_str().expect("k").as_bytes()).expect("k"),
+            ),
+            jsonwebtoken::Algorithm::HS256,
+        ),
+    }
+}
+
+#[test]
+fn keygen_pack_verify_round_trips_and_a_third_party_library_verifies_the_output() {
+    let w = World::new();
+    for (alg, kid) in [("ES256", "k-es-2025"), ("HS256", "k-hs-2025")] {
+        let keys = w.path(&format!("keys-{alg}"));
+        let out = run(&["keygen", "--alg", alg, "--kid", kid, "--out", s(&keys)]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let private = keys.join(format!("{kid}.private.jwk.json"));
+        let public = keys.join(format!("{kid}.public.jwks.json"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&private), 0o600);
+        assert_eq!(mode(&public), if alg == "HS256" { 0o600 } else { 0o644 });
+        // keygen refuses to overwrite.
+        let again = run(&["keygen", "--alg", alg, "--kid", kid, "--out", s(&keys)]);
+        assert_eq!(again.status.code(), Some(2));
+
+        let policy = policy_trusting(
+            &w,
+            &format!("policy-{alg}.toml"),
+            &format!("keys-{alg}/{kid}.public.jwks.json"),
+            &format!("\"{kid}\""),
+        );
+        let (manifest, files) = pack_inputs(&w, &format!("src-{alg}"));
+        let capsule = w.path(&format!("packed-{alg}"));
+        let out = run(&[
+            "pack", "--manifest", s(&manifest), "--files", s(&files), "--key", s(&private),
+            "--out", s(&capsule),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            std::fs::read(capsule.join("files/run.sh")).expect("copied"),
+            capsule_tests::RUN_SH
+        );
+        let out = run(&["verify", "--policy", s(&policy), "--runner", RUNNER, "--json", s(&capsule)]);
+        let line: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(line["verdict"], "admit", "{line}");
+        assert_eq!(out.status.code(), Some(0));
+
+        // jsonwebtoken, an independent JOSE implementation, verifies pack's output unchanged.
+        let jws = read_jws(&capsule);
+        let jwks: Value =
+            serde_json::from_slice(&std::fs::read(&public).expect("jwks")).expect("json");
+        let (key, algorithm) = third_party_key(alg, &jwks["keys"][0]);
+        let mut validation = jsonwebtoken::Validation::new(algorithm);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        let decoded = jsonwebtoken::decode::<Value>(&jws, &key, &validation)
+            .expect("jsonwebtoken verifies pack's output");
+        assert_eq!(decoded.header.kid.as_deref(), Some(kid));
+        assert_eq!(decoded.claims["capsule_id"], "auth-token-issuance");
+        assert!(
+            decoded.claims["artifacts"][0]["sha256"].is_string(),
+            "pack filled in digests"
+        );
+
+        // A stated size that does not match is an error, and nothing is written.
+        let mut m: Value =
+            serde_json::from_slice(&std::fs::read(&manifest).expect("m")).expect("json");
+        m["artifacts"][0]["size"] = json!(1);
+        std::fs::write(&manifest, m.to_string()).expect("write");
+        let bad_out = w.path(&format!("packed-bad-{alg}"));
+        let out = run(&[
+            "pack", "--manifest", s(&manifest), "--files", s(&files), "--key", s(&private),
+            "--out", s(&bad_out),
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("size"), "{err}");
+        assert!(!bad_out.exists(), "no partial capsule");
+    }
+}
+
+#[test]
+fn capsules_signed_by_an_independent_jose_library_are_admitted() {
+    use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    let w = World::new();
+    // ES256: a key made by aws-lc-rs as PKCS#8, the token made by jsonwebtoken.
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("pkcs8");
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).expect("pair");
+    let point = pair.public_key().as_ref().to_vec();
+    let secret = [0x5au8; 32];
+    let jwks = json!({"keys": [
+        {"kty": "EC", "crv": "P-256", "kid": "k-third", "alg": "ES256",
+         "x": verify_core::b64::encode(&point[1..33]), "y": verify_core::b64::encode(&point[33..])},
+        {"kty": "oct", "kid": "k-third-hs", "alg": "HS256", "k": verify_core::b64::encode(&secret)},
+    ]});
+    w.write("third.jwks.json", jwks.to_string().as_bytes());
+    let policy = policy_trusting(&w, "third.toml", "third.jwks.json", "\"k-third\", \"k-third-hs\"");
+    let manifest = w.manifest();
+    for (kid, alg, key) in [
+        (
+            "k-third",
+            jsonwebtoken::Algorithm::ES256,
+            jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+        ),
+        (
+            "k-third-hs",
+            jsonwebtoken::Algorithm::HS256,
+            jsonwebtoken::EncodingKey::from_secret(&secret),
+        ),
+    ] {
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.kid = Some(kid.into());
+        header.typ = Some("capsule+jws".into());
+        let token = jsonwebtoken::encode(&header, &manifest, &key).expect("jsonwebtoken signs");
+        let capsule = w.capsule_with_jws(&format!("third-{kid}"), token.as_bytes());
+        let out = run(&["verify", "--policy", s(&policy), "--runner", RUNNER, "--json", s(&capsule)]);
+        let line: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(line["verdict"], "admit", "{kid}: {line}");
+        assert_eq!(out.status.code(), Some(0));
+    }
+}

@@ -1,0 +1,98 @@
+//! Every named negative fixture through the library, with every crypto backend,
+//! asserting the exact reason; and the matching positive cases.
+
+use std::collections::HashSet;
+
+use capsule_tests::negative::{truncate_while, Prior, CASES};
+use capsule_tests::{Signer, World, RUNNER};
+use verify_core::crypto::{all_backends, Backend};
+use verify_core::{
+    AdmittedVersion, Capsule, Decision, FixedClock, HashMode, NoHistory, Reason, RollbackView, SpiffeId, Verifier,
+};
+
+struct Remembered(Option<AdmittedVersion>);
+impl RollbackView for Remembered {
+    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, String> {
+        Ok(self.0)
+    }
+}
+
+struct Broken;
+impl RollbackView for Broken {
+    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, String> {
+        Err("state database is corrupt".into())
+    }
+}
+
+fn verify(w: &World, backend: &'static dyn Backend, capsule: &std::path::Path, runner: Option<&str>,
+          view: &dyn RollbackView, mode: HashMode) -> Decision {
+    let policy = w.policy_with(backend);
+    let runner = runner.map(|r| SpiffeId::parse(r).expect("runner id"));
+    let clock = FixedClock(w.now);
+    let v = Verifier { policy: &policy, clock: &clock, rollback: view, runner: runner.as_ref(), hash_mode: mode };
+    let c = Capsule::from_dir(capsule, policy.limits.max_jws_bytes);
+    v.admit_batch(std::slice::from_ref(&c)).remove(0)
+}
+
+#[test]
+fn every_reason_has_a_named_fixture() {
+    let covered: HashSet<Reason> = CASES.iter().map(|c| c.reason).collect();
+    for r in Reason::ALL {
+        assert!(covered.contains(&r), "no negative fixture for {r}");
+    }
+    let names: HashSet<&str> = CASES.iter().map(|c| c.name).collect();
+    assert_eq!(names.len(), CASES.len(), "fixture names are unique");
+}
+
+#[test]
+fn good_capsules_are_admitted_with_every_backend() {
+    let w = World::new();
+    for backend in all_backends() {
+        for (name, signer) in [("good-es", Signer::Es256), ("good-hs", Signer::Hs256)] {
+            let dir = w.good_capsule(&format!("{name}-{}", backend.name()), signer);
+            for mode in [HashMode::Read, HashMode::Mmap] {
+                let d = verify(&w, backend, &dir, Some(RUNNER), &NoHistory, mode);
+                assert!(d.is_admit(), "{name} with {}: {d:?}", backend.name());
+                assert_eq!(d.capsule_id.as_deref(), Some("auth-token-issuance"));
+                assert_eq!(d.version, Some(7));
+            }
+        }
+    }
+}
+
+#[test]
+fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
+    let w = World::new();
+    for backend in all_backends() {
+        for case in CASES {
+            let name = format!("{}-{}", case.name, backend.name());
+            let setup = (case.build)(&w, &name);
+            let runner = setup.runner;
+            let reasons: Vec<Option<Reason>> = match &setup.prior {
+                Prior::Nothing => vec![verify(&w, backend, &setup.capsule, runner, &NoHistory, HashMode::Read).reason],
+                Prior::Admitted(prior) => {
+                    let first = verify(&w, backend, prior, runner, &NoHistory, HashMode::Read);
+                    assert!(first.is_admit(), "{name}: prior capsule admitted: {first:?}");
+                    let view = Remembered(Some(AdmittedVersion {
+                        version: first.version.expect("version"),
+                        digest: first.digest.expect("digest"),
+                    }));
+                    vec![verify(&w, backend, &setup.capsule, runner, &view, HashMode::Read).reason]
+                }
+                Prior::CorruptState => vec![verify(&w, backend, &setup.capsule, runner, &Broken, HashMode::Read).reason],
+                Prior::TruncatedWhileHashing(rel) => {
+                    let file = setup.capsule.join(rel);
+                    let mut all = Vec::new();
+                    for mode in [HashMode::Read, HashMode::Mmap] {
+                        let seen = truncate_while(&file, || verify(&w, backend, &setup.capsule, runner, &NoHistory, mode), |d| d.reason);
+                        assert_eq!(seen.last(), Some(&Some(case.reason)), "{name} {mode:?}: saw {seen:?}");
+                        all.extend(seen);
+                    }
+                    all
+                }
+            };
+            let last = *reasons.last().expect("at least one attempt");
+            assert_eq!(last, Some(case.reason), "{name}: expected {}, got {last:?}", case.reason);
+        }
+    }
+}
