@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
-use verify_core::{check_rollback, Admitted, AdmittedVersion, Decision, Reason, RollbackView, Sha256Digest};
+use verify_core::{
+    check_rollback, Admitted, AdmittedVersion, Decision, Reason, RollbackView, Sha256Digest,
+};
 
 /// (tenant, capsule_id) → (highest admitted version, digest of its JWS).
 const VERSIONS: TableDefinition<(&str, &str), (u64, [u8; 32])> = TableDefinition::new("versions");
@@ -65,15 +67,21 @@ impl State {
     /// same batch, or another process, may have admitted a higher version since it
     /// was verified); one that no longer passes is returned as a `rollback` denial.
     /// Nothing is acknowledged unless the commit succeeds.
-    pub fn record(&self, admitted: Vec<Result<Admitted, Decision>>, policy_version: &str)
-        -> Result<Vec<Decision>, crate::GatewayError> {
+    pub fn record(
+        &self,
+        admitted: Vec<Result<Admitted, Decision>>,
+        policy_version: &str,
+    ) -> Result<Vec<Decision>, crate::GatewayError> {
         let txn = self.db.begin_write().map_err(|e| err(&self.path, e))?;
         let mut out = Vec::with_capacity(admitted.len());
         {
             let mut versions = txn.open_table(VERSIONS).map_err(|e| err(&self.path, e))?;
             let mut log = txn.open_table(LOG).map_err(|e| err(&self.path, e))?;
             let (mut seq, mut prev) = match log.last().map_err(|e| err(&self.path, e))? {
-                Some((k, v)) => (k.value() + 1, Sha256Digest(verify_core::crypto::default_backend().sha256_oneshot(v.value()))),
+                Some((k, v)) => (
+                    k.value() + 1,
+                    Sha256Digest(verify_core::crypto::default_backend().sha256_oneshot(v.value())),
+                ),
                 None => (0, Sha256Digest([0; 32])),
             };
             for item in admitted {
@@ -86,13 +94,13 @@ impl State {
                 };
                 let m = a.manifest();
                 let key = (m.tenant.as_str(), m.capsule_id.as_str());
-                let latest = versions
-                    .get(key)
-                    .map_err(|e| err(&self.path, e))?
-                    .map(|g| {
-                        let (version, digest) = g.value();
-                        AdmittedVersion { version, digest: Sha256Digest(digest) }
-                    });
+                let latest = versions.get(key).map_err(|e| err(&self.path, e))?.map(|g| {
+                    let (version, digest) = g.value();
+                    AdmittedVersion {
+                        version,
+                        digest: Sha256Digest(digest),
+                    }
+                });
                 if let Err(why) = check_rollback(latest, m.version, a.digest()) {
                     out.push(a.into_decision().into_denied(Reason::Rollback, why));
                     continue;
@@ -113,7 +121,8 @@ impl State {
                     "admitted_at": verify_core::Clock::now_unix(&verify_core::SystemClock),
                 });
                 let bytes = serde_json::to_vec(&record).map_err(|e| err(&self.path, e))?;
-                log.insert(seq, bytes.as_slice()).map_err(|e| err(&self.path, e))?;
+                log.insert(seq, bytes.as_slice())
+                    .map_err(|e| err(&self.path, e))?;
                 prev = Sha256Digest(verify_core::crypto::default_backend().sha256_oneshot(&bytes));
                 seq += 1;
                 out.push(a.into_decision());
@@ -138,10 +147,16 @@ impl State {
             let record: serde_json::Value =
                 serde_json::from_slice(v.value()).map_err(|e| err(&self.path, e))?;
             if k.value() != expect || record["seq"] != expect {
-                return Err(err(&self.path, format!("admission log: record {expect} is missing")));
+                return Err(err(
+                    &self.path,
+                    format!("admission log: record {expect} is missing"),
+                ));
             }
             if record["prev"] != prev.to_string() {
-                return Err(err(&self.path, format!("admission log: record {expect} does not chain to its predecessor")));
+                return Err(err(
+                    &self.path,
+                    format!("admission log: record {expect} does not chain to its predecessor"),
+                ));
             }
             prev = Sha256Digest(verify_core::crypto::default_backend().sha256_oneshot(v.value()));
             expect += 1;
@@ -161,7 +176,10 @@ impl RollbackView for State {
         let row = table.get((tenant, capsule_id)).map_err(|e| e.to_string())?;
         Ok(row.map(|g| {
             let (version, digest) = g.value();
-            AdmittedVersion { version, digest: Sha256Digest(digest) }
+            AdmittedVersion {
+                version,
+                digest: Sha256Digest(digest),
+            }
         }))
     }
 }

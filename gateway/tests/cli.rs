@@ -68,7 +68,12 @@ fn every_negative_fixture_is_denied_with_its_reason_by_the_cli() {
                 assert_eq!(code, 0, "{}: prior admitted: {first:?}", case.name);
                 // Both commands consult the recorded state.
                 let (code, lines) = check("verify", &w, setup.runner, Some(&state), &[capsule]);
-                assert_eq!(reason(&lines[0]), Some(case.reason), "{}: verify", case.name);
+                assert_eq!(
+                    reason(&lines[0]),
+                    Some(case.reason),
+                    "{}: verify",
+                    case.name
+                );
                 assert_eq!(code, 1);
                 check("admit", &w, setup.runner, Some(&state), &[capsule])
             }
@@ -100,7 +105,10 @@ fn every_negative_fixture_is_denied_with_its_reason_by_the_cli() {
                             ])
                         },
                         |out| {
-                            assert!(out.status.code().is_some(), "the CLI was not killed by a signal");
+                            assert!(
+                                out.status.code().is_some(),
+                                "the CLI was not killed by a signal"
+                            );
                             let line: Value =
                                 serde_json::from_slice(&out.stdout).expect("json line");
                             reason(&line)
@@ -135,7 +143,13 @@ fn batch_output_keeps_the_order_given_and_exit_code_reflects_any_denial() {
     let good = w.good_capsule("good", Signer::Es256);
     let good_hs = w.good_capsule("good-hs", Signer::Hs256);
     let missing = w.path("no-such-capsule");
-    let (code, lines) = check("verify", &w, Some(RUNNER), None, &[&good, &missing, &good_hs]);
+    let (code, lines) = check(
+        "verify",
+        &w,
+        Some(RUNNER),
+        None,
+        &[&good, &missing, &good_hs],
+    );
     assert_eq!(code, 1);
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["capsule"], s(&good));
@@ -232,10 +246,21 @@ fn configuration_errors_exit_2_and_name_the_file_and_field() {
     let out = run(&["verify", "--policy", s(&w.path("missing.toml")), s(&good)]);
     assert_eq!(out.status.code(), Some(2));
     let policy = w.policy_path();
-    let out = run(&["verify", "--policy", s(&policy), "--runner", "spiffe://UPPER/x", s(&good)]);
+    let out = run(&[
+        "verify",
+        "--policy",
+        s(&policy),
+        "--runner",
+        "spiffe://UPPER/x",
+        s(&good),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let out = run(&["admit", "--policy", s(&policy), s(&good)]);
-    assert_eq!(out.status.code(), Some(2), "admit without --state has nowhere to record");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "admit without --state has nowhere to record"
+    );
     let out = run(&["verify", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
 }
@@ -318,7 +343,11 @@ fn keygen_pack_verify_round_trips_and_a_third_party_library_verifies_the_output(
     for (alg, kid) in [("ES256", "k-es-2025"), ("HS256", "k-hs-2025")] {
         let keys = w.path(&format!("keys-{alg}"));
         let out = run(&["keygen", "--alg", alg, "--kid", kid, "--out", s(&keys)]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let private = keys.join(format!("{kid}.private.jwk.json"));
         let public = keys.join(format!("{kid}.public.jwks.json"));
         use std::os::unix::fs::PermissionsExt;
@@ -338,15 +367,34 @@ fn keygen_pack_verify_round_trips_and_a_third_party_library_verifies_the_output(
         let (manifest, files) = pack_inputs(&w, &format!("src-{alg}"));
         let capsule = w.path(&format!("packed-{alg}"));
         let out = run(&[
-            "pack", "--manifest", s(&manifest), "--files", s(&files), "--key", s(&private),
-            "--out", s(&capsule),
+            "pack",
+            "--manifest",
+            s(&manifest),
+            "--files",
+            s(&files),
+            "--key",
+            s(&private),
+            "--out",
+            s(&capsule),
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(
             std::fs::read(capsule.join("files/run.sh")).expect("copied"),
             capsule_tests::RUN_SH
         );
-        let out = run(&["verify", "--policy", s(&policy), "--runner", RUNNER, "--json", s(&capsule)]);
+        let out = run(&[
+            "verify",
+            "--policy",
+            s(&policy),
+            "--runner",
+            RUNNER,
+            "--json",
+            s(&capsule),
+        ]);
         let line: Value = serde_json::from_slice(&out.stdout).expect("json");
         assert_eq!(line["verdict"], "admit", "{line}");
         assert_eq!(out.status.code(), Some(0));
@@ -375,8 +423,15 @@ fn keygen_pack_verify_round_trips_and_a_third_party_library_verifies_the_output(
         std::fs::write(&manifest, m.to_string()).expect("write");
         let bad_out = w.path(&format!("packed-bad-{alg}"));
         let out = run(&[
-            "pack", "--manifest", s(&manifest), "--files", s(&files), "--key", s(&private),
-            "--out", s(&bad_out),
+            "pack",
+            "--manifest",
+            s(&manifest),
+            "--files",
+            s(&files),
+            "--key",
+            s(&private),
+            "--out",
+            s(&bad_out),
         ]);
         assert_eq!(out.status.code(), Some(2));
         let err = String::from_utf8_lossy(&out.stderr);
@@ -391,8 +446,10 @@ fn capsules_signed_by_an_independent_jose_library_are_admitted() {
     let w = World::new();
     // ES256: a key made by aws-lc-rs as PKCS#8, the token made by jsonwebtoken.
     let rng = aws_lc_rs::rand::SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("pkcs8");
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).expect("pair");
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("pkcs8");
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).expect("pair");
     let point = pair.public_key().as_ref().to_vec();
     let secret = [0x5au8; 32];
     let jwks = json!({"keys": [
@@ -401,7 +458,12 @@ fn capsules_signed_by_an_independent_jose_library_are_admitted() {
         {"kty": "oct", "kid": "k-third-hs", "alg": "HS256", "k": verify_core::b64::encode(&secret)},
     ]});
     w.write("third.jwks.json", jwks.to_string().as_bytes());
-    let policy = policy_trusting(&w, "third.toml", "third.jwks.json", "\"k-third\", \"k-third-hs\"");
+    let policy = policy_trusting(
+        &w,
+        "third.toml",
+        "third.jwks.json",
+        "\"k-third\", \"k-third-hs\"",
+    );
     let manifest = w.manifest();
     for (kid, alg, key) in [
         (
@@ -420,7 +482,15 @@ fn capsules_signed_by_an_independent_jose_library_are_admitted() {
         header.typ = Some("capsule+jws".into());
         let token = jsonwebtoken::encode(&header, &manifest, &key).expect("jsonwebtoken signs");
         let capsule = w.capsule_with_jws(&format!("third-{kid}"), token.as_bytes());
-        let out = run(&["verify", "--policy", s(&policy), "--runner", RUNNER, "--json", s(&capsule)]);
+        let out = run(&[
+            "verify",
+            "--policy",
+            s(&policy),
+            "--runner",
+            RUNNER,
+            "--json",
+            s(&capsule),
+        ]);
         let line: Value = serde_json::from_slice(&out.stdout).expect("json");
         assert_eq!(line["verdict"], "admit", "{kid}: {line}");
         assert_eq!(out.status.code(), Some(0));

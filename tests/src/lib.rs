@@ -68,11 +68,24 @@ impl World {
         let es = ParsedJwk::generate(ES_KID, Alg::Es256, backend).expect("es key");
         let hs = ParsedJwk::generate(HS_KID, Alg::Hs256, backend).expect("hs key");
         let other = ParsedJwk::generate(OTHER_KID, Alg::Es256, backend).expect("other key");
-        let world = World { dir, es, hs, other, now: now(), backend };
+        let world = World {
+            dir,
+            es,
+            hs,
+            other,
+            now: now(),
+            backend,
+        };
         let jwks = json!({ "keys": [world.es.to_json(false), world.hs.to_json(true), world.other.to_json(false)] });
         world.write("trusted.jwks.json", jwks.to_string().as_bytes());
-        world.write("es.private.jwk.json", world.es.to_json(true).to_string().as_bytes());
-        world.write("hs.private.jwk.json", world.hs.to_json(true).to_string().as_bytes());
+        world.write(
+            "es.private.jwk.json",
+            world.es.to_json(true).to_string().as_bytes(),
+        );
+        world.write(
+            "hs.private.jwk.json",
+            world.hs.to_json(true).to_string().as_bytes(),
+        );
         world.write("policy.toml", world.policy_toml().as_bytes());
         world
     }
@@ -156,7 +169,10 @@ min_approvals = 1
             Signer::Hs256 => &self.hs,
             Signer::Other => &self.other,
         };
-        (jwk, SigningKey::from_jwk(jwk, self.backend).expect("signing key"))
+        (
+            jwk,
+            SigningKey::from_jwk(jwk, self.backend).expect("signing key"),
+        )
     }
 
     /// Signs arbitrary payload bytes with a fixture key.

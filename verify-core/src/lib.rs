@@ -31,4 +31,7 @@ pub use manifest::Manifest;
 pub use policy::Policy;
 pub use runner::{RunnerPattern, SpiffeId};
 pub use time::{Clock, FixedClock, SystemClock};
-pub use verify::{check_rollback, check_shape, Admitted, AdmittedVersion, Capsule, NoHistory, RollbackView, Verifier};
+pub use verify::{
+    check_rollback, check_shape, Admitted, AdmittedVersion, Capsule, NoHistory, RollbackView,
+    Verifier,
+};

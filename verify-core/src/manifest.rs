@@ -122,7 +122,9 @@ impl ArtifactPath {
             match segment {
                 "" => return Err("empty path segment"),
                 "." | ".." => return Err("`.` or `..` segment"),
-                s if s.len() > MAX_SEGMENT_BYTES => return Err("path segment longer than 255 bytes"),
+                s if s.len() > MAX_SEGMENT_BYTES => {
+                    return Err("path segment longer than 255 bytes")
+                }
                 s if s.chars().any(|c| c.is_control() || c == '\\') => {
                     return Err("control character or backslash in path")
                 }
@@ -150,12 +152,31 @@ mod tests {
 
     #[test]
     fn path_rules() {
-        for ok in ["run.sh", "tools/busybox", "a/b/c.txt", "..a", "a..", ".hidden", "a b"] {
+        for ok in [
+            "run.sh",
+            "tools/busybox",
+            "a/b/c.txt",
+            "..a",
+            "a..",
+            ".hidden",
+            "a b",
+        ] {
             assert!(ArtifactPath::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "/etc/passwd", "../x", "a/../b", "a/./b", "./a", "a//b", "a/", "..", ".",
-            "a\0b", "a\\b", "a\nb",
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a/./b",
+            "./a",
+            "a//b",
+            "a/",
+            "..",
+            ".",
+            "a\0b",
+            "a\\b",
+            "a\nb",
         ] {
             assert!(ArtifactPath::parse(bad).is_err(), "{bad:?}");
         }

@@ -107,12 +107,18 @@ impl Policy {
             return Err(bad("policy_version".into(), "must not be empty".into()));
         }
         if file.clock_skew_s > MAX_CLOCK_SKEW_S {
-            return Err(bad("clock_skew_s".into(), format!("at most {MAX_CLOCK_SKEW_S}")));
+            return Err(bad(
+                "clock_skew_s".into(),
+                format!("at most {MAX_CLOCK_SKEW_S}"),
+            ));
         }
         check_limits(&file.limits).map_err(|(f, m)| bad(format!("limits.{f}"), m.into()))?;
         let keys = load_keys(&file.trust.jwks)?;
         if file.tenants.is_empty() {
-            return Err(bad("tenants".into(), "at least one tenant is required".into()));
+            return Err(bad(
+                "tenants".into(),
+                "at least one tenant is required".into(),
+            ));
         }
 
         let mut tenants = HashMap::new();
@@ -136,7 +142,10 @@ impl Policy {
                 }
             }
             if t.environments.is_empty() {
-                return Err(bad(at("environments"), "at least one environment is required".into()));
+                return Err(bad(
+                    at("environments"),
+                    "at least one environment is required".into(),
+                ));
             }
             let mut runners = Vec::with_capacity(t.runners.len());
             for (j, r) in t.runners.iter().enumerate() {
@@ -148,7 +157,10 @@ impl Policy {
             let mut armory = HashSet::new();
             for (j, d) in t.armory.iter().enumerate() {
                 let digest = Sha256Digest::from_prefixed(d).ok_or_else(|| {
-                    bad(at(&format!("armory[{j}]")), "must be sha256:<64 lowercase hex>".into())
+                    bad(
+                        at(&format!("armory[{j}]")),
+                        "must be sha256:<64 lowercase hex>".into(),
+                    )
                 })?;
                 armory.insert(digest);
             }

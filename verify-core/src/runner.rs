@@ -22,9 +22,9 @@ pub struct RunnerPattern {
 
 fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 fn valid_segment(seg: &str) -> bool {
@@ -41,7 +41,9 @@ fn split_id(s: &str) -> Result<(&str, Vec<&str>), &'static str> {
     if s.len() > MAX_SPIFFE_ID_BYTES {
         return Err("longer than 2048 bytes");
     }
-    let rest = s.strip_prefix("spiffe://").ok_or("does not start with spiffe://")?;
+    let rest = s
+        .strip_prefix("spiffe://")
+        .ok_or("does not start with spiffe://")?;
     let (td, path) = match rest.find('/') {
         Some(i) => (&rest[..i], Some(&rest[i + 1..])),
         None => (rest, None),
@@ -60,7 +62,9 @@ impl SpiffeId {
     pub fn parse(s: &str) -> Result<SpiffeId, &'static str> {
         let (_, segments) = split_id(s)?;
         if segments.iter().any(|seg| !valid_segment(seg)) {
-            return Err("path segments must be non-empty letters, digits, `.`, `-`, `_` (not `.` or `..`)");
+            return Err(
+                "path segments must be non-empty letters, digits, `.`, `-`, `_` (not `.` or `..`)",
+            );
         }
         Ok(SpiffeId(s.to_string()))
     }
@@ -130,14 +134,27 @@ mod tests {
 
     #[test]
     fn ids() {
-        for ok in ["spiffe://acme.example/runner/1", "spiffe://td", "spiffe://a-b_c.d/x.y/z_1"] {
+        for ok in [
+            "spiffe://acme.example/runner/1",
+            "spiffe://td",
+            "spiffe://a-b_c.d/x.y/z_1",
+        ] {
             assert!(SpiffeId::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "spiffe://ACME.example/r", "spiffe://acme.example/", "spiffe://acme.example//r",
-            "spiffe://acme.example/r/../x", "spiffe://acme.example/r/./x", "spiffe://a.example/r%20",
-            "spiffe://a.example:443/r", "spiffe://user@a.example/r", "spiffe://a.example/r?q",
-            "spiffe://a.example/r#f", "http://a.example/r", "spiffe://", "spiffe://a.example/*",
+            "spiffe://ACME.example/r",
+            "spiffe://acme.example/",
+            "spiffe://acme.example//r",
+            "spiffe://acme.example/r/../x",
+            "spiffe://acme.example/r/./x",
+            "spiffe://a.example/r%20",
+            "spiffe://a.example:443/r",
+            "spiffe://user@a.example/r",
+            "spiffe://a.example/r?q",
+            "spiffe://a.example/r#f",
+            "http://a.example/r",
+            "spiffe://",
+            "spiffe://a.example/*",
         ] {
             assert!(SpiffeId::parse(bad).is_err(), "{bad}");
         }
@@ -157,7 +174,11 @@ mod tests {
         let exact = RunnerPattern::parse("spiffe://acme.example/runner/r1").unwrap();
         assert!(exact.matches(&id("spiffe://acme.example/runner/r1")));
         assert!(!exact.matches(&id("spiffe://acme.example/runner/r2")));
-        for bad in ["spiffe://acme.example/*/r", "spiffe://acme.example/run*", "spiffe://*.example/r"] {
+        for bad in [
+            "spiffe://acme.example/*/r",
+            "spiffe://acme.example/run*",
+            "spiffe://*.example/r",
+        ] {
             assert!(RunnerPattern::parse(bad).is_err(), "{bad}");
         }
     }

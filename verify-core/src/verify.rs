@@ -92,7 +92,8 @@ impl Capsule {
             let file = std::fs::File::open(&path)?;
             let mut bytes = Vec::new();
             // Read one byte past the limit (plus a newline) to see that it was exceeded.
-            file.take(max_jws_bytes as u64 + 2).read_to_end(&mut bytes)?;
+            file.take(max_jws_bytes as u64 + 2)
+                .read_to_end(&mut bytes)?;
             Ok(bytes)
         };
         let jws = match read() {
@@ -268,16 +269,24 @@ impl Verifier<'_> {
         facts.version = Some(manifest.version);
         facts.tenant = Some(manifest.tenant.clone());
         check_shape(&manifest).map_err(|e| facts.deny(Reason::MalformedManifest, e))?;
-        let files = self.check_files(&manifest).map_err(|(r, e)| facts.deny(r, e))?;
+        let files = self
+            .check_files(&manifest)
+            .map_err(|(r, e)| facts.deny(r, e))?;
 
         // 3. Tenant and key binding: the kid must be one this tenant signs with.
         let tenant = policy.tenants.get(&manifest.tenant).ok_or_else(|| {
-            facts.deny(Reason::TenantUnknown, format!("tenant `{}` is not in the policy", manifest.tenant))
+            facts.deny(
+                Reason::TenantUnknown,
+                format!("tenant `{}` is not in the policy", manifest.tenant),
+            )
         })?;
         if !tenant.keys.contains(&verified.kid) {
             return Err(facts.deny(
                 Reason::TenantKeyMismatch,
-                format!("key `{}` may not sign for tenant `{}`", verified.kid, tenant.name),
+                format!(
+                    "key `{}` may not sign for tenant `{}`",
+                    verified.kid, tenant.name
+                ),
             ));
         }
         if manifest.policy_version != policy.policy_version {
@@ -293,18 +302,27 @@ impl Verifier<'_> {
         // 4. Validity window, with the policy's clock skew either way.
         let now = self.clock.now_unix();
         let skew = policy.clock_skew_s;
-        if manifest.not_before > now.saturating_add(skew) || manifest.issued_at > now.saturating_add(skew) {
+        if manifest.not_before > now.saturating_add(skew)
+            || manifest.issued_at > now.saturating_add(skew)
+        {
             return Err(facts.deny(
                 Reason::NotYetValid,
-                format!("not valid before {} (now {now})", manifest.not_before.max(manifest.issued_at)),
+                format!(
+                    "not valid before {} (now {now})",
+                    manifest.not_before.max(manifest.issued_at)
+                ),
             ));
         }
         if now >= manifest.expires_at.saturating_add(skew) {
-            return Err(facts.deny(Reason::Expired, format!("expired at {} (now {now})", manifest.expires_at)));
+            return Err(facts.deny(
+                Reason::Expired,
+                format!("expired at {} (now {now})", manifest.expires_at),
+            ));
         }
 
         // 5. Runner, scope, tools, approvals.
-        self.check_runner(&manifest, tenant).map_err(|e| facts.deny(Reason::RunnerNotAllowed, e))?;
+        self.check_runner(&manifest, tenant)
+            .map_err(|e| facts.deny(Reason::RunnerNotAllowed, e))?;
         check_scope(&manifest, tenant).map_err(|e| facts.deny(Reason::ScopeViolation, e))?;
         check_tools(&files, tenant).map_err(|e| facts.deny(Reason::ToolNotAuthorized, e))?;
         check_approvals(&manifest, tenant, now, skew)
@@ -316,10 +334,12 @@ impl Verifier<'_> {
             .rollback
             .latest(&manifest.tenant, &manifest.capsule_id)
             .map_err(|e| facts.deny(Reason::StateUnavailable, e))?;
-        check_rollback(latest, manifest.version, digest).map_err(|e| facts.deny(Reason::Rollback, e))?;
+        check_rollback(latest, manifest.version, digest)
+            .map_err(|e| facts.deny(Reason::Rollback, e))?;
 
         // 7. Every artifact and tool, hashed in parallel: the expensive step goes last.
-        self.check_artifacts(&capsule.source, &files).map_err(|(r, e)| facts.deny(r, e))?;
+        self.check_artifacts(&capsule.source, &files)
+            .map_err(|(r, e)| facts.deny(r, e))?;
 
         let detail = format!(
             "signed by {} ({}), {} file(s) verified",
@@ -343,7 +363,10 @@ impl Verifier<'_> {
         if count > limits.max_artifacts {
             return Err((
                 Reason::LimitExceeded,
-                format!("{count} artifacts and tools, the limit is {}", limits.max_artifacts),
+                format!(
+                    "{count} artifacts and tools, the limit is {}",
+                    limits.max_artifacts
+                ),
             ));
         }
         let sandbox = [
@@ -353,29 +376,49 @@ impl Verifier<'_> {
         ];
         for (name, asked, max) in sandbox {
             if asked > max {
-                return Err((Reason::LimitExceeded, format!("limits.{name} {asked} exceeds the policy's {max}")));
+                return Err((
+                    Reason::LimitExceeded,
+                    format!("limits.{name} {asked} exceeds the policy's {max}"),
+                ));
             }
         }
         let entries = m
             .artifacts
             .iter()
             .map(|a| (a.path.as_str(), a.sha256.as_str(), a.size, false))
-            .chain(m.tools.iter().map(|t| (t.path.as_str(), t.sha256.as_str(), t.size, true)));
+            .chain(
+                m.tools
+                    .iter()
+                    .map(|t| (t.path.as_str(), t.sha256.as_str(), t.size, true)),
+            );
         let mut seen = HashSet::with_capacity(count);
         let mut files = Vec::with_capacity(count);
         for (path, sha, size, is_tool) in entries {
-            let parsed = ArtifactPath::parse(path)
-                .map_err(|e| (Reason::ArtifactPathInvalid, format!("`{}`: {e}", truncate(path))))?;
+            let parsed = ArtifactPath::parse(path).map_err(|e| {
+                (
+                    Reason::ArtifactPathInvalid,
+                    format!("`{}`: {e}", truncate(path)),
+                )
+            })?;
             if !seen.insert(parsed.clone()) {
-                return Err((Reason::ArtifactPathInvalid, format!("`{path}` is named twice")));
+                return Err((
+                    Reason::ArtifactPathInvalid,
+                    format!("`{path}` is named twice"),
+                ));
             }
             let sha256 = Sha256Digest::from_hex(sha).ok_or_else(|| {
-                (Reason::MalformedManifest, format!("`{path}`: sha256 must be 64 lowercase hex"))
+                (
+                    Reason::MalformedManifest,
+                    format!("`{path}`: sha256 must be 64 lowercase hex"),
+                )
             })?;
             if size > limits.max_artifact_bytes {
                 return Err((
                     Reason::LimitExceeded,
-                    format!("`{path}` is {size} bytes, the limit is {}", limits.max_artifact_bytes),
+                    format!(
+                        "`{path}` is {size} bytes, the limit is {}",
+                        limits.max_artifact_bytes
+                    ),
                 ));
             }
             files.push(FileEntry {
@@ -406,12 +449,19 @@ impl Verifier<'_> {
             return Err(format!("runner {runner} is not named by the manifest"));
         }
         if !tenant.runners.is_empty() && !tenant.runners.iter().any(|p| p.matches(runner)) {
-            return Err(format!("runner {runner} is not allowed for tenant `{}`", tenant.name));
+            return Err(format!(
+                "runner {runner} is not allowed for tenant `{}`",
+                tenant.name
+            ));
         }
         Ok(())
     }
 
-    fn check_artifacts(&self, source: &ArtifactSource, files: &[FileEntry]) -> Result<(), (Reason, String)> {
+    fn check_artifacts(
+        &self,
+        source: &ArtifactSource,
+        files: &[FileEntry],
+    ) -> Result<(), (Reason, String)> {
         if files.is_empty() {
             return Ok(());
         }
@@ -475,10 +525,18 @@ pub fn check_shape(m: &Manifest) -> Result<(), String> {
             && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
             && !key.as_bytes()[0].is_ascii_digit();
         if !ok {
-            return Err(format!("env name `{}` is not [A-Za-z_][A-Za-z0-9_]*", truncate(key)));
+            return Err(format!(
+                "env name `{}` is not [A-Za-z_][A-Za-z0-9_]*",
+                truncate(key)
+            ));
         }
     }
-    if m.env.0.values().chain(m.entrypoint.iter()).any(|v| v.contains('\0')) {
+    if m.env
+        .0
+        .values()
+        .chain(m.entrypoint.iter())
+        .any(|v| v.contains('\0'))
+    {
         return Err("NUL in env or entrypoint".into());
     }
     for r in &m.runners {
@@ -500,7 +558,8 @@ pub fn check_shape(m: &Manifest) -> Result<(), String> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn check_scope(m: &Manifest, tenant: &Tenant) -> Result<(), String> {
@@ -512,14 +571,23 @@ fn check_scope(m: &Manifest, tenant: &Tenant) -> Result<(), String> {
         ));
     }
     if m.scope.network != "none" {
-        return Err(format!("network `{}` requested; only `none` is allowed", truncate(&m.scope.network)));
+        return Err(format!(
+            "network `{}` requested; only `none` is allowed",
+            truncate(&m.scope.network)
+        ));
     }
     Ok(())
 }
 
 fn check_tools(files: &[FileEntry], tenant: &Tenant) -> Result<(), String> {
-    match files.iter().find(|f| f.is_tool && !tenant.armory.contains(&f.sha256)) {
-        Some(f) => Err(format!("tool `{}` ({}) is not in the armory of `{}`", f.path, f.sha256, tenant.name)),
+    match files
+        .iter()
+        .find(|f| f.is_tool && !tenant.armory.contains(&f.sha256))
+    {
+        Some(f) => Err(format!(
+            "tool `{}` ({}) is not in the armory of `{}`",
+            f.path, f.sha256, tenant.name
+        )),
         None => Ok(()),
     }
 }

@@ -208,14 +208,13 @@ fn is_high_s(sig: &[u8; 64]) -> bool {
     sig[32..] > P256_HALF_N[..]
 }
 
+/// A backend's verifier for one group key, or the backend's refusal of the key.
+type PreparedEs256 = Result<Box<dyn Es256Verifier>, KeyRejected>;
+
 /// One signature through one backend's verifier, the way the JWS path does it: the
 /// signature must be exactly 64 bytes `r || s`. Any other length is refused before
 /// the curve arithmetic (our API takes `&[u8; 64]` and cannot express it).
-fn es256_accepts(
-    verifier: &Result<Box<dyn Es256Verifier>, KeyRejected>,
-    msg: &[u8],
-    sig: &[u8],
-) -> bool {
+fn es256_accepts(verifier: &PreparedEs256, msg: &[u8], sig: &[u8]) -> bool {
     let Ok(verifier) = verifier else { return false };
     let Ok(sig) = <&[u8; 64]>::try_from(sig) else {
         return false;
@@ -247,7 +246,7 @@ fn wycheproof_ecdsa_p256_sha256_p1363() {
         let point: [u8; 65] = hex(string(&group["publicKey"], "uncompressed"))
             .try_into()
             .expect("uncompressed P-256 point is 65 bytes");
-        let verifiers: Vec<(&'static str, Result<Box<dyn Es256Verifier>, KeyRejected>)> = backends
+        let verifiers: Vec<(&'static str, PreparedEs256)> = backends
             .iter()
             .map(|b| (b.name(), b.es256_verifier(&point)))
             .collect();
@@ -557,7 +556,7 @@ const REJECTIONS: &[Rejection] = &[
     Rejection {
         tc_ids: &[360, 361, 362, 363, 364, 365, 366, 368, 369, 371],
         reason: Reason::MalformedJws,
-        why: "space, padding or a character outside the base64url alphabet in a part",
+        why: "a space or a character outside the base64url alphabet in the header, payload or signature",
     },
     Rejection {
         tc_ids: &[375],
@@ -859,7 +858,7 @@ fn wycheproof_json_web_signature() {
         backends.len()
     );
     for ((bucket, outcome), count) in &summary {
-        eprintln!("  {bucket:>14} -> {outcome:<28} {count:>4}");
+        eprintln!("  {bucket:>14} -> {:<28} {count:>4}", outcome.to_string());
     }
     for d in DIVERGENCES {
         eprintln!("  divergence {:?} -> {}: {}", d.tc_ids, d.ours, d.why);

@@ -18,9 +18,13 @@ pub fn run(alg: AlgArg, kid: &str, out: &Path) -> Result<ExitCode, GatewayError>
     let plain = !kid.is_empty()
         && kid.len() <= 128
         && !kid.starts_with('.')
-        && kid.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !plain {
-        return Err(usage("--kid must be 1 to 128 of [A-Za-z0-9._-], not starting with `.`"));
+        return Err(usage(
+            "--kid must be 1 to 128 of [A-Za-z0-9._-], not starting with `.`",
+        ));
     }
     let alg = match alg {
         AlgArg::Es256 => Alg::Es256,

@@ -113,7 +113,12 @@ pub fn run() -> ExitCode {
     };
     let result = match cli.command {
         Command::Keygen { alg, kid, out } => keygen::run(alg, &kid, &out),
-        Command::Pack { manifest, files, key, out } => pack::run(&manifest, &files, &key, &out),
+        Command::Pack {
+            manifest,
+            files,
+            key,
+            out,
+        } => pack::run(&manifest, &files, &key, &out),
         Command::Verify(args) => verify::run(&args, false),
         Command::Admit(args) => verify::run(&args, true),
     };

@@ -19,23 +19,33 @@ use verify_core::{check_shape, Limits, Manifest, Sha256Digest};
 use super::usage;
 use crate::GatewayError;
 
-pub fn run(manifest: &Path, files: &Path, key: &Path, out: &Path) -> Result<ExitCode, GatewayError> {
+pub fn run(
+    manifest: &Path,
+    files: &Path,
+    key: &Path,
+    out: &Path,
+) -> Result<ExitCode, GatewayError> {
     let backend = default_backend();
     let limit = Limits::default().max_jws_bytes;
     let text = read_bounded(manifest, limit)?;
     verify_core::json::reject_duplicate_keys(&text)
         .map_err(|e| usage(format!("{}: {e}", manifest.display())))?;
-    let mut doc: Value = serde_json::from_slice(&text)
-        .map_err(|e| usage(format!("{}: {e}", manifest.display())))?;
+    let mut doc: Value =
+        serde_json::from_slice(&text).map_err(|e| usage(format!("{}: {e}", manifest.display())))?;
 
     let key_bytes = read_bounded(key, 64 * 1024)?;
-    let jwk = parse_jwk(&key_bytes).map_err(|e| usage(format!("{}: {}: {}", key.display(), e.field, e.message)))?;
-    let signer = SigningKey::from_jwk(&jwk, backend).map_err(|e| usage(format!("{}: {e}", key.display())))?;
+    let jwk = parse_jwk(&key_bytes)
+        .map_err(|e| usage(format!("{}: {}: {}", key.display(), e.field, e.message)))?;
+    let signer = SigningKey::from_jwk(&jwk, backend)
+        .map_err(|e| usage(format!("{}: {e}", key.display())))?;
 
     if out.exists() {
         return Err(usage(format!("{}: already exists", out.display())));
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| GatewayError::io(parent, e))?;
     let staging = tempfile::Builder::new()
         .prefix(".pack-")
@@ -54,9 +64,11 @@ pub fn run(manifest: &Path, files: &Path, key: &Path, out: &Path) -> Result<Exit
 
     // What is signed must pass the verifier's own manifest rules.
     let payload = serde_json::to_vec(&doc).map_err(|e| usage(e.to_string()))?;
-    let parsed = Manifest::parse(&payload).map_err(|e| usage(format!("{}: {e}", manifest.display())))?;
+    let parsed =
+        Manifest::parse(&payload).map_err(|e| usage(format!("{}: {e}", manifest.display())))?;
     check_shape(&parsed).map_err(|e| usage(format!("{}: {e}", manifest.display())))?;
-    let jws = verify_core::jws::sign_compact(&jwk.kid, jwk.alg, &payload, &signer).map_err(usage)?;
+    let jws =
+        verify_core::jws::sign_compact(&jwk.kid, jwk.alg, &payload, &signer).map_err(usage)?;
 
     let jws_path = staging.path().join("capsule.jws");
     write_synced(&jws_path, jws.as_bytes())?;
@@ -73,16 +85,26 @@ pub fn run(manifest: &Path, files: &Path, key: &Path, out: &Path) -> Result<Exit
 
 /// Copies one file into the staged capsule while hashing it, then fills in or checks
 /// the entry's `size` and `sha256`.
-fn fill_entry(entry: &mut Value, files: &Path, staging: &Path, backend: &dyn Backend) -> Result<(), String> {
+fn fill_entry(
+    entry: &mut Value,
+    files: &Path,
+    staging: &Path,
+    backend: &dyn Backend,
+) -> Result<(), String> {
     let obj = entry.as_object_mut().ok_or("must be an object")?;
-    let path = obj.get("path").and_then(Value::as_str).ok_or("`path` must be a string")?;
+    let path = obj
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or("`path` must be a string")?;
     let path = ArtifactPath::parse(path).map_err(|e| format!("`{path}`: {e}"))?;
-    let mut src = open_beneath_regular(files, &path).map_err(|e| format!("{}: {e}", files.join(path.as_str()).display()))?;
+    let mut src = open_beneath_regular(files, &path)
+        .map_err(|e| format!("{}: {e}", files.join(path.as_str()).display()))?;
     let dest: PathBuf = staging.join("files").join(path.as_str());
     if let Some(dir) = dest.parent() {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let (digest, size) = copy_hashing(&mut src, &dest, backend).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let (digest, size) =
+        copy_hashing(&mut src, &dest, backend).map_err(|e| format!("{}: {e}", dest.display()))?;
     match obj.get("size") {
         None | Some(Value::Null) => {
             obj.insert("size".into(), Value::from(size));
@@ -95,12 +117,21 @@ fn fill_entry(entry: &mut Value, files: &Path, staging: &Path, backend: &dyn Bac
             obj.insert("sha256".into(), Value::from(digest.to_hex()));
         }
         Some(v) if v.as_str() == Some(digest.to_hex().as_str()) => {}
-        Some(v) => return Err(format!("`{path}`: sha256 is {}, the manifest says {v}", digest.to_hex())),
+        Some(v) => {
+            return Err(format!(
+                "`{path}`: sha256 is {}, the manifest says {v}",
+                digest.to_hex()
+            ))
+        }
     }
     Ok(())
 }
 
-fn copy_hashing(src: &mut File, dest: &Path, backend: &dyn Backend) -> io::Result<(Sha256Digest, u64)> {
+fn copy_hashing(
+    src: &mut File,
+    dest: &Path,
+    backend: &dyn Backend,
+) -> io::Result<(Sha256Digest, u64)> {
     let mut out = File::options().write(true).create_new(true).open(dest)?;
     let mut hasher = backend.sha256();
     let mut buf = vec![0u8; 1 << 20];
@@ -127,7 +158,10 @@ fn read_bounded(path: &Path, limit: usize) -> Result<Vec<u8>, GatewayError> {
         .read_to_end(&mut bytes)
         .map_err(|e| GatewayError::io(path, e))?;
     if bytes.len() > limit {
-        return Err(usage(format!("{}: larger than {limit} bytes", path.display())));
+        return Err(usage(format!(
+            "{}: larger than {limit} bytes",
+            path.display()
+        )));
     }
     Ok(bytes)
 }
@@ -138,10 +172,14 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), GatewayError> {
         .create_new(true)
         .open(path)
         .map_err(|e| GatewayError::io(path, e))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| GatewayError::io(path, e))
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| GatewayError::io(path, e))
 }
 
 /// fsync a directory so that the names in it (the rename) are durable too.
 fn sync_dir(dir: &Path) -> Result<(), GatewayError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| GatewayError::io(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| GatewayError::io(dir, e))
 }

@@ -4,7 +4,10 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use verify_core::crypto::default_backend;
-use verify_core::{Admitted, Capsule, Decision, HashMode, NoHistory, Policy, RollbackView, SpiffeId, SystemClock, Verifier};
+use verify_core::{
+    Admitted, Capsule, Decision, HashMode, NoHistory, Policy, RollbackView, SpiffeId, SystemClock,
+    Verifier,
+};
 
 use super::{usage, HashModeArg, VerifyArgs, EXIT_DENIED};
 use crate::output::{decision_json, decision_line};
@@ -55,7 +58,10 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
     let decisions: Vec<Decision> = match (&state, record) {
         // The verdicts are printed only after the state is durable.
         (Some(s), true) => s.record(results, &policy.policy_version)?,
-        _ => results.into_iter().map(|r| r.map_or_else(|d| d, Admitted::into_decision)).collect(),
+        _ => results
+            .into_iter()
+            .map(|r| r.map_or_else(|d| d, Admitted::into_decision))
+            .collect(),
     };
 
     let mut out = std::io::stdout().lock();
@@ -71,5 +77,9 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
         writeln!(out, "{line}").map_err(|e| GatewayError::io("<stdout>", e))?;
     }
     out.flush().map_err(|e| GatewayError::io("<stdout>", e))?;
-    Ok(if all_admitted { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DENIED) })
+    Ok(if all_admitted {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DENIED)
+    })
 }

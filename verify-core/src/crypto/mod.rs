@@ -81,6 +81,8 @@ pub fn default_backend() -> &'static dyn Backend {
 }
 
 /// Every backend compiled into this build, default first (tests iterate over it).
+// Each push is behind its own feature, so there is no single `vec![]` to write.
+#[allow(clippy::vec_init_then_push)]
 pub fn all_backends() -> Vec<&'static dyn Backend> {
     let mut all: Vec<&'static dyn Backend> = Vec::new();
     #[cfg(feature = "aws-lc")]

@@ -142,44 +142,57 @@ impl Root {
             };
             (reason, format!("{path}: {why}"))
         })?;
-        let st = rustix::fs::fstat(&fd).map_err(|e| (Reason::ArtifactMissing, format!("{path}: {e}")))?;
+        let st = rustix::fs::fstat(&fd)
+            .map_err(|e| (Reason::ArtifactMissing, format!("{path}: {e}")))?;
         if !FileType::from_raw_mode(st.st_mode).is_file() {
-            return Err((Reason::ArtifactPathInvalid, format!("{path}: not a regular file")));
+            return Err((
+                Reason::ArtifactPathInvalid,
+                format!("{path}: not a regular file"),
+            ));
         }
         let before = Fingerprint::of(&st);
         // Size before hashing: a wrong size costs one fstat, not a full read.
         if u64::try_from(st.st_size).ok() != Some(entry.size) {
             return Err((
                 Reason::ArtifactSizeMismatch,
-                format!("{path}: {} bytes on disk, manifest says {}", st.st_size, entry.size),
+                format!(
+                    "{path}: {} bytes on disk, manifest says {}",
+                    st.st_size, entry.size
+                ),
             ));
         }
         let file = File::from(fd);
         let mut hasher = backend.sha256();
         let complete = match mode {
             HashMode::Read => hash_read(&file, entry.size, &mut |b| hasher.update(b)),
-            HashMode::Mmap => match mmap::read_mapped(&file, entry.size, CHUNK_BYTES, &mut |b| {
-                hasher.update(b)
-            }) {
-                Ok(m) => Ok(m == mmap::MappedRead::Complete),
-                // No guard slot free or the map failed: fall back to reading.
-                Err(_) => {
-                    hasher = backend.sha256();
-                    hash_read(&file, entry.size, &mut |b| hasher.update(b))
+            HashMode::Mmap => {
+                match mmap::read_mapped(&file, entry.size, CHUNK_BYTES, &mut |b| hasher.update(b)) {
+                    Ok(m) => Ok(m == mmap::MappedRead::Complete),
+                    // No guard slot free or the map failed: fall back to reading.
+                    Err(_) => {
+                        hasher = backend.sha256();
+                        hash_read(&file, entry.size, &mut |b| hasher.update(b))
+                    }
                 }
-            },
+            }
         }
         .map_err(|e| (Reason::ArtifactChanged, format!("{path}: read failed: {e}")))?;
         let changed = || fingerprint(&file).map_or(true, |now| now != before);
         if !complete {
-            return Err((Reason::ArtifactChanged, format!("{path}: file shrank while it was hashed")));
+            return Err((
+                Reason::ArtifactChanged,
+                format!("{path}: file shrank while it was hashed"),
+            ));
         }
         let digest = Sha256Digest(hasher.finish());
         if digest != entry.sha256 {
             // Only on a mismatch is it worth one more fstat to tell a concurrent
             // change from a wrong file.
             if changed() {
-                return Err((Reason::ArtifactChanged, format!("{path}: file changed while it was hashed")));
+                return Err((
+                    Reason::ArtifactChanged,
+                    format!("{path}: file changed while it was hashed"),
+                ));
             }
             return Err((
                 Reason::DigestMismatch,
@@ -193,7 +206,8 @@ impl Root {
 /// Opens `path` beneath `dir`. The kernel refuses symlinks (`ELOOP`) and escapes
 /// (`EXDEV`); `NONBLOCK` keeps a FIFO planted at the path from hanging the open.
 fn open_beneath(dir: &OwnedFd, path: &str) -> io::Result<OwnedFd> {
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
     let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     loop {
         match rustix::fs::openat2(dir, path, flags, Mode::empty(), resolve) {
@@ -216,7 +230,9 @@ fn hash_read(file: &File, len: u64, update: &mut dyn FnMut(&[u8])) -> io::Result
         let mut remaining = len;
         let mut reader = file;
         while remaining > 0 {
-            let n = usize::try_from(remaining).unwrap_or(usize::MAX).min(buf.len());
+            let n = usize::try_from(remaining)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             match reader.read(&mut buf[..n]) {
                 Ok(0) => return Ok(false),
                 Ok(got) => {
@@ -237,7 +253,10 @@ pub fn open_beneath_regular(dir: &Path, path: &crate::manifest::ArtifactPath) ->
     let fd = open_beneath(&open_dir(dir)?, path.as_str())?;
     let st = rustix::fs::fstat(&fd)?;
     if !FileType::from_raw_mode(st.st_mode).is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
     }
     Ok(File::from(fd))
 }

@@ -58,7 +58,10 @@ pub fn parse_header(json: &[u8]) -> Result<Header, HeaderError> {
     let alg = Alg::from_name(&alg_name).ok_or(HeaderError::AlgNotAllowed(alg_name))?;
     let kid = raw.kid.ok_or(HeaderError::Missing("kid"))?;
     if kid.is_empty() || kid.len() > 256 || kid.chars().any(char::is_control) {
-        return Err(HeaderError::Invalid("kid", "must be 1 to 256 printable characters"));
+        return Err(HeaderError::Invalid(
+            "kid",
+            "must be 1 to 256 printable characters",
+        ));
     }
     if let Some(typ) = raw.typ {
         if typ != CAPSULE_TYP {
@@ -144,29 +147,65 @@ mod tests {
     #[test]
     fn accepts_minimal_and_typed_headers() {
         let h = parse_header(br#"{"alg":"ES256","kid":"k1"}"#).unwrap();
-        assert_eq!(h, Header { alg: Alg::Es256, kid: "k1".into() });
+        assert_eq!(
+            h,
+            Header {
+                alg: Alg::Es256,
+                kid: "k1".into()
+            }
+        );
         assert!(parse_header(br#"{"typ":"capsule+jws","kid":"k","alg":"HS256"}"#).is_ok());
     }
 
     #[test]
     fn refuses_every_rule_breaker_with_its_reason() {
         assert_eq!(reason(r#"{"alg":"none","kid":"k"}"#), Reason::AlgNotAllowed);
-        assert_eq!(reason(r#"{"alg":"RS256","kid":"k"}"#), Reason::AlgNotAllowed);
-        assert_eq!(reason(r#"{"alg":"es256","kid":"k"}"#), Reason::AlgNotAllowed);
+        assert_eq!(
+            reason(r#"{"alg":"RS256","kid":"k"}"#),
+            Reason::AlgNotAllowed
+        );
+        assert_eq!(
+            reason(r#"{"alg":"es256","kid":"k"}"#),
+            Reason::AlgNotAllowed
+        );
         for m in FORBIDDEN_MEMBERS {
             let json = format!(r#"{{"alg":"ES256","kid":"k","{m}":"x"}}"#);
             assert_eq!(reason(&json), Reason::HeaderForbidden, "{m}");
         }
-        assert_eq!(reason(r#"{"alg":"ES256","kid":"k","cty":"x"}"#), Reason::MalformedHeader);
-        assert_eq!(reason(r#"{"alg":"ES256","kid":"k","kid":"j"}"#), Reason::MalformedHeader);
-        assert_eq!(reason(r#"{"alg":"ES256","alg":"ES256","kid":"k"}"#), Reason::MalformedHeader);
+        assert_eq!(
+            reason(r#"{"alg":"ES256","kid":"k","cty":"x"}"#),
+            Reason::MalformedHeader
+        );
+        assert_eq!(
+            reason(r#"{"alg":"ES256","kid":"k","kid":"j"}"#),
+            Reason::MalformedHeader
+        );
+        assert_eq!(
+            reason(r#"{"alg":"ES256","alg":"ES256","kid":"k"}"#),
+            Reason::MalformedHeader
+        );
         assert_eq!(reason(r#"{"alg":"ES256"}"#), Reason::MalformedHeader);
         assert_eq!(reason(r#"{"kid":"k"}"#), Reason::MalformedHeader);
-        assert_eq!(reason(r#"{"alg":"ES256","kid":7}"#), Reason::MalformedHeader);
-        assert_eq!(reason(r#"{"alg":"ES256","kid":""}"#), Reason::MalformedHeader);
-        assert_eq!(reason(r#"{"alg":"ES256","kid":"k","typ":"JWT"}"#), Reason::MalformedHeader);
+        assert_eq!(
+            reason(r#"{"alg":"ES256","kid":7}"#),
+            Reason::MalformedHeader
+        );
+        assert_eq!(
+            reason(r#"{"alg":"ES256","kid":""}"#),
+            Reason::MalformedHeader
+        );
+        assert_eq!(
+            reason(r#"{"alg":"ES256","kid":"k","typ":"JWT"}"#),
+            Reason::MalformedHeader
+        );
         assert_eq!(reason(r#"["ES256"]"#), Reason::MalformedHeader);
-        assert_eq!(reason(r#"{"alg":"ES256","kid":"k"} {}"#), Reason::MalformedHeader);
-        assert_eq!(reason(r#"{"alg":"ES256","kid":"k""#), Reason::MalformedHeader);
+        assert_eq!(
+            reason(r#"{"alg":"ES256","kid":"k"} {}"#),
+            Reason::MalformedHeader
+        );
+        assert_eq!(
+            reason(r#"{"alg":"ES256","kid":"k""#),
+            Reason::MalformedHeader
+        );
     }
 }

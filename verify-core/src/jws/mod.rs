@@ -106,7 +106,10 @@ pub fn verify(bytes: &[u8], keys: &KeyStore, max_bytes: usize) -> Result<Verifie
 
     // The key is found by kid only, and its own alg must equal the header's.
     let key = keys.get(&header.kid).ok_or_else(|| {
-        with_header(Reason::UnknownKid, format!("no trusted key has kid `{}`", header.kid))
+        with_header(
+            Reason::UnknownKid,
+            format!("no trusted key has kid `{}`", header.kid),
+        )
     })?;
     if key.alg != header.alg {
         return Err(with_header(

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the build and tests need on a fresh Debian machine, idempotently.
+# Debian packages come from apt-get; Rust crates and tools from crates.io.
+set -euo pipefail
+
+need_apt=()
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# C toolchain for aws-lc-sys; coreutils' mkfifo for the FIFO fixture.
+have cc || need_apt+=(build-essential)
+have mkfifo || need_apt+=(coreutils)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "install-deps: apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+fi
+
+if ! have cargo; then
+  echo "install-deps: cargo not found; this project needs a Rust toolchain >= 1.85 (rustup's stable)." >&2
+  exit 2
+fi

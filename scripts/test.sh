@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every check and test. Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+
+echo "== format"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== tests (both crypto backends)"
+cargo test --workspace --all-features
+echo "== tests (default features: aws-lc-rs only)"
+cargo test -p verify-core --lib
+echo "== benches compile"
+cargo bench -p benches --no-run
