@@ -31,6 +31,11 @@ pub fn decode_exact<const N: usize>(input: &[u8]) -> Result<Option<[u8; N]>, B64
     Ok(Some(out))
 }
 
+/// Checks that `input` is canonical unpadded base64url without decoding it.
+pub fn check(input: &[u8]) -> Result<(), B64Error> {
+    ENGINE.check(input).map_err(|_| B64Error)
+}
+
 pub fn encode(input: &[u8]) -> String {
     ENGINE.encode_to_string(input)
 }

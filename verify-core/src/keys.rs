@@ -251,7 +251,11 @@ impl KeyStore {
         origin: &Path,
         backend: &'static dyn Backend,
     ) -> Result<KeyStore, ConfigError> {
-        let set: JwkSet = crate::json::from_slice_strict(bytes)
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let set: JwkSet = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            ConfigError::invalid(origin, e.path().to_string(), e.into_inner().to_string())
+        })?;
+        de.end()
             .map_err(|e| ConfigError::invalid(origin, "-", e.to_string()))?;
         let mut store = KeyStore::default();
         for (i, jwk) in set.keys.into_iter().enumerate() {

@@ -497,19 +497,12 @@ struct Divergence {
 const DIVERGENCES: &[Divergence] = &[
     Divergence {
         tc_ids: &[
-            33, 260, 261, 262, 263, 265, 266, 267, 269, 270, 271, 273, 274, 275, 287, 288, 321,
-            322, 323, 326, 327, 328, 345, 346, 347, 349, 350, 351,
+            33, 259, 260, 261, 262, 263, 264, 265, 266, 267, 268, 269, 270, 271, 272, 273, 274,
+            275, 287, 288, 320, 321, 322, 323, 325, 326, 327, 328, 345, 346, 347, 349, 350, 351,
         ],
         ours: Outcome::Rejected("alg_not_allowed"),
         why: "valid RS256/384/512, PS256/384/512 or ES512 token: only ES256 and HS256 exist here \
               (DESIGN.md, JWS rules); the header's alg is refused before any key is looked up",
-    },
-    Divergence {
-        tc_ids: &[259, 264, 268, 272, 320, 325],
-        ours: Outcome::Rejected("malformed_jws"),
-        why: "valid RS/PS token over an EMPTY payload: the splitter refuses an empty payload \
-              (a capsule's payload is its manifest) before the header is read, so the reason \
-              is malformed_jws rather than alg_not_allowed",
     },
     Divergence {
         tc_ids: &[372],
@@ -519,10 +512,10 @@ const DIVERGENCES: &[Divergence] = &[
     },
     Divergence {
         tc_ids: &[373],
-        ours: Outcome::Rejected("signature_invalid"),
-        why: "strict base64url: a `?` inside the payload. The MAC is checked over the exact \
-              received signing input (with the `?`) before the payload is decoded, and the \
-              tag was computed without it, so it is refused as signature_invalid",
+        ours: Outcome::Rejected("malformed_jws"),
+        why: "strict base64url: a `?` inside the payload is outside the alphabet; the payload's \
+              alphabet is checked (not parsed) before any crypto runs, so it is refused as \
+              malformed_jws",
     },
     Divergence {
         tc_ids: &[367, 370],
@@ -544,9 +537,15 @@ struct Rejection {
 
 const REJECTIONS: &[Rejection] = &[
     Rejection {
-        tc_ids: &[4, 6, 7, 9, 10, 11, 12, 13, 14, 15, 21, 23, 24, 26, 27, 28, 29, 30, 36, 38, 39, 41, 42, 43, 44, 45],
+        tc_ids: &[4, 7, 9, 10, 11, 12, 13, 14, 15, 21, 24, 26, 27, 28, 29, 30, 36, 39, 41, 42, 43, 44, 45],
         reason: Reason::MalformedJws,
-        why: "not three non-empty parts (missing/extra part, empty header or payload, empty string)",
+        why: "not three parts with a non-empty header (missing/extra part, empty string)",
+    },
+    Rejection {
+        tc_ids: &[6, 23],
+        reason: Reason::SignatureInvalid,
+        why: "payload removed: an empty payload is legal JWS, so the header is read and the \
+              signature checked, and it was made over the original payload",
     },
     Rejection {
         tc_ids: &[17],
@@ -559,9 +558,10 @@ const REJECTIONS: &[Rejection] = &[
         why: "a space or a character outside the base64url alphabet in the header, payload or signature",
     },
     Rejection {
-        tc_ids: &[375],
+        tc_ids: &[374, 375],
         reason: Reason::MalformedJws,
-        why: "the MAC is right for the received text, but the payload `AB` has non-zero trailing bits",
+        why: "the payload has non-zero trailing bits (a second spelling of the same bytes): \
+              refused by the alphabet check before any crypto, whatever the MAC says",
     },
     Rejection {
         tc_ids: &[16, 341, 342, 343, 344],
@@ -596,7 +596,7 @@ const REJECTIONS: &[Rejection] = &[
         why: "signature not exactly 32 (HS256) or 64 (ES256, r||s) bytes: empty, DER-like, too long",
     },
     Rejection {
-        tc_ids: &[2, 5, 19, 22, 374],
+        tc_ids: &[2, 5, 19, 22],
         reason: Reason::SignatureInvalid,
         why: "modified signature, payload or payload encoding: the signature does not verify",
     },
@@ -614,7 +614,7 @@ const KEY_REFUSALS: &[(&[u64], &str, &str, &str)] = &[
         &[
             33, 259, 264, 268, 272, 320, 325, 345, 346, 349, 350, 353, 355,
         ],
-        "-",
+        "keys[0].n",
         "unknown field",
         "RSA key: `n`/`e` are not members of the keys we know (EC P-256, oct)",
     ),
