@@ -21,3 +21,13 @@ if ! have cargo; then
   echo "install-deps: cargo not found; this project needs a Rust toolchain >= 1.85 (rustup's stable)." >&2
   exit 2
 fi
+
+# The fuzz smoke run needs cargo-fuzz (crates.io) and the machine's nightly toolchain.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "install-deps: cargo install cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  echo "install-deps: the nightly Rust toolchain is missing (rustup toolchain nightly); cargo fuzz needs it" >&2
+  exit 2
+fi

@@ -15,3 +15,5 @@ echo "== tests (default features: aws-lc-rs only)"
 cargo test -p verify-core --lib
 echo "== benches compile"
 cargo bench -p benches --no-run
+echo "== fuzz smoke run (every target, ${FUZZ_SECONDS:-30}s each)"
+bash scripts/fuzz-smoke.sh
