@@ -137,3 +137,54 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
         }
     }
 }
+
+#[test]
+fn a_batch_keeps_order_and_no_capsule_affects_another() {
+    let w = World::new();
+    let backend = verify_core::crypto::default_backend();
+    // Every plain negative fixture, with good capsules interleaved.
+    let mut dirs = Vec::new();
+    for (i, case) in CASES.iter().enumerate() {
+        let setup = (case.build)(&w, &format!("batch-{}", case.name));
+        if setup.prior == Prior::Nothing && setup.runner == Some(RUNNER) {
+            dirs.push((setup.capsule, Some(case.reason)));
+            let signer = if i % 2 == 0 {
+                Signer::Es256
+            } else {
+                Signer::Hs256
+            };
+            dirs.push((w.good_capsule(&format!("batch-good-{i}"), signer), None));
+        }
+    }
+    assert!(dirs.len() > 60, "a real batch: {}", dirs.len());
+    let policy = w.policy_with(backend);
+    let runner = SpiffeId::parse(RUNNER).expect("runner");
+    let clock = FixedClock(w.now);
+    let v = Verifier {
+        policy: &policy,
+        clock: &clock,
+        rollback: &NoHistory,
+        runner: Some(&runner),
+        hash_mode: HashMode::Read,
+    };
+    let capsules: Vec<Capsule> = dirs
+        .iter()
+        .map(|(d, _)| Capsule::from_dir(d, policy.limits.max_jws_bytes))
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .expect("pool");
+    let batch = pool.install(|| v.admit_batch(&capsules));
+    assert_eq!(batch.len(), capsules.len());
+    for ((dir, expected), (capsule, got)) in dirs.iter().zip(capsules.iter().zip(&batch)) {
+        assert_eq!(got.reason, *expected, "{}", dir.display());
+        let alone = v.admit_batch(std::slice::from_ref(capsule)).remove(0);
+        assert_eq!(
+            &alone,
+            got,
+            "batch and single verdicts agree for {}",
+            dir.display()
+        );
+    }
+}
