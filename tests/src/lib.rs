@@ -203,6 +203,43 @@ min_approvals = 1
     }
 }
 
+impl World {
+    /// A manifest (otherwise [`World::manifest`]) whose artifacts are exactly
+    /// `files`, with no tools, run as `/bin/sh /capsule/run.sh`: for capsules that
+    /// really run in a sandbox. `files` should include `run.sh`.
+    pub fn script_manifest(&self, files: &[(&str, &[u8])]) -> Value {
+        let mut m = self.manifest();
+        m["artifacts"] = files
+            .iter()
+            .map(|(path, bytes)| json!({"path": path, "sha256": sha256_hex(bytes), "size": bytes.len()}))
+            .collect();
+        m["tools"] = json!([]);
+        m["entrypoint"] = json!(["/bin/sh", "/capsule/run.sh"]);
+        m
+    }
+
+    /// Signs `manifest` and writes capsule `name` holding exactly `files`.
+    pub fn capsule_with_files(
+        &self,
+        name: &str,
+        manifest: &Value,
+        files: &[(&str, &[u8])],
+        signer: Signer,
+    ) -> PathBuf {
+        let dir = self.path(name);
+        for (path, bytes) in files {
+            let target = dir.join("files").join(path);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent).expect("mkdir");
+            }
+            fs::write(target, bytes).expect("write");
+        }
+        let jws = self.sign(manifest.to_string().as_bytes(), signer);
+        fs::write(dir.join("capsule.jws"), jws).expect("write");
+        dir
+    }
+}
+
 /// Base64url of a JSON value (for hand-built tokens).
 pub fn b64_json(v: &Value) -> String {
     verify_core::b64::encode(v.to_string().as_bytes())

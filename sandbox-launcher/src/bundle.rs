@@ -1,0 +1,403 @@
+//! The OCI bundle of one run, built with the `oci-spec` crate.
+//!
+//! Everything the sandbox gets is listed here and nothing else: a read-only root,
+//! the staged artifacts read-only at `/capsule`, a size-limited tmpfs at `/tmp`, the
+//! egress probe read-only at `/.capsule-probe`, uid/gid 65534 with no capabilities and
+//! `noNewPrivileges`, new (empty) network, pid, ipc, uts and mount namespaces, the
+//! manifest's memory and pids limits as cgroup limits and rlimits, only the
+//! manifest's `env`, and the probe followed by the manifest's `entrypoint` as the
+//! process.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder,
+    PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
+    UserBuilder,
+};
+use serde::Serialize;
+use verify_core::Manifest;
+
+use crate::error::{LaunchError, Result};
+
+/// The unprivileged user the capsule runs as (`nobody`).
+pub const SANDBOX_UID: u32 = 65534;
+pub const SANDBOX_GID: u32 = 65534;
+/// Where the staged artifacts appear inside the sandbox.
+pub const CAPSULE_DIR: &str = "/capsule";
+/// Where the egress probe binary appears inside the sandbox.
+pub const PROBE_PATH: &str = "/.capsule-probe";
+/// Open files per process inside the sandbox.
+const NOFILE: u64 = 1024;
+
+/// Where the sandbox's root file system comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rootfs {
+    /// An empty directory made by the launcher for each run, with read-only binds of
+    /// these host directories. A host path that is a symlink (merged `/usr`: `/bin ->
+    /// usr/bin`) is reproduced as the same symlink; one that does not exist is left
+    /// out. Meant for tests and the demo: the capsule sees the host's programs and
+    /// libraries, and nothing else of the host (no `/etc`, `/home`, `/root`, `/var`).
+    HostBinds(Vec<PathBuf>),
+    /// A prepared base root file system, used read-only. It must contain the mount
+    /// points `/proc`, `/dev`, `/tmp`, `/capsule` and the file `/.capsule-probe`, and
+    /// the C library the probe is linked against.
+    Dir(PathBuf),
+}
+
+impl Default for Rootfs {
+    fn default() -> Self {
+        Rootfs::HostBinds(
+            [
+                "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+            ]
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
+        )
+    }
+}
+
+/// Which runtime the bundle is for. They read the same config but enforce the pids
+/// limit differently (see [`build_spec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Runsc,
+    Containerd,
+}
+
+/// Everything a bundle is made of.
+#[derive(Debug)]
+pub struct BundleInput<'a> {
+    pub manifest: &'a Manifest,
+    pub rootfs: &'a Rootfs,
+    /// The staging directory (bound read-only at `/capsule`).
+    pub staged: &'a Path,
+    /// The probe binary on the host (bound read-only at `/.capsule-probe`).
+    pub probe_binary: &'a Path,
+    /// Arguments that select the probe mode of that binary (e.g. `["sandbox-probe"]`).
+    pub probe_args: &'a [String],
+    /// The host listener the probe must fail to reach.
+    pub probe_target: std::net::SocketAddr,
+    pub tmp_size_mib: u64,
+    /// cgroup path, unique per run (`/capsule-gateway/<container id>`).
+    pub cgroups_path: &'a str,
+    pub flavor: Flavor,
+    /// Leave out the network namespace (only via [`crate::danger`]).
+    pub share_host_network: bool,
+}
+
+/// Facts about the bundle that go into the evidence.
+#[derive(Debug, Clone, Serialize)]
+pub struct BundleFacts {
+    /// `sha256:<hex>` of the exact `config.json` bytes given to the runtime.
+    pub oci_config_sha256: String,
+    pub root_readonly: bool,
+    pub uid: u32,
+    pub gid: u32,
+    pub tmp_size_mib: u64,
+    pub memory_limit_bytes: i64,
+    pub pids_limit: u64,
+    pub network: &'static str,
+}
+
+/// Writes `dir/config.json` (and `dir/rootfs` for [`Rootfs::HostBinds`]).
+pub fn write(dir: &Path, input: &BundleInput<'_>) -> Result<BundleFacts> {
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| LaunchError::io("create bundle directory", dir, e))?;
+    let (root, binds) = match input.rootfs {
+        Rootfs::HostBinds(host) => {
+            let root = dir.join("rootfs");
+            (root.clone(), make_rootfs(&root, host)?)
+        }
+        Rootfs::Dir(base) => (base.clone(), Vec::new()),
+    };
+    let spec = build_spec(input, &root, &binds)?;
+    let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| LaunchError::Bundle(e.to_string()))?;
+    let path = dir.join("config.json");
+    fs::write(&path, &bytes).map_err(|e| LaunchError::io("write OCI config", &path, e))?;
+    let digest = verify_core::crypto::default_backend().sha256_oneshot(&bytes);
+    let limits = &input.manifest.limits;
+    Ok(BundleFacts {
+        oci_config_sha256: verify_core::Sha256Digest(digest).to_string(),
+        root_readonly: true,
+        uid: SANDBOX_UID,
+        gid: SANDBOX_GID,
+        tmp_size_mib: input.tmp_size_mib,
+        memory_limit_bytes: memory_bytes(limits.memory_mib),
+        pids_limit: limits.pids,
+        network: if input.share_host_network {
+            "host"
+        } else {
+            "none"
+        },
+    })
+}
+
+/// Makes the per-run root: mount points and merged-`/usr` symlinks only, no files
+/// of its own. Returns the host directories to bind read-only.
+fn make_rootfs(root: &Path, host: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mkdir = |p: &Path| {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(p)
+            .map_err(|e| LaunchError::io("create rootfs mount point", p, e))
+    };
+    mkdir(root)?;
+    for point in ["proc", "dev", "tmp", "capsule"] {
+        mkdir(&root.join(point))?;
+    }
+    let probe = root.join(PROBE_PATH.trim_start_matches('/'));
+    fs::write(&probe, b"").map_err(|e| LaunchError::io("create probe mount point", &probe, e))?;
+    let mut binds = Vec::new();
+    for path in host {
+        let rel = path
+            .strip_prefix("/")
+            .map_err(|_| LaunchError::Bundle(format!("{}: not absolute", path.display())))?;
+        let meta = match fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(LaunchError::io("inspect host directory", path, e)),
+        };
+        let inside = root.join(rel);
+        if meta.file_type().is_symlink() {
+            let target =
+                fs::read_link(path).map_err(|e| LaunchError::io("read symlink", path, e))?;
+            std::os::unix::fs::symlink(&target, &inside)
+                .map_err(|e| LaunchError::io("create rootfs symlink", &inside, e))?;
+        } else if meta.is_dir() {
+            mkdir(&inside)?;
+            binds.push(path.clone());
+        }
+    }
+    // The root itself is mounted read-only; its mount points need no write bit.
+    fs::set_permissions(root, fs::Permissions::from_mode(0o555))
+        .map_err(|e| LaunchError::io("make rootfs read-only", root, e))?;
+    Ok(binds)
+}
+
+fn memory_bytes(mib: u64) -> i64 {
+    i64::try_from(mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX)
+}
+
+fn bundle_err(e: impl std::fmt::Display) -> LaunchError {
+    LaunchError::Bundle(e.to_string())
+}
+
+fn mount(dest: &str, typ: &str, source: &Path, options: &[&str]) -> Result<Mount> {
+    MountBuilder::default()
+        .destination(dest)
+        .typ(typ)
+        .source(source)
+        .options(options.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+        .build()
+        .map_err(bundle_err)
+}
+
+/// The OCI runtime config. Every choice is explicit: nothing is left to a builder
+/// default (oci-spec's defaults grant capabilities and mount `/sys`).
+pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Result<Spec> {
+    let m = input.manifest;
+    let ro_bind = ["rbind", "ro", "nosuid", "nodev"];
+    let mut mounts = vec![
+        mount(
+            "/proc",
+            "proc",
+            Path::new("proc"),
+            &["nosuid", "noexec", "nodev"],
+        )?,
+        mount(
+            "/dev",
+            "tmpfs",
+            Path::new("tmpfs"),
+            &["nosuid", "noexec", "strictatime", "mode=755", "size=65536k"],
+        )?,
+    ];
+    for host in binds {
+        let dest = host.to_string_lossy();
+        mounts.push(mount(&dest, "bind", host, &ro_bind)?);
+    }
+    mounts.push(mount(CAPSULE_DIR, "bind", input.staged, &ro_bind)?);
+    mounts.push(mount(
+        PROBE_PATH,
+        "bind",
+        input.probe_binary,
+        &["bind", "ro", "nosuid", "nodev"],
+    )?);
+    let tmp_size = format!("size={}m", input.tmp_size_mib);
+    mounts.push(mount(
+        "/tmp",
+        "tmpfs",
+        Path::new("tmpfs"),
+        &["nosuid", "nodev", "mode=1777", &tmp_size],
+    )?);
+
+    // The probe runs first, in the same sandbox, then execs the entrypoint.
+    let mut args = vec![PROBE_PATH.to_string()];
+    args.extend(input.probe_args.iter().cloned());
+    // Env names are [A-Za-z_][A-Za-z0-9_]* (verify-core checks): no comma in any.
+    let env_keys: Vec<&str> = m.env.0.keys().map(String::as_str).collect();
+    args.extend([
+        "--connect".to_string(),
+        input.probe_target.to_string(),
+        "--only-env".to_string(),
+        env_keys.join(","),
+        "--".to_string(),
+    ]);
+    args.extend(m.entrypoint.iter().cloned());
+    // Only the manifest's env: no PATH, HOME or TERM is added.
+    let env: Vec<String> = m.env.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+
+    let none: HashSet<Capability> = HashSet::new();
+    let caps = LinuxCapabilitiesBuilder::default()
+        .bounding(none.clone())
+        .effective(none.clone())
+        .inheritable(none.clone())
+        .permitted(none.clone())
+        .ambient(none)
+        .build()
+        .map_err(bundle_err)?;
+    let rlimit = |typ, value: u64| {
+        PosixRlimitBuilder::default()
+            .typ(typ)
+            .hard(value)
+            .soft(value)
+            .build()
+            .map_err(bundle_err)
+    };
+    let rlimits = vec![
+        // gVisor enforces RLIMIT_NPROC inside the sandbox: it is how the pids limit
+        // reaches the capsule's tasks there (see below). Under runc and Kata the
+        // pids cgroup enforces it as well.
+        rlimit(PosixRlimitType::RlimitNproc, m.limits.pids)?,
+        rlimit(PosixRlimitType::RlimitNofile, NOFILE)?,
+        rlimit(PosixRlimitType::RlimitCore, 0)?,
+    ];
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(
+            UserBuilder::default()
+                .uid(SANDBOX_UID)
+                .gid(SANDBOX_GID)
+                .additional_gids(Vec::<u32>::new())
+                .build()
+                .map_err(bundle_err)?,
+        )
+        .args(args)
+        .env(env)
+        .cwd("/")
+        .capabilities(caps)
+        .rlimits(rlimits)
+        .no_new_privileges(true)
+        .build()
+        .map_err(bundle_err)?;
+
+    let memory = memory_bytes(m.limits.memory_mib);
+    let mut resources = LinuxResourcesBuilder::default()
+        // swap == limit: no swap on top of the memory limit.
+        .memory(
+            LinuxMemoryBuilder::default()
+                .limit(memory)
+                .swap(memory)
+                .build()
+                .map_err(bundle_err)?,
+        )
+        .devices(Vec::new());
+    if input.flavor == Flavor::Containerd {
+        // runc and Kata apply the pids cgroup to the capsule's own processes.
+        // runsc applies cgroup limits to the host cgroup of the sandbox, which holds
+        // the sentry's and gofer's host threads, not the capsule's tasks: a pids
+        // limit there starves gVisor itself (measured: 10 stops it from booting) and
+        // bounds nothing the capsule does. gVisor gets the limit as RLIMIT_NPROC.
+        let pids = i64::try_from(m.limits.pids).unwrap_or(i64::MAX);
+        resources = resources.pids(
+            LinuxPidsBuilder::default()
+                .limit(pids)
+                .build()
+                .map_err(bundle_err)?,
+        );
+    }
+    let namespaces = [
+        LinuxNamespaceType::Pid,
+        // A new network namespace without a path: empty but for loopback. runsc
+        // additionally runs with --network=none.
+        LinuxNamespaceType::Network,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
+    ]
+    .into_iter()
+    .filter(|ns| !(input.share_host_network && *ns == LinuxNamespaceType::Network))
+    .map(|typ| {
+        LinuxNamespaceBuilder::default()
+            .typ(typ)
+            .build()
+            .map_err(bundle_err)
+    })
+    .collect::<Result<Vec<_>>>()?;
+    let linux = LinuxBuilder::default()
+        .resources(resources.build().map_err(bundle_err)?)
+        .cgroups_path(PathBuf::from(input.cgroups_path))
+        .namespaces(namespaces)
+        .masked_paths(
+            MASKED_PATHS
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .readonly_paths(
+            READONLY_PATHS
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .build()
+        .map_err(bundle_err)?;
+
+    SpecBuilder::default()
+        .version("1.0.2")
+        .root(
+            RootBuilder::default()
+                .path(root)
+                .readonly(true)
+                .build()
+                .map_err(bundle_err)?,
+        )
+        .hostname("capsule")
+        .mounts(mounts)
+        .process(process)
+        .linux(linux)
+        .build()
+        .map_err(bundle_err)
+}
+
+/// Kernel interfaces hidden from the capsule (runc's defaults): they leak host
+/// state or allow host-wide effects.
+const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+];
+
+/// Kernel interfaces the capsule may read but never write.
+const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];

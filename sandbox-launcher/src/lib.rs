@@ -1,0 +1,468 @@
+//! sandbox-launcher: runs an admitted capsule inside gVisor (runsc) or Kata
+//! (containerd shim v2), and nothing else.
+//!
+//! The only way in is [`Launcher::launch`], which takes a [`verify_core::Admitted`]:
+//! a value only verify-core can build, after every admission check passed. There is
+//! no API that launches a path, a manifest or a JWS.
+//!
+//! One run, in order (each step in its module):
+//! 1. [`stage`]: copy every admitted file into a launcher-owned directory while
+//!    hashing it; a byte that differs from what was admitted stops the run here.
+//! 2. [`bundle`]: the OCI config (read-only root, `/capsule` read-only, tmpfs `/tmp`,
+//!    uid 65534, no capabilities, `noNewPrivileges`, empty network namespace, the
+//!    manifest's limits and env).
+//! 3. [`probe`]: open a listener on host loopback; the probe inside the sandbox must
+//!    fail to reach it before the entrypoint runs.
+//! 4. [`runtime`]: run under runsc or containerd with a hard timeout; capture
+//!    stdout/stderr up to a cap.
+//! 5. [`teardown`]: remove the container and verify from the outside that nothing
+//!    of it is left.
+//!
+//! A run that happened but cannot be vouched for (egress not proven blocked,
+//! teardown incomplete) is an error carrying its [`RunReport`].
+
+#![deny(unsafe_code)]
+
+pub mod bundle;
+pub mod error;
+pub mod probe;
+pub mod runtime;
+pub mod stage;
+pub mod teardown;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use verify_core::Admitted;
+
+pub use bundle::{BundleFacts, Rootfs};
+pub use error::LaunchError;
+pub use probe::{EgressReport, ProbeReport};
+pub use runtime::containerd::{ContainerdConfig, PrivateContainerd};
+pub use runtime::runsc::RunscConfig;
+pub use runtime::{Output, RuntimeConfig, RuntimeFacts};
+pub use stage::StagedFile;
+pub use teardown::{StaleReport, TeardownReport};
+
+use error::Result;
+
+/// The binary that runs as the egress probe, and the arguments that put it in probe
+/// mode. The gateway uses its own executable with `["sandbox-probe"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeBinary {
+    pub path: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// Everything a launcher needs.
+#[derive(Debug, Clone)]
+pub struct LauncherConfig {
+    /// The launcher's own directory: run directories (staging, bundles), the runsc
+    /// root, locks. One directory per runtime; it must not be shared with anything
+    /// else.
+    pub state_dir: PathBuf,
+    pub runtime: RuntimeConfig,
+    pub rootfs: Rootfs,
+    pub probe: ProbeBinary,
+    /// Bytes of stdout and of stderr kept (the rest is counted and dropped).
+    pub output_cap_bytes: usize,
+    /// Size of the sandbox's `/tmp` tmpfs.
+    pub tmp_size_mib: u64,
+}
+
+impl LauncherConfig {
+    pub fn new(state_dir: impl Into<PathBuf>, runtime: RuntimeConfig, probe: ProbeBinary) -> Self {
+        LauncherConfig {
+            state_dir: state_dir.into(),
+            runtime,
+            rootfs: Rootfs::default(),
+            probe,
+            output_cap_bytes: 1 << 20,
+            tmp_size_mib: 64,
+        }
+    }
+}
+
+/// Everything the evidence needs about one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub container_id: String,
+    pub capsule_id: String,
+    pub version: u64,
+    /// `sha256:<hex>` of the exact JWS bytes.
+    pub capsule_digest: String,
+    pub runtime: RuntimeFacts,
+    /// Unix milliseconds when the sandbox was started.
+    pub started_at_ms: u64,
+    pub duration_ms: u64,
+    /// The capsule's exit code (128 + signal when killed); `None` when it was
+    /// timed out or interrupted.
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    /// The launcher was asked to stop (SIGINT/SIGTERM) during the run.
+    pub interrupted: bool,
+    /// The capsule's stdout (the probe's line removed).
+    pub stdout: Output,
+    pub stderr: Output,
+    pub egress: EgressReport,
+    pub teardown: TeardownReport,
+    pub bundle: BundleFacts,
+    /// The exact `config.json` given to the runtime (its digest is in `bundle`).
+    #[serde(skip)]
+    pub oci_config: String,
+    pub staged: Vec<StagedFile>,
+    /// What the runtime reported while stopping or deleting the container.
+    pub runtime_notes: Vec<String>,
+}
+
+/// What a runtime hands back after a run.
+#[derive(Debug)]
+pub(crate) struct RawOutcome {
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub interrupted: bool,
+    pub stdout: Output,
+    pub stderr: Output,
+    pub notes: Vec<String>,
+}
+
+/// What a runtime needs for one run.
+#[derive(Debug)]
+pub(crate) struct RunCtx<'a> {
+    pub container_id: &'a str,
+    pub bundle_dir: &'a Path,
+    pub deadline: Instant,
+    pub cancel: &'a AtomicBool,
+    pub output_cap: usize,
+}
+
+/// The runtime in use, ready.
+#[derive(Debug)]
+pub(crate) enum Runtime {
+    Runsc(runtime::runsc::Runsc),
+    Containerd(runtime::containerd::Containerd),
+}
+
+impl Runtime {
+    fn new(config: &RuntimeConfig, state_dir: &Path) -> Result<Runtime> {
+        Ok(match config {
+            RuntimeConfig::Runsc(c) => Runtime::Runsc(runtime::runsc::Runsc::new(c, state_dir)?),
+            RuntimeConfig::Containerd(c) => {
+                Runtime::Containerd(runtime::containerd::Containerd::new(c)?)
+            }
+        })
+    }
+
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Runtime::Runsc(_) => "runsc",
+            Runtime::Containerd(_) => "containerd",
+        }
+    }
+
+    fn flavor(&self) -> bundle::Flavor {
+        match self {
+            Runtime::Runsc(_) => bundle::Flavor::Runsc,
+            Runtime::Containerd(_) => bundle::Flavor::Containerd,
+        }
+    }
+
+    fn host_network(&self) -> bool {
+        match self {
+            Runtime::Runsc(r) => r.host_network(),
+            Runtime::Containerd(_) => false,
+        }
+    }
+
+    fn facts(&self) -> RuntimeFacts {
+        match self {
+            Runtime::Runsc(r) => r.facts(),
+            Runtime::Containerd(c) => c.facts(),
+        }
+    }
+
+    fn run(&self, ctx: &RunCtx<'_>) -> Result<RawOutcome> {
+        match self {
+            Runtime::Runsc(r) => r.run(ctx),
+            Runtime::Containerd(c) => c.run(ctx),
+        }
+    }
+
+    pub(crate) fn remove(&self, container_id: &str) -> Vec<String> {
+        match self {
+            Runtime::Runsc(r) => r.remove(container_id),
+            Runtime::Containerd(c) => c.remove(container_id),
+        }
+    }
+
+    pub(crate) fn listed(&self, container_id: &str) -> Result<bool> {
+        match self {
+            Runtime::Runsc(r) => r.listed(container_id),
+            Runtime::Containerd(c) => c.listed(container_id),
+        }
+    }
+
+    pub(crate) fn list(&self) -> Result<Vec<String>> {
+        match self {
+            Runtime::Runsc(r) => r.list(),
+            Runtime::Containerd(c) => c.list(),
+        }
+    }
+
+    pub(crate) fn state_files(&self, container_id: &str) -> Vec<PathBuf> {
+        match self {
+            Runtime::Runsc(r) => r.state_files(container_id),
+            // containerd keeps its bundles under its own state directory, which the
+            // list check covers: a deleted container has none.
+            Runtime::Containerd(_) => Vec::new(),
+        }
+    }
+}
+
+/// Launches admitted capsules.
+#[derive(Debug)]
+pub struct Launcher {
+    config: LauncherConfig,
+    runtime: Runtime,
+    stale: Vec<StaleReport>,
+}
+
+impl Launcher {
+    /// Checks that the runtime and the probe are there, creates the state directory,
+    /// and removes every sandbox a crashed earlier launcher left in it.
+    pub fn new(config: LauncherConfig) -> Result<Launcher> {
+        let state = &config.state_dir;
+        std::fs::create_dir_all(state.join("runs"))
+            .map_err(|e| LaunchError::io("create state directory", state, e))?;
+        let state_dir = state
+            .canonicalize()
+            .map_err(|e| LaunchError::io("resolve state directory", state, e))?;
+        if !config.probe.path.is_file() {
+            return Err(LaunchError::io(
+                "find egress probe",
+                &config.probe.path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        let runtime = Runtime::new(&config.runtime, &state_dir)?;
+        let stale = teardown::recover_stale(&runtime, &state_dir)?;
+        Ok(Launcher {
+            config: LauncherConfig {
+                state_dir,
+                ..config
+            },
+            runtime,
+            stale,
+        })
+    }
+
+    /// Sandboxes left by a crashed earlier launcher, removed by [`Launcher::new`].
+    pub fn stale_cleaned(&self) -> &[StaleReport] {
+        &self.stale
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    /// Runs an admitted capsule to its end or its timeout.
+    pub fn launch(&self, admitted: &Admitted) -> Result<RunReport> {
+        self.launch_cancellable(admitted, &AtomicBool::new(false))
+    }
+
+    /// Like [`Launcher::launch`]; raising `cancel` (from a SIGINT/SIGTERM handler)
+    /// stops the sandbox, tears it down and reports `interrupted`.
+    pub fn launch_cancellable(
+        &self,
+        admitted: &Admitted,
+        cancel: &AtomicBool,
+    ) -> Result<RunReport> {
+        let run_id = new_run_id()?;
+        let container_id = teardown::container_id(&run_id);
+        let run_dir = self.config.state_dir.join("runs").join(&run_id);
+        // The run directory and its lock appear together, under runs.lock, so that a
+        // concurrent start-up never takes a run in the making for a stale one.
+        let lock = {
+            let _guard = teardown::Lock::acquire(&self.config.state_dir.join("runs.lock"))?;
+            std::fs::create_dir(&run_dir)
+                .map_err(|e| LaunchError::io("create run directory", &run_dir, e))?;
+            teardown::Lock::acquire(&run_dir.join("lock"))?
+        };
+        let result = self.run_in(admitted, &run_id, &container_id, &run_dir, cancel);
+        match result {
+            Ok(mut report) => {
+                report.teardown = teardown::teardown(
+                    &self.runtime,
+                    &run_id,
+                    &container_id,
+                    &run_dir,
+                    std::mem::take(&mut report.runtime_notes),
+                );
+                drop(lock);
+                if !report.teardown.ok {
+                    let why = format!("teardown incomplete: {}", report.teardown.failures());
+                    return Err(LaunchError::RunFailed {
+                        why,
+                        report: Box::new(report),
+                    });
+                }
+                if !report.egress.blocked {
+                    let why = egress_failure(&report);
+                    return Err(LaunchError::RunFailed {
+                        why,
+                        report: Box::new(report),
+                    });
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                // Nothing may outlive a failed start either.
+                let t =
+                    teardown::teardown(&self.runtime, &run_id, &container_id, &run_dir, Vec::new());
+                drop(lock);
+                if !t.ok {
+                    return Err(LaunchError::StaleCleanup {
+                        run_id,
+                        left: format!("{} (after: {e})", t.failures()),
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn run_in(
+        &self,
+        admitted: &Admitted,
+        run_id: &str,
+        container_id: &str,
+        run_dir: &Path,
+        cancel: &AtomicBool,
+    ) -> Result<RunReport> {
+        let manifest = admitted.manifest();
+        let staged_dir = run_dir.join("staging");
+        let staged = stage::stage(admitted, &staged_dir)?;
+        let listener = probe::HostListener::open()
+            .map_err(|e| LaunchError::io("open egress listener", "127.0.0.1", e))?;
+        let bundle_dir = run_dir.join("bundle");
+        let cgroups_path = teardown::cgroups_path(container_id);
+        let input = bundle::BundleInput {
+            manifest,
+            rootfs: &self.config.rootfs,
+            staged: &staged_dir,
+            probe_binary: &self.config.probe.path,
+            probe_args: &self.config.probe.args,
+            probe_target: listener.addr(),
+            tmp_size_mib: self.config.tmp_size_mib,
+            cgroups_path: &cgroups_path,
+            flavor: self.runtime.flavor(),
+            share_host_network: self.runtime.host_network(),
+        };
+        let bundle = bundle::write(&bundle_dir, &input)?;
+        let oci_config = std::fs::read_to_string(bundle_dir.join("config.json"))
+            .map_err(|e| LaunchError::io("read OCI config", &bundle_dir, e))?;
+        let facts = self.runtime.facts();
+
+        let started_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let start = Instant::now();
+        let ctx = RunCtx {
+            container_id,
+            bundle_dir: &bundle_dir,
+            deadline: start + Duration::from_millis(manifest.limits.timeout_ms),
+            cancel,
+            output_cap: self.config.output_cap_bytes,
+        };
+        let raw = self.runtime.run(&ctx)?;
+        let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+
+        let (probe_report, rest) = probe::split_report(&raw.stdout.bytes);
+        let dropped = raw.stdout.bytes.len() - rest.len();
+        let stdout = Output {
+            bytes: rest.to_vec(),
+            total_bytes: raw.stdout.total_bytes.saturating_sub(dropped as u64),
+            truncated: raw.stdout.truncated,
+        };
+        let egress = listener.verdict(probe_report);
+        Ok(RunReport {
+            run_id: run_id.to_string(),
+            container_id: container_id.to_string(),
+            capsule_id: manifest.capsule_id.clone(),
+            version: manifest.version,
+            capsule_digest: admitted.digest().to_string(),
+            runtime: facts,
+            started_at_ms,
+            duration_ms,
+            exit_code: raw.exit_code,
+            timed_out: raw.timed_out,
+            interrupted: raw.interrupted,
+            stdout,
+            stderr: raw.stderr,
+            egress,
+            // Filled in by the teardown that follows.
+            teardown: TeardownReport {
+                ok: false,
+                checks: Vec::new(),
+                actions: Vec::new(),
+            },
+            bundle,
+            oci_config,
+            staged,
+            runtime_notes: raw.notes,
+        })
+    }
+}
+
+/// Why the egress check failed, in words.
+fn egress_failure(report: &RunReport) -> String {
+    let e = &report.egress;
+    match &e.probe {
+        None if report.timed_out || report.interrupted => format!(
+            "the egress probe did not report before the run was {}",
+            if report.timed_out {
+                "timed out"
+            } else {
+                "interrupted"
+            }
+        ),
+        None => format!(
+            "the egress probe did not report: the sandbox did not start ({})",
+            report.stderr.text().trim()
+        ),
+        Some(p) if p.connected || e.listener_accepted => format!(
+            "egress is open: the probe reached the host listener {}",
+            e.target
+        ),
+        Some(_) => "the sandbox has a network interface other than loopback".into(),
+    }
+}
+
+/// 16 random bytes as hex: unique per run, and what every host-side trace of the
+/// run (container id, cgroup, paths) is found by.
+fn new_run_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    verify_core::crypto::default_backend()
+        .random(&mut bytes)
+        .map_err(|e| {
+            LaunchError::io("random run id", "", std::io::Error::other(format!("{e:?}")))
+        })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Settings that weaken the sandbox, for tests that prove a check can fail.
+pub mod danger {
+    use crate::RunscConfig;
+
+    /// Runs runsc with `--network=host` and no network namespace in the OCI config:
+    /// the sandbox shares the host's network, so
+    /// the egress probe reaches the host listener and the run must fail. Exists only
+    /// so that a test can show the probe is not decorative.
+    pub fn runsc_host_network(config: &mut RunscConfig) {
+        config.host_network = true;
+    }
+}

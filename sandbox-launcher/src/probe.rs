@@ -1,0 +1,369 @@
+//! Default-deny egress, proven on every run rather than assumed.
+//!
+//! Before the capsule's entrypoint, in the same sandbox (same namespaces, same user,
+//! same limits), the probe tries a TCP connect to a listener the launcher opened on
+//! the host's loopback for this run, and lists the sandbox's network interfaces. It
+//! prints one line — [`PROBE_MARKER`] and a JSON [`ProbeReport`] — on stdout, then
+//! `exec`s the entrypoint with exactly the manifest's environment. A probe that connects does not exec: it exits with
+//! [`EXIT_EGRESS_OPEN`] and the run fails.
+//!
+//! The probe is a mode of a binary the launcher trusts (the gateway's hidden
+//! `sandbox-probe` subcommand, or this crate's `capsule-sandbox-probe`), bind-mounted
+//! read-only at `/.capsule-probe`; it is not part of the capsule, so a capsule cannot
+//! replace it. The capsule only runs after the probe line is written, so it cannot
+//! write a line in front of it. The launcher does not take the probe's word alone:
+//! after the run it asks its own listener whether anything connected, and checks
+//! that the interface list holds only loopback interfaces. All three facts are
+//! recorded as evidence.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the probe's report line on stdout.
+pub const PROBE_MARKER: &str = "capsule-egress-probe/v1 ";
+/// Exit code of a probe that reached the host listener (the capsule is not run).
+pub const EXIT_EGRESS_OPEN: i32 = 97;
+/// Exit code of a probe that could not exec the entrypoint.
+pub const EXIT_EXEC_FAILED: i32 = 127;
+/// Exit code of a probe given bad arguments.
+pub const EXIT_USAGE: i32 = 96;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the probe saw from inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeReport {
+    /// The address it tried to reach.
+    pub target: String,
+    pub connected: bool,
+    /// Why the connect failed (the OS error as text), when it did.
+    pub error: Option<String>,
+    pub errno: Option<i32>,
+    pub interfaces: Vec<Interface>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: String,
+    pub loopback: bool,
+    pub up: bool,
+    pub addresses: Vec<String>,
+}
+
+/// The egress verdict of one run, from both sides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EgressReport {
+    /// The host listener (loopback) the probe had to fail to reach.
+    pub target: String,
+    /// The probe's own report; `None` when it never ran or printed nothing.
+    pub probe: Option<ProbeReport>,
+    /// Whether the host listener accepted any connection during the run.
+    pub listener_accepted: bool,
+    /// Whether every interface the probe saw is a loopback interface.
+    pub only_loopback: bool,
+    /// The verdict: the probe ran, its connect failed, the listener saw nothing, and
+    /// the sandbox has no interface but loopback.
+    pub blocked: bool,
+}
+
+/// The launcher's side: a TCP listener on host loopback for one run.
+#[derive(Debug)]
+pub struct HostListener {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl HostListener {
+    pub fn open() -> std::io::Result<HostListener> {
+        let listener = TcpListener::bind(("127.0.0.1", 0))?;
+        // Never blocks: a connection that arrived waits in the backlog, fully
+        // established by the kernel, until `accepted` looks.
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        Ok(HostListener { listener, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether anything connected since the listener opened (drains the backlog).
+    pub fn accepted(&self) -> bool {
+        let mut any = false;
+        while self.listener.accept().is_ok() {
+            any = true;
+        }
+        any
+    }
+
+    /// Combines the host's view with the probe's report.
+    pub fn verdict(&self, probe: Option<ProbeReport>) -> EgressReport {
+        let listener_accepted = self.accepted();
+        let only_loopback = probe
+            .as_ref()
+            .is_some_and(|p| p.interfaces.iter().all(|i| i.loopback));
+        let blocked =
+            probe.as_ref().is_some_and(|p| !p.connected) && !listener_accepted && only_loopback;
+        EgressReport {
+            target: self.addr.to_string(),
+            probe,
+            listener_accepted,
+            only_loopback,
+            blocked,
+        }
+    }
+}
+
+/// Splits the probe's report line off the front of the sandbox's stdout. Returns
+/// the report (if the first line is one) and the capsule's own output.
+pub fn split_report(stdout: &[u8]) -> (Option<ProbeReport>, &[u8]) {
+    let Some(rest) = stdout.strip_prefix(PROBE_MARKER.as_bytes()) else {
+        return (None, stdout);
+    };
+    let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+        return (None, stdout);
+    };
+    match serde_json::from_slice::<ProbeReport>(&rest[..end]) {
+        Ok(report) => (Some(report), &rest[end + 1..]),
+        Err(_) => (None, stdout),
+    }
+}
+
+/// The probe's entry point inside the sandbox. `args` are what follows the mode
+/// selector: `--connect ADDR -- ENTRYPOINT...`. Returns only if it must not or
+/// cannot exec the entrypoint; the value is the exit code.
+pub fn sandbox_main(args: &[OsString]) -> i32 {
+    let Args {
+        target,
+        env_keys,
+        entrypoint,
+    } = match parse_args(args) {
+        Ok(parsed) => parsed,
+        Err(why) => {
+            eprintln!("capsule egress probe: {why}");
+            return EXIT_USAGE;
+        }
+    };
+    let report = probe(target);
+    let line = match serde_json::to_string(&report) {
+        Ok(json) => format!("{PROBE_MARKER}{json}\n"),
+        Err(e) => {
+            eprintln!("capsule egress probe: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_all(line.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        return EXIT_USAGE;
+    }
+    drop(out);
+    if report.connected {
+        eprintln!(
+            "capsule egress probe: connected to {target} on the host: egress is not blocked, \
+             the capsule is not run"
+        );
+        return EXIT_EGRESS_OPEN;
+    }
+    // Exactly the manifest's env, whatever the runtime added.
+    let env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| env_keys.iter().any(|want| k == want))
+        .collect();
+    let err = std::process::Command::new(&entrypoint[0])
+        .args(&entrypoint[1..])
+        .env_clear()
+        .envs(env)
+        .exec();
+    eprintln!(
+        "capsule egress probe: cannot exec {}: {err}",
+        entrypoint[0].to_string_lossy()
+    );
+    EXIT_EXEC_FAILED
+}
+
+/// What the launcher asks of the probe.
+#[derive(Debug, PartialEq, Eq)]
+struct Args<'a> {
+    target: SocketAddr,
+    /// The manifest's env names: the entrypoint gets these and nothing else (the
+    /// runtimes add `HOME` when it is missing; the probe takes it away again).
+    env_keys: Vec<&'a str>,
+    entrypoint: &'a [OsString],
+}
+
+fn parse_args(args: &[OsString]) -> Result<Args<'_>, String> {
+    match args {
+        [flag, addr, env_flag, keys, sep, entrypoint @ ..]
+            if flag == "--connect" && env_flag == "--only-env" && sep == "--" =>
+        {
+            let target = addr
+                .to_str()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| format!("bad address {addr:?}"))?;
+            let keys = keys.to_str().ok_or("env names are not UTF-8")?;
+            let env_keys = keys.split(',').filter(|k| !k.is_empty()).collect();
+            if entrypoint.is_empty() {
+                return Err("no entrypoint after `--`".into());
+            }
+            Ok(Args {
+                target,
+                env_keys,
+                entrypoint,
+            })
+        }
+        _ => Err("usage: --connect ADDR --only-env NAME,... -- ENTRYPOINT [ARG...]".into()),
+    }
+}
+
+/// Runs both checks.
+pub fn probe(target: SocketAddr) -> ProbeReport {
+    let (connected, error, errno) = match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
+        Ok(_) => (true, None, None),
+        Err(e) => (false, Some(e.to_string()), e.raw_os_error()),
+    };
+    ProbeReport {
+        target: target.to_string(),
+        connected,
+        error,
+        errno,
+        interfaces: interfaces(),
+    }
+}
+
+/// Every interface with its flags and addresses (`getifaddrs`, via netlink).
+fn interfaces() -> Vec<Interface> {
+    use nix::net::if_::InterfaceFlags;
+    let mut out: Vec<Interface> = Vec::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return out;
+    };
+    for a in addrs {
+        let idx = match out.iter().position(|i| i.name == a.interface_name) {
+            Some(i) => i,
+            None => {
+                out.push(Interface {
+                    name: a.interface_name.clone(),
+                    loopback: a.flags.contains(InterfaceFlags::IFF_LOOPBACK),
+                    up: a.flags.contains(InterfaceFlags::IFF_UP),
+                    addresses: Vec::new(),
+                });
+                out.len() - 1
+            }
+        };
+        if let Some(addr) = a.address {
+            if let Some(v4) = addr.as_sockaddr_in() {
+                out[idx].addresses.push(v4.ip().to_string());
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                out[idx].addresses.push(v6.ip().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(connected: bool) -> ProbeReport {
+        ProbeReport {
+            target: "127.0.0.1:9".into(),
+            connected,
+            error: None,
+            errno: None,
+            interfaces: vec![Interface {
+                name: "lo".into(),
+                loopback: true,
+                up: true,
+                addresses: vec!["127.0.0.1".into()],
+            }],
+        }
+    }
+
+    #[test]
+    fn the_report_line_is_split_off_the_front_only() {
+        let line = format!(
+            "{PROBE_MARKER}{}\n",
+            serde_json::to_string(&report(false)).unwrap_or_default()
+        );
+        let stdout = format!("{line}hello\n");
+        let (r, rest) = split_report(stdout.as_bytes());
+        assert_eq!(r, Some(report(false)));
+        assert_eq!(rest, b"hello\n");
+        // A capsule printing a forged line later does not count: only the first line.
+        let forged = format!("hello\n{line}");
+        let (r, rest) = split_report(forged.as_bytes());
+        assert_eq!(r, None);
+        assert_eq!(rest, forged.as_bytes());
+    }
+
+    #[test]
+    fn the_listener_sees_a_connection_and_the_verdict_fails() {
+        let l = HostListener::open().expect("listener");
+        let quiet = l.verdict(Some(report(false)));
+        assert!(quiet.blocked && !quiet.listener_accepted, "{quiet:?}");
+        let _c = TcpStream::connect(l.addr()).expect("connect from the host");
+        std::thread::sleep(Duration::from_millis(50));
+        let v = l.verdict(Some(report(false)));
+        assert!(v.listener_accepted && !v.blocked, "{v:?}");
+        assert!(!l.verdict(None).blocked, "no probe report is never blocked");
+        let mut eth = report(false);
+        eth.interfaces.push(Interface {
+            name: "eth0".into(),
+            loopback: false,
+            up: true,
+            addresses: vec!["10.0.0.2".into()],
+        });
+        assert!(
+            !l.verdict(Some(eth)).blocked,
+            "a non-loopback interface is not default-deny"
+        );
+    }
+
+    #[test]
+    fn probe_args_are_strict() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let ok = os(&[
+            "--connect",
+            "127.0.0.1:1",
+            "--only-env",
+            "A,B_2",
+            "--",
+            "/bin/true",
+            "x",
+        ]);
+        let parsed = parse_args(&ok).expect("valid");
+        assert_eq!(parsed.env_keys, vec!["A", "B_2"]);
+        assert_eq!(parsed.entrypoint, &ok[5..]);
+        let none = os(&[
+            "--connect",
+            "127.0.0.1:1",
+            "--only-env",
+            "",
+            "--",
+            "/bin/true",
+        ]);
+        assert!(parse_args(&none).expect("valid").env_keys.is_empty());
+        assert!(parse_args(&os(&["--connect", "127.0.0.1:1", "--only-env", "", "--"])).is_err());
+        assert!(parse_args(&os(&[
+            "--connect",
+            "nope",
+            "--only-env",
+            "",
+            "--",
+            "/bin/true"
+        ]))
+        .is_err());
+        assert!(parse_args(&os(&["--connect", "127.0.0.1:1", "--", "/bin/true"])).is_err());
+        assert!(parse_args(&os(&["/bin/true"])).is_err());
+    }
+}

@@ -1,0 +1,388 @@
+//! Verified teardown, and the recovery of sandboxes left by a crashed launcher.
+//!
+//! After every run — exit, failure, timeout, interrupt — the launcher removes the
+//! container and then checks from the outside that nothing is left:
+//!
+//! 1. the container is not in the runtime's list (`runsc list`, `ctr containers/tasks
+//!    list`);
+//! 2. no host process belongs to it: none whose command line names the run id (the
+//!    runsc sandbox, gofer and `runsc run`, the containerd shim) and none in its
+//!    cgroup (a runc/Kata container's own processes);
+//! 3. its cgroup directories are gone;
+//! 4. the runtime's per-container state files are gone;
+//! 5. the run directory (staging, bundle, lock) is gone.
+//!
+//! Whatever the runtime's own delete left behind is removed first (a process found
+//! by the checks above is SIGKILLed by pid; an empty cgroup is removed), and each
+//! such action is recorded. The result is a [`TeardownReport`]; a failed check makes
+//! the run fail (`LaunchError::RunFailed`), it is never only logged.
+//!
+//! Crash recovery: each run holds an exclusive `flock` on `runs/<id>/lock` for its
+//! whole life; the kernel drops it when the launcher dies, even by SIGKILL. At
+//! start-up the launcher takes `runs.lock`, and every run directory whose lock it
+//! can take, and every container of its runtime with the launcher's id prefix whose
+//! run is not live, is torn down and verified the same way.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::fs::FlockOperation;
+use serde::Serialize;
+
+use crate::error::{LaunchError, Result};
+use crate::Runtime;
+
+/// Prefix of every container id the launcher creates.
+pub const CONTAINER_PREFIX: &str = "capsule-";
+/// Parent of every run's cgroup.
+pub const CGROUP_PARENT: &str = "capsule-gateway";
+
+/// One check of the teardown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The verified teardown of one run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TeardownReport {
+    /// Every check passed.
+    pub ok: bool,
+    pub checks: Vec<Check>,
+    /// What had to be removed beyond the runtime's own delete.
+    pub actions: Vec<String>,
+}
+
+impl TeardownReport {
+    pub fn failures(&self) -> String {
+        self.checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// A stale sandbox found and removed at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StaleReport {
+    pub run_id: String,
+    pub container_id: String,
+    pub teardown: TeardownReport,
+}
+
+/// The container id of a run.
+pub fn container_id(run_id: &str) -> String {
+    format!("{CONTAINER_PREFIX}{run_id}")
+}
+
+/// The cgroup path of a run's container (relative to each hierarchy's root).
+pub fn cgroups_path(container_id: &str) -> String {
+    format!("/{CGROUP_PARENT}/{container_id}")
+}
+
+/// Removes everything of one run and verifies that it is gone.
+pub(crate) fn teardown(
+    runtime: &Runtime,
+    run_id: &str,
+    container_id: &str,
+    run_dir: &Path,
+    mut actions: Vec<String>,
+) -> TeardownReport {
+    // 1. The runtime's own removal (idempotent: a gone container is skipped).
+    actions.extend(runtime.remove(container_id));
+    // 2. Processes the runtime left: SIGKILL by pid, then wait for them to go.
+    let left = wait_gone(run_id, Duration::from_secs(2));
+    for (pid, what) in &left {
+        crate::runtime::kill_pid(*pid);
+        actions.push(format!("killed leftover process {pid} ({what})"));
+    }
+    if !left.is_empty() {
+        wait_gone(run_id, Duration::from_secs(10));
+    }
+    // 3. Empty cgroups the runtime left.
+    for dir in cgroup_dirs(container_id) {
+        if fs::remove_dir(&dir).is_ok() {
+            actions.push(format!("removed cgroup {}", dir.display()));
+        }
+    }
+    // 4. Runtime state files (a container killed while booting leaves its locks).
+    for f in runtime.state_files(container_id) {
+        if fs::remove_file(&f).is_ok() || fs::remove_dir_all(&f).is_ok() {
+            actions.push(format!("removed runtime state {}", f.display()));
+        }
+    }
+    // 5. The run directory: staging, bundle, lock.
+    if run_dir.exists() {
+        if let Err(e) = remove_tree(run_dir) {
+            actions.push(format!("removing {}: {e}", run_dir.display()));
+        }
+    }
+    verify(runtime, run_id, container_id, run_dir, actions)
+}
+
+/// The checks alone, from the outside.
+pub(crate) fn verify(
+    runtime: &Runtime,
+    run_id: &str,
+    container_id: &str,
+    run_dir: &Path,
+    actions: Vec<String>,
+) -> TeardownReport {
+    let mut checks = Vec::new();
+    checks.push(match runtime.listed(container_id) {
+        Ok(false) => Check {
+            name: "runtime_list",
+            ok: true,
+            detail: format!("{container_id} is not in the {} list", runtime.kind()),
+        },
+        Ok(true) => Check {
+            name: "runtime_list",
+            ok: false,
+            detail: format!("{container_id} is still in the {} list", runtime.kind()),
+        },
+        Err(e) => Check {
+            name: "runtime_list",
+            ok: false,
+            detail: format!("cannot list containers: {e}"),
+        },
+    });
+    let procs = processes_of(run_id);
+    checks.push(Check {
+        name: "processes",
+        ok: procs.is_empty(),
+        detail: if procs.is_empty() {
+            "no host process names the run or is in its cgroup".into()
+        } else {
+            procs
+                .iter()
+                .map(|(pid, what)| format!("{pid} ({what})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    });
+    let cgroups = cgroup_dirs(container_id);
+    checks.push(Check {
+        name: "cgroups",
+        ok: cgroups.is_empty(),
+        detail: if cgroups.is_empty() {
+            "no cgroup of the container is left".into()
+        } else {
+            cgroups
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    });
+    let state = runtime.state_files(container_id);
+    checks.push(Check {
+        name: "runtime_state",
+        ok: state.is_empty(),
+        detail: if state.is_empty() {
+            "no runtime state file of the container is left".into()
+        } else {
+            state
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    });
+    let dir_gone = !run_dir.exists();
+    checks.push(Check {
+        name: "run_directory",
+        ok: dir_gone,
+        detail: format!(
+            "{} {}",
+            run_dir.display(),
+            if dir_gone { "removed" } else { "still exists" }
+        ),
+    });
+    TeardownReport {
+        ok: checks.iter().all(|c| c.ok),
+        checks,
+        actions,
+    }
+}
+
+/// Removes a tree whose directories were made read-only.
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in walk_dirs(dir) {
+        let _ = fs::set_permissions(&entry, fs::Permissions::from_mode(0o700));
+    }
+    fs::remove_dir_all(dir)
+}
+
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(rd) = fs::read_dir(&out[i]) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// A process's command line, `None` if it is gone (or a zombie, which has none).
+pub(crate) fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if raw.is_empty() {
+        return None;
+    }
+    Some(
+        raw.split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// Host processes of a run: named by it on their command line, or in its cgroup.
+pub fn processes_of(run_id: &str) -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let args = cmdline(pid);
+        let named = args
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|x| x.contains(run_id)));
+        let in_cgroup =
+            fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(run_id));
+        // A zombie has no command line and holds nothing but its pid.
+        if (named || in_cgroup) && args.is_some() {
+            let what = args
+                .map(|a| a.iter().take(3).cloned().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default();
+            out.push((pid, what.chars().take(160).collect()));
+        }
+    }
+    out
+}
+
+/// Polls until no process of the run is left or `limit` passes; returns what is left.
+fn wait_gone(run_id: &str, limit: Duration) -> Vec<(u32, String)> {
+    let end = Instant::now() + limit;
+    loop {
+        let left = processes_of(run_id);
+        if left.is_empty() || Instant::now() >= end {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Existing cgroup directories of a container, in every mounted hierarchy (cgroup v1
+/// controllers under `/sys/fs/cgroup/<controller>`, or the v2 unified tree).
+pub fn cgroup_dirs(container_id: &str) -> Vec<PathBuf> {
+    let base = Path::new("/sys/fs/cgroup");
+    let mut candidates = vec![base.join(CGROUP_PARENT).join(container_id)];
+    if let Ok(rd) = fs::read_dir(base) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                candidates.push(e.path().join(CGROUP_PARENT).join(container_id));
+            }
+        }
+    }
+    candidates.retain(|p| p.exists());
+    candidates
+}
+
+/// An exclusive `flock`, held as long as the file is open.
+#[derive(Debug)]
+pub(crate) struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    fn open(path: &Path) -> Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| LaunchError::io("open lock", path, e))
+    }
+
+    /// Blocks until the lock is ours.
+    pub(crate) fn acquire(path: &Path) -> Result<Lock> {
+        let file = Lock::open(path)?;
+        rustix::fs::flock(&file, FlockOperation::LockExclusive)
+            .map_err(|e| LaunchError::io("lock", path, e.into()))?;
+        Ok(Lock { _file: file })
+    }
+
+    /// The lock, or `None` if a live process holds it.
+    pub(crate) fn try_acquire(path: &Path) -> Result<Option<Lock>> {
+        let file = Lock::open(path)?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(Lock { _file: file })),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(LaunchError::io("lock", path, e.into())),
+        }
+    }
+}
+
+/// Finds and removes every sandbox of this launcher whose run is not live.
+pub(crate) fn recover_stale(runtime: &Runtime, state_dir: &Path) -> Result<Vec<StaleReport>> {
+    let runs = state_dir.join("runs");
+    let _guard = Lock::acquire(&state_dir.join("runs.lock"))?;
+    let mut stale: Vec<(String, Option<Lock>)> = Vec::new();
+    let mut live = Vec::new();
+    if let Ok(rd) = fs::read_dir(&runs) {
+        for e in rd.flatten() {
+            let run_id = e.file_name().to_string_lossy().into_owned();
+            match Lock::try_acquire(&e.path().join("lock"))? {
+                Some(lock) => stale.push((run_id, Some(lock))),
+                None => live.push(run_id),
+            }
+        }
+    }
+    // Containers whose run directory is already gone (a crash during teardown).
+    for cid in runtime.list()? {
+        if let Some(run_id) = cid.strip_prefix(CONTAINER_PREFIX) {
+            if !live.iter().any(|l| l == run_id) && !stale.iter().any(|(s, _)| s == run_id) {
+                stale.push((run_id.to_string(), None));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (run_id, lock) in stale {
+        let cid = container_id(&run_id);
+        let report = teardown(runtime, &run_id, &cid, &runs.join(&run_id), Vec::new());
+        drop(lock);
+        if !report.ok {
+            return Err(LaunchError::StaleCleanup {
+                run_id,
+                left: report.failures(),
+            });
+        }
+        out.push(StaleReport {
+            run_id,
+            container_id: cid,
+            teardown: report,
+        });
+    }
+    Ok(out)
+}
