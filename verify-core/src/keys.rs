@@ -406,3 +406,71 @@ pub fn parse_jwk(bytes: &[u8]) -> Result<ParsedJwk, JwkError> {
         crate::json::from_slice_strict(bytes).map_err(|e| jwk_err("-", e.to_string()))?;
     jwk.parse()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::all_backends;
+
+    fn store(
+        keys: &[serde_json::Value],
+        backend: &'static dyn Backend,
+    ) -> Result<KeyStore, ConfigError> {
+        let jwks = serde_json::json!({ "keys": keys });
+        KeyStore::from_jwks(
+            jwks.to_string().as_bytes(),
+            Path::new("t.jwks.json"),
+            backend,
+        )
+    }
+
+    fn field(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("not an Invalid error: {other}"),
+        }
+    }
+
+    #[test]
+    fn trust_store_rules() {
+        for backend in all_backends() {
+            let es = ParsedJwk::generate("es", Alg::Es256, backend).unwrap();
+            let hs = ParsedJwk::generate("hs", Alg::Hs256, backend).unwrap();
+            let ok = store(&[es.to_json(false), hs.to_json(true)], backend).unwrap();
+            assert_eq!(ok.len(), 2);
+            assert_eq!(ok.get("es").unwrap().alg, Alg::Es256);
+
+            // A private EC key does not belong in a trust store.
+            assert_eq!(
+                field(store(&[es.to_json(true)], backend).unwrap_err()),
+                "keys[0]"
+            );
+            // Duplicate kids are ambiguous.
+            let dup = store(&[es.to_json(false), es.to_json(false)], backend).unwrap_err();
+            assert_eq!(field(dup), "keys[1].kid");
+            // Usage must be signing; alg and kid are required; the alg must fit the key.
+            let mut enc = es.to_json(false);
+            enc["use"] = "enc".into();
+            assert_eq!(field(store(&[enc], backend).unwrap_err()), "keys[0].use");
+            let mut no_alg = es.to_json(false);
+            no_alg.as_object_mut().unwrap().remove("alg");
+            assert_eq!(field(store(&[no_alg], backend).unwrap_err()), "keys[0].alg");
+            let mut wrong = hs.to_json(true);
+            wrong["alg"] = "ES256".into();
+            assert_eq!(field(store(&[wrong], backend).unwrap_err()), "keys[0].kty");
+            // A point that is not on the curve is refused by the backend at load.
+            let mut off_curve = es.to_json(false);
+            off_curve["y"] = crate::b64::encode(&[1u8; 32]).into();
+            assert_eq!(field(store(&[off_curve], backend).unwrap_err()), "keys[0]");
+        }
+    }
+
+    #[test]
+    fn generated_keys_round_trip_through_json() {
+        for alg in [Alg::Es256, Alg::Hs256] {
+            let key = ParsedJwk::generate("k", alg, crate::crypto::default_backend()).unwrap();
+            let again = parse_jwk(key.to_json(true).to_string().as_bytes()).unwrap();
+            assert_eq!(again.to_json(true), key.to_json(true));
+        }
+    }
+}
