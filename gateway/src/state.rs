@@ -66,12 +66,13 @@ impl State {
     /// again against the state inside the transaction (an earlier capsule of the
     /// same batch, or another process, may have admitted a higher version since it
     /// was verified); one that no longer passes is returned as a `rollback` denial.
-    /// Nothing is acknowledged unless the commit succeeds.
+    /// Nothing is acknowledged unless the commit succeeds. The admitted capsules are
+    /// handed back (for `run`), in order.
     pub fn record(
         &self,
         admitted: Vec<Result<Admitted, Decision>>,
         policy_version: &str,
-    ) -> Result<Vec<Decision>, crate::GatewayError> {
+    ) -> Result<Vec<Result<Admitted, Decision>>, crate::GatewayError> {
         let txn = self.db.begin_write().map_err(|e| err(&self.path, e))?;
         let mut out = Vec::with_capacity(admitted.len());
         {
@@ -88,7 +89,7 @@ impl State {
                 let a = match item {
                     Ok(a) => a,
                     Err(denied) => {
-                        out.push(denied);
+                        out.push(Err(denied));
                         continue;
                     }
                 };
@@ -102,7 +103,7 @@ impl State {
                     }
                 });
                 if let Err(why) = check_rollback(latest, m.version, a.digest()) {
-                    out.push(a.into_decision().into_denied(Reason::Rollback, why));
+                    out.push(Err(a.into_decision().into_denied(Reason::Rollback, why)));
                     continue;
                 }
                 versions
@@ -125,7 +126,7 @@ impl State {
                     .map_err(|e| err(&self.path, e))?;
                 prev = Sha256Digest(verify_core::crypto::default_backend().sha256_oneshot(&bytes));
                 seq += 1;
-                out.push(a.into_decision());
+                out.push(Ok(a));
             }
         }
         txn.commit().map_err(|e| err(&self.path, e))?;

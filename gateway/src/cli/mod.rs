@@ -3,6 +3,7 @@
 
 mod keygen;
 mod pack;
+mod run;
 mod verify;
 
 use std::path::PathBuf;
@@ -99,6 +100,18 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Verify, then durably record each admission (anti-rollback state, admission log).
     Admit(VerifyArgs),
+    /// Admit one capsule, run it in a gVisor (runsc) or Kata sandbox, write the
+    /// evidence bundle, print one CloudEvent. Exit 0 the capsule exited 0, 1 denied,
+    /// 2 usage or configuration error, 3 it exited non-zero or timed out, 4 the run
+    /// failed (sandbox did not start, egress not proven blocked, teardown incomplete,
+    /// interrupted).
+    Run(run::RunArgs),
+    /// The egress probe, run inside the sandbox before the entrypoint (internal).
+    #[command(name = "sandbox-probe", hide = true)]
+    SandboxProbe {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Parses the process arguments and runs the command.
@@ -121,6 +134,8 @@ pub fn run() -> ExitCode {
         } => pack::run(&manifest, &files, &key, &out),
         Command::Verify(args) => verify::run(&args, false),
         Command::Admit(args) => verify::run(&args, true),
+        Command::Run(args) => run::run(&args),
+        Command::SandboxProbe { args } => return run::probe(&args),
     };
     match result {
         Ok(code) => code,

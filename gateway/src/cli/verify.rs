@@ -1,6 +1,7 @@
 //! `verify` and `admit`: a batch of capsules in parallel, one line each, in order.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use verify_core::crypto::default_backend;
@@ -15,54 +16,18 @@ use crate::state::{State, Unavailable};
 use crate::GatewayError;
 
 pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
-    let policy = Policy::load(&args.policy, default_backend())?;
-    let runner = match &args.runner {
-        Some(r) => Some(SpiffeId::parse(r).map_err(|e| usage(format!("--runner `{r}`: {e}")))?),
-        None => None,
-    };
-    // A state that exists but cannot be opened denies everything (deny by default);
-    // `admit` without --state has nowhere to record and is refused.
-    let mut unavailable = None;
-    let state = match &args.state {
-        Some(dir) => match State::open(dir, record) {
-            Ok(s) => s,
-            Err(e) => {
-                unavailable = Some(Unavailable(e.to_string()));
-                None
-            }
-        },
-        None if record => return Err(usage("admit needs --state DIR to record admissions")),
-        None => None,
-    };
-    let rollback: &dyn RollbackView = match (&state, &unavailable) {
-        (_, Some(u)) => u,
-        (Some(s), None) => s,
-        (None, None) => &NoHistory,
-    };
-    let verifier = Verifier {
-        policy: &policy,
-        clock: &SystemClock,
-        rollback,
-        runner: runner.as_ref(),
-        hash_mode: match args.hash_mode {
-            HashModeArg::Read => HashMode::Read,
-            HashModeArg::Mmap => HashMode::Mmap,
-        },
-    };
-    let capsules: Vec<Capsule> = args
-        .capsules
-        .iter()
-        .map(|dir| Capsule::from_dir(dir, policy.limits.max_jws_bytes))
+    let admission = Admission::open(
+        &args.policy,
+        args.runner.as_deref(),
+        args.state.as_deref(),
+        record,
+        args.hash_mode,
+    )?;
+    let decisions: Vec<Decision> = admission
+        .admit(&args.capsules, record)?
+        .into_iter()
+        .map(|r| r.map_or_else(|d| d, Admitted::into_decision))
         .collect();
-    let results = verifier.verify_batch(&capsules);
-    let decisions: Vec<Decision> = match (&state, record) {
-        // The verdicts are printed only after the state is durable.
-        (Some(s), true) => s.record(results, &policy.policy_version)?,
-        _ => results
-            .into_iter()
-            .map(|r| r.map_or_else(|d| d, Admitted::into_decision))
-            .collect(),
-    };
 
     let mut out = std::io::stdout().lock();
     let mut all_admitted = true;
@@ -82,4 +47,85 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
     } else {
         ExitCode::from(EXIT_DENIED)
     })
+}
+
+/// Policy, runner and anti-rollback state, set up once; shared by `verify`, `admit`
+/// and `run`, so that `run` admits exactly as `admit` does.
+pub(crate) struct Admission {
+    pub policy: Policy,
+    runner: Option<SpiffeId>,
+    state: Option<State>,
+    unavailable: Option<Unavailable>,
+    hash_mode: HashMode,
+}
+
+impl Admission {
+    /// Loads the policy and opens the state. A state that exists but cannot be opened
+    /// denies everything (deny by default); recording without a state is refused.
+    pub(crate) fn open(
+        policy: &Path,
+        runner: Option<&str>,
+        state: Option<&Path>,
+        record: bool,
+        hash_mode: HashModeArg,
+    ) -> Result<Admission, GatewayError> {
+        let policy = Policy::load(policy, default_backend())?;
+        let runner = match runner {
+            Some(r) => Some(SpiffeId::parse(r).map_err(|e| usage(format!("--runner `{r}`: {e}")))?),
+            None => None,
+        };
+        let mut unavailable = None;
+        let state = match state {
+            Some(dir) => match State::open(dir, record) {
+                Ok(s) => s,
+                Err(e) => {
+                    unavailable = Some(Unavailable(e.to_string()));
+                    None
+                }
+            },
+            None if record => return Err(usage("admit needs --state DIR to record admissions")),
+            None => None,
+        };
+        Ok(Admission {
+            policy,
+            runner,
+            state,
+            unavailable,
+            hash_mode: match hash_mode {
+                HashModeArg::Read => HashMode::Read,
+                HashModeArg::Mmap => HashMode::Mmap,
+            },
+        })
+    }
+
+    /// Verifies the capsules in parallel and, if `record`, records the admissions
+    /// durably before returning; results come back in input order.
+    pub(crate) fn admit(
+        &self,
+        dirs: &[PathBuf],
+        record: bool,
+    ) -> Result<Vec<Result<Admitted, Decision>>, GatewayError> {
+        let rollback: &dyn RollbackView = match (&self.state, &self.unavailable) {
+            (_, Some(u)) => u,
+            (Some(s), None) => s,
+            (None, None) => &NoHistory,
+        };
+        let verifier = Verifier {
+            policy: &self.policy,
+            clock: &SystemClock,
+            rollback,
+            runner: self.runner.as_ref(),
+            hash_mode: self.hash_mode,
+        };
+        let capsules: Vec<Capsule> = dirs
+            .iter()
+            .map(|dir| Capsule::from_dir(dir, self.policy.limits.max_jws_bytes))
+            .collect();
+        let results = verifier.verify_batch(&capsules);
+        match (&self.state, record) {
+            // The verdicts are given out only after the state is durable.
+            (Some(s), true) => s.record(results, &self.policy.policy_version),
+            _ => Ok(results),
+        }
+    }
 }

@@ -1,0 +1,404 @@
+//! `run`: admit one capsule exactly as `admit` does, run it in a gVisor or Kata
+//! sandbox, write the evidence bundle, and print one CloudEvents v1.0 event
+//! (structured JSON mode) on stdout.
+//!
+//! Event types: `dev.capsule-gateway.run.completed` (the capsule ran; its exit code,
+//! or `timed_out`, is in `data`), `.denied` (not admitted: nothing was launched),
+//! `.failed` (admitted, but the run cannot be vouched for: the sandbox did not
+//! start, egress was not proven blocked, teardown was incomplete, or the gateway was
+//! interrupted). Exit codes: 0 completed with exit code 0, 1 denied, 2 usage or
+//! configuration error, 3 completed with a non-zero exit code or a timeout, 4 failed.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use cloudevents::{EventBuilder, EventBuilderV10};
+use sandbox_launcher::{
+    ContainerdConfig, LaunchError, Launcher, LauncherConfig, PrivateContainerd, ProbeBinary,
+    RunReport, RunscConfig, RuntimeConfig,
+};
+use serde_json::{json, Value};
+use verify_core::{Admitted, Decision};
+
+use super::verify::Admission;
+use super::{HashModeArg, EXIT_DENIED};
+use crate::output::decision_json;
+use crate::GatewayError;
+
+/// The capsule ran and exited non-zero, or was timed out.
+pub const EXIT_CAPSULE_FAILED: u8 = 3;
+/// The run cannot be vouched for (see the module docs).
+pub const EXIT_RUN_FAILED: u8 = 4;
+
+pub const TYPE_COMPLETED: &str = "dev.capsule-gateway.run.completed";
+pub const TYPE_DENIED: &str = "dev.capsule-gateway.run.denied";
+pub const TYPE_FAILED: &str = "dev.capsule-gateway.run.failed";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeArg {
+    /// gVisor (`runsc`, Debian package `runsc`)
+    Runsc,
+    /// Kata Containers through containerd's shim v2 (`io.containerd.kata.v2`)
+    Kata,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Policy file (TOML); its `trust.jwks` is resolved relative to it.
+    #[arg(long, value_name = "FILE")]
+    pub policy: PathBuf,
+    /// The sandbox.
+    #[arg(long, value_enum, default_value = "runsc")]
+    pub runtime: RuntimeArg,
+    /// This runner's SPIFFE ID (also the event's `source`).
+    #[arg(long, value_name = "SPIFFE_ID")]
+    pub runner: Option<String>,
+    /// Gateway state: anti-rollback state, sandbox state, evidence.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/capsule-gateway")]
+    pub state: PathBuf,
+    /// gVisor platform (`ptrace` works everywhere; `kvm` needs usable nested paging).
+    #[arg(long, default_value = "ptrace")]
+    pub platform: String,
+    /// Kata: an existing containerd socket (default: a private containerd under
+    /// STATE/containerd, started and stopped by this command).
+    #[arg(long, value_name = "SOCKET")]
+    pub containerd_address: Option<PathBuf>,
+    /// The event's `source` when there is no --runner (a URI).
+    #[arg(long, value_name = "URI")]
+    pub event_source: Option<String>,
+    /// Where evidence bundles go (default STATE/evidence).
+    #[arg(long, value_name = "DIR")]
+    pub evidence: Option<PathBuf>,
+    /// Bytes of stdout and of stderr kept.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub output_cap: usize,
+    /// How artifact bytes are read for hashing.
+    #[arg(long, value_enum, default_value = "read")]
+    pub hash_mode: HashModeArg,
+    /// Capsule directory (capsule.jws and files/).
+    #[arg(value_name = "CAPSULE")]
+    pub capsule: PathBuf,
+}
+
+/// The hidden `sandbox-probe` subcommand: the egress probe, inside the sandbox.
+pub fn probe(args: &[OsString]) -> ExitCode {
+    let code = sandbox_launcher::probe::sandbox_main(args);
+    ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
+}
+
+pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
+    let source = event_source(args)?;
+    let admission = Admission::open(
+        &args.policy,
+        args.runner.as_deref(),
+        Some(&args.state),
+        true,
+        args.hash_mode,
+    )?;
+    // The sandbox is set up before admission: a missing runtime is a configuration
+    // error (exit 2) and stale sandboxes of a crashed earlier run are gone first.
+    let (_containerd, launcher) = launcher(args)?;
+    let stale: Vec<Value> = launcher
+        .stale_cleaned()
+        .iter()
+        .map(
+            |s| json!({"run_id": s.run_id, "container_id": s.container_id, "teardown": s.teardown}),
+        )
+        .collect();
+
+    let result = admission
+        .admit(std::slice::from_ref(&args.capsule), true)?
+        .pop()
+        .ok_or_else(|| super::usage("no capsule"))?;
+    let admitted = match result {
+        Ok(a) => a,
+        Err(decision) => {
+            let event = denied_event(
+                &source,
+                &args.capsule,
+                &decision,
+                admission.policy.limits.max_jws_bytes,
+            )?;
+            print_event(&event)?;
+            return Ok(ExitCode::from(EXIT_DENIED));
+        }
+    };
+
+    // SIGINT/SIGTERM from here on stop the sandbox in order instead of killing us.
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, cancel.clone())
+            .map_err(|e| GatewayError::io("<signal handler>", e))?;
+    }
+    let outcome = launcher.launch_cancellable(&admitted, &cancel);
+    let evidence_root = args
+        .evidence
+        .clone()
+        .unwrap_or_else(|| args.state.join("evidence"));
+    let (kind, data, code) = match &outcome {
+        Ok(report) if report.interrupted => (
+            TYPE_FAILED,
+            run_data(
+                &admitted,
+                Some(report),
+                Some("interrupted: the gateway was asked to stop"),
+            ),
+            EXIT_RUN_FAILED,
+        ),
+        Ok(report) => (
+            TYPE_COMPLETED,
+            run_data(&admitted, Some(report), None),
+            if report.exit_code == Some(0) {
+                0
+            } else {
+                EXIT_CAPSULE_FAILED
+            },
+        ),
+        Err(e) => (
+            TYPE_FAILED,
+            run_data(&admitted, e.report(), Some(&e.to_string())),
+            EXIT_RUN_FAILED,
+        ),
+    };
+    let mut data = data;
+    data["stale_sandboxes_cleaned"] = Value::Array(stale);
+    let run_id = data["run_id"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(random_id);
+    let m = admitted.manifest();
+    let subject = format!("{}@{}", m.capsule_id, m.version);
+    let bundle_dir = evidence_root.join(&run_id);
+    data["evidence_bundle"] = json!(bundle_dir.display().to_string());
+    let event = build_event(&run_id, &source, kind, Some(&subject), data)?;
+    let report = match &outcome {
+        Ok(r) => Some(r),
+        Err(e) => e.report(),
+    };
+    write_evidence(&evidence_root, &run_id, &admitted, report, &event)?;
+    print_event(&event)?;
+    Ok(ExitCode::from(code))
+}
+
+/// `source`: the runner's SPIFFE ID, else the configured URI, else this host.
+fn event_source(args: &RunArgs) -> Result<String, GatewayError> {
+    if let Some(r) = &args.runner {
+        return Ok(r.clone());
+    }
+    if let Some(s) = &args.event_source {
+        if s.is_empty() || s.chars().any(char::is_whitespace) {
+            return Err(super::usage(format!("--event-source `{s}` is not a URI")));
+        }
+        return Ok(s.clone());
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    Ok(format!("urn:capsule-gateway:host:{}", host.trim()))
+}
+
+fn launcher(args: &RunArgs) -> Result<(Option<PrivateContainerd>, Launcher), GatewayError> {
+    let exe = std::env::current_exe().map_err(|e| GatewayError::io("<current executable>", e))?;
+    let probe = ProbeBinary {
+        path: exe,
+        args: vec!["sandbox-probe".into()],
+    };
+    let sandbox = args.state.join("sandbox");
+    let (containerd, runtime, dir) = match args.runtime {
+        RuntimeArg::Runsc => {
+            let mut c = RunscConfig::default();
+            c.platform = args.platform.clone();
+            (None, RuntimeConfig::Runsc(c), sandbox.join("runsc"))
+        }
+        RuntimeArg::Kata => {
+            let (private, address) = match &args.containerd_address {
+                Some(a) => (None, a.clone()),
+                None => {
+                    let c = PrivateContainerd::start(&args.state.join("containerd"))
+                        .map_err(launch_config_error)?;
+                    let address = c.address().to_path_buf();
+                    (Some(c), address)
+                }
+            };
+            (
+                private,
+                RuntimeConfig::Containerd(ContainerdConfig::kata(address)),
+                sandbox.join("kata"),
+            )
+        }
+    };
+    let mut config = LauncherConfig::new(dir, runtime, probe);
+    config.output_cap_bytes = args.output_cap;
+    let launcher = Launcher::new(config).map_err(launch_config_error)?;
+    Ok((containerd, launcher))
+}
+
+fn launch_config_error(e: LaunchError) -> GatewayError {
+    GatewayError::Usage(format!("sandbox: {e}"))
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    // The id only has to be unique; should the RNG fail, the time still is.
+    if verify_core::crypto::default_backend()
+        .random(&mut b)
+        .is_err()
+    {
+        let t = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        return format!("t{t:x}");
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `data` of a run event: DESIGN.md's evidence fields, and what the sandbox saw.
+fn run_data(admitted: &Admitted, report: Option<&RunReport>, error: Option<&str>) -> Value {
+    let m = admitted.manifest();
+    let d = admitted.decision();
+    let mut data = json!({
+        "manifest_jws": String::from_utf8_lossy(admitted.jws()),
+        "tenant_id": m.tenant,
+        "capsule_digest": admitted.digest().to_string(),
+        "capsule_id": m.capsule_id,
+        "version": m.version,
+        "run_id": report.map(|r| r.run_id.clone()),
+        "policy_version": m.policy_version,
+        "approvers": m.approvals.iter().map(|a| a.approver.as_str()).collect::<Vec<_>>(),
+        "decision": {"verdict": d.verdict.as_str(), "detail": d.detail, "kid": d.kid, "alg": d.alg.map(|a| a.as_str())},
+        "error": error,
+    });
+    if let Some(r) = report {
+        let extra = json!({
+            "stdout": r.stdout.text(),
+            "stderr": r.stderr.text(),
+            "stdout_bytes": r.stdout.total_bytes,
+            "stderr_bytes": r.stderr.total_bytes,
+            "stdout_truncated": r.stdout.truncated,
+            "stderr_truncated": r.stderr.truncated,
+            "exit_code": r.exit_code,
+            "timed_out": r.timed_out,
+            "interrupted": r.interrupted,
+            "started_at_ms": r.started_at_ms,
+            "duration_ms": r.duration_ms,
+            "runtime": r.runtime,
+            "oci_config_sha256": r.bundle.oci_config_sha256,
+            "sandbox": r.bundle,
+            "egress_probe": r.egress,
+            "teardown": r.teardown,
+            "staged": r.staged,
+        });
+        if let (Some(obj), Value::Object(more)) = (data.as_object_mut(), extra) {
+            obj.extend(more);
+        }
+    }
+    data
+}
+
+fn build_event(
+    id: &str,
+    source: &str,
+    kind: &str,
+    subject: Option<&str>,
+    data: Value,
+) -> Result<Value, GatewayError> {
+    let mut b = EventBuilderV10::new()
+        .id(id)
+        .source(source)
+        .ty(kind)
+        .time(chrono::Utc::now())
+        .data("application/json", data);
+    if let Some(s) = subject {
+        b = b.subject(s);
+    }
+    let event = b
+        .build()
+        .map_err(|e| super::usage(format!("CloudEvent: {e}")))?;
+    serde_json::to_value(&event).map_err(|e| super::usage(format!("CloudEvent: {e}")))
+}
+
+/// A `.denied` event: the decision, and the JWS as it was presented (unverified).
+fn denied_event(
+    source: &str,
+    capsule: &Path,
+    d: &Decision,
+    max_jws_bytes: usize,
+) -> Result<Value, GatewayError> {
+    let presented = std::fs::read(verify_core::verify::jws_path(capsule))
+        .ok()
+        .filter(|b| b.len() <= max_jws_bytes + 1)
+        .and_then(|b| String::from_utf8(b).ok())
+        .map(|s| s.trim_end_matches('\n').to_string());
+    let mut data = decision_json(&capsule.display().to_string(), d);
+    data["tenant_id"] = json!(d.tenant);
+    data["capsule_digest"] = json!(d.digest.map(|x| x.to_string()));
+    data["manifest_jws"] = json!(presented);
+    data["launched"] = json!(false);
+    let subject = match (&d.capsule_id, d.version) {
+        (Some(id), Some(v)) => Some(format!("{id}@{v}")),
+        _ => None,
+    };
+    build_event(&random_id(), source, TYPE_DENIED, subject.as_deref(), data)
+}
+
+fn print_event(event: &Value) -> Result<(), GatewayError> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{event}").map_err(|e| GatewayError::io("<stdout>", e))?;
+    out.flush().map_err(|e| GatewayError::io("<stdout>", e))
+}
+
+/// The evidence bundle of one run: `EVIDENCE/<run id>/` with the exact `capsule.jws`,
+/// `decision.json`, `stdout`, `stderr`, `sandbox.json` (runtime, OCI config digest,
+/// egress probe, teardown), `oci-config.json` and `event.json`. Written to a
+/// temporary directory and renamed into place, so a bundle is whole or absent.
+fn write_evidence(
+    root: &Path,
+    run_id: &str,
+    admitted: &Admitted,
+    report: Option<&RunReport>,
+    event: &Value,
+) -> Result<PathBuf, GatewayError> {
+    std::fs::create_dir_all(root).map_err(|e| GatewayError::io(root, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".bundle-")
+        .tempdir_in(root)
+        .map_err(|e| GatewayError::io(root, e))?;
+    let put = |name: &str, bytes: &[u8]| -> Result<(), GatewayError> {
+        let p = tmp.path().join(name);
+        let mut f = std::fs::File::create(&p).map_err(|e| GatewayError::io(&p, e))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| GatewayError::io(&p, e))
+    };
+    let pretty = |v: &Value| serde_json::to_vec_pretty(v).unwrap_or_default();
+    put("capsule.jws", admitted.jws())?;
+    put(
+        "decision.json",
+        &pretty(&decision_json("capsule", admitted.decision())),
+    )?;
+    if let Some(r) = report {
+        put("stdout", &r.stdout.bytes)?;
+        put("stderr", &r.stderr.bytes)?;
+        put("oci-config.json", r.oci_config.as_bytes())?;
+        let sandbox = json!({
+            "run_id": r.run_id,
+            "container_id": r.container_id,
+            "runtime": r.runtime,
+            "oci_config_sha256": r.bundle.oci_config_sha256,
+            "bundle": r.bundle,
+            "egress_probe": r.egress,
+            "teardown": r.teardown,
+            "staged": r.staged,
+            "exit_code": r.exit_code,
+            "timed_out": r.timed_out,
+            "interrupted": r.interrupted,
+            "duration_ms": r.duration_ms,
+        });
+        put("sandbox.json", &pretty(&sandbox))?;
+    }
+    put("event.json", &pretty(event))?;
+    let dest = root.join(run_id);
+    let kept = tmp.keep();
+    std::fs::rename(&kept, &dest).map_err(|e| GatewayError::io(&dest, e))?;
+    Ok(dest)
+}
