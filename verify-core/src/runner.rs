@@ -3,8 +3,8 @@
 //! Follows the SPIFFE ID spec: `spiffe://<trust domain>/<path>`, the trust domain in
 //! lowercase letters, digits, `.`, `-`, `_`; path segments of letters, digits, `.`,
 //! `-`, `_`, none empty, `.` or `..`; no port, userinfo, query, fragment or percent
-//! encoding; at most 2048 bytes. A pattern may end in one whole `*` segment, which
-//! matches exactly one segment (never a deeper path).
+//! encoding; at most 2048 bytes, the trust domain at most 255. A pattern may end in one
+//! whole `*` segment, which matches exactly one segment (never a deeper path).
 
 use std::fmt;
 
@@ -20,8 +20,12 @@ pub struct RunnerPattern {
     wildcard: bool,
 }
 
+/// SPIFFE ID spec 2.1: a trust domain name is at most 255 bytes.
+pub const MAX_TRUST_DOMAIN_BYTES: usize = 255;
+
 fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
+        && td.len() <= MAX_TRUST_DOMAIN_BYTES
         && td.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
         })
@@ -49,7 +53,9 @@ fn split_id(s: &str) -> Result<(&str, Vec<&str>), &'static str> {
         None => (rest, None),
     };
     if !valid_trust_domain(td) {
-        return Err("trust domain must be lowercase letters, digits, `.`, `-`, `_`");
+        return Err(
+            "trust domain must be 1 to 255 lowercase letters, digits, `.`, `-`, `_`",
+        );
     }
     let segments = match path {
         None => Vec::new(),
@@ -160,6 +166,9 @@ mod tests {
         }
         let long = format!("spiffe://td/{}", "a".repeat(2048));
         assert!(SpiffeId::parse(&long).is_err());
+        let long_td = format!("spiffe://{}/r", "t".repeat(256));
+        assert!(SpiffeId::parse(&long_td).is_err());
+        assert!(SpiffeId::parse(&format!("spiffe://{}/r", "t".repeat(255))).is_ok());
     }
 
     #[test]

@@ -1,0 +1,173 @@
+//! A real software TPM (swtpm, Debian packages `swtpm` and `swtpm-tools`) started on free
+//! local ports and stopped on drop. Each instance has its own state directory, so tests
+//! that each start one share nothing; [`Swtpm::restart`] keeps the state (persistent
+//! objects survive, PCRs reset) the way a host reboot does.
+//!
+//! A missing `swtpm` binary is an error that names the package: tests `expect()` it and
+//! fail, they never skip.
+
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running swtpm with a TCP server port N and its control port N+1 (the layout the
+/// libtss2 `swtpm` TCTI expects).
+#[derive(Debug)]
+pub struct Swtpm {
+    child: Option<Child>,
+    port: u16,
+    state: tempfile::TempDir,
+}
+
+fn missing_binary() -> String {
+    "swtpm is not installed: install the Debian packages `swtpm` and `swtpm-tools` \
+     (scripts/install-deps.sh does)"
+        .to_string()
+}
+
+/// Two consecutive free ports on 127.0.0.1 (N for commands, N+1 for control).
+fn free_port_pair() -> std::io::Result<u16> {
+    for _ in 0..64 {
+        let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = a.local_addr()?.port();
+        if port == u16::MAX {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other(
+        "no two consecutive free ports on 127.0.0.1",
+    ))
+}
+
+impl Swtpm {
+    /// Starts a fresh swtpm (empty state: a new endorsement and owner seed).
+    pub fn start() -> Result<Swtpm, String> {
+        let state = tempfile::Builder::new()
+            .prefix("swtpm-state-")
+            .tempdir()
+            .map_err(|e| format!("swtpm state directory: {e}"))?;
+        let mut tpm = Swtpm {
+            child: None,
+            port: 0,
+            state,
+        };
+        tpm.spawn()?;
+        Ok(tpm)
+    }
+
+    /// The TCTI string for this instance: `swtpm:host=127.0.0.1,port=N`.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Stops the process (SIGKILL, as a crash would) and starts it again on the same
+    /// state, on new ports: persistent objects and the seeds survive, PCRs and transient
+    /// objects do not.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        self.spawn()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let mut last_error = String::new();
+        // A port found free may be taken before swtpm binds it; try a few pairs.
+        for _ in 0..5 {
+            let port = free_port_pair().map_err(|e| format!("swtpm ports: {e}"))?;
+            let log = self.state.path().join("swtpm.log");
+            let mut child = match Command::new("swtpm")
+                .arg("socket")
+                .arg("--tpm2")
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .arg("--tpmstate")
+                .arg(format!("dir={}", self.state.path().display()))
+                .arg("--flags")
+                .arg("not-need-init,startup-clear")
+                .arg("--log")
+                .arg(format!("file={},level=1", log.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+            {
+                Ok(child) => child,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing_binary()),
+                Err(e) => return Err(format!("cannot start swtpm: {e}")),
+            };
+            match wait_ready(&mut child, port) {
+                Ok(()) => {
+                    self.child = Some(child);
+                    self.port = port;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    last_error = e;
+                }
+            }
+        }
+        Err(format!("swtpm did not start: {last_error}"))
+    }
+}
+
+fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            let mut stderr = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                let _ = s.read_to_string(&mut stderr);
+            }
+            return Err(format!("swtpm exited with {status}: {}", stderr.trim()));
+        }
+        if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
+            && TcpStream::connect((Ipv4Addr::LOCALHOST, port + 1)).is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("swtpm not listening on port {port} after 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Path of a tool that tests need, or an error naming the Debian package.
+pub fn require_tool(tool: &str, package: &str) -> Result<PathBuf, String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            format!("`{tool}` is not installed: install the Debian package `{package}` (scripts/install-deps.sh does)")
+        })
+}
