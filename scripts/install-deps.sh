@@ -9,6 +9,11 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # C toolchain for aws-lc-sys; coreutils' mkfifo for the FIFO fixture.
 have cc || need_apt+=(build-essential)
 have mkfifo || need_apt+=(coreutils)
+# The sandbox launcher (`run`, its tests, the demo): gVisor, and containerd with ctr and
+# runc's shim v2 (Kata's shim is not packaged in Debian 12).
+have runsc || need_apt+=(runsc)
+{ have containerd && have ctr && have containerd-shim-runc-v2; } || need_apt+=(containerd)
+have runc || need_apt+=(runc)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_apt[*]}"
