@@ -14,3 +14,11 @@ pub fn encode(label: &str, der: &[u8]) -> String {
     out.push_str(&format!("-----END {label}-----\n"));
     out
 }
+
+/// The DER of a PEM `CERTIFICATE REQUEST`.
+pub fn csr_der(pem: &[u8]) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem)
+        .map(|d| d.as_ref().to_vec())
+        .map_err(|e| e.to_string())
+}

@@ -17,6 +17,9 @@ pub enum GatewayError {
     },
     #[error("anti-rollback state {}: {message}", path.display())]
     State { path: PathBuf, message: String },
+    /// TPM, SVID or binding (the message names the TCTI, file or check).
+    #[error(transparent)]
+    Attest(#[from] attest::AttestError),
 }
 
 impl GatewayError {

@@ -10,7 +10,8 @@ use serde::Deserialize;
 use crate::crypto::Backend;
 use crate::decision::Sha256Digest;
 use crate::error::ConfigError;
-use crate::keys::KeyStore;
+use crate::decision::Alg;
+use crate::keys::{KeyStore, ParsedJwk, TrustedKey};
 use crate::limits::Limits;
 use crate::runner::RunnerPattern;
 
@@ -30,7 +31,15 @@ struct PolicyFile {
 struct TrustFile {
     /// Path of the JWKS, relative to the policy file.
     jwks: PathBuf,
+    /// HS256 keys sealed to the TPM, relative to the policy file. verify-core has no
+    /// TPM code: the caller passes an [`Unsealer`].
+    #[serde(default)]
+    sealed: Vec<PathBuf>,
 }
+
+/// Turns a sealed key file named in `trust.sealed` into a key (the gateway unseals it
+/// through the TPM). The error message is shown with the policy file and field.
+pub type Unsealer<'a> = &'a mut dyn FnMut(&Path) -> Result<ParsedJwk, String>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,8 +85,19 @@ pub struct Policy {
 const MAX_CLOCK_SKEW_S: u64 = 86_400;
 
 impl Policy {
-    /// Loads a policy file and the JWKS it names.
+    /// Loads a policy file and the JWKS it names. A policy naming sealed keys is an
+    /// error here (see [`Policy::load_with_sealed`]).
     pub fn load(path: &Path, backend: &'static dyn Backend) -> Result<Policy, ConfigError> {
+        Policy::load_with_sealed(path, backend, None)
+    }
+
+    /// Loads a policy file, the JWKS it names and, through `unseal`, the sealed HS256
+    /// keys it names; they join the trust store beside the JWKS keys.
+    pub fn load_with_sealed(
+        path: &Path,
+        backend: &'static dyn Backend,
+        unseal: Option<Unsealer<'_>>,
+    ) -> Result<Policy, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: path.to_path_buf(),
             source,
@@ -86,7 +106,7 @@ impl Policy {
             let jwks = path.parent().unwrap_or(Path::new(".")).join(rel);
             KeyStore::load(&jwks, backend)
         };
-        Policy::from_toml(&text, path, backend, jwks_of)
+        Policy::from_toml_with_sealed(&text, path, backend, jwks_of, unseal)
     }
 
     /// Parses policy text; `load_keys` resolves `trust.jwks` (tests pass keys in memory).
@@ -95,6 +115,17 @@ impl Policy {
         origin: &Path,
         backend: &'static dyn Backend,
         load_keys: impl FnOnce(&Path) -> Result<KeyStore, ConfigError>,
+    ) -> Result<Policy, ConfigError> {
+        Policy::from_toml_with_sealed(text, origin, backend, load_keys, None)
+    }
+
+    /// [`Policy::from_toml`] with an [`Unsealer`] for `trust.sealed`.
+    pub fn from_toml_with_sealed(
+        text: &str,
+        origin: &Path,
+        backend: &'static dyn Backend,
+        load_keys: impl FnOnce(&Path) -> Result<KeyStore, ConfigError>,
+        mut unseal: Option<Unsealer<'_>>,
     ) -> Result<Policy, ConfigError> {
         let de = toml::Deserializer::new(text);
         let file: PolicyFile = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -113,7 +144,26 @@ impl Policy {
             ));
         }
         check_limits(&file.limits).map_err(|(f, m)| bad(format!("limits.{f}"), m.into()))?;
-        let keys = load_keys(&file.trust.jwks)?;
+        let mut keys = load_keys(&file.trust.jwks)?;
+        for (i, rel) in file.trust.sealed.iter().enumerate() {
+            let field = format!("trust.sealed[{i}]");
+            let sealed = origin.parent().unwrap_or(Path::new(".")).join(rel);
+            let unseal = unseal.as_mut().ok_or_else(|| {
+                bad(
+                    field.clone(),
+                    format!(
+                        "{}: a sealed key needs the TPM to unseal it, and none was configured",
+                        sealed.display()
+                    ),
+                )
+            })?;
+            let jwk = unseal(&sealed).map_err(|m| bad(field.clone(), m))?;
+            if jwk.alg != Alg::Hs256 {
+                return Err(bad(field, "a sealed key must be HS256".into()));
+            }
+            let key = TrustedKey::prepare(jwk, backend).map_err(|m| bad(field.clone(), m))?;
+            keys.insert(key).map_err(|m| bad(field, m))?;
+        }
         if file.tenants.is_empty() {
             return Err(bad(
                 "tenants".into(),
@@ -207,4 +257,62 @@ fn check_limits(l: &Limits) -> Result<(), (&'static str, &'static str)> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod sealed_tests {
+    use super::*;
+    use crate::crypto::default_backend;
+    use crate::keys::KeyMaterial;
+    use zeroize::Zeroizing;
+
+    const POLICY: &str = r#"
+policy_version = "1"
+clock_skew_s = 0
+[trust]
+jwks = "keys.jwks.json"
+sealed = ["k-hs.sealed.json"]
+[[tenants]]
+name = "t"
+keys = ["k-hs"]
+environments = ["staging"]
+min_approvals = 1
+"#;
+
+    fn load(unseal: Option<Unsealer<'_>>) -> Result<Policy, ConfigError> {
+        Policy::from_toml_with_sealed(
+            POLICY,
+            Path::new("/etc/gw/policy.toml"),
+            default_backend(),
+            |_| Ok(KeyStore::default()),
+            unseal,
+        )
+    }
+
+    #[test]
+    fn sealed_keys_join_the_trust_store_through_the_unsealer() {
+        let mut seen = Vec::new();
+        let mut unseal = |p: &Path| {
+            seen.push(p.to_path_buf());
+            Ok(ParsedJwk {
+                kid: "k-hs".into(),
+                alg: Alg::Hs256,
+                material: KeyMaterial::Hs256 {
+                    secret: Zeroizing::new(vec![7u8; 32]),
+                },
+            })
+        };
+        let policy = load(Some(&mut unseal)).unwrap();
+        assert!(policy.keys.get("k-hs").is_some());
+        assert_eq!(seen, vec![PathBuf::from("/etc/gw/k-hs.sealed.json")]);
+    }
+
+    #[test]
+    fn sealed_keys_without_an_unsealer_or_that_fail_name_the_field() {
+        let err = load(None).unwrap_err().to_string();
+        assert!(err.contains("trust.sealed[0]") && err.contains("needs the TPM"), "{err}");
+        let mut refuse = |_: &Path| Err("PCR sha256:16 no longer match".to_string());
+        let err = load(Some(&mut refuse)).unwrap_err().to_string();
+        assert!(err.contains("policy.toml: trust.sealed[0]: PCR sha256:16"), "{err}");
+    }
 }

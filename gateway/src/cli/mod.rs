@@ -1,6 +1,7 @@
 //! Command-line interface: flags become a validated configuration in one place, and
 //! each command returns an exit code.
 
+mod attest;
 mod keygen;
 mod pack;
 mod run;
@@ -65,6 +66,9 @@ pub struct VerifyArgs {
     /// How artifact bytes are read for hashing.
     #[arg(long, value_enum, default_value = "read")]
     pub hash_mode: HashModeArg,
+    /// The runner's SVID (default for --runner) and the TPM for sealed keys.
+    #[command(flatten)]
+    pub identity: self::attest::IdentityArgs,
     /// Capsule directories (each holds capsule.jws and files/).
     #[arg(required = true, value_name = "CAPSULE")]
     pub capsules: Vec<PathBuf>,
@@ -106,6 +110,11 @@ pub enum Command {
     /// failed (sandbox did not start, egress not proven blocked, teardown incomplete,
     /// interrupted).
     Run(run::RunArgs),
+    /// TPM identity key, sealed keys, quotes, and the SVID-to-TPM binding.
+    Attest {
+        #[command(subcommand)]
+        command: self::attest::AttestCommand,
+    },
     /// The egress probe, run inside the sandbox before the entrypoint (internal).
     #[command(name = "sandbox-probe", hide = true)]
     SandboxProbe {
@@ -135,6 +144,7 @@ pub fn run() -> ExitCode {
         Command::Verify(args) => verify::run(&args, false),
         Command::Admit(args) => verify::run(&args, true),
         Command::Run(args) => run::run(&args),
+        Command::Attest { command } => self::attest::run(command),
         Command::SandboxProbe { args } => return run::probe(&args),
     };
     match result {

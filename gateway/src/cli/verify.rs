@@ -10,15 +10,18 @@ use verify_core::{
     Verifier,
 };
 
+use super::attest::IdentityArgs;
 use super::{usage, HashModeArg, VerifyArgs, EXIT_DENIED};
 use crate::output::{decision_json, decision_line};
 use crate::state::{State, Unavailable};
 use crate::GatewayError;
 
 pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
-    let admission = Admission::open(
+    let runner = args.identity.runner(args.runner.as_deref())?;
+    let admission = Admission::open_with(
         &args.policy,
-        args.runner.as_deref(),
+        runner.as_deref(),
+        &args.identity,
         args.state.as_deref(),
         record,
         args.hash_mode,
@@ -69,7 +72,22 @@ impl Admission {
         record: bool,
         hash_mode: HashModeArg,
     ) -> Result<Admission, GatewayError> {
-        let policy = Policy::load(policy, default_backend())?;
+        let identity = IdentityArgs::default();
+        Admission::open_with(policy, runner, &identity, state, record, hash_mode)
+    }
+
+    /// [`Admission::open`], with the TPM that unseals the policy's sealed keys (a key
+    /// that cannot be unsealed stops start-up, naming the PCRs that changed).
+    pub(crate) fn open_with(
+        policy: &Path,
+        runner: Option<&str>,
+        identity: &IdentityArgs,
+        state: Option<&Path>,
+        record: bool,
+        hash_mode: HashModeArg,
+    ) -> Result<Admission, GatewayError> {
+        let mut unseal = identity.unsealer();
+        let policy = Policy::load_with_sealed(policy, default_backend(), Some(&mut unseal))?;
         let runner = match runner {
             Some(r) => Some(SpiffeId::parse(r).map_err(|e| usage(format!("--runner `{r}`: {e}")))?),
             None => None,
