@@ -14,6 +14,13 @@ have mkfifo || need_apt+=(coreutils)
 have runsc || need_apt+=(runsc)
 { have containerd && have ctr && have containerd-shim-runc-v2; } || need_apt+=(containerd)
 have runc || need_apt+=(runc)
+# attest: tss-esapi links libtss2 (found with pkg-config; its bindings are pre-generated,
+# so no clang is needed); the tests start swtpm (swtpm, swtpm_setup from swtpm-tools) and
+# extend PCRs with tpm2-tools.
+{ have pkg-config && pkg-config --exists tss2-esys tss2-tctildr tss2-mu; } \
+  || need_apt+=(pkg-config libtss2-dev)
+{ have swtpm && have swtpm_setup; } || need_apt+=(swtpm swtpm-tools)
+have tpm2_pcrextend || need_apt+=(tpm2-tools)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_apt[*]}"
@@ -23,7 +30,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 if ! have cargo; then
-  echo "install-deps: cargo not found; this project needs a Rust toolchain >= 1.85 (rustup's stable)." >&2
+  echo "install-deps: cargo not found; this project needs a Rust toolchain >= 1.88 (rustup's stable)." >&2
   exit 2
 fi
 
