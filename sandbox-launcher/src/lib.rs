@@ -3,7 +3,13 @@
 //!
 //! The only way in is [`Launcher::launch`], which takes a [`verify_core::Admitted`]:
 //! a value only verify-core can build, after every admission check passed. There is
-//! no API that launches a path, a manifest or a JWS.
+//! no API that launches a path, a manifest or a JWS. Forging one does not compile:
+//!
+//! ```compile_fail,E0451
+//! fn forge(m: verify_core::Manifest) -> verify_core::Admitted {
+//!     verify_core::Admitted { manifest: std::sync::Arc::new(m) }
+//! }
+//! ```
 //!
 //! One run, in order (each step in its module):
 //! 1. [`stage`]: copy every admitted file into a launcher-owned directory while

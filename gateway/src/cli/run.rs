@@ -54,7 +54,7 @@ pub struct RunArgs {
     /// The sandbox.
     #[arg(long, value_enum, default_value = "runsc")]
     pub runtime: RuntimeArg,
-    /// This runner's SPIFFE ID (also the event's `source`).
+    /// This runner's SPIFFE ID (also the event's `source`); defaults to the SVID's.
     #[arg(long, value_name = "SPIFFE_ID")]
     pub runner: Option<String>,
     /// Gateway state: anti-rollback state, sandbox state, evidence.
@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// How artifact bytes are read for hashing.
     #[arg(long, value_enum, default_value = "read")]
     pub hash_mode: HashModeArg,
+    /// The runner's SVID (default for --runner) and the TPM for sealed keys, as for
+    /// `admit`.
+    #[command(flatten)]
+    pub identity: super::attest::IdentityArgs,
     /// Capsule directory (capsule.jws and files/).
     #[arg(value_name = "CAPSULE")]
     pub capsule: PathBuf,
@@ -91,10 +95,12 @@ pub fn probe(args: &[OsString]) -> ExitCode {
 }
 
 pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
-    let source = event_source(args)?;
-    let admission = Admission::open(
+    let runner = args.identity.runner(args.runner.as_deref())?;
+    let source = event_source(runner.as_deref(), args.event_source.as_deref())?;
+    let admission = Admission::open_with(
         &args.policy,
-        args.runner.as_deref(),
+        runner.as_deref(),
+        &args.identity,
         Some(&args.state),
         true,
         args.hash_mode,
@@ -185,15 +191,15 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
 }
 
 /// `source`: the runner's SPIFFE ID, else the configured URI, else this host.
-fn event_source(args: &RunArgs) -> Result<String, GatewayError> {
-    if let Some(r) = &args.runner {
-        return Ok(r.clone());
+fn event_source(runner: Option<&str>, configured: Option<&str>) -> Result<String, GatewayError> {
+    if let Some(r) = runner {
+        return Ok(r.to_string());
     }
-    if let Some(s) = &args.event_source {
+    if let Some(s) = configured {
         if s.is_empty() || s.chars().any(char::is_whitespace) {
             return Err(super::usage(format!("--event-source `{s}` is not a URI")));
         }
-        return Ok(s.clone());
+        return Ok(s.to_string());
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     Ok(format!("urn:capsule-gateway:host:{}", host.trim()))

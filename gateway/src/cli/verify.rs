@@ -63,21 +63,10 @@ pub(crate) struct Admission {
 }
 
 impl Admission {
-    /// Loads the policy and opens the state. A state that exists but cannot be opened
-    /// denies everything (deny by default); recording without a state is refused.
-    pub(crate) fn open(
-        policy: &Path,
-        runner: Option<&str>,
-        state: Option<&Path>,
-        record: bool,
-        hash_mode: HashModeArg,
-    ) -> Result<Admission, GatewayError> {
-        let identity = IdentityArgs::default();
-        Admission::open_with(policy, runner, &identity, state, record, hash_mode)
-    }
-
-    /// [`Admission::open`], with the TPM that unseals the policy's sealed keys (a key
-    /// that cannot be unsealed stops start-up, naming the PCRs that changed).
+    /// Loads the policy (with the TPM that unseals its sealed keys: a key that cannot
+    /// be unsealed stops start-up, naming the PCRs that changed) and opens the state.
+    /// A state that exists but cannot be opened denies everything (deny by default);
+    /// recording without a state is refused.
     pub(crate) fn open_with(
         policy: &Path,
         runner: Option<&str>,

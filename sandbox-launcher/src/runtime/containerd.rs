@@ -16,7 +16,8 @@
 //! the VM from `linux.resources`).
 //!
 //! Timeout: `ctr task kill --all -s SIGKILL <id>`, then `ctr run` is given a moment
-//! to return, then `ctr task delete --force` and `ctr container delete`.
+//! to return; the teardown then runs `ctr task delete --force` and `ctr container
+//! delete` for whatever is left, and verifies.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,8 +25,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{
-    capture, exit_code, find_program, join_capture, require, run_bounded, version_line,
-    RuntimeFacts, Waited, Waiter,
+    capture, exit_code, find_program, join_capture, require, run_bounded, RuntimeFacts, Version,
+    Waited, Waiter,
 };
 use crate::error::{LaunchError, Result};
 use crate::{RawOutcome, RunCtx};
@@ -87,6 +88,7 @@ const AFTER_KILL: Duration = Duration::from_secs(5);
 pub(crate) struct Containerd {
     ctr: PathBuf,
     config: ContainerdConfig,
+    version: Version,
 }
 
 impl Containerd {
@@ -108,6 +110,7 @@ impl Containerd {
             });
         }
         Ok(Containerd {
+            version: Version::ask(&ctr, "--version"),
             ctr,
             config: config.clone(),
         })
@@ -127,7 +130,7 @@ impl Containerd {
             kind: "containerd",
             platform: None,
             runtime_type: Some(self.config.runtime_type.clone()),
-            version: version_line(&self.ctr, "--version"),
+            version: self.version.get(),
             network: "none",
         }
     }
@@ -181,7 +184,7 @@ impl Containerd {
                 )
             }
         };
-        notes.extend(self.remove(ctx.container_id));
+        // The container itself is removed (and that verified) by the teardown.
         let grace = Duration::from_secs(5);
         Ok(RawOutcome {
             exit_code: if timed_out || interrupted {

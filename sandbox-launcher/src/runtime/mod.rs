@@ -256,8 +256,31 @@ pub(crate) fn require(
     })
 }
 
+/// The runtime's version for the evidence, asked once per launcher on a thread of
+/// its own so that it costs a run nothing.
+#[derive(Debug)]
+pub(crate) struct Version(std::sync::Mutex<(Option<JoinHandle<String>>, String)>);
+
+impl Version {
+    pub(crate) fn ask(program: &Path, arg: &'static str) -> Version {
+        let program = program.to_path_buf();
+        let h = std::thread::spawn(move || version_line(&program, arg));
+        Version(std::sync::Mutex::new((Some(h), String::new())))
+    }
+
+    pub(crate) fn get(&self) -> String {
+        let Ok(mut g) = self.0.lock() else {
+            return String::new();
+        };
+        if let Some(h) = g.0.take() {
+            g.1 = h.join().unwrap_or_default();
+        }
+        g.1.clone()
+    }
+}
+
 /// First line of `program --version` (for the evidence).
-pub(crate) fn version_line(program: &Path, arg: &str) -> String {
+fn version_line(program: &Path, arg: &str) -> String {
     run_bounded(Command::new(program).arg(arg), Duration::from_secs(10))
         .map(|r| {
             r.stdout

@@ -9,15 +9,15 @@
 //! The hard timeout covers the whole sandbox lifetime, boot included (a platform
 //! that hangs while booting, like `kvm` in a nested VM, times out the same way):
 //! on expiry `runsc kill <id> KILL`, then `runsc run` is given a moment to return
-//! and is SIGKILLed if it does not, then `runsc delete --force <id>`.
+//! and is SIGKILLed if it does not; the teardown then deletes what is left
+//! (`runsc delete --force <id>`) and verifies.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::{
-    capture, exit_code, join_capture, require, run_bounded, version_line, RuntimeFacts, Waited,
-    Waiter,
+    capture, exit_code, join_capture, require, run_bounded, RuntimeFacts, Version, Waited, Waiter,
 };
 use crate::error::{LaunchError, Result};
 use crate::{RawOutcome, RunCtx};
@@ -58,6 +58,7 @@ pub(crate) struct Runsc {
     binary: PathBuf,
     config: RunscConfig,
     root: PathBuf,
+    version: Version,
 }
 
 impl Runsc {
@@ -68,6 +69,7 @@ impl Runsc {
         std::fs::create_dir_all(&root)
             .map_err(|e| LaunchError::io("create runsc root", &root, e))?;
         Ok(Runsc {
+            version: Version::ask(&binary, "--version"),
             binary,
             config: config.clone(),
             root,
@@ -89,7 +91,7 @@ impl Runsc {
             kind: "runsc",
             platform: Some(self.config.platform.clone()),
             runtime_type: None,
-            version: version_line(&self.binary, "--version"),
+            version: self.version.get(),
             network: if self.config.host_network {
                 "host"
             } else {
@@ -156,7 +158,7 @@ impl Runsc {
                 )
             }
         };
-        notes.extend(self.remove(ctx.container_id));
+        // The container itself is removed (and that verified) by the teardown.
         let grace = Duration::from_secs(5);
         Ok(RawOutcome {
             exit_code: if timed_out || interrupted {
