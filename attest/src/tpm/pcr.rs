@@ -1,7 +1,6 @@
 //! PCR selections (`sha256:0,7`) and PCR values, with our own bank enum so the rest of
 //! the crate never sees tss-esapi types.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -193,7 +192,8 @@ pub struct PcrValues {
 #[serde(deny_unknown_fields)]
 pub(crate) struct PcrValuesWire {
     pub(crate) selection: String,
-    pub(crate) values: BTreeMap<String, String>,
+    /// PCR index (decimal) to hex value, in selection order.
+    pub(crate) values: serde_json::Map<String, serde_json::Value>,
 }
 
 impl PcrValues {
@@ -275,7 +275,7 @@ impl PcrValues {
             selection: self.selection.to_string(),
             values: self
                 .iter()
-                .map(|(p, v)| (p.to_string(), hex::encode(v)))
+                .map(|(p, v)| (p.to_string(), serde_json::Value::String(hex::encode(v))))
                 .collect(),
         }
     }
@@ -294,9 +294,13 @@ impl PcrValues {
         }
         let mut values = Vec::with_capacity(selection.pcrs.len());
         for p in &selection.pcrs {
-            let v = wire.values.get(&p.to_string()).ok_or_else(|| {
-                AttestError::malformed("PCR values", format!("no value for PCR {p}"))
-            })?;
+            let v = wire
+                .values
+                .get(&p.to_string())
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| {
+                    AttestError::malformed("PCR values", format!("no hex value for PCR {p}"))
+                })?;
             values.push(
                 hex::decode(v)
                     .map_err(|m| AttestError::malformed("PCR values", format!("PCR {p}: {m}")))?,

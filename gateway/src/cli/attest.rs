@@ -108,8 +108,9 @@ impl IdentityArgs {
 fn warn_if_software(tpm: &Tpm) {
     if tpm.info().software {
         eprintln!(
-            "capsule-gateway: warning: {} at {}: keys it holds are not hardware-protected",
-            tpm.info().describe(),
+            "capsule-gateway: warning: software TPM (`{}` `{}`) at {}: its keys are not hardware-protected",
+            tpm.info().manufacturer,
+            tpm.info().vendor,
             tpm.tcti()
         );
     }
@@ -353,8 +354,8 @@ fn svid_from(dir: Option<&Path>, endpoint: Option<&str>) -> Result<Svid, Gateway
 }
 
 /// A refusal: printed, exit 1.
-fn refused(what: &str, e: &AttestError) -> ExitCode {
-    eprintln!("capsule-gateway: {what} REFUSED: {e}");
+fn refused(e: &AttestError) -> ExitCode {
+    eprintln!("capsule-gateway: REFUSED: {e}");
     ExitCode::from(EXIT_DENIED)
 }
 
@@ -494,15 +495,19 @@ pub fn run(command: AttestCommand) -> Result<ExitCode, GatewayError> {
             match verify_quote(&q, &key, &nonce, reference.as_ref()) {
                 Ok(v) => {
                     print(&format!(
-                        "quote OK: signed by {}, PCRs {} (reset count {}, {})",
+                        "quote OK: signed by TPM key {}, nonce matches, PCRs {} {} ({})",
                         key.thumbprint(),
                         v.pcrs.selection(),
-                        v.reset_count,
+                        if reference.is_some() {
+                            "equal the reference"
+                        } else {
+                            "as quoted (no reference given)"
+                        },
                         q.tpm.describe()
                     ))?;
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => Ok(refused("quote", &e)),
+                Err(e) => Ok(refused(&e)),
             }
         }
         AttestCommand::Bind {
@@ -559,7 +564,7 @@ pub fn run(command: AttestCommand) -> Result<ExitCode, GatewayError> {
                     ))?;
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => Ok(refused("binding", &e)),
+                Err(e) => Ok(refused(&e)),
             }
         }
         AttestCommand::Csr {
