@@ -158,7 +158,12 @@ impl DevCa {
 
     /// Issues an X.509-SVID for `id` to the key in `csr_der` (valid `ttl` from now).
     /// The CSR's signature must verify and it must ask for exactly that one URI SAN.
-    pub fn issue(&self, csr_der: &[u8], id: &SpiffeId, ttl: std::time::Duration) -> Result<Vec<u8>> {
+    pub fn issue(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<u8>> {
         let ttl = time::Duration::try_from(ttl).map_err(cert_err)?;
         if id.trust_domain() != self.trust_domain {
             return Err(AttestError::Certificate(format!(

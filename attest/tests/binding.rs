@@ -181,7 +181,9 @@ fn csr_path_svid_key_lives_in_the_tpm_and_serves_mtls() {
     let ca = DevCa::generate(TD).unwrap();
     let csr_pem = tpm_csr(&mut tpm, &key, &id).unwrap();
     let csr_der = <rustls::pki_types::CertificateSigningRequestDer<'static> as rustls::pki_types::pem::PemObject>::from_pem_slice(csr_pem.as_bytes()).unwrap();
-    let cert = ca.issue(&csr_der, &id, std::time::Duration::from_secs(3600)).unwrap();
+    let cert = ca
+        .issue(&csr_der, &id, std::time::Duration::from_secs(3600))
+        .unwrap();
     // A CSR for one ID cannot be issued as another.
     let other = attest::spiffe::parse_id("spiffe://acme.example/runner/r2").unwrap();
     assert!(ca
@@ -191,7 +193,9 @@ fn csr_path_svid_key_lives_in_the_tpm_and_serves_mtls() {
     let mut bad = csr_der.as_ref().to_vec();
     let n = bad.len();
     bad[n - 3] ^= 1;
-    assert!(ca.issue(&bad, &id, std::time::Duration::from_secs(3600)).is_err());
+    assert!(ca
+        .issue(&bad, &id, std::time::Duration::from_secs(3600))
+        .is_err());
 
     // SVID files with no key file: the key is the TPM's.
     let dir = tempfile::tempdir().unwrap();

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::crypto::Backend;
+use crate::decision::Alg;
 use crate::decision::Sha256Digest;
 use crate::error::ConfigError;
-use crate::decision::Alg;
 use crate::keys::{KeyStore, ParsedJwk, TrustedKey};
 use crate::limits::Limits;
 use crate::runner::RunnerPattern;
@@ -310,9 +310,15 @@ min_approvals = 1
     #[test]
     fn sealed_keys_without_an_unsealer_or_that_fail_name_the_field() {
         let err = load(None).unwrap_err().to_string();
-        assert!(err.contains("trust.sealed[0]") && err.contains("needs the TPM"), "{err}");
+        assert!(
+            err.contains("trust.sealed[0]") && err.contains("needs the TPM"),
+            "{err}"
+        );
         let mut refuse = |_: &Path| Err("PCR sha256:16 no longer match".to_string());
         let err = load(Some(&mut refuse)).unwrap_err().to_string();
-        assert!(err.contains("policy.toml: trust.sealed[0]: PCR sha256:16"), "{err}");
+        assert!(
+            err.contains("policy.toml: trust.sealed[0]: PCR sha256:16"),
+            "{err}"
+        );
     }
 }

@@ -53,9 +53,7 @@ fn split_id(s: &str) -> Result<(&str, Vec<&str>), &'static str> {
         None => (rest, None),
     };
     if !valid_trust_domain(td) {
-        return Err(
-            "trust domain must be 1 to 255 lowercase letters, digits, `.`, `-`, `_`",
-        );
+        return Err("trust domain must be 1 to 255 lowercase letters, digits, `.`, `-`, `_`");
     }
     let segments = match path {
         None => Vec::new(),
