@@ -65,6 +65,14 @@ pub enum LaunchError {
     /// says what was seen.
     #[error("run {}: {why}", report.run_id)]
     RunFailed { why: String, report: Box<RunReport> },
+    /// A run failed before its sandbox ran, and removing what it had set up failed
+    /// too.
+    #[error("run {run_id}: {cause}; and its teardown left {left}")]
+    TeardownFailed {
+        run_id: String,
+        cause: Box<LaunchError>,
+        left: String,
+    },
     /// A sandbox left by an earlier, crashed launcher could not be removed.
     #[error("stale sandbox {run_id}: cleanup left {left}")]
     StaleCleanup { run_id: String, left: String },

@@ -330,9 +330,10 @@ impl Launcher {
                     teardown::teardown(&self.runtime, &run_id, &container_id, &run_dir, Vec::new());
                 drop(lock);
                 if !t.ok {
-                    return Err(LaunchError::StaleCleanup {
+                    return Err(LaunchError::TeardownFailed {
                         run_id,
-                        left: format!("{} (after: {e})", t.failures()),
+                        cause: Box::new(e),
+                        left: t.failures(),
                     });
                 }
                 Err(e)
