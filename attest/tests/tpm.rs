@@ -122,6 +122,12 @@ fn unreachable_tpm_is_an_error_naming_the_tcti() {
     let err = Tpm::open(&tcti).unwrap_err();
     assert!(matches!(err, AttestError::TpmUnreachable { .. }), "{err:?}");
     assert!(err.to_string().contains(&format!("port={port}")), "{err}");
+    assert!(err.to_string().contains("Connection refused"), "{err}");
+    let err = Tpm::open(&Tcti::parse("device:/dev/no-such-tpm").unwrap()).unwrap_err();
+    assert!(
+        err.to_string().contains("/dev/no-such-tpm does not exist"),
+        "{err}"
+    );
     let err = Tcti::parse("carrier-pigeon:fast").unwrap_err();
     assert!(err.to_string().contains("carrier-pigeon"), "{err}");
 }
@@ -341,4 +347,61 @@ fn tampered_quotes_are_rejected_precisely() {
     ));
     assert_clean(&mut tpm);
     assert_clean(&mut tpm2);
+}
+
+#[test]
+fn a_foreign_object_at_the_identity_handle_is_not_used() {
+    // Another tool (tpm2-tools) put its own key at our handle: attest refuses it rather
+    // than signing with a key it did not make.
+    let sw = swtpm();
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("primary.ctx");
+    let run = |tool: &str, args: &[&str]| {
+        let path = attest_testkit::require_tool(tool, "tpm2-tools").unwrap();
+        let out = std::process::Command::new(path)
+            .args(args)
+            .env("TPM2TOOLS_TCTI", sw.tcti())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        "tpm2_createprimary",
+        &["-C", "o", "-G", "rsa2048", "-c", ctx.to_str().unwrap()],
+    );
+    run(
+        "tpm2_evictcontrol",
+        &["-C", "o", "-c", ctx.to_str().unwrap(), "0x81000ca5"],
+    );
+    run("tpm2_flushcontext", &["-t"]);
+    let mut tpm = open(&sw);
+    let err = tpm.identity_key(DEFAULT_IDENTITY_HANDLE, true).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AttestError::ForeignPersistentObject {
+                handle: 0x8100_0ca5,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_clean(&mut tpm);
+}
+
+#[test]
+fn a_key_sealed_on_another_tpm_does_not_unseal() {
+    let a = swtpm();
+    let b = swtpm();
+    let sealed = open(&a)
+        .seal_hs256("k", &[9u8; 32], &"sha256:0".parse().unwrap())
+        .unwrap();
+    let mut tpm_b = open(&b);
+    let err = tpm_b.unseal(&sealed, "k.json".as_ref()).unwrap_err();
+    assert!(err.to_string().contains("sealed on another TPM"), "{err}");
+    assert_clean(&mut tpm_b);
 }

@@ -616,3 +616,46 @@ fn csr_path_issues_an_svid_whose_key_is_the_tpm_key() {
     let statement: Value = serde_json::from_slice(&statement).unwrap();
     assert_eq!(statement["svid_key_in_tpm"], true);
 }
+
+#[test]
+fn runner_defaults_to_the_workload_api_svid() {
+    // The SVID comes from the SPIFFE Workload API, served by the in-test server (no
+    // SPIRE is installable here).
+    let w = World::new();
+    let ca = TestCa::new("acme.example");
+    let svid = ca.issue(&SvidSpec::id(RUNNER));
+    let server = attest_testkit::WorkloadApiServer::start(ca.material(&svid, RUNNER)).unwrap();
+    let capsule = w.good_capsule("c", Signer::Es256);
+    let policy = w.policy_path();
+    let endpoint = server.endpoint();
+    let out = ok(&gw(
+        None,
+        &[
+            "verify",
+            "--policy",
+            s(&policy),
+            "--workload-api",
+            &endpoint,
+            "--json",
+            s(&capsule),
+        ],
+    ));
+    assert!(out.contains("\"verdict\":\"admit\""), "{out}");
+    // --svid and --workload-api are exclusive.
+    fails(
+        &gw(
+            None,
+            &[
+                "verify",
+                "--policy",
+                s(&policy),
+                "--workload-api",
+                &endpoint,
+                "--svid",
+                "x",
+                s(&capsule),
+            ],
+        ),
+        2,
+    );
+}

@@ -91,6 +91,39 @@ impl std::fmt::Display for Tcti {
     }
 }
 
+/// libtss2 reports a missing device or a refused connection only as an unrecognized
+/// response code; look first, to say what is wrong.
+fn precheck(tcti: &Tcti) -> std::result::Result<(), String> {
+    let (kind, conf) = tcti.as_str().split_once(':').unwrap_or((tcti.as_str(), ""));
+    match kind {
+        "device" => {
+            let path = if conf.is_empty() { "/dev/tpmrm0" } else { conf };
+            if !std::path::Path::new(path).exists() {
+                return Err(format!(
+                    "{path} does not exist (no TPM, or its driver is not loaded)"
+                ));
+            }
+        }
+        "swtpm" | "mssim" => {
+            let field = |name: &str| {
+                conf.split(',')
+                    .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            };
+            let host = field("host").unwrap_or("localhost");
+            let port = field("port").unwrap_or("2321");
+            let addr = format!("{host}:{port}");
+            let resolved = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+                .map_err(|e| format!("{addr}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{addr}: no address"))?;
+            std::net::TcpStream::connect_timeout(&resolved, std::time::Duration::from_secs(3))
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// What the TPM says it is. `software` is true for swtpm/libtpms (vendor string
 /// `SW TPM`) and for any TPM reached through a simulator TCTI; evidence carries it so a
 /// verifier can refuse software TPMs.
@@ -144,6 +177,10 @@ impl Tpm {
         let conf = TctiNameConf::from_str(tcti.as_str()).map_err(|_| AttestError::TctiInvalid {
             tcti: tcti.to_string(),
             message: "not a TCTI configuration".into(),
+        })?;
+        precheck(tcti).map_err(|message| AttestError::TpmUnreachable {
+            tcti: tcti.to_string(),
+            message,
         })?;
         let mut ctx = Context::new(conf).map_err(|e| AttestError::TpmUnreachable {
             tcti: tcti.to_string(),
