@@ -321,3 +321,53 @@ fn dev_ca_round_trips_through_files() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[test]
+fn tpm_signatures_from_many_async_tasks_go_through_the_tpm_thread() {
+    // rustls calls the signer synchronously; on a multi-thread runtime the wait runs in
+    // block_in_place. Eight concurrent tasks, each signature checked with aws-lc-rs.
+    let sw = Swtpm::start().expect("swtpm");
+    let tcti = Tcti::parse(&sw.tcti()).unwrap();
+    let (key, _) = Tpm::open(&tcti)
+        .unwrap()
+        .identity_key(DEFAULT_IDENTITY_HANDLE, true)
+        .unwrap();
+    let worker = Arc::new(TpmWorker::spawn(&tcti).unwrap());
+    let signer = Arc::new(TpmSigningKey::new(worker.clone(), key.clone()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let results = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..8u8 {
+            let signer = signer.clone();
+            tasks.push(tokio::spawn(async move {
+                use rustls::sign::SigningKey as _;
+                let s = signer
+                    .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+                    .unwrap();
+                let message = vec![i; 100];
+                let sig = s.sign(&message).unwrap();
+                (message, sig)
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let spki = key.public.spki_der();
+    for (message, der_sig) in results {
+        let verifier = aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+            &spki[spki.len() - 65..],
+        );
+        assert!(verifier.verify(&message, &der_sig).is_ok());
+    }
+    let leaks = worker
+        .call(|tpm| Ok(tpm.loaded_transient_objects()?))
+        .unwrap();
+    assert_eq!(leaks, 0);
+}
