@@ -188,3 +188,29 @@ fn a_batch_keeps_order_and_no_capsule_affects_another() {
         );
     }
 }
+
+#[test]
+fn a_pinned_root_is_the_directory_that_was_opened() {
+    let w = World::new();
+    let dir = w.good_capsule("pinned", Signer::Es256);
+    let policy = w.policy();
+    let runner = SpiffeId::parse(RUNNER).expect("runner");
+    let clock = FixedClock(w.now);
+    let v = Verifier {
+        policy: &policy,
+        clock: &clock,
+        rollback: &NoHistory,
+        runner: Some(&runner),
+        hash_mode: HashMode::Read,
+    };
+    let pinned = Capsule::from_dir(&dir, policy.limits.max_jws_bytes).pinned();
+    // Swap the files directory after loading: the pinned capsule still sees the
+    // directory it opened; an unpinned one resolves the path again and is denied.
+    let files = dir.join("files");
+    std::fs::rename(&files, dir.join("files.orig")).expect("rename");
+    std::fs::create_dir(&files).expect("mkdir");
+    assert!(v.verify(&pinned).is_ok());
+    let unpinned = Capsule::from_dir(&dir, policy.limits.max_jws_bytes);
+    let denied = v.verify(&unpinned).expect_err("files/ is empty now");
+    assert_eq!(denied.reason, Some(Reason::ArtifactMissing));
+}

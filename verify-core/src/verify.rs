@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
-use crate::digest::{ArtifactSource, HashMode};
+use crate::digest::{ArtifactSource, HashMode, Root};
 use crate::jws;
 use crate::manifest::{ArtifactPath, FileEntry, Manifest, SCHEMA_V1};
 use crate::policy::{Policy, Tenant};
@@ -66,6 +66,10 @@ pub fn check_rollback(
 pub struct Capsule {
     jws: Result<Arc<[u8]>, (Reason, String)>,
     source: ArtifactSource,
+    /// The artifact root, opened when the capsule was loaded (`None`: opened at
+    /// verification). Pinning it means a later rename or swap of the directory
+    /// cannot redirect what is verified.
+    root: Option<Result<Arc<Root>, (Reason, String)>>,
 }
 
 /// Name of the JWS file in a capsule directory.
@@ -79,7 +83,21 @@ impl Capsule {
         Capsule {
             jws: Ok(Arc::from(strip_newline(jws))),
             source,
+            root: None,
         }
+    }
+
+    /// Opens the artifact root now (a service pins its blob store once, a CLI pins
+    /// each capsule's `files/` when it loads it).
+    pub fn pinned(mut self) -> Capsule {
+        self.root = Some(open_root(&self.source).map(Arc::new));
+        self
+    }
+
+    /// Uses an artifact root that is already open (shared by many capsules).
+    pub fn with_root(mut self, root: Arc<Root>) -> Capsule {
+        self.root = Some(Ok(root));
+        self
     }
 
     /// Reads `DIR/capsule.jws` (at most `max_jws_bytes`, plus one newline); the files
@@ -110,7 +128,13 @@ impl Capsule {
             }
             Err(e) => Err((Reason::MalformedJws, format!("{}: {e}", path.display()))),
         };
-        Capsule { jws, source }
+        // Not pinned here: a CLI batch may hold thousands of capsules, one descriptor
+        // each would run out; the root is opened when the capsule is verified.
+        Capsule {
+            jws,
+            source,
+            root: None,
+        }
     }
 
     pub fn jws(&self) -> Option<&[u8]> {
@@ -338,7 +362,7 @@ impl Verifier<'_> {
             .map_err(|e| facts.deny(Reason::Rollback, e))?;
 
         // 7. Every artifact and tool, hashed in parallel: the expensive step goes last.
-        self.check_artifacts(&capsule.source, &files)
+        self.check_artifacts(capsule, &files)
             .map_err(|(r, e)| facts.deny(r, e))?;
 
         let detail = format!(
@@ -459,23 +483,21 @@ impl Verifier<'_> {
 
     fn check_artifacts(
         &self,
-        source: &ArtifactSource,
+        capsule: &Capsule,
         files: &[FileEntry],
     ) -> Result<(), (Reason, String)> {
         if files.is_empty() {
             return Ok(());
         }
-        let root = source.open().map_err(|e| {
-            let where_ = match source {
-                ArtifactSource::Dir(p) | ArtifactSource::Blobs(p) => p.display().to_string(),
-            };
-            let reason = if e.raw_os_error() == Some(libc::ELOOP) {
-                Reason::ArtifactPathInvalid
-            } else {
-                Reason::ArtifactMissing
-            };
-            (reason, format!("{where_}: {e}"))
-        })?;
+        let opened;
+        let root = match &capsule.root {
+            Some(Ok(root)) => root.as_ref(),
+            Some(Err(e)) => return Err(e.clone()),
+            None => {
+                opened = open_root(&capsule.source)?;
+                &opened
+            }
+        };
         let backend = self.policy.backend;
         let check = |f: &FileEntry| root.check(f, self.hash_mode, backend);
         if files.len() == 1 {
@@ -487,6 +509,21 @@ impl Verifier<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// Opens an artifact root; a failure is the denial every artifact would get.
+fn open_root(source: &ArtifactSource) -> Result<Root, (Reason, String)> {
+    source.open().map_err(|e| {
+        let where_ = match source {
+            ArtifactSource::Dir(p) | ArtifactSource::Blobs(p) => p.display().to_string(),
+        };
+        let reason = if e.raw_os_error() == Some(libc::ELOOP) {
+            Reason::ArtifactPathInvalid
+        } else {
+            Reason::ArtifactMissing
+        };
+        (reason, format!("{where_}: {e}"))
+    })
 }
 
 /// Structural rules of manifest v1 that serde alone does not express (also used by
