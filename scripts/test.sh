@@ -7,13 +7,11 @@ bash scripts/install-deps.sh
 
 echo "== format"
 cargo fmt --all -- --check
-echo "== clippy"
+echo "== clippy (--all-targets also compiles the benches)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== tests (both crypto backends)"
 cargo test --workspace --all-features
 echo "== tests (default features: aws-lc-rs only)"
-cargo test -p verify-core --lib
-echo "== benches compile"
-cargo bench -p benches --no-run
+cargo test -p verify-core
 echo "== fuzz smoke run (every target, ${FUZZ_SECONDS:-30}s each)"
 bash scripts/fuzz-smoke.sh
