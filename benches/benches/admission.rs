@@ -21,15 +21,17 @@
 //! HS256 is the same with the fixture's HS256 key (`raw/aws-lc-hmac` is
 //! `hmac::verify` with a prepared `hmac::Key`).
 //!
-//! `components` splits `ours/verify` into its parts (ES256 capsule), and measures two
-//! variants: mmap hashing of the tiny artifact, and the standard fixture capsule
-//! (run.sh + one tool = two files, which goes through rayon `find_map_first`).
+//! `components` splits `ours/verify` into its parts (ES256 capsule), and measures
+//! variants: the artifact root pinned at load (`Capsule::pinned`) instead of opened per
+//! verification, mmap hashing of the tiny artifact, and the standard fixture capsule
+//! (run.sh + one tool = two files, which goes through rayon `find_map_first`), called
+//! from the bench thread (outside any pool) and from inside a 2-thread pool.
 
 mod common;
 
 use std::collections::HashSet;
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::{hmac, signature};
 use capsule_tests::Signer;
@@ -67,6 +69,55 @@ fn split(jws_bytes: &[u8]) -> (&[u8], Vec<u8>) {
     (parts.signing_input, sig)
 }
 
+/// A paired A/B measurement printed after the criterion groups, because sequential
+/// criterion runs of two contenders see different background noise on a shared VM
+/// (±10 % drift over seconds here). `ROUNDS` rounds, each timing a block of `block`
+/// calls of `a` and of `b` back to back (order alternating per round); per round the
+/// ratio `time(b) / time(a)`, i.e. the throughput of `a` relative to `b`. Prints the
+/// median per-call times and the median ratio with its quartiles.
+fn paired<A, B>(name: &str, block: u32, mut a: impl FnMut() -> A, mut b: impl FnMut() -> B) {
+    const ROUNDS: usize = 41;
+    let mut time_block = |first: bool| {
+        let start = Instant::now();
+        for _ in 0..block {
+            if first {
+                black_box(a());
+            } else {
+                black_box(b());
+            }
+        }
+        start.elapsed().as_secs_f64() / f64::from(block)
+    };
+    time_block(true); // warm-up
+    time_block(false);
+    let (mut ta, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let (x, y) = if round % 2 == 0 {
+            let x = time_block(true);
+            (x, time_block(false))
+        } else {
+            let y = time_block(false);
+            (time_block(true), y)
+        };
+        ta.push(x);
+        tb.push(y);
+        ratio.push(y / x);
+    }
+    // The k-th quartile (k = 1, 2, 3) of 41 values: indices 10, 20, 30.
+    let quartile = |v: &mut Vec<f64>, k: usize| {
+        v.sort_by(f64::total_cmp);
+        v[(v.len() - 1) * k / 4]
+    };
+    println!(
+        "paired {name}: A {:.3} µs, B {:.3} µs per call; throughput A/B = {:.3} (q1 {:.3}, q3 {:.3}), {ROUNDS} rounds of {block}",
+        quartile(&mut ta, 2) * 1e6,
+        quartile(&mut tb, 2) * 1e6,
+        quartile(&mut ratio, 2),
+        quartile(&mut ratio, 1),
+        quartile(&mut ratio, 3),
+    );
+}
+
 fn es256(c: &mut Criterion, env: &Env, cap: &Signed) {
     let verifier = env.verifier(HashMode::Read);
     let max = env.policy.limits.max_jws_bytes;
@@ -100,36 +151,67 @@ fn es256(c: &mut Criterion, env: &Env, cap: &Signed) {
         serde_json::from_slice::<serde_json::Value>(&payload).expect("json")
     );
 
+    let ours = || verifier.verify(black_box(&cap.capsule)).is_ok();
+    let ours_jws_manifest = || {
+        let v = jws::verify(black_box(&cap.jws), &env.policy.keys, max).expect("jws");
+        Manifest::parse(&v.payload).expect("manifest")
+    };
+    let raw_unparsed = || {
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, black_box(&point))
+            .verify(black_box(signing_input), black_box(&sig))
+            .is_ok()
+    };
+    let raw_parsed = || {
+        parsed
+            .verify_sig(black_box(signing_input), black_box(&sig))
+            .is_ok()
+    };
+    let jwt = || {
+        jsonwebtoken::decode::<serde_json::Value>(black_box(&cap.jws), &jwt_key, &validation)
+            .expect("decode")
+    };
+
     let mut g = c.benchmark_group("admission_es256");
     configure(&mut g);
-    g.bench_function("ours/verify", |b| {
-        b.iter(|| verifier.verify(black_box(&cap.capsule)))
-    });
-    g.bench_function("ours/jws+manifest", |b| {
-        b.iter(|| {
-            let v = jws::verify(black_box(&cap.jws), &env.policy.keys, max).expect("jws");
-            Manifest::parse(&v.payload).expect("manifest")
-        })
-    });
-    g.bench_function("raw/aws-lc-unparsed", |b| {
-        b.iter(|| {
-            signature::UnparsedPublicKey::new(
-                &signature::ECDSA_P256_SHA256_FIXED,
-                black_box(&point),
-            )
-            .verify(black_box(signing_input), black_box(&sig))
-        })
-    });
-    g.bench_function("raw/aws-lc-parsed", |b| {
-        b.iter(|| parsed.verify_sig(black_box(signing_input), black_box(&sig)))
-    });
-    g.bench_function("jsonwebtoken", |b| {
-        b.iter(|| {
-            jsonwebtoken::decode::<serde_json::Value>(black_box(&cap.jws), &jwt_key, &validation)
-                .expect("decode")
-        })
-    });
+    g.bench_function("ours/verify", |b| b.iter(ours));
+    g.bench_function("ours/jws+manifest", |b| b.iter(ours_jws_manifest));
+    g.bench_function("raw/aws-lc-unparsed", |b| b.iter(raw_unparsed));
+    g.bench_function("raw/aws-lc-parsed", |b| b.iter(raw_parsed));
+    g.bench_function("jsonwebtoken", |b| b.iter(jwt));
     g.finish();
+
+    let block = 100;
+    paired(
+        "es256: ours/verify vs raw/aws-lc-unparsed",
+        block,
+        ours,
+        raw_unparsed,
+    );
+    paired(
+        "es256: ours/verify vs raw/aws-lc-parsed",
+        block,
+        ours,
+        raw_parsed,
+    );
+    paired(
+        "es256: ours/jws+manifest vs raw/aws-lc-unparsed",
+        block,
+        ours_jws_manifest,
+        raw_unparsed,
+    );
+    paired(
+        "es256: ours/jws+manifest vs raw/aws-lc-parsed",
+        block,
+        ours_jws_manifest,
+        raw_parsed,
+    );
+    paired("es256: ours/verify vs jsonwebtoken", block, ours, jwt);
+    paired(
+        "es256: ours/jws+manifest vs jsonwebtoken",
+        block,
+        ours_jws_manifest,
+        jwt,
+    );
 }
 
 fn hs256(c: &mut Criterion, env: &Env, cap: &Signed) {
@@ -153,27 +235,39 @@ fn hs256(c: &mut Criterion, env: &Env, cap: &Signed) {
     jsonwebtoken::decode::<serde_json::Value>(&cap.jws, &jwt_key, &validation)
         .expect("jsonwebtoken accepts the capsule");
 
+    let ours = || verifier.verify(black_box(&cap.capsule)).is_ok();
+    let ours_jws_manifest = || {
+        let v = jws::verify(black_box(&cap.jws), &env.policy.keys, max).expect("jws");
+        Manifest::parse(&v.payload).expect("manifest")
+    };
+    let raw_hmac = || hmac::verify(&key, black_box(signing_input), black_box(&tag)).is_ok();
+    let jwt = || {
+        jsonwebtoken::decode::<serde_json::Value>(black_box(&cap.jws), &jwt_key, &validation)
+            .expect("decode")
+    };
+
     let mut g = c.benchmark_group("admission_hs256");
     configure(&mut g);
-    g.bench_function("ours/verify", |b| {
-        b.iter(|| verifier.verify(black_box(&cap.capsule)))
-    });
-    g.bench_function("ours/jws+manifest", |b| {
-        b.iter(|| {
-            let v = jws::verify(black_box(&cap.jws), &env.policy.keys, max).expect("jws");
-            Manifest::parse(&v.payload).expect("manifest")
-        })
-    });
-    g.bench_function("raw/aws-lc-hmac", |b| {
-        b.iter(|| hmac::verify(&key, black_box(signing_input), black_box(&tag)))
-    });
-    g.bench_function("jsonwebtoken", |b| {
-        b.iter(|| {
-            jsonwebtoken::decode::<serde_json::Value>(black_box(&cap.jws), &jwt_key, &validation)
-                .expect("decode")
-        })
-    });
+    g.bench_function("ours/verify", |b| b.iter(ours));
+    g.bench_function("ours/jws+manifest", |b| b.iter(ours_jws_manifest));
+    g.bench_function("raw/aws-lc-hmac", |b| b.iter(raw_hmac));
+    g.bench_function("jsonwebtoken", |b| b.iter(jwt));
     g.finish();
+
+    let block = 500;
+    paired("hs256: ours/verify vs jsonwebtoken", block, ours, jwt);
+    paired(
+        "hs256: ours/jws+manifest vs jsonwebtoken",
+        block,
+        ours_jws_manifest,
+        jwt,
+    );
+    paired(
+        "hs256: ours/verify vs raw/aws-lc-hmac",
+        block,
+        ours,
+        raw_hmac,
+    );
 }
 
 /// The parts of `ours/verify` (ES256 small capsule), and two variants of it.
@@ -221,13 +315,65 @@ fn components(c: &mut Criterion, env: &Env, cap: &Signed, fixture: &Signed) {
     g.bench_function("artifact_check", |b| {
         b.iter(|| root.check(black_box(&run_sh), HashMode::Read, backend))
     });
+    // The artifact root opened once, when the capsule is loaded (`Capsule::pinned`, what
+    // a service does with its blob store), instead of at every verification.
+    let pinned = cap.capsule.clone().pinned();
+    assert!(read.verify(&pinned).is_ok());
+    g.bench_function("ours/verify_pinned_root", |b| {
+        b.iter(|| read.verify(black_box(&pinned)))
+    });
     g.bench_function("ours/verify_mmap", |b| {
         b.iter(|| mmap.verify(black_box(&cap.capsule)))
     });
     g.bench_function("ours/verify_fixture_2_files", |b| {
         b.iter(|| read.verify(black_box(&fixture.capsule)))
     });
+    // The same, called from a worker of a 2-thread pool (as `admit_batch` does): the
+    // files' `par_iter` is then a nested, "hot" rayon call instead of a cold injection
+    // from a thread outside the pool.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("rayon pool");
+    g.bench_function("ours/verify_fixture_2_files_in_pool", |b| {
+        b.iter_custom(|iters| {
+            pool.install(|| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(read.verify(black_box(&fixture.capsule)).is_ok());
+                }
+                start.elapsed()
+            })
+        })
+    });
     g.finish();
+
+    let ours = || read.verify(black_box(&cap.capsule)).is_ok();
+    let artifact = || {
+        let root = black_box(source).open().expect("open");
+        root.check(black_box(&run_sh), HashMode::Read, backend)
+            .is_ok()
+    };
+    let block = 100;
+    // B/A here is the share of `ours/verify` that B takes (or B's slowdown, above 1).
+    paired(
+        "components: ours/verify vs artifact_open+check",
+        block,
+        ours,
+        artifact,
+    );
+    paired(
+        "components: ours/verify vs ours/verify_pinned_root",
+        block,
+        ours,
+        || read.verify(black_box(&pinned)).is_ok(),
+    );
+    paired(
+        "components: ours/verify vs ours/verify_fixture_2_files",
+        block,
+        ours,
+        || read.verify(black_box(&fixture.capsule)).is_ok(),
+    );
 }
 
 fn admission(c: &mut Criterion) {

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use capsule_tests::{Signer, World, NOW, RUNNER};
+use capsule_tests::{Signer, World, RUNNER};
 use serde_json::{json, Value};
 use verify_core::{Capsule, FixedClock, HashMode, NoHistory, Policy, SpiffeId, Verifier};
 
@@ -25,15 +25,17 @@ impl Env {
     pub fn new() -> Env {
         let world = World::new();
         let policy = world.policy();
+        let clock = FixedClock(world.now);
         Env {
             world,
             policy,
             runner: SpiffeId::parse(RUNNER).expect("runner id"),
-            clock: FixedClock(NOW),
+            clock,
         }
     }
 
-    /// The verifier the gateway would use: fixed clock at the fixtures' "now", no
+    /// The verifier the gateway would use: clock fixed at the world's `now` (so a
+    /// long run cannot drift across a validity edge), no
     /// anti-rollback history, the fixtures' runner identity.
     pub fn verifier(&self, hash_mode: HashMode) -> Verifier<'_> {
         Verifier {
