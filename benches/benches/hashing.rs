@@ -128,6 +128,7 @@ fn hashing(c: &mut Criterion) {
         let name = match mode {
             HashMode::Read => "read",
             HashMode::Mmap => "mmap",
+            HashMode::Auto => "auto",
         };
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new()

@@ -87,7 +87,7 @@ fn every_negative_fixture_is_denied_with_its_reason_by_the_cli() {
                 check("admit", &w, setup.runner, Some(&state), &[capsule])
             }
             Prior::TruncatedWhileHashing(rel) => {
-                for mode in ["read", "mmap"] {
+                for mode in ["auto", "read", "mmap"] {
                     let policy = w.policy_path();
                     let seen = truncate_while(
                         &capsule.join(rel),

@@ -63,7 +63,7 @@ fn good_capsules_are_admitted_with_every_backend() {
     for backend in all_backends() {
         for (name, signer) in [("good-es", Signer::Es256), ("good-hs", Signer::Hs256)] {
             let dir = w.good_capsule(&format!("{name}-{}", backend.name()), signer);
-            for mode in [HashMode::Read, HashMode::Mmap] {
+            for mode in [HashMode::Auto, HashMode::Read, HashMode::Mmap] {
                 let d = verify(&w, backend, &dir, Some(RUNNER), &NoHistory, mode);
                 assert!(d.is_admit(), "{name} with {}: {d:?}", backend.name());
                 assert_eq!(d.capsule_id.as_deref(), Some("auth-token-issuance"));
@@ -111,7 +111,7 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
                 Prior::TruncatedWhileHashing(rel) => {
                     let file = setup.capsule.join(rel);
                     let mut all = Vec::new();
-                    for mode in [HashMode::Read, HashMode::Mmap] {
+                    for mode in [HashMode::Auto, HashMode::Read, HashMode::Mmap] {
                         let seen = truncate_while(
                             &file,
                             || verify(&w, backend, &setup.capsule, runner, &NoHistory, mode),

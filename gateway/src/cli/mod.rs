@@ -43,7 +43,9 @@ pub enum AlgArg {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum HashModeArg {
-    /// read() in 1 MiB chunks (default)
+    /// read() up to 1 MiB, SIGBUS-guarded mmap above (default)
+    Auto,
+    /// read() in 1 MiB chunks
     Read,
     /// memory-mapped, SIGBUS-guarded
     Mmap,
@@ -64,7 +66,7 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub json: bool,
     /// How artifact bytes are read for hashing.
-    #[arg(long, value_enum, default_value = "read")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub hash_mode: HashModeArg,
     /// The runner's SVID (default for --runner) and the TPM for sealed keys.
     #[command(flatten)]

@@ -77,7 +77,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1 << 20)]
     pub output_cap: usize,
     /// How artifact bytes are read for hashing.
-    #[arg(long, value_enum, default_value = "read")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub hash_mode: HashModeArg,
     /// The runner's SVID (default for --runner) and the TPM for sealed keys, as for
     /// `admit`.

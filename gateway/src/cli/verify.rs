@@ -99,6 +99,7 @@ impl Admission {
             state,
             unavailable,
             hash_mode: match hash_mode {
+                HashModeArg::Auto => HashMode::Auto,
                 HashModeArg::Read => HashMode::Read,
                 HashModeArg::Mmap => HashMode::Mmap,
             },
