@@ -500,8 +500,12 @@ impl Verifier<'_> {
         };
         let backend = self.policy.backend;
         let check = |f: &FileEntry| root.check(f, self.hash_mode, backend);
-        if files.len() == 1 {
-            return check(&files[0]);
+        // Handing work to the pool costs tens of microseconds when called from outside
+        // it (measured: two tiny files 120 µs outside a pool, 79 µs inside): small
+        // capsules are hashed in order on this thread, large ones in parallel.
+        let total: u64 = files.iter().map(|f| f.size).sum();
+        if files.len() == 1 || total <= crate::digest::MMAP_THRESHOLD_BYTES {
+            return files.iter().try_for_each(check);
         }
         // The first failure in manifest order is the one reported, whatever finishes first.
         match files.par_iter().find_map_first(|f| check(f).err()) {
