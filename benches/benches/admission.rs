@@ -4,9 +4,10 @@
 //! (`run.sh`) and `env` padded so the manifest is 1024 bytes (see `common`). Every
 //! contender in a group verifies the *same* compact JWS:
 //!
-//! - `ours/verify`: `Verifier::verify`, the real admission: JWS digest, strict JWS,
-//!   manifest parse and every policy check, then `openat2` + `fstat` + read + SHA-256
-//!   of the artifact.
+//! - `ours/verify`: `Verifier::verify` with the default `HashMode` (`Auto`: `read()`
+//!   for a file this small), the real admission: JWS digest, strict JWS, manifest
+//!   parse and every policy check, then `open(files/)` + `openat2` + `fstat` + read +
+//!   SHA-256 of the artifact.
 //! - `ours/jws+manifest`: `jws::verify` + `Manifest::parse` only (no policy checks, no
 //!   artifact) — an extra, to split the cost.
 //! - `raw/aws-lc-unparsed`: `UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
@@ -24,8 +25,13 @@
 //! `components` splits `ours/verify` into its parts (ES256 capsule), and measures
 //! variants: the artifact root pinned at load (`Capsule::pinned`) instead of opened per
 //! verification, mmap hashing of the tiny artifact, and the standard fixture capsule
-//! (run.sh + one tool = two files, which goes through rayon `find_map_first`), called
-//! from the bench thread (outside any pool) and from inside a 2-thread pool.
+//! (run.sh + one tool = two files: the case where the verifier chooses between hashing
+//! on the calling thread and rayon `find_map_first`), called from the bench thread
+//! (outside any pool) and from inside a 2-thread pool.
+//!
+//! After the criterion groups, `paired` lines give the ratios of the key pairs measured
+//! in alternating blocks (see `paired`): on a shared VM they are steadier than the
+//! ratio of two medians taken a minute apart.
 
 mod common;
 
@@ -119,7 +125,7 @@ fn paired<A, B>(name: &str, block: u32, mut a: impl FnMut() -> A, mut b: impl Fn
 }
 
 fn es256(c: &mut Criterion, env: &Env, cap: &Signed) {
-    let verifier = env.verifier(HashMode::Read);
+    let verifier = env.verifier(HashMode::default());
     let max = env.policy.limits.max_jws_bytes;
     assert!(
         verifier.verify(&cap.capsule).is_ok(),
@@ -215,7 +221,7 @@ fn es256(c: &mut Criterion, env: &Env, cap: &Signed) {
 }
 
 fn hs256(c: &mut Criterion, env: &Env, cap: &Signed) {
-    let verifier = env.verifier(HashMode::Read);
+    let verifier = env.verifier(HashMode::default());
     let max = env.policy.limits.max_jws_bytes;
     assert!(
         verifier.verify(&cap.capsule).is_ok(),
@@ -287,7 +293,7 @@ fn components(c: &mut Criterion, env: &Env, cap: &Signed, fixture: &Signed) {
     let root = source.open().expect("open files/");
     root.check(&run_sh, HashMode::Read, backend)
         .expect("run.sh checks");
-    let read = env.verifier(HashMode::Read);
+    let read = env.verifier(HashMode::default());
     let mmap = env.verifier(HashMode::Mmap);
     assert!(mmap.verify(&cap.capsule).is_ok());
     assert!(

@@ -39,7 +39,7 @@ fn batch(c: &mut Criterion) {
                 .capsule
         })
         .collect();
-    let verifier = env.verifier(HashMode::Read);
+    let verifier = env.verifier(HashMode::default());
 
     let mut g = c.benchmark_group("batch_10k_es256");
     g.sample_size(10)

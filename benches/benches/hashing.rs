@@ -4,12 +4,14 @@
 //! once before measuring) checked through the public digest API — `ArtifactSource::
 //! open()` once, then `Root::check(&FileEntry, mode, backend)`, which is what the
 //! verifier runs per file: `openat2` + `fstat` + size check + read (or map) + SHA-256 +
-//! compare — with `HashMode::Read` and `HashMode::Mmap`, against
+//! compare — with `HashMode::Read` and `HashMode::Mmap` (the default `HashMode::Auto`
+//! maps files above 1 MiB, so it is `Mmap` here), against
 //! `aws_lc_rs::digest::digest(&SHA256, bytes)` over the same 1 GiB already in memory.
 //!
 //! `hash_2x512mib`: one ES256 capsule with two 512 MiB artifacts (the two halves of
 //! the same bytes), no tools, through `Verifier::verify` on a rayon pool of 1 and of
-//! 2 threads (the verifier hashes the files with `par_iter().find_map_first`).
+//! 2 threads (the verifier hashes the files with `par_iter().find_map_first`), with
+//! `read()` and with mmap.
 
 mod common;
 
