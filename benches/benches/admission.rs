@@ -47,7 +47,10 @@ use verify_core::keys::KeyMaterial;
 use verify_core::manifest::{ArtifactPath, FileEntry};
 use verify_core::{jws, HashMode, Manifest, Sha256Digest};
 
-use common::{small_manifest, Env, Signed};
+use common::{paired, small_manifest, Env, Signed};
+
+/// Rounds of each paired measurement (see `common::paired`).
+const ROUNDS: usize = 41;
 
 fn configure(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
     group
@@ -73,55 +76,6 @@ fn split(jws_bytes: &[u8]) -> (&[u8], Vec<u8>) {
     let parts = jws::split(jws_bytes).expect("three parts");
     let sig = verify_core::b64::decode(parts.signature).expect("b64 signature");
     (parts.signing_input, sig)
-}
-
-/// A paired A/B measurement printed after the criterion groups, because sequential
-/// criterion runs of two contenders see different background noise on a shared VM
-/// (±10 % drift over seconds here). `ROUNDS` rounds, each timing a block of `block`
-/// calls of `a` and of `b` back to back (order alternating per round); per round the
-/// ratio `time(b) / time(a)`, i.e. the throughput of `a` relative to `b`. Prints the
-/// median per-call times and the median ratio with its quartiles.
-fn paired<A, B>(name: &str, block: u32, mut a: impl FnMut() -> A, mut b: impl FnMut() -> B) {
-    const ROUNDS: usize = 41;
-    let mut time_block = |first: bool| {
-        let start = Instant::now();
-        for _ in 0..block {
-            if first {
-                black_box(a());
-            } else {
-                black_box(b());
-            }
-        }
-        start.elapsed().as_secs_f64() / f64::from(block)
-    };
-    time_block(true); // warm-up
-    time_block(false);
-    let (mut ta, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        let (x, y) = if round % 2 == 0 {
-            let x = time_block(true);
-            (x, time_block(false))
-        } else {
-            let y = time_block(false);
-            (time_block(true), y)
-        };
-        ta.push(x);
-        tb.push(y);
-        ratio.push(y / x);
-    }
-    // The k-th quartile (k = 1, 2, 3) of 41 values: indices 10, 20, 30.
-    let quartile = |v: &mut Vec<f64>, k: usize| {
-        v.sort_by(f64::total_cmp);
-        v[(v.len() - 1) * k / 4]
-    };
-    println!(
-        "paired {name}: A {:.3} µs, B {:.3} µs per call; throughput A/B = {:.3} (q1 {:.3}, q3 {:.3}), {ROUNDS} rounds of {block}",
-        quartile(&mut ta, 2) * 1e6,
-        quartile(&mut tb, 2) * 1e6,
-        quartile(&mut ratio, 2),
-        quartile(&mut ratio, 1),
-        quartile(&mut ratio, 3),
-    );
 }
 
 fn es256(c: &mut Criterion, env: &Env, cap: &Signed) {
@@ -189,31 +143,42 @@ fn es256(c: &mut Criterion, env: &Env, cap: &Signed) {
     let block = 100;
     paired(
         "es256: ours/verify vs raw/aws-lc-unparsed",
+        ROUNDS,
         block,
         ours,
         raw_unparsed,
     );
     paired(
         "es256: ours/verify vs raw/aws-lc-parsed",
+        ROUNDS,
         block,
         ours,
         raw_parsed,
     );
     paired(
         "es256: ours/jws+manifest vs raw/aws-lc-unparsed",
+        ROUNDS,
         block,
         ours_jws_manifest,
         raw_unparsed,
     );
     paired(
         "es256: ours/jws+manifest vs raw/aws-lc-parsed",
+        ROUNDS,
         block,
         ours_jws_manifest,
         raw_parsed,
     );
-    paired("es256: ours/verify vs jsonwebtoken", block, ours, jwt);
+    paired(
+        "es256: ours/verify vs jsonwebtoken",
+        ROUNDS,
+        block,
+        ours,
+        jwt,
+    );
     paired(
         "es256: ours/jws+manifest vs jsonwebtoken",
+        ROUNDS,
         block,
         ours_jws_manifest,
         jwt,
@@ -261,15 +226,23 @@ fn hs256(c: &mut Criterion, env: &Env, cap: &Signed) {
     g.finish();
 
     let block = 500;
-    paired("hs256: ours/verify vs jsonwebtoken", block, ours, jwt);
+    paired(
+        "hs256: ours/verify vs jsonwebtoken",
+        ROUNDS,
+        block,
+        ours,
+        jwt,
+    );
     paired(
         "hs256: ours/jws+manifest vs jsonwebtoken",
+        ROUNDS,
         block,
         ours_jws_manifest,
         jwt,
     );
     paired(
         "hs256: ours/verify vs raw/aws-lc-hmac",
+        ROUNDS,
         block,
         ours,
         raw_hmac,
@@ -364,18 +337,21 @@ fn components(c: &mut Criterion, env: &Env, cap: &Signed, fixture: &Signed) {
     // B/A here is the share of `ours/verify` that B takes (or B's slowdown, above 1).
     paired(
         "components: ours/verify vs artifact_open+check",
+        ROUNDS,
         block,
         ours,
         artifact,
     );
     paired(
         "components: ours/verify vs ours/verify_pinned_root",
+        ROUNDS,
         block,
         ours,
         || read.verify(black_box(&pinned)).is_ok(),
     );
     paired(
         "components: ours/verify vs ours/verify_fixture_2_files",
+        ROUNDS,
         block,
         ours,
         || read.verify(black_box(&fixture.capsule)).is_ok(),

@@ -11,18 +11,28 @@
 //!
 //! `admit_batch_distinct` is the control for that: 10,000 distinct capsules (each its
 //! own `capsule_id`, signature and capsule directory), same sizes.
+//!
+//! `raw_es256_verify` is the machine's own ceiling: 10,000 `ParsedPublicKey` verifies
+//! of the same signing input through the same `par_iter().collect()` shape, no
+//! verify-core at all. If it does not scale 2×, neither can anything built on it.
+//!
+//! After the criterion group, `paired` lines time the 1-thread and the 2-thread pool in
+//! alternating rounds, which keeps slow drift of this shared VM out of the ratio.
 
 mod common;
 
 use std::hint::black_box;
 use std::time::Duration;
 
+use aws_lc_rs::signature;
 use capsule_tests::Signer;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use rayon::prelude::*;
 use serde_json::json;
-use verify_core::HashMode;
+use verify_core::keys::KeyMaterial;
+use verify_core::{jws, HashMode};
 
-use common::{small_manifest, Env};
+use common::{paired, small_manifest, Env};
 
 const BATCH: usize = 10_000;
 
@@ -47,26 +57,81 @@ fn batch(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(2))
         .measurement_time(Duration::from_secs(10))
         .throughput(Throughput::Elements(BATCH as u64));
+    let pools: Vec<_> = [1, 2]
+        .into_iter()
+        .map(|threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("rayon pool")
+        })
+        .collect();
     for (name, caps) in [
         ("admit_batch", &repeated),
         ("admit_batch_distinct", &distinct),
     ] {
-        for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("rayon pool");
+        for pool in &pools {
             let decisions = pool.install(|| verifier.admit_batch(caps));
             assert!(
                 decisions.iter().all(|d| d.is_admit()),
                 "every capsule is admitted"
             );
+            let threads = pool.current_num_threads();
             g.bench_function(format!("{name}/{threads}_thread"), |b| {
                 b.iter(|| pool.install(|| verifier.admit_batch(black_box(caps))))
             });
         }
     }
+
+    // The ceiling: the signature check alone, same batch shape.
+    let point = match &env.world.es.material {
+        KeyMaterial::Es256 { point, .. } => *point,
+        KeyMaterial::Hs256 { .. } => unreachable!("fixture es key is ES256"),
+    };
+    let parsed = signature::ParsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+        .expect("valid point");
+    let parts = jws::split(&cap.jws).expect("three parts");
+    let sig = verify_core::b64::decode(parts.signature).expect("b64 signature");
+    let raw = || -> Vec<bool> {
+        (0..BATCH)
+            .into_par_iter()
+            .map(|_| {
+                parsed
+                    .verify_sig(black_box(parts.signing_input), black_box(&sig))
+                    .is_ok()
+            })
+            .collect()
+    };
+    assert!(pools[0].install(raw).into_iter().all(|ok| ok));
+    for pool in &pools {
+        let threads = pool.current_num_threads();
+        g.bench_function(format!("raw_es256_verify/{threads}_thread"), |b| {
+            b.iter(|| pool.install(raw))
+        });
+    }
     g.finish();
+
+    // Throughput of 2 threads relative to 1, in alternating rounds of one batch each.
+    let (one, two) = (&pools[0], &pools[1]);
+    for (name, caps) in [
+        ("admit_batch", &repeated),
+        ("admit_batch_distinct", &distinct),
+    ] {
+        paired(
+            &format!("batch: {name} 2 threads vs 1"),
+            9,
+            1,
+            || two.install(|| verifier.admit_batch(caps)),
+            || one.install(|| verifier.admit_batch(caps)),
+        );
+    }
+    paired(
+        "batch: raw_es256_verify 2 threads vs 1",
+        9,
+        1,
+        || two.install(raw),
+        || one.install(raw),
+    );
 }
 
 criterion_group!(benches, batch);

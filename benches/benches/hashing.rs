@@ -12,6 +12,9 @@
 //! the same bytes), no tools, through `Verifier::verify` on a rayon pool of 1 and of
 //! 2 threads (the verifier hashes the files with `par_iter().find_map_first`), with
 //! `read()` and with mmap.
+//!
+//! Each group is followed by `paired` lines: the same comparisons timed in alternating
+//! rounds, which keeps slow drift of this shared VM out of the ratios.
 
 mod common;
 
@@ -28,7 +31,7 @@ use serde_json::json;
 use verify_core::manifest::{ArtifactPath, FileEntry};
 use verify_core::{ArtifactSource, HashMode, Sha256Digest};
 
-use common::Env;
+use common::{paired, Env};
 
 const GIB: usize = 1 << 30;
 const HALF: usize = GIB / 2;
@@ -110,6 +113,16 @@ fn hashing(c: &mut Criterion) {
         b.iter(|| digest::digest(&digest::SHA256, black_box(&bytes)))
     });
     g.finish();
+    // Alternating rounds (see `common::paired`): ours against the raw digest.
+    for (name, mode) in [("read", HashMode::Read), ("mmap", HashMode::Mmap)] {
+        paired(
+            &format!("hash_1gib: root_check/{name} vs raw/aws-lc-digest"),
+            7,
+            1,
+            || root.check(&big, mode, backend).expect("check"),
+            || digest::digest(&digest::SHA256, &bytes),
+        );
+    }
 
     // One capsule, two 512 MiB artifacts.
     let mut manifest = env.world.manifest();
@@ -125,21 +138,22 @@ fn hashing(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("hash_2x512mib");
     configure(&mut g);
-    for mode in [HashMode::Read, HashMode::Mmap] {
-        let verifier = env.verifier(mode);
-        let name = match mode {
-            HashMode::Read => "read",
-            HashMode::Mmap => "mmap",
-            HashMode::Auto => "auto",
-        };
-        for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
+    let pools: Vec<_> = [1, 2]
+        .into_iter()
+        .map(|threads| {
+            rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
-                .expect("rayon pool");
+                .expect("rayon pool")
+        })
+        .collect();
+    for (name, mode) in [("read", HashMode::Read), ("mmap", HashMode::Mmap)] {
+        let verifier = env.verifier(mode);
+        for pool in &pools {
             // Also warms the page cache for the two halves.
             pool.install(|| verifier.verify(&cap.capsule))
                 .expect("two-halves capsule is admitted");
+            let threads = pool.current_num_threads();
             g.bench_function(format!("verify_{name}/{threads}_thread"), |b| {
                 b.iter(|| {
                     pool.install(|| verifier.verify(black_box(&cap.capsule)))
@@ -149,6 +163,20 @@ fn hashing(c: &mut Criterion) {
         }
     }
     g.finish();
+    for (name, mode) in [("read", HashMode::Read), ("mmap", HashMode::Mmap)] {
+        let verifier = env.verifier(mode);
+        let verify_on = |pool: &rayon::ThreadPool| {
+            pool.install(|| verifier.verify(&cap.capsule))
+                .expect("admit")
+        };
+        paired(
+            &format!("hash_2x512mib: verify_{name} 2 threads vs 1"),
+            7,
+            1,
+            || verify_on(&pools[1]),
+            || verify_on(&pools[0]),
+        );
+    }
 }
 
 criterion_group!(benches, hashing);

@@ -4,7 +4,9 @@
 
 #![allow(dead_code)] // each bench binary uses a different part of this module
 
+use std::hint::black_box;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use capsule_tests::{Signer, World, RUNNER};
 use serde_json::{json, Value};
@@ -80,4 +82,58 @@ pub fn small_manifest(world: &World) -> Value {
     m["env"]["PAD"] = json!("p".repeat(SMALL_PAYLOAD_BYTES - base));
     assert_eq!(m.to_string().len(), SMALL_PAYLOAD_BYTES);
     m
+}
+
+/// A paired A/B measurement printed after the criterion groups, because sequential
+/// criterion runs of two contenders see different background noise on a shared VM
+/// (±10 % drift over seconds here). `rounds` rounds, each timing a block of `block`
+/// calls of `a` and of `b` back to back (order alternating per round); per round the
+/// ratio `time(b) / time(a)`, i.e. the throughput of `a` relative to `b`. Prints the
+/// median per-call times and the median ratio with its quartiles.
+pub fn paired<A, B>(
+    name: &str,
+    rounds: usize,
+    block: u32,
+    mut a: impl FnMut() -> A,
+    mut b: impl FnMut() -> B,
+) {
+    let mut time_block = |first: bool| {
+        let start = Instant::now();
+        for _ in 0..block {
+            if first {
+                black_box(a());
+            } else {
+                black_box(b());
+            }
+        }
+        start.elapsed().as_secs_f64() / f64::from(block)
+    };
+    time_block(true); // warm-up
+    time_block(false);
+    let (mut ta, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (x, y) = if round % 2 == 0 {
+            let x = time_block(true);
+            (x, time_block(false))
+        } else {
+            let y = time_block(false);
+            (time_block(true), y)
+        };
+        ta.push(x);
+        tb.push(y);
+        ratio.push(y / x);
+    }
+    // The k-th quartile (k = 1, 2, 3): index (n - 1) k / 4 of the sorted values.
+    let quartile = |v: &mut Vec<f64>, k: usize| {
+        v.sort_by(f64::total_cmp);
+        v[(v.len() - 1) * k / 4]
+    };
+    println!(
+        "paired {name}: A {:.3} µs, B {:.3} µs per call; throughput A/B = {:.3} (q1 {:.3}, q3 {:.3}), {rounds} rounds of {block}",
+        quartile(&mut ta, 2) * 1e6,
+        quartile(&mut tb, 2) * 1e6,
+        quartile(&mut ratio, 2),
+        quartile(&mut ratio, 1),
+        quartile(&mut ratio, 3),
+    );
 }
