@@ -107,18 +107,8 @@ impl DevCa {
     /// Writes `ca.pem` and `ca_key.pem` (0600) into `dir`; refuses to overwrite.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| AttestError::io(dir, e))?;
-        let write = |name: &str, text: &str, mode: u32| -> Result<()> {
-            let p = dir.join(name);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(&p)
-                .map_err(|e| AttestError::io(&p, e))?;
-            std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| AttestError::io(&p, e))
-        };
-        write(CA_KEY, &self.issuer.key().serialize_pem(), 0o600)?;
-        write(CA_CERT, &self.cert_pem(), 0o644)
+        write_new(dir, CA_KEY, &self.issuer.key().serialize_pem(), 0o600)?;
+        write_new(dir, CA_CERT, &self.cert_pem(), 0o644)
     }
 
     pub fn load(dir: &Path) -> Result<DevCa> {
@@ -215,6 +205,51 @@ impl DevCa {
             .map_err(cert_err)?;
         Ok(cert.der().to_vec())
     }
+}
+
+impl DevCa {
+    /// Issues an SVID for `id` to a new software P-256 key and writes `svid.pem`,
+    /// `svid_key.pem` (0600) and `bundle.pem` into `dir` (created, must not hold them
+    /// yet). For the development trust domain of `serve`'s embedded default; the key
+    /// goes through the same CSR check as any other requester's.
+    pub fn issue_software_svid_dir(
+        &self,
+        id: &SpiffeId,
+        ttl: std::time::Duration,
+        dir: &Path,
+    ) -> Result<()> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            id.as_str().to_string().try_into().map_err(cert_err)?,
+        )];
+        let csr = params.serialize_request(&key).map_err(cert_err)?;
+        let cert = self.issue(csr.der(), id, ttl)?;
+        std::fs::create_dir_all(dir).map_err(|e| AttestError::io(dir, e))?;
+        write_new(dir, "svid_key.pem", &key.serialize_pem(), 0o600)?;
+        write_new(
+            dir,
+            "svid.pem",
+            &crate::pem::encode("CERTIFICATE", &cert),
+            0o644,
+        )?;
+        write_new(dir, "bundle.pem", &self.cert_pem(), 0o644)
+    }
+}
+
+/// Creates `dir/name` with `mode`; refuses to overwrite.
+fn write_new(dir: &Path, name: &str, text: &str, mode: u32) -> Result<()> {
+    let p = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&p)
+        .map_err(|e| AttestError::io(&p, e))?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| AttestError::io(&p, e))
 }
 
 fn ca_trust_domain(der: &[u8]) -> std::result::Result<SpiffeId, String> {

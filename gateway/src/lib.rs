@@ -1,11 +1,13 @@
-//! capsule-gateway: the CLI and (later) the service around verify-core.
+//! capsule-gateway: the CLI and the admission service around verify-core.
 //!
 //! This crate does not re-implement checks: verify-core decides, the gateway reads
 //! configuration, records admissions durably and prints results.
 
 pub mod cli;
 pub mod error;
+pub mod evidence;
 pub mod output;
+pub mod serve;
 pub mod state;
 
 pub use error::GatewayError;

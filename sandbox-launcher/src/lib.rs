@@ -286,7 +286,18 @@ impl Launcher {
         admitted: &Admitted,
         cancel: &AtomicBool,
     ) -> Result<RunReport> {
-        let run_id = new_run_id()?;
+        self.launch_as(admitted, &RunId::new()?, cancel)
+    }
+
+    /// Like [`Launcher::launch_cancellable`] under a run id chosen beforehand (a
+    /// service hands the id out before the run ends).
+    pub fn launch_as(
+        &self,
+        admitted: &Admitted,
+        run_id: &RunId,
+        cancel: &AtomicBool,
+    ) -> Result<RunReport> {
+        let run_id = run_id.as_str().to_string();
         let container_id = teardown::container_id(&run_id);
         let run_dir = self.config.state_dir.join("runs").join(&run_id);
         // The run directory and its lock appear together, under runs.lock, so that a
@@ -449,16 +460,32 @@ fn egress_failure(report: &RunReport) -> String {
     }
 }
 
-/// 16 random bytes as hex: unique per run, and what every host-side trace of the
-/// run (container id, cgroup, paths) is found by.
-fn new_run_id() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    verify_core::crypto::default_backend()
-        .random(&mut bytes)
-        .map_err(|e| {
-            LaunchError::io("random run id", "", std::io::Error::other(format!("{e:?}")))
-        })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+/// A run's id: 16 random bytes as hex, unique per run, and what every host-side
+/// trace of the run (container id, cgroup, paths) is found by. Only `new` and
+/// `parse` make one, so an id is always safe as a path component.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RunId(String);
+
+impl RunId {
+    pub fn new() -> Result<RunId> {
+        let mut bytes = [0u8; 16];
+        verify_core::crypto::default_backend()
+            .random(&mut bytes)
+            .map_err(|e| {
+                LaunchError::io("random run id", "", std::io::Error::other(format!("{e:?}")))
+            })?;
+        Ok(RunId(bytes.iter().map(|b| format!("{b:02x}")).collect()))
+    }
+
+    /// Accepts exactly 32 lowercase hex digits.
+    pub fn parse(s: &str) -> Option<RunId> {
+        let ok = s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then(|| RunId(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Settings that weaken the sandbox, for tests that prove a check can fail.

@@ -91,18 +91,23 @@ impl IdentityArgs {
             let Some(t) = tpm.as_mut() else {
                 return Err("no TPM".into());
             };
-            let sealed = SealedKey::load(file).map_err(|e| e.to_string())?;
-            let key = t.unseal(&sealed, file).map_err(|e| e.to_string())?;
-            let kid = key.kid.clone();
-            Ok(ParsedJwk {
-                kid,
-                alg: Alg::Hs256,
-                material: KeyMaterial::Hs256 {
-                    secret: key.into_secret(),
-                },
-            })
+            unseal_with(t, file)
         }
     }
+}
+
+/// Unseals one `trust.sealed` file into an HS256 key.
+pub(crate) fn unseal_with(tpm: &mut Tpm, file: &Path) -> Result<ParsedJwk, String> {
+    let sealed = SealedKey::load(file).map_err(|e| e.to_string())?;
+    let key = tpm.unseal(&sealed, file).map_err(|e| e.to_string())?;
+    let kid = key.kid.clone();
+    Ok(ParsedJwk {
+        kid,
+        alg: Alg::Hs256,
+        material: KeyMaterial::Hs256 {
+            secret: key.into_secret(),
+        },
+    })
 }
 
 fn warn_if_software(tpm: &Tpm) {

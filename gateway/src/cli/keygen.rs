@@ -3,7 +3,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use verify_core::crypto::default_backend;
@@ -30,15 +30,7 @@ pub fn run(alg: AlgArg, kid: &str, out: &Path) -> Result<ExitCode, GatewayError>
         AlgArg::Es256 => Alg::Es256,
         AlgArg::Hs256 => Alg::Hs256,
     };
-    let jwk = ParsedJwk::generate(kid, alg, default_backend()).map_err(usage)?;
-    std::fs::create_dir_all(out).map_err(|e| GatewayError::io(out, e))?;
-    let private = out.join(format!("{kid}.private.jwk.json"));
-    let public = out.join(format!("{kid}.public.jwks.json"));
-    let jwks = serde_json::json!({ "keys": [jwk.to_json(false)] });
-    // An HS256 "public" set holds the secret itself, so it is as private as the key.
-    let public_mode = if alg == Alg::Hs256 { 0o600 } else { 0o644 };
-    write_new(&private, &jwk.to_json(true), 0o600)?;
-    write_new(&public, &jwks, public_mode)?;
+    let (private, public) = generate(alg, kid, out)?;
     println!("{}", private.display());
     println!("{}", public.display());
     if alg == Alg::Hs256 {
@@ -48,6 +40,25 @@ pub fn run(alg: AlgArg, kid: &str, out: &Path) -> Result<ExitCode, GatewayError>
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `OUT/KID.private.jwk.json` and `OUT/KID.public.jwks.json` for a new key;
+/// refuses to overwrite. Returns the two paths.
+pub(crate) fn generate(
+    alg: Alg,
+    kid: &str,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), GatewayError> {
+    let jwk = ParsedJwk::generate(kid, alg, default_backend()).map_err(usage)?;
+    std::fs::create_dir_all(out).map_err(|e| GatewayError::io(out, e))?;
+    let private = out.join(format!("{kid}.private.jwk.json"));
+    let public = out.join(format!("{kid}.public.jwks.json"));
+    let jwks = serde_json::json!({ "keys": [jwk.to_json(false)] });
+    // An HS256 "public" set holds the secret itself, so it is as private as the key.
+    let public_mode = if alg == Alg::Hs256 { 0o600 } else { 0o644 };
+    write_new(&private, &jwk.to_json(true), 0o600)?;
+    write_new(&public, &jwks, public_mode)?;
+    Ok((private, public))
 }
 
 /// Creates `path` with `mode`, refusing to overwrite, and syncs it.

@@ -1,10 +1,12 @@
 //! Command-line interface: flags become a validated configuration in one place, and
 //! each command returns an exit code.
 
-mod attest;
-mod keygen;
+pub(crate) mod attest;
+pub(crate) mod keygen;
+mod loadgen;
 mod pack;
-mod run;
+pub(crate) mod run;
+mod serve;
 mod verify;
 
 use std::path::PathBuf;
@@ -112,6 +114,12 @@ pub enum Command {
     /// failed (sandbox did not start, egress not proven blocked, teardown incomplete,
     /// interrupted).
     Run(run::RunArgs),
+    /// The admission service: mTLS (TLS 1.3, SPIFFE peers), micro-batched verification,
+    /// durable state. Without --config, a development trust domain under --state-dir.
+    Serve(serve::ServeArgs),
+    /// Load generator for `serve`: N mTLS connections, admissions at a fixed rate or
+    /// as fast as possible, throughput and latency percentiles.
+    Loadgen(loadgen::LoadgenArgs),
     /// TPM identity key, sealed keys, quotes, and the SVID-to-TPM binding.
     Attest {
         #[command(subcommand)]
@@ -146,6 +154,8 @@ pub fn run() -> ExitCode {
         Command::Verify(args) => verify::run(&args, false),
         Command::Admit(args) => verify::run(&args, true),
         Command::Run(args) => run::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Loadgen(args) => loadgen::run(&args),
         Command::Attest { command } => self::attest::run(command),
         Command::SandboxProbe { args } => return run::probe(&args),
     };

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use cloudevents::{EventBuilder, EventBuilderV10};
 use sandbox_launcher::{
-    ContainerdConfig, LaunchError, Launcher, LauncherConfig, PrivateContainerd, ProbeBinary,
+    ContainerdConfig, LaunchError, Launcher, LauncherConfig, PrivateContainerd, ProbeBinary, RunId,
     RunReport, RunscConfig, RuntimeConfig,
 };
 use serde_json::{json, Value};
@@ -140,16 +140,42 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         signal_hook::flag::register(sig, cancel.clone())
             .map_err(|e| GatewayError::io("<signal handler>", e))?;
     }
-    let outcome = launcher.launch_cancellable(&admitted, &cancel);
     let evidence_root = args
         .evidence
         .clone()
         .unwrap_or_else(|| args.state.join("evidence"));
+    let run_id = RunId::new().map_err(launch_config_error)?;
+    let (event, code) = execute(
+        &launcher,
+        &run_id,
+        &admitted,
+        &source,
+        &evidence_root,
+        &cancel,
+        stale,
+    )?;
+    print_event(&event)?;
+    Ok(ExitCode::from(code))
+}
+
+/// Launches an admitted capsule, writes its evidence bundle under `evidence_root`
+/// and returns its CloudEvent with the exit code `run` gives it (0, 3 or 4). Shared
+/// by `run` and the service's `/v1/runs`.
+pub(crate) fn execute(
+    launcher: &Launcher,
+    run_id: &RunId,
+    admitted: &Admitted,
+    source: &str,
+    evidence_root: &Path,
+    cancel: &AtomicBool,
+    stale: Vec<Value>,
+) -> Result<(Value, u8), GatewayError> {
+    let outcome = launcher.launch_as(admitted, run_id, cancel);
     let (kind, data, code) = match &outcome {
         Ok(report) if report.interrupted => (
             TYPE_FAILED,
             run_data(
-                &admitted,
+                admitted,
                 Some(report),
                 Some("interrupted: the gateway was asked to stop"),
             ),
@@ -157,7 +183,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         ),
         Ok(report) => (
             TYPE_COMPLETED,
-            run_data(&admitted, Some(report), None),
+            run_data(admitted, Some(report), None),
             if report.exit_code == Some(0) {
                 0
             } else {
@@ -166,28 +192,25 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         ),
         Err(e) => (
             TYPE_FAILED,
-            run_data(&admitted, e.report(), Some(&e.to_string())),
+            run_data(admitted, e.report(), Some(&e.to_string())),
             EXIT_RUN_FAILED,
         ),
     };
     let mut data = data;
     data["stale_sandboxes_cleaned"] = Value::Array(stale);
-    let run_id = data["run_id"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(random_id);
+    data["run_id"] = json!(run_id.as_str());
+    let run_id = run_id.as_str();
     let m = admitted.manifest();
     let subject = format!("{}@{}", m.capsule_id, m.version);
-    let bundle_dir = evidence_root.join(&run_id);
+    let bundle_dir = evidence_root.join(run_id);
     data["evidence_bundle"] = json!(bundle_dir.display().to_string());
-    let event = build_event(&run_id, &source, kind, Some(&subject), data)?;
+    let event = build_event(run_id, source, kind, Some(&subject), data)?;
     let report = match &outcome {
         Ok(r) => Some(r),
         Err(e) => e.report(),
     };
-    write_evidence(&evidence_root, &run_id, &admitted, report, &event)?;
-    print_event(&event)?;
-    Ok(ExitCode::from(code))
+    write_evidence(evidence_root, run_id, admitted, report, &event)?;
+    Ok((event, code))
 }
 
 /// `source`: the runner's SPIFFE ID, else the configured URI, else this host.
@@ -206,11 +229,7 @@ fn event_source(runner: Option<&str>, configured: Option<&str>) -> Result<String
 }
 
 fn launcher(args: &RunArgs) -> Result<(Option<PrivateContainerd>, Launcher), GatewayError> {
-    let exe = std::env::current_exe().map_err(|e| GatewayError::io("<current executable>", e))?;
-    let probe = ProbeBinary {
-        path: exe,
-        args: vec!["sandbox-probe".into()],
-    };
+    let probe = probe_binary()?;
     let sandbox = args.state.join("sandbox");
     let (containerd, runtime, dir) = match args.runtime {
         RuntimeArg::Runsc => {
@@ -241,7 +260,16 @@ fn launcher(args: &RunArgs) -> Result<(Option<PrivateContainerd>, Launcher), Gat
     Ok((containerd, launcher))
 }
 
-fn launch_config_error(e: LaunchError) -> GatewayError {
+/// This executable as the sandbox's egress probe (`capsule-gateway sandbox-probe`).
+pub(crate) fn probe_binary() -> Result<ProbeBinary, GatewayError> {
+    let exe = std::env::current_exe().map_err(|e| GatewayError::io("<current executable>", e))?;
+    Ok(ProbeBinary {
+        path: exe,
+        args: vec!["sandbox-probe".into()],
+    })
+}
+
+pub(crate) fn launch_config_error(e: LaunchError) -> GatewayError {
     GatewayError::Usage(format!("sandbox: {e}"))
 }
 

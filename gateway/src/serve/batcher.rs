@@ -1,0 +1,215 @@
+//! Micro-batching: admissions from all connections are gathered into batches, each
+//! verified in parallel on the rayon pool (off the tokio workers) and then recorded
+//! in one durable transaction; every answer goes back through its own channel only
+//! after that commit.
+//!
+//! Two stages, each on its own thread, joined by a channel of one batch: while batch
+//! N is being committed (an fsync), batch N+1 is being verified. That is safe because
+//! `State::record` re-checks anti-rollback inside its write transaction; the check at
+//! verification time only lets a denial return early.
+//!
+//! The queue in front is bounded (`batch.queue`): a full queue makes `submit` fail
+//! at once and the caller answers 503 with Retry-After. Nothing is ever admitted
+//! without the full verification, and memory does not grow with the offered load.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use tokio::sync::oneshot;
+use verify_core::{Admitted, Capsule, Decision, HashMode, Policy, SpiffeId, SystemClock, Verifier};
+
+use super::config::BatchConfig;
+use super::metrics::Metrics;
+use crate::state::State;
+
+/// The answer to one admission: a decision, or the reason nothing could be decided
+/// durably (the state could not be written; nothing was acknowledged).
+pub type Outcome = Result<Result<Admitted, Decision>, String>;
+
+/// What every batch needs: the policy, the durable state and the verification pool.
+#[derive(Debug)]
+pub struct Admissions {
+    pub policy: Policy,
+    pub state: State,
+    pub pool: rayon::ThreadPool,
+    pub hash_mode: HashMode,
+}
+
+struct Job {
+    capsule: Capsule,
+    runner: SpiffeId,
+    reply: oneshot::Sender<Outcome>,
+}
+
+type Verified = Vec<(Result<Admitted, Decision>, oneshot::Sender<Outcome>)>;
+
+/// The queue is full: answer 503.
+#[derive(Debug)]
+pub struct Full;
+
+#[derive(Debug)]
+pub struct Batcher {
+    queue: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("runner", &self.runner).finish()
+    }
+}
+
+impl Batcher {
+    pub fn start(
+        admissions: Arc<Admissions>,
+        config: &BatchConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Batcher> {
+        let (queue, jobs) = mpsc::sync_channel::<Job>(config.queue);
+        // One verified batch may wait for the committer: the pipeline's depth.
+        let (verified_tx, verified_rx) = mpsc::sync_channel::<Verified>(1);
+        let (max, wait) = (config.max_size, Duration::from_micros(config.max_wait_us));
+        let a = admissions.clone();
+        let m = metrics.clone();
+        let verifier = std::thread::Builder::new()
+            .name("admit-verify".into())
+            .spawn(move || verify_loop(&a, &jobs, &verified_tx, max, wait, &m))?;
+        let committer = std::thread::Builder::new()
+            .name("admit-commit".into())
+            .spawn(move || commit_loop(&admissions, &verified_rx))?;
+        Ok(Batcher {
+            queue,
+            metrics,
+            threads: vec![verifier, committer],
+        })
+    }
+
+    /// Queues one admission; `Full` when the queue is at capacity.
+    pub fn submit(
+        &self,
+        capsule: Capsule,
+        runner: SpiffeId,
+    ) -> Result<oneshot::Receiver<Outcome>, Full> {
+        let (reply, rx) = oneshot::channel();
+        // Counted before the send so the verifier's decrement never comes first.
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        match self.queue.try_send(Job {
+            capsule,
+            runner,
+            reply,
+        }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.shed.fetch_add(1, Ordering::Relaxed);
+                Err(Full)
+            }
+        }
+    }
+
+    /// Stops taking work, finishes what is queued and waits for both stages.
+    pub fn shutdown(self) {
+        drop(self.queue);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Gathers a batch: blocks for the first job, takes whatever else is queued, then
+/// waits at most `wait` for more while the batch is below `max`.
+fn gather(jobs: &Receiver<Job>, max: usize, wait: Duration) -> Option<Vec<Job>> {
+    let first = jobs.recv().ok()?;
+    let mut batch = Vec::with_capacity(max.min(64));
+    batch.push(first);
+    while batch.len() < max {
+        match jobs.try_recv() {
+            Ok(j) => batch.push(j),
+            Err(_) => break,
+        }
+    }
+    let deadline = Instant::now() + wait;
+    while batch.len() < max {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match jobs.recv_timeout(left) {
+            Ok(j) => batch.push(j),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    Some(batch)
+}
+
+fn verify_loop(
+    a: &Admissions,
+    jobs: &Receiver<Job>,
+    verified: &SyncSender<Verified>,
+    max: usize,
+    wait: Duration,
+    metrics: &Metrics,
+) {
+    while let Some(batch) = gather(jobs, max, wait) {
+        metrics
+            .queue_depth
+            .fetch_sub(batch.len(), Ordering::Relaxed);
+        metrics.batch(batch.len());
+        let results: Vec<Result<Admitted, Decision>> = a.pool.install(|| {
+            batch
+                .par_iter()
+                .map(|job| {
+                    Verifier {
+                        policy: &a.policy,
+                        clock: &SystemClock,
+                        rollback: &a.state,
+                        // The authenticated peer is the runner: the tenant's `runners`
+                        // patterns (and the manifest's) are checked against it.
+                        runner: Some(&job.runner),
+                        hash_mode: a.hash_mode,
+                    }
+                    .verify(&job.capsule)
+                })
+                .collect()
+        });
+        let paired = results
+            .into_iter()
+            .zip(batch.into_iter().map(|j| j.reply))
+            .collect();
+        if verified.send(paired).is_err() {
+            return;
+        }
+    }
+}
+
+fn commit_loop(a: &Admissions, verified: &Receiver<Verified>) {
+    while let Ok(batch) = verified.recv() {
+        let (results, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        if results.iter().all(Result::is_err) {
+            // Only denials: nothing to record, no commit (and no fsync) to wait for.
+            for (outcome, reply) in results.into_iter().zip(replies) {
+                let _ = reply.send(Ok(outcome));
+            }
+            continue;
+        }
+        match a.state.record(results, &a.policy.policy_version) {
+            Ok(recorded) => {
+                for (outcome, reply) in recorded.into_iter().zip(replies) {
+                    // A peer that went away does not undo its admission.
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(message.clone()));
+                }
+            }
+        }
+    }
+}

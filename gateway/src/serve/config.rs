@@ -1,0 +1,210 @@
+//! `serve --config gateway.toml`: every setting of the service in one file, checked
+//! once at start-up. Relative paths are resolved against the file's directory. A
+//! bad file is a configuration error naming the file and the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::GatewayError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on (`127.0.0.1:8443`; port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Anti-rollback state, admission log, blob store, run evidence.
+    pub state_dir: PathBuf,
+    /// Verification policy (TOML).
+    pub policy: PathBuf,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub limits: ServiceLimits,
+    /// The TPM: sealed keys are unsealed through it and `/readyz` asks it.
+    #[serde(default)]
+    pub tpm: Option<TpmConfig>,
+    /// The sandbox for `/v1/runs`; without it, runs answer 503.
+    #[serde(default)]
+    pub runs: Option<RunsConfig>,
+}
+
+/// Where the gateway's own X.509-SVID and the trust bundles come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// SVID directory (`svid.pem`, `svid_key.pem`, `bundle.pem`), reloaded on rotation.
+    #[serde(default)]
+    pub svid_dir: Option<PathBuf>,
+    /// SPIFFE Workload API endpoint (`unix:///run/spire/agent.sock`).
+    #[serde(default)]
+    pub workload_api: Option<String>,
+    /// Peers allowed to connect at all (patterns, `*` as a whole last segment).
+    /// Default: every tenant's `runners`. Admission then checks the peer against the
+    /// capsule's tenant.
+    #[serde(default)]
+    pub allowed_peers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Most capsules verified and committed together.
+    pub max_size: usize,
+    /// How long a batch waits for more capsules once it has one (microseconds).
+    pub max_wait_us: u64,
+    /// Admissions waiting for a batch; beyond this, 503 with Retry-After.
+    pub queue: usize,
+    /// Threads of the verification (rayon) pool; 0 = one per core.
+    pub threads: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> BatchConfig {
+        BatchConfig {
+            max_size: 256,
+            max_wait_us: 200,
+            queue: 1024,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceLimits {
+    /// Open connections; further peers wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Largest blob accepted by `PUT /v1/blobs` (bytes).
+    pub max_blob_bytes: u64,
+    /// TLS handshake and request-head deadline (milliseconds).
+    pub handshake_timeout_ms: u64,
+    /// A connection with no bytes moving either way for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// A request body must arrive whole within this (milliseconds).
+    pub body_timeout_ms: u64,
+    /// Largest request head (bytes).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServiceLimits {
+    fn default() -> ServiceLimits {
+        ServiceLimits {
+            max_connections: 1024,
+            max_blob_bytes: 1 << 30,
+            handshake_timeout_ms: 5_000,
+            idle_timeout_ms: 30_000,
+            body_timeout_ms: 30_000,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl ServiceLimits {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// libtss2 TCTI string (`device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`).
+    pub tcti: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunsRuntime {
+    Runsc,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsConfig {
+    pub runtime: RunsRuntime,
+    /// gVisor platform (`ptrace` works everywhere).
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// Runs executing at once; more answer 503.
+    #[serde(default = "default_concurrent_runs")]
+    pub max_concurrent: usize,
+}
+
+fn default_platform() -> String {
+    "ptrace".into()
+}
+
+fn default_concurrent_runs() -> usize {
+    2
+}
+
+impl ServeConfig {
+    /// Reads and checks `path`; relative paths in it are resolved against its directory.
+    pub fn load(path: &Path) -> Result<ServeConfig, GatewayError> {
+        let text = std::fs::read_to_string(path).map_err(|e| GatewayError::io(path, e))?;
+        let mut config: ServeConfig =
+            serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
+                GatewayError::Usage(format!("{}: {}: {}", path.display(), e.path(), e.inner()))
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.state_dir = base.join(&config.state_dir);
+        if let Ok(canonical) = config.state_dir.canonicalize() {
+            config.state_dir = canonical;
+        }
+        config.policy = base.join(&config.policy);
+        if let Some(dir) = &mut config.tls.svid_dir {
+            *dir = base.join(&*dir);
+        }
+        config
+            .check()
+            .map_err(|m| GatewayError::Usage(format!("{}: {m}", path.display())))?;
+        Ok(config)
+    }
+
+    /// Settings that parse but cannot work.
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.tls.svid_dir, &self.tls.workload_api) {
+            (Some(_), Some(_)) => return Err("tls: give svid_dir or workload_api, not both".into()),
+            (None, None) => return Err("tls: give svid_dir or workload_api".into()),
+            _ => {}
+        }
+        let b = &self.batch;
+        if b.max_size == 0 || b.queue == 0 {
+            return Err("batch: max_size and queue must be at least 1".into());
+        }
+        if b.max_wait_us > 1_000_000 {
+            return Err("batch.max_wait_us: at most 1000000 (one second)".into());
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return Err("limits.max_connections: at least 1".into());
+        }
+        if l.handshake_timeout_ms == 0 || l.idle_timeout_ms == 0 || l.body_timeout_ms == 0 {
+            return Err("limits: timeouts must be positive".into());
+        }
+        if let Some(r) = &self.runs {
+            if r.max_concurrent == 0 {
+                return Err("runs.max_concurrent: at least 1".into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn blob_dir(&self) -> PathBuf {
+        self.state_dir.join("blobs")
+    }
+
+    pub fn evidence_dir(&self) -> PathBuf {
+        self.state_dir.join("evidence")
+    }
+}

@@ -1,0 +1,130 @@
+//! The embedded default of `serve` (no `--config`): a local development trust domain
+//! under `STATE/dev/` — a CA, the gateway's SVID, one client SVID, an ES256 signing
+//! key, a policy that admits capsules signed by it for the client, and the
+//! `gateway.toml` that ties them together. Made once (in a temporary directory, then
+//! renamed, so a crash leaves it whole or absent) and reused on later starts.
+//! Software keys on disk: for demos and tests, never for production.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use attest::csr::DevCa;
+use attest::spiffe::SpiffeId;
+use verify_core::Alg;
+
+use super::config::ServeConfig;
+use crate::GatewayError;
+
+pub const TRUST_DOMAIN: &str = "capsule-gateway.dev";
+pub const GATEWAY_ID: &str = "spiffe://capsule-gateway.dev/gateway";
+pub const CLIENT_ID: &str = "spiffe://capsule-gateway.dev/runner/dev";
+pub const SIGNING_KID: &str = "dev-es";
+pub const TENANT: &str = "dev";
+const SVID_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// What the development trust domain consists of (paths under `STATE/dev/`).
+#[derive(Debug)]
+pub struct DevTrust {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub client_svid: PathBuf,
+    pub signing_key: PathBuf,
+    pub policy: PathBuf,
+    pub created: bool,
+}
+
+/// Creates the development trust domain under `state/dev` unless it is there, and
+/// returns where everything is.
+pub fn ensure(state: &Path, listen: &str) -> Result<DevTrust, GatewayError> {
+    let dir = state.join("dev");
+    let created = !dir.join("gateway.toml").exists();
+    if created {
+        std::fs::create_dir_all(state).map_err(|e| GatewayError::io(state, e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".dev-")
+            .tempdir_in(state)
+            .map_err(|e| GatewayError::io(state, e))?;
+        make(tmp.path(), listen)?;
+        // A half-made directory from a crash before this rename is replaced.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| GatewayError::io(&dir, e))?;
+        }
+        let made = tmp.keep();
+        std::fs::rename(&made, &dir).map_err(|e| GatewayError::io(&dir, e))?;
+        sync_dir(state)?;
+    }
+    Ok(DevTrust {
+        config: dir.join("gateway.toml"),
+        client_svid: dir.join("client"),
+        signing_key: dir
+            .join("keys")
+            .join(format!("{SIGNING_KID}.private.jwk.json")),
+        policy: dir.join("policy.toml"),
+        dir,
+        created,
+    })
+}
+
+fn make(dir: &Path, listen: &str) -> Result<(), GatewayError> {
+    let ca = DevCa::generate(TRUST_DOMAIN)?;
+    ca.save(&dir.join("ca"))?;
+    for (id, sub) in [(GATEWAY_ID, "gateway"), (CLIENT_ID, "client")] {
+        let id = SpiffeId::parse(id).map_err(|e| GatewayError::Usage(e.to_string()))?;
+        ca.issue_software_svid_dir(&id, SVID_TTL, &dir.join(sub))?;
+    }
+    crate::cli::keygen::generate(Alg::Es256, SIGNING_KID, &dir.join("keys"))?;
+    let policy = format!(
+        r#"# Development policy made by `capsule-gateway serve` (embedded default).
+policy_version = "dev-1"
+clock_skew_s = 60
+
+[trust]
+jwks = "keys/{SIGNING_KID}.public.jwks.json"
+
+[limits]
+max_jws_bytes = 1048576
+max_artifacts = 4096
+
+[[tenants]]
+name = "{TENANT}"
+keys = ["{SIGNING_KID}"]
+environments = ["dev"]
+runners = ["spiffe://{TRUST_DOMAIN}/runner/*"]
+armory = []
+min_approvals = 1
+"#
+    );
+    write(dir, "policy.toml", &policy)?;
+    let config = format!(
+        r#"# Made by `capsule-gateway serve` (embedded default): a development trust domain
+# with software keys on disk. NOT FOR PRODUCTION.
+listen = "{listen}"
+state_dir = ".."
+policy = "policy.toml"
+
+[tls]
+svid_dir = "gateway"
+"#
+    );
+    write(dir, "gateway.toml", &config)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<(), GatewayError> {
+    let p = dir.join(name);
+    std::fs::write(&p, text)
+        .and_then(|()| std::fs::File::open(&p)?.sync_all())
+        .map_err(|e| GatewayError::io(&p, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), GatewayError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| GatewayError::io(dir, e))
+}
+
+/// Loads the development config, with the listen address given on the command line.
+pub fn config(trust: &DevTrust, listen: std::net::SocketAddr) -> Result<ServeConfig, GatewayError> {
+    let mut c = ServeConfig::load(&trust.config)?;
+    c.listen = listen;
+    Ok(c)
+}

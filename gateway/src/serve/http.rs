@@ -1,0 +1,286 @@
+//! The HTTP API: routes, body limits and the JSON answers. Every request comes from
+//! a peer whose SPIFFE ID the TLS layer authenticated; that ID is the runner the
+//! admission is checked for.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use serde_json::{json, Value};
+use verify_core::{Capsule, Sha256Digest, SpiffeId};
+
+use super::blobs::{parse_blob_path, UploadError};
+use super::runs::RunStatus;
+use super::Service;
+use crate::output::decision_json;
+
+pub type Reply = Response<Full<Bytes>>;
+
+/// Seconds a shed client is asked to wait.
+const RETRY_AFTER_S: &str = "1";
+
+fn json_reply(status: StatusCode, body: &Value) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Reply {
+    json_reply(status, &json!({ "error": message.into() }))
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn shed() -> Reply {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "admission queue full; retry later",
+    );
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from_static(RETRY_AFTER_S),
+    );
+    r
+}
+
+/// One request. Never fails at the HTTP level: every outcome is a response.
+pub async fn handle(
+    svc: Arc<Service>,
+    peer: Arc<SpiffeId>,
+    req: Request<Incoming>,
+) -> Result<Reply, Infallible> {
+    let reply = route(&svc, &peer, req).await;
+    svc.metrics.response(reply.status().as_u16());
+    Ok(reply)
+}
+
+async fn route(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        (&Method::GET, "/readyz") => match svc.readiness().await {
+            Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+                "text/plain",
+            ),
+        },
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            svc.metrics.render(),
+            "text/plain; version=0.0.4",
+        ),
+        (&Method::POST, "/v1/admissions") => admission(svc, peer, req).await,
+        (&Method::POST, "/v1/runs") => start_run(svc, peer, req).await,
+        (&Method::GET, p) if p.starts_with("/v1/runs/") => run_status(svc, &p["/v1/runs/".len()..]),
+        (&Method::PUT, p) if p.starts_with("/v1/blobs/") => match parse_blob_path(p) {
+            Some(digest) => put_blob(svc, digest, req).await,
+            None => error(
+                StatusCode::BAD_REQUEST,
+                "blob path must be /v1/blobs/sha256:<64 lowercase hex>",
+            ),
+        },
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/admissions" | "/v1/runs") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes within the body deadline.
+async fn read_body(body: Incoming, limit: usize, deadline: Duration) -> Result<Bytes, Reply> {
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large(limit as u64));
+    }
+    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive in time",
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit as u64)),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, format!("request body: {e}"))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+fn too_large(limit: u64) -> Reply {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body is larger than {limit} bytes"),
+    )
+}
+
+/// Verifies one capsule through the batcher; the answer is given only after the
+/// decision is durable.
+async fn admit(
+    svc: &Service,
+    peer: &SpiffeId,
+    req: Request<Incoming>,
+) -> Result<(verify_core::Admitted, Value), Reply> {
+    // One byte over the JWS limit for a trailing newline, as the CLI tolerates.
+    let limit = svc.admissions.policy.limits.max_jws_bytes + 1;
+    let body = read_body(req.into_body(), limit, svc.limits.body_timeout()).await?;
+    let started = Instant::now();
+    let name = Sha256Digest(svc.admissions.policy.backend.sha256_oneshot(&body)).to_string();
+    let capsule = Capsule::from_bytes(&body, svc.blobs.source()).with_root(svc.blobs.root());
+    let rx = svc
+        .batcher
+        .submit(capsule, peer.clone())
+        .map_err(|_| shed())?;
+    let outcome = rx.await.map_err(|_| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the admission pipeline stopped",
+        )
+    })?;
+    match outcome {
+        Err(state) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("not recorded, not admitted: {state}"),
+        )),
+        Ok(Err(denied)) => {
+            svc.metrics.admission(&denied, started.elapsed());
+            Err(json_reply(
+                StatusCode::FORBIDDEN,
+                &decision_json(&name, &denied),
+            ))
+        }
+        Ok(Ok(admitted)) => {
+            svc.metrics
+                .admission(admitted.decision(), started.elapsed());
+            let body = decision_json(&name, admitted.decision());
+            Ok((admitted, body))
+        }
+    }
+}
+
+async fn admission(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
+    match admit(svc, peer, req).await {
+        Ok((_, decision)) => json_reply(StatusCode::OK, &decision),
+        Err(reply) => reply,
+    }
+}
+
+async fn start_run(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
+    let Some(runs) = &svc.runs else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no sandbox is configured for runs ([runs] in the config)",
+        );
+    };
+    // A free run slot is taken before admitting, so that an admitted capsule is not
+    // then refused for want of one.
+    let Some(slot) = runs.slot() else {
+        return shed();
+    };
+    let (admitted, decision) = match admit(svc, peer, req).await {
+        Ok(x) => x,
+        Err(reply) => return reply,
+    };
+    match runs.start(slot, admitted, peer) {
+        Ok(run_id) => json_reply(
+            StatusCode::ACCEPTED,
+            &json!({ "run_id": run_id.as_str(), "status": "running", "decision": decision }),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn run_status(svc: &Service, id: &str) -> Reply {
+    let Some(runs) = &svc.runs else {
+        return error(StatusCode::NOT_FOUND, "no such run");
+    };
+    match runs.status(id) {
+        RunStatus::Unknown => error(StatusCode::NOT_FOUND, "no such run"),
+        RunStatus::Running => {
+            json_reply(StatusCode::OK, &json!({"run_id": id, "status": "running"}))
+        }
+        RunStatus::Done { status, event } => json_reply(
+            StatusCode::OK,
+            &json!({"run_id": id, "status": status, "event": event}),
+        ),
+        RunStatus::Unreadable(why) => error(StatusCode::INTERNAL_SERVER_ERROR, why),
+    }
+}
+
+/// Streams a blob into the store, checking its digest; a wrong digest stores nothing.
+async fn put_blob(svc: &Service, digest: Sha256Digest, req: Request<Incoming>) -> Reply {
+    let limit = svc.limits.max_blob_bytes;
+    let mut body = req.into_body();
+    if body.size_hint().lower() > limit {
+        return too_large(limit);
+    }
+    if svc.blobs.contains(&digest) {
+        // Content-addressed: the bytes are already here; the body need not be read.
+        return json_reply(
+            StatusCode::OK,
+            &json!({"digest": digest.to_string(), "stored": false}),
+        );
+    }
+    let mut upload = match svc.blobs.begin(digest, limit) {
+        Ok(u) => u,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("blob store: {e}"),
+            )
+        }
+    };
+    let deadline = tokio::time::Instant::now() + svc.limits.body_timeout();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body did not arrive in time",
+                )
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return error(StatusCode::BAD_REQUEST, format!("request body: {e}"))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if let Err(e) = upload.write(&data) {
+                return upload_error(e);
+            }
+        }
+    }
+    match tokio::task::spawn_blocking(move || upload.finish()).await {
+        Ok(Ok(stored)) => json_reply(
+            StatusCode::CREATED,
+            &json!({"digest": stored.digest.to_string(), "size": stored.size, "stored": true}),
+        ),
+        Ok(Err(e)) => upload_error(e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("blob store: {e}"),
+        ),
+    }
+}
+
+fn upload_error(e: UploadError) -> Reply {
+    match e {
+        UploadError::TooLarge { limit } => too_large(limit),
+        e @ UploadError::DigestMismatch { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
+        e @ UploadError::Io(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

@@ -1,0 +1,304 @@
+//! `capsule-gateway serve`: the admission service.
+//!
+//! tokio + rustls (TLS 1.3 only, aws-lc-rs), HTTP/1.1 and HTTP/2 via hyper. Each peer
+//! is authenticated by its X.509-SVID (`attest::tls`) and must match `allowed_peers`
+//! (default: some tenant's `runners`); admissions then check the peer's ID against
+//! the capsule's tenant. Admissions are micro-batched (`batcher`), verified on a rayon
+//! pool and recorded durably before any answer. Layout:
+//!
+//! - `config`: the TOML configuration; `devtrust`: the embedded development default;
+//! - `http`: routes and answers; `blobs`: the content-addressed store;
+//! - `batcher`: micro-batching and durability; `runs`: `/v1/runs` through the sandbox;
+//! - `metrics`: Prometheus text; `idle`: the idle-connection deadline.
+
+pub mod batcher;
+pub mod blobs;
+pub mod config;
+pub mod devtrust;
+pub mod http;
+pub mod idle;
+pub mod metrics;
+pub mod runs;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use attest::svid::{FileSource, IdentitySource, WorkloadApiSource};
+use attest::tls::{Authorize, Bundles, SvidCertResolver};
+use attest::tpm::{Tcti, Tpm};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use verify_core::crypto::default_backend;
+use verify_core::{HashMode, Policy, RunnerPattern};
+
+use self::batcher::{Admissions, Batcher};
+use self::blobs::BlobStore;
+use self::config::{ServeConfig, ServiceLimits};
+use self::idle::IdleTimeout;
+use self::metrics::Metrics;
+use self::runs::Runs;
+use crate::state::State;
+use crate::GatewayError;
+
+/// How long the Workload API may take to hand out the first SVID.
+const WORKLOAD_API_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TPM that does not answer `/readyz`'s question within this is not ready.
+const TPM_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything a request handler needs, shared by all connections.
+#[derive(Debug)]
+pub struct Service {
+    pub admissions: Arc<Admissions>,
+    pub batcher: Batcher,
+    pub blobs: BlobStore,
+    pub metrics: Arc<Metrics>,
+    pub limits: ServiceLimits,
+    pub runs: Option<Runs>,
+    tpm: Option<Arc<Mutex<Tpm>>>,
+    identity: Arc<dyn IdentitySource>,
+}
+
+impl Service {
+    /// Ready when the trust material is loaded (the SVID is current) and, if a TPM is
+    /// configured, it answers.
+    pub async fn readiness(&self) -> Result<(), String> {
+        let svid = self.identity.current().map_err(|e| format!("SVID: {e}"))?;
+        let now = chrono::Utc::now().timestamp();
+        if svid.svid.not_after() <= now {
+            return Err("the gateway's SVID has expired".into());
+        }
+        if self.admissions.policy.keys.is_empty() {
+            return Err("no trusted keys".into());
+        }
+        if let Some(tpm) = &self.tpm {
+            let tpm = tpm.clone();
+            let probe = tokio::task::spawn_blocking(move || {
+                let mut t = tpm.lock().map_err(|_| "TPM lock poisoned".to_string())?;
+                t.loaded_transient_objects()
+                    .map_err(|e| format!("TPM: {e}"))
+            });
+            match tokio::time::timeout(TPM_PROBE_TIMEOUT, probe).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => return Err(e),
+                Ok(Err(e)) => return Err(format!("TPM probe: {e}")),
+                Err(_) => return Err("the TPM did not answer in time".into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running service: its address, and a way to stop it.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    runtime: tokio::runtime::Runtime,
+    stop: watch::Sender<bool>,
+    service: Arc<Service>,
+}
+
+impl Server {
+    /// Loads trust material, policy and state, binds the listener and starts serving
+    /// on its own tokio runtime.
+    pub fn start(config: &ServeConfig) -> Result<Server, GatewayError> {
+        let identity: Arc<dyn IdentitySource> =
+            match (&config.tls.svid_dir, &config.tls.workload_api) {
+                (Some(dir), _) => Arc::new(FileSource::open(dir)?),
+                (None, Some(ep)) => Arc::new(WorkloadApiSource::connect(ep, WORKLOAD_API_TIMEOUT)?),
+                (None, None) => return Err(GatewayError::Usage("tls: no SVID source".into())),
+            };
+        let (policy, tpm) =
+            load_policy(&config.policy, config.tpm.as_ref().map(|t| t.tcti.as_str()))?;
+        let allowed = allowed_peers(config, &policy)?;
+        let resolver = Arc::new(SvidCertResolver::new(identity.clone(), None)?);
+        let mut tls = attest::tls::server_config(
+            resolver,
+            Bundles::Source(identity.clone()),
+            Authorize::Matching(allowed),
+        )?;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+        let state = State::open(&config.state_dir, true)?
+            .ok_or_else(|| GatewayError::Usage("state: not created".into()))?;
+        state.verify_log()?;
+        let blobs = BlobStore::open(&config.blob_dir())
+            .map_err(|e| GatewayError::io(config.blob_dir(), e))?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.batch.threads)
+            .thread_name(|i| format!("verify-{i}"))
+            .build()
+            .map_err(|e| GatewayError::Usage(format!("verification pool: {e}")))?;
+        let metrics = Arc::new(Metrics::new());
+        let admissions = Arc::new(Admissions {
+            policy,
+            state,
+            pool,
+            hash_mode: HashMode::Auto,
+        });
+        let batcher = Batcher::start(admissions.clone(), &config.batch, metrics.clone())
+            .map_err(|e| GatewayError::io("<batch threads>", e))?;
+        let runs = match &config.runs {
+            Some(r) => Some(Runs::start_launcher(r, &config.state_dir)?),
+            None => None,
+        };
+        let service = Arc::new(Service {
+            admissions,
+            batcher,
+            blobs,
+            metrics,
+            limits: config.limits.clone(),
+            runs,
+            tpm: tpm.map(|t| Arc::new(Mutex::new(t))),
+            identity,
+        });
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("serve")
+            .build()
+            .map_err(|e| GatewayError::io("<tokio runtime>", e))?;
+        let listener = runtime
+            .block_on(TcpListener::bind(config.listen))
+            .map_err(|e| GatewayError::io(config.listen.to_string(), e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| GatewayError::io(config.listen.to_string(), e))?;
+        let (stop, stopped) = watch::channel(false);
+        runtime.spawn(accept_loop(listener, acceptor, service.clone(), stopped));
+        Ok(Server {
+            addr,
+            runtime,
+            stop,
+            service,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, gives open requests a moment, stops running sandboxes in
+    /// order, and lets the batcher finish (every queued admission is answered or
+    /// its connection is gone; nothing half-written).
+    pub fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.runtime.shutdown_timeout(Duration::from_secs(2));
+        if let Some(runs) = &self.service.runs {
+            runs.drain(Duration::from_secs(30));
+        }
+        if let Ok(service) = Arc::try_unwrap(self.service) {
+            service.batcher.shutdown();
+        }
+    }
+}
+
+/// The policy, with sealed keys unsealed through the configured TPM, which is kept
+/// open for `/readyz`.
+fn load_policy(path: &Path, tcti: Option<&str>) -> Result<(Policy, Option<Tpm>), GatewayError> {
+    let mut tpm = match tcti {
+        Some(t) => Some(Tpm::open(&Tcti::parse(t)?)?),
+        None => None,
+    };
+    let mut unseal = |file: &Path| -> Result<verify_core::keys::ParsedJwk, String> {
+        let t = tpm
+            .as_mut()
+            .ok_or_else(|| format!("{}: sealed key, but no [tpm] is configured", file.display()))?;
+        crate::cli::attest::unseal_with(t, file)
+    };
+    let policy = Policy::load_with_sealed(path, default_backend(), Some(&mut unseal))?;
+    Ok((policy, tpm))
+}
+
+/// Who may connect: the configured patterns, else every tenant's runners.
+fn allowed_peers(
+    config: &ServeConfig,
+    policy: &Policy,
+) -> Result<Vec<RunnerPattern>, GatewayError> {
+    match &config.tls.allowed_peers {
+        Some(list) => list
+            .iter()
+            .map(|p| {
+                RunnerPattern::parse(p)
+                    .map_err(|e| GatewayError::Usage(format!("tls.allowed_peers: `{p}`: {e}")))
+            })
+            .collect(),
+        None => Ok(policy
+            .tenants
+            .values()
+            .flat_map(|t| t.runners.iter().cloned())
+            .collect()),
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    service: Arc<Service>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let connections = Arc::new(Semaphore::new(service.limits.max_connections));
+    loop {
+        // At the connection limit, further peers wait in the kernel's accept queue.
+        let Ok(permit) = connections.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(_) => continue, // e.g. EMFILE; the next accept may succeed
+            },
+            _ = stopped.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, service) = (acceptor.clone(), service.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_connection(tcp, acceptor, service).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    service: Arc<Service>,
+) {
+    let limits = &service.limits;
+    let io = IdleTimeout::new(tcp, limits.idle_timeout());
+    // A peer without a valid SVID fails here, inside the handshake.
+    let tls = match tokio::time::timeout(limits.handshake_timeout(), acceptor.accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(_)) | Err(_) => return,
+    };
+    let Ok(peer) = attest::tls::peer_id(tls.get_ref().1) else {
+        return;
+    };
+    let peer = Arc::new(peer);
+    service
+        .metrics
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let svc = service.clone();
+    let handler =
+        hyper::service::service_fn(move |req| http::handle(svc.clone(), peer.clone(), req));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.handshake_timeout())
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    let _ = builder.serve_connection(TokioIo::new(tls), handler).await;
+    service
+        .metrics
+        .connections
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
