@@ -1,0 +1,82 @@
+//! The service's admission pipeline in process, no network: 10,000 admissions of the
+//! small ES256 capsule submitted to `serve`'s `Batcher` (micro-batches verified on a
+//! rayon pool, each batch recorded in the durable redb state before the answers go
+//! out), artifacts resolved from the service's blob store. This is the in-process
+//! batch rate the service over mTLS is compared with (`scripts/bench-service.sh`),
+//! next to `batch_10k_es256/admit_batch` (verification alone, nothing recorded).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capsule_gateway::serve::batcher::{Admissions, Batcher};
+use capsule_gateway::serve::blobs::BlobStore;
+use capsule_gateway::serve::config::BatchConfig;
+use capsule_gateway::serve::metrics::Metrics;
+use capsule_gateway::state::State;
+use capsule_tests::{sha256_hex, Signer, RUN_SH};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use verify_core::{Capsule, HashMode, Sha256Digest};
+
+use common::{small_manifest, Env};
+
+const ADMISSIONS: usize = 10_000;
+
+fn pipeline(c: &mut Criterion) {
+    let env = Env::new();
+    let cap = env.signed("small-es", &small_manifest(&env.world), Signer::Es256);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs = BlobStore::open(&dir.path().join("blobs")).expect("blob store");
+    let digest = Sha256Digest::from_hex(&sha256_hex(RUN_SH)).expect("digest");
+    let mut upload = blobs.begin(digest, 1 << 20).expect("upload");
+    upload.write(RUN_SH).expect("write");
+    upload.finish().expect("stored");
+
+    let admissions = Arc::new(Admissions {
+        policy: env.world.policy(),
+        state: State::open(&dir.path().join("state"), true)
+            .expect("state")
+            .expect("created"),
+        pool: rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("pool"),
+        hash_mode: HashMode::Auto,
+    });
+    let config = BatchConfig {
+        queue: ADMISSIONS,
+        ..BatchConfig::default()
+    };
+    let batcher = Batcher::start(admissions, &config, Arc::new(Metrics::new())).expect("batcher");
+    let capsule = Capsule::from_bytes(&cap.jws, blobs.source()).with_root(blobs.root());
+    let runner = env.runner.clone();
+    let run = || {
+        let replies: Vec<_> = (0..ADMISSIONS)
+            .map(|_| {
+                batcher
+                    .submit(capsule.clone(), runner.clone())
+                    .expect("queue has room for the whole batch")
+            })
+            .collect();
+        replies
+            .into_iter()
+            .map(|rx| rx.blocking_recv().expect("answer").expect("recorded"))
+            .filter(Result::is_ok)
+            .count()
+    };
+    assert_eq!(run(), ADMISSIONS, "every admission is admitted");
+
+    let mut g = c.benchmark_group("service_pipeline_10k_es256");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Elements(ADMISSIONS as u64));
+    g.bench_function("batcher_durable/2_thread", |b| b.iter(run));
+    g.finish();
+    batcher.shutdown();
+}
+
+criterion_group!(benches, pipeline);
+criterion_main!(benches);
