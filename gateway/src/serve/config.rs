@@ -208,3 +208,40 @@ impl ServeConfig {
         self.state_dir.join("evidence")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateway.toml");
+        let c = ServeConfig::load(&path).expect("examples/gateway.toml loads");
+        assert_eq!(c.batch.queue, 1024);
+        assert_eq!(c.runs.as_ref().map(|r| r.runtime), Some(RunsRuntime::Runsc));
+        assert!(c.tls.workload_api.is_some());
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gateway.toml");
+        let base = "listen = \"127.0.0.1:0\"\nstate_dir = \"s\"\npolicy = \"p.toml\"\n";
+        for (extra, field) in [
+            (
+                "[tls]\nsvid_dir = \"svid\"\n[batch]\nqueue = \"many\"\n",
+                "batch.queue",
+            ),
+            ("[tls]\nsvid_dir = \"svid\"\nsurprise = 1\n", "tls"),
+            ("[tls]\n", "tls: give svid_dir or workload_api"),
+            (
+                "[tls]\nsvid_dir = \"svid\"\n[batch]\nqueue = 0\n",
+                "batch: max_size and queue",
+            ),
+        ] {
+            std::fs::write(&path, format!("{base}{extra}")).expect("write");
+            let e = ServeConfig::load(&path).expect_err(extra).to_string();
+            assert!(e.contains("gateway.toml") && e.contains(field), "{e}");
+        }
+    }
+}
