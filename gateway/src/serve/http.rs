@@ -228,7 +228,13 @@ async fn put_blob(svc: &Service, digest: Sha256Digest, req: Request<Incoming>) -
         return too_large(limit);
     }
     if svc.blobs.contains(&digest) {
-        // Content-addressed: the bytes are already here; the body need not be read.
+        // Content-addressed: the bytes are already here and are not stored again. The
+        // body is still read and discarded (same limits): answered unread, hyper would
+        // close the connection with bytes pending, and an HTTP/1.1 client still sending
+        // them gets a reset instead of this answer.
+        if let Err(reply) = discard_body(body, limit, svc.limits.body_timeout()).await {
+            return reply;
+        }
         return json_reply(
             StatusCode::OK,
             &json!({"digest": digest.to_string(), "stored": false}),
@@ -274,6 +280,33 @@ async fn put_blob(svc: &Service, digest: Sha256Digest, req: Request<Incoming>) -
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("blob store: {e}"),
         ),
+    }
+}
+
+/// Reads and drops a body of at most `limit` bytes within the body deadline.
+async fn discard_body(mut body: Incoming, limit: u64, deadline: Duration) -> Result<(), Reply> {
+    let deadline = tokio::time::Instant::now() + deadline;
+    let mut len = 0u64;
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body did not arrive in time",
+                ))
+            }
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(e))) => {
+                return Err(error(StatusCode::BAD_REQUEST, format!("request body: {e}")))
+            }
+            Ok(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                len = len.saturating_add(n);
+                if len > limit {
+                    return Err(too_large(limit));
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,966 @@
+//! `capsule-gateway serve` end to end, over real TLS 1.3 on loopback with rcgen-made
+//! SVIDs: admit and deny answers (the CLI's `--json` fields), peers refused at the
+//! handshake, the blob store's digest check, body limits, load shedding, `kill -9`
+//! under load, concurrent rising and falling versions, health and metrics, and the
+//! embedded development default through the real binary.
+//!
+//! The in-process tests start `Server` from a `ServeConfig` built here (policy, keys
+//! and capsules from `capsule_tests::World`); the crash and default-config tests run
+//! the binary. Every client request crosses a real mTLS connection.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use attest_testkit::{SvidSpec, TestCa};
+use bytes::Bytes;
+use capsule_gateway::serve::config::BatchConfig;
+use capsule_gateway::serve::Server;
+use capsule_gateway::state::State;
+use capsule_tests::{b64_json, read_jws, sha256_hex, Signer, HS_KID, RUNNER};
+use common::{
+    admission_log, chunked, client_config, digest, full, metric, rollback_highest, runtime,
+    versioned_jws, versioned_manifest, Client, Fixture, Gateway, GATEWAY_ID, TRUST_DOMAIN,
+};
+use http::Method;
+use serde_json::{json, Value};
+
+const ADMITTED: &str = "capsule_gateway_admissions_total{verdict=\"admit\",reason=\"\"}";
+
+fn start(config: &capsule_gateway::serve::config::ServeConfig) -> Server {
+    Server::start(config).expect("the service starts")
+}
+
+fn s(p: &Path) -> &OsStr {
+    p.as_os_str()
+}
+
+/// The CLI's `verify --json` line for a capsule directory, as `RUNNER`.
+fn cli_json(policy: &Path, capsule: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
+        .args([OsStr::new("verify"), OsStr::new("--policy"), s(policy)])
+        .args(["--runner", RUNNER, "--json"])
+        .arg(capsule)
+        .output()
+        .expect("run capsule-gateway verify");
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    v.as_object().expect("an object").keys().cloned().collect()
+}
+
+/// A good capsule is admitted (200) and a tampered one or one signed by a key the
+/// tenant may not use is denied (403) with its exact reason; every answer carries the
+/// fields of the CLI's `--json` line, in its order, with the same values (`capsule`
+/// being the body's digest). Artifacts come from the blob store only.
+#[test]
+fn admissions_answer_with_the_cli_decision_fields() {
+    let f = Fixture::new();
+    let w = &f.world;
+    let good = w.good_capsule("good", Signer::Es256);
+    let other_key = w.good_capsule("other-key", Signer::Other);
+    // The good capsule's header and signature over another manifest (version 8).
+    let good_jws = read_jws(&good);
+    let parts: Vec<&str> = good_jws.split('.').collect();
+    let mut m = w.manifest();
+    m["version"] = json!(8);
+    let tampered = format!("{}.{}.{}", parts[0], b64_json(&m), parts[2]);
+    let tampered = w.capsule_with_jws("tampered", tampered.as_bytes());
+    let hs = w.capsule("hs", &versioned_manifest(w, "hs-capsule", 3), Signer::Hs256);
+
+    let server = start(&f.config());
+    let addr = server.local_addr();
+    let client = f.client_svid_dir(RUNNER);
+    runtime().block_on(async {
+        let mut c = Client::connect(addr, client_config(&client, GATEWAY_ID, false))
+            .await
+            .expect("connect");
+        assert_eq!(c.alpn.as_deref(), Some(&b"http/1.1"[..]));
+
+        // Nothing uploaded yet: the capsule's files are not where admissions look.
+        let r = c.admit(good_jws.clone()).await.expect("admission");
+        assert_eq!(r.status, 403, "{r:?}");
+        assert_eq!(r.json()["reason"], "artifact_missing", "{r:?}");
+
+        c.upload_world_files().await;
+        let cases = [
+            (&good, 200, Value::Null, "admit"),
+            (&tampered, 403, json!("signature_invalid"), "deny"),
+            (&other_key, 403, json!("tenant_key_mismatch"), "deny"),
+        ];
+        for (dir, status, reason, verdict) in cases {
+            let body = read_jws(dir);
+            let r = c.admit(body.clone()).await.expect("admission");
+            assert_eq!(r.status, status, "{dir:?}: {r:?}");
+            let got = r.json();
+            assert_eq!(got["verdict"], verdict, "{dir:?}: {got}");
+            assert_eq!(got["reason"], reason, "{dir:?}: {got}");
+            let cli = cli_json(&w.policy_path(), dir);
+            assert_eq!(keys(&got), keys(&cli), "same fields, same order");
+            for k in keys(&cli).iter().filter(|k| *k != "capsule") {
+                assert_eq!(got[k], cli[k], "{dir:?}: field `{k}`");
+            }
+            assert_eq!(got["capsule"], digest(body.as_bytes()));
+            assert_eq!(got["digest"], digest(body.as_bytes()));
+        }
+        // The same bytes again: admitted again (same version, same digest).
+        let r = c.admit(good_jws.clone()).await.expect("admission");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["capsule_id"], "auth-token-issuance");
+        assert_eq!(r.json()["version"], 7);
+        assert_eq!(r.json()["alg"], "ES256");
+
+        // The same service over HTTP/2: an HS256 capsule of another id.
+        let mut h2 = Client::connect(addr, client_config(&client, GATEWAY_ID, true))
+            .await
+            .expect("connect h2");
+        assert_eq!(h2.alpn.as_deref(), Some(&b"h2"[..]));
+        let r = h2.admit(read_jws(&hs)).await.expect("admission");
+        assert_eq!(r.status, 200, "{r:?}");
+        let got = r.json();
+        assert_eq!(
+            (got["verdict"].as_str(), got["kid"].as_str()),
+            (Some("admit"), Some(HS_KID))
+        );
+        assert_eq!(got["alg"], "HS256");
+        let cli = cli_json(&w.policy_path(), &hs);
+        assert_eq!(got["detail"], cli["detail"]);
+    });
+    server.shutdown();
+}
+
+/// What a refused peer sees: the handshake fails, or (TLS 1.3: the server judges the
+/// client's certificate after the client's handshake is done) the first request does.
+async fn refused(addr: std::net::SocketAddr, config: Arc<rustls::ClientConfig>) -> String {
+    match Client::connect(addr, config).await {
+        Err(e) => e,
+        Ok(mut c) => match c.get("/healthz").await {
+            Ok(r) => panic!("a refused peer got an answer: {r:?}"),
+            Err(e) => e,
+        },
+    }
+}
+
+/// No client certificate, an SVID from a CA the gateway does not trust (same
+/// trust domain name, another key; and another trust domain), an expired SVID and an
+/// SVID whose ID no tenant allows: each is refused by TLS with its own alert, while
+/// the same client code with a valid SVID is served. No refused peer reaches HTTP.
+#[test]
+fn peers_without_a_valid_allowed_svid_are_refused_at_tls() {
+    let f = Fixture::new();
+    let server = start(&f.config());
+    let addr = server.local_addr();
+    let valid = f.ca.issue(&SvidSpec::id(RUNNER));
+    let impostor_ca = TestCa::new(TRUST_DOMAIN);
+    let impostor = impostor_ca.issue(&SvidSpec::id(RUNNER));
+    let foreign_ca = TestCa::new("evil.example");
+    let foreign = foreign_ca.issue(&SvidSpec::id("spiffe://evil.example/runner/r1"));
+    let expired = f.ca.issue(&SvidSpec::id(RUNNER).expired());
+    let stranger =
+        f.ca.issue(&SvidSpec::id("spiffe://acme.example/intruder/i1"));
+    runtime().block_on(async {
+        // The control: the very same client construction, with a valid SVID.
+        let mut c = Client::connect(addr, f.raw_client_config(Some(&valid)))
+            .await
+            .expect("a valid SVID connects");
+        assert_eq!(c.get("/healthz").await.expect("healthz").status, 200);
+
+        let cases = [
+            ("no client certificate", None, "CertificateRequired"),
+            // The impostor CA has the real CA's name, so the chain is built to the
+            // trusted root and its signature fails (rustls: BadSignature → decrypt_error).
+            ("untrusted CA", Some(&impostor), "DecryptError"),
+            // Trust domain not in the bundle, and an ID no pattern allows: refused by
+            // the SPIFFE verifier (rustls: Other → certificate_unknown).
+            ("foreign trust domain", Some(&foreign), "CertificateUnknown"),
+            ("expired", Some(&expired), "CertificateExpired"),
+            (
+                "ID allowed for no tenant",
+                Some(&stranger),
+                "CertificateUnknown",
+            ),
+        ];
+        for (name, cert, alert) in cases {
+            let err = refused(addr, f.raw_client_config(cert)).await;
+            assert!(err.contains(alert), "{name}: expected alert {alert}: {err}");
+        }
+        // Only the control's request was answered.
+        let m = c.metrics().await;
+        assert_eq!(
+            metric(&m, "capsule_gateway_http_responses_total{code=\"200\"}"),
+            Some(1.0),
+            "{m}"
+        );
+    });
+    server.shutdown();
+}
+
+/// A peer allowed to connect (`tls.allowed_peers`) and named by the manifest, but
+/// not among the tenant's `runners`, is denied `runner_not_allowed`; a tenant runner is
+/// admitted the same capsule. Peers matching neither pattern stay refused at TLS.
+#[test]
+fn a_connected_peer_outside_the_tenant_runners_is_denied_runner_not_allowed() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.tls.allowed_peers = Some(vec![
+        "spiffe://acme.example/runner/*".into(),
+        "spiffe://acme.example/auditor/*".into(),
+    ]);
+    let w = &f.world;
+    let mut m = versioned_manifest(w, "audited", 2);
+    m["runners"] = json!([
+        "spiffe://acme.example/runner/*",
+        "spiffe://acme.example/auditor/*"
+    ]);
+    let jws = w.sign(m.to_string().as_bytes(), Signer::Es256);
+    let server = start(&config);
+    let addr = server.local_addr();
+    let auditor = f.client_svid_dir("spiffe://acme.example/auditor/a1");
+    let runner = f.client_svid_dir(RUNNER);
+    let stranger =
+        f.ca.issue(&SvidSpec::id("spiffe://acme.example/intruder/i1"));
+    runtime().block_on(async {
+        let mut a = Client::connect(addr, client_config(&auditor, GATEWAY_ID, false))
+            .await
+            .expect("the auditor may connect");
+        a.upload_world_files().await;
+        let r = a.admit(jws.clone()).await.expect("admission");
+        assert_eq!(r.status, 403, "{r:?}");
+        let d = r.json();
+        assert_eq!(d["reason"], "runner_not_allowed", "{d}");
+        let detail = d["detail"].as_str().expect("detail");
+        assert!(
+            detail.contains("spiffe://acme.example/auditor/a1")
+                && detail.contains("not allowed for tenant `acme-payments`"),
+            "{detail}"
+        );
+
+        let mut r1 = Client::connect(addr, client_config(&runner, GATEWAY_ID, false))
+            .await
+            .expect("a runner connects");
+        let r = r1.admit(jws.clone()).await.expect("admission");
+        assert_eq!(r.status, 200, "{r:?}");
+
+        let err = refused(addr, f.raw_client_config(Some(&stranger))).await;
+        assert!(err.contains("CertificateUnknown"), "{err}");
+    });
+    server.shutdown();
+}
+
+fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A blob whose bytes do not hash to the digest in its path is refused (400) and
+/// leaves nothing behind, streamed or not; malformed blob paths are 400; the right
+/// bytes are stored once (201, then 200).
+#[test]
+fn blob_uploads_store_only_bytes_matching_their_digest() {
+    let f = Fixture::new();
+    let server = start(&f.config());
+    let addr = server.local_addr();
+    let client = f.client_svid_dir(RUNNER);
+    let (sha_dir, tmp_dir) = (f.blob_dir().join("sha256"), f.blob_dir().join("tmp"));
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let claimed = sha256_hex(b"some other bytes");
+    runtime().block_on(async {
+        let mut c = Client::connect(addr, client_config(&client, GATEWAY_ID, false))
+            .await
+            .expect("connect");
+        let path = format!("/v1/blobs/sha256:{claimed}");
+        for streamed in [false, true] {
+            let b = if streamed {
+                chunked(&body, 16 * 1024)
+            } else {
+                full(body.clone())
+            };
+            let r = c.request(Method::PUT, &path, b).await.expect("PUT");
+            assert_eq!(r.status, 400, "streamed={streamed}: {r:?}");
+            let e = r.json()["error"].as_str().expect("error").to_string();
+            assert!(
+                e.contains(&claimed) && e.contains(&sha256_hex(&body)),
+                "{e}"
+            );
+            assert!(dir_entries(&sha_dir).is_empty(), "nothing stored");
+            assert!(dir_entries(&tmp_dir).is_empty(), "no temporary file left");
+        }
+
+        let hex = sha256_hex(&body);
+        for bad in [
+            format!("/v1/blobs/sha256:{}", hex.to_uppercase()),
+            format!("/v1/blobs/sha512:{hex}"),
+            format!("/v1/blobs/sha256:{}", &hex[1..]),
+            format!("/v1/blobs/sha256:{hex}/x"),
+            format!("/v1/blobs/{hex}"),
+            "/v1/blobs/sha256:../../etc/passwd".to_string(),
+            "/v1/blobs/sha256:%2e%2e%2f%2e%2e%2fetc%2fpasswd".to_string(),
+        ] {
+            // The server need not read a body it refuses, so: a small one, and a
+            // fresh connection each time.
+            let mut c = Client::connect(addr, client_config(&client, GATEWAY_ID, false))
+                .await
+                .expect("connect");
+            let r = c
+                .request(Method::PUT, &bad, full(&b"bytes"[..]))
+                .await
+                .expect("PUT");
+            assert_eq!(r.status, 400, "{bad}: {r:?}");
+            assert!(r.json()["error"]
+                .as_str()
+                .expect("error")
+                .contains("blob path"));
+        }
+        assert!(dir_entries(&sha_dir).is_empty() && dir_entries(&tmp_dir).is_empty());
+
+        let r = c.put_blob(&body).await.expect("PUT");
+        assert_eq!(r.status, 201, "{r:?}");
+        assert_eq!(
+            r.json(),
+            json!({"digest": format!("sha256:{hex}"), "size": body.len(), "stored": true})
+        );
+        assert_eq!(
+            std::fs::read(sha_dir.join(&hex)).expect("stored blob"),
+            body
+        );
+        // Regression: a present blob was answered without its body being read, and
+        // hyper then closed the connection under a client still sending it (HTTP/1.1:
+        // "Broken pipe" instead of the 200). Re-uploading is what a client retries.
+        for streamed in [false, true] {
+            let b = if streamed {
+                chunked(&body, 16 * 1024)
+            } else {
+                full(body.clone())
+            };
+            let r = c
+                .request(Method::PUT, &format!("/v1/blobs/sha256:{hex}"), b)
+                .await
+                .expect("PUT of a present blob");
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.json()["stored"], false);
+        }
+        assert_eq!(dir_entries(&sha_dir), vec![hex]);
+        assert!(dir_entries(&tmp_dir).is_empty());
+    });
+    server.shutdown();
+}
+
+/// An admission body over the policy's `max_jws_bytes` (plus the tolerated
+/// newline) and a blob over `limits.max_blob_bytes` are 413, whether the length is
+/// announced or not; at the limit they are not, and an oversized blob stores nothing.
+#[test]
+fn oversized_bodies_are_refused_with_413() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.limits.max_blob_bytes = 4096;
+    let max_jws = f.world.policy().limits.max_jws_bytes;
+    let server = start(&config);
+    let addr = server.local_addr();
+    let client = f.client_svid_dir(RUNNER);
+    let (sha_dir, tmp_dir) = (f.blob_dir().join("sha256"), f.blob_dir().join("tmp"));
+    runtime().block_on(async {
+        let cfg = client_config(&client, GATEWAY_ID, false);
+        // A fresh connection per refusal: the server need not read what it refuses.
+        for streamed in [false, true] {
+            let big = vec![b'a'; max_jws + 2];
+            let b = if streamed {
+                chunked(&big, 8 * 1024)
+            } else {
+                full(big)
+            };
+            let mut c = Client::connect(addr, cfg.clone()).await.expect("connect");
+            let r = c
+                .request(Method::POST, "/v1/admissions", b)
+                .await
+                .expect("POST");
+            assert_eq!(r.status, 413, "streamed={streamed}: {r:?}");
+        }
+        // At the limit (a JWS of max_jws bytes and a newline) the verifier decides.
+        let mut c = Client::connect(addr, cfg.clone()).await.expect("connect");
+        let mut at_limit = vec![b'a'; max_jws];
+        at_limit.push(b'\n');
+        let r = c.admit(at_limit).await.expect("POST");
+        assert_eq!(r.status, 403, "{r:?}");
+        assert_eq!(r.json()["reason"], "malformed_jws", "{r:?}");
+
+        let blob: Vec<u8> = (0..4097u32).map(|i| (i % 7) as u8).collect();
+        let path = format!("/v1/blobs/sha256:{}", sha256_hex(&blob));
+        for streamed in [false, true] {
+            let b = if streamed {
+                chunked(&blob, 1000)
+            } else {
+                full(blob.clone())
+            };
+            let mut c = Client::connect(addr, cfg.clone()).await.expect("connect");
+            let r = c.request(Method::PUT, &path, b).await.expect("PUT");
+            assert_eq!(r.status, 413, "streamed={streamed}: {r:?}");
+            assert!(dir_entries(&sha_dir).is_empty() && dir_entries(&tmp_dir).is_empty());
+        }
+        let mut c = Client::connect(addr, cfg).await.expect("connect");
+        let r = c.put_blob(&blob[..4096]).await.expect("PUT");
+        assert_eq!(r.status, 201, "{r:?}");
+    });
+    server.shutdown();
+}
+
+/// With a queue of one and batches of one, a burst of concurrent admissions over
+/// HTTP/2 is partly shed: every 503 carries Retry-After, every other answer is a
+/// correct, recorded admission, the metrics count exactly what was shed and admitted,
+/// the queue drains, and the service serves again afterwards.
+#[test]
+fn a_full_queue_sheds_with_503_while_admitted_requests_complete() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.batch = BatchConfig {
+        max_size: 1,
+        max_wait_us: 0,
+        queue: 1,
+        threads: 1,
+    };
+    let jws = read_jws(&f.world.good_capsule("good", Signer::Es256));
+    let server = start(&config);
+    let addr = server.local_addr();
+    let client = f.client_svid_dir(RUNNER);
+    let (admitted, shed) = runtime().block_on(async {
+        let cfg = client_config(&client, GATEWAY_ID, true);
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            let c = Client::connect(addr, cfg.clone()).await.expect("connect");
+            assert_eq!(c.alpn.as_deref(), Some(&b"h2"[..]));
+            conns.push(c);
+        }
+        conns[0].upload_world_files().await;
+        let (mut admitted, mut shed) = (0u64, 0u64);
+        // One burst is normally plenty; a few more only if the machine was idle enough
+        // to keep up with the first.
+        for _ in 0..5 {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..240 {
+                let mut c = conns[i % conns.len()].stream();
+                let body = Bytes::from(jws.clone());
+                tasks.spawn(async move { c.admit(body).await.expect("an answer") });
+            }
+            while let Some(r) = tasks.join_next().await {
+                let r = r.expect("task");
+                match r.status {
+                    200 => {
+                        let d = r.json();
+                        assert_eq!(d["verdict"], "admit", "{d}");
+                        assert_eq!(d["reason"], Value::Null, "{d}");
+                        assert_eq!(d["digest"], digest(jws.as_bytes()), "{d}");
+                        assert_eq!(
+                            (d["capsule_id"].as_str(), d["version"].as_u64()),
+                            (Some("auth-token-issuance"), Some(7))
+                        );
+                        admitted += 1;
+                    }
+                    503 => {
+                        let retry = r.headers.get(http::header::RETRY_AFTER);
+                        assert_eq!(retry.and_then(|v| v.to_str().ok()), Some("1"), "{r:?}");
+                        assert!(r.json()["error"].as_str().is_some(), "{r:?}");
+                        shed += 1;
+                    }
+                    _ => panic!("neither admitted nor shed: {r:?}"),
+                }
+            }
+            if shed > 0 {
+                break;
+            }
+        }
+        eprintln!("queue-full: {admitted} admitted, {shed} shed");
+        assert!(shed > 0, "a queue of one never filled");
+        assert!(admitted > 0, "nothing was admitted");
+
+        let m = conns[0].metrics().await;
+        let shed_metric = metric(&m, "capsule_gateway_admissions_shed_total");
+        assert_eq!(shed_metric, Some(shed as f64), "{m}");
+        assert_eq!(metric(&m, ADMITTED), Some(admitted as f64), "{m}");
+        assert_eq!(metric(&m, "capsule_gateway_queue_depth"), Some(0.0), "{m}");
+        let r503 = metric(&m, "capsule_gateway_http_responses_total{code=\"503\"}");
+        assert_eq!(r503, Some(shed as f64), "{m}");
+
+        // Once the burst is over the service admits again.
+        let r = conns[0].admit(jws.clone()).await.expect("admission");
+        assert_eq!(r.status, 200, "{r:?}");
+        (admitted + 1, shed)
+    });
+    server.shutdown();
+    // Every 200 is a durable record; no 503 left one.
+    let state = State::open(&f.state_dir(), false)
+        .expect("open state")
+        .expect("state exists");
+    assert_eq!(
+        state.verify_log().expect("intact chain"),
+        admitted,
+        "shed {shed}"
+    );
+}
+
+/// One admission as the client saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    version: u64,
+    status: u16,
+    decision: Value,
+    sent: Instant,
+    answered: Instant,
+}
+
+/// `kill -9` of the real binary under concurrent load of rising versions, then a
+/// restart on the same state: every version acknowledged with 200 before the kill is
+/// in the hash-chained log, every acknowledged version below the highest acknowledged
+/// one is denied `rollback`, and the service works on.
+#[test]
+fn kill_9_under_load_loses_no_acknowledged_admission() {
+    let f = Fixture::new();
+    let w = &f.world;
+    let config = f.root.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\npolicy = {}\n\n[tls]\nsvid_dir = \"gateway-svid\"\n\n[batch]\nmax_size = 8\n",
+            toml::Value::String(w.policy_path().display().to_string())
+        ),
+    )
+    .expect("write config");
+    const FIRST: u64 = 2;
+    const LAST: u64 = 201;
+    let jws: Arc<BTreeMap<u64, String>> = Arc::new(
+        (FIRST..=LAST)
+            .map(|v| (v, versioned_jws(w, "crash-test", v)))
+            .collect(),
+    );
+    let client = f.client_svid_dir(RUNNER);
+    let cfg = client_config(&client, GATEWAY_ID, false);
+    let rt = runtime();
+
+    let mut gateway = Gateway::serve(&[OsStr::new("--config"), s(&config)]);
+    let acked: Vec<Seen> = rt.block_on(async {
+        let addr = gateway.addr;
+        Client::connect(addr, cfg.clone())
+            .await
+            .expect("connect")
+            .upload_world_files()
+            .await;
+        let next = Arc::new(AtomicU64::new(FIRST));
+        let seen = Arc::new(Mutex::new(Vec::<Seen>::new()));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let mut c = Client::connect(addr, cfg.clone()).await.expect("connect");
+            let (next, seen, jws) = (next.clone(), seen.clone(), jws.clone());
+            tasks.spawn(async move {
+                loop {
+                    let v = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(body) = jws.get(&v) else { return };
+                    let sent = Instant::now();
+                    // A transport error (the kill) ends this connection's load.
+                    let Ok(r) = c.admit(body.clone()).await else {
+                        return;
+                    };
+                    let s = Seen {
+                        version: v,
+                        status: r.status,
+                        decision: r.json(),
+                        sent,
+                        answered: Instant::now(),
+                    };
+                    seen.lock().expect("lock").push(s);
+                }
+            });
+        }
+        // Kill while requests are in flight, once a fair number were acknowledged.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let acks = seen
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|s| s.status == 200)
+                .count();
+            if acks >= 25 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "too few admissions before the kill"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        gateway.kill9();
+        while tasks.join_next().await.is_some() {}
+        let seen = seen.lock().expect("lock").clone();
+        let acks = seen.iter().filter(|s| s.status == 200).count();
+        eprintln!(
+            "kill -9: {} answered before the kill ({acks} admitted), {} versions sent",
+            seen.len(),
+            next.load(Ordering::SeqCst) - FIRST
+        );
+        assert!(
+            (seen.len() as u64) < LAST - FIRST + 1,
+            "the kill came after the load was over"
+        );
+        for s in &seen {
+            assert!(
+                s.status == 200 || s.decision["reason"] == "rollback",
+                "only admissions and rollbacks expected: {s:?}"
+            );
+        }
+        seen.into_iter().filter(|s| s.status == 200).collect()
+    });
+    let highest = acked.iter().map(|s| s.version).max().expect("acknowledged");
+    let sent_max = LAST;
+
+    let mut gateway = Gateway::serve(&[OsStr::new("--config"), s(&config)]);
+    rt.block_on(async {
+        let mut c = Client::connect(gateway.addr, cfg.clone())
+            .await
+            .expect("connect after the restart");
+        for s in acked.iter().filter(|s| s.version < highest) {
+            let r = c.admit(jws[&s.version].clone()).await.expect("admission");
+            assert_eq!(r.status, 403, "v{} after restart: {r:?}", s.version);
+            let d = r.json();
+            assert_eq!(d["reason"], "rollback", "{d}");
+            let y = rollback_highest(d["detail"].as_str().expect("detail"));
+            assert!(y.is_some_and(|y| y >= highest), "{d}");
+        }
+        // The highest acknowledged version is the recorded one, or a higher one was
+        // recorded just before the kill without its answer getting out.
+        let r = c.admit(jws[&highest].clone()).await.expect("admission");
+        if r.status != 200 {
+            let d = r.json();
+            assert_eq!(d["reason"], "rollback", "{d}");
+            let y = rollback_highest(d["detail"].as_str().expect("detail"));
+            assert!(y.is_some_and(|y| y > highest), "{d}");
+        }
+        let fresh = versioned_jws(w, "crash-test", sent_max + 1);
+        let r = c.admit(fresh).await.expect("admission");
+        assert_eq!(r.status, 200, "the restarted service admits: {r:?}");
+    });
+    assert!(gateway.terminate().success(), "{}", gateway.stderr());
+
+    let state = State::open(&f.state_dir(), false)
+        .expect("open state")
+        .expect("state exists");
+    let records = state.verify_log().expect("an intact hash chain");
+    // At least the acknowledged ones and the one after the restart.
+    assert!(
+        records > acked.len() as u64,
+        "{records} records, {} acked",
+        acked.len()
+    );
+    drop(state);
+    let log: BTreeSet<(u64, String)> = admission_log(&f.state_dir())
+        .iter()
+        .map(|r| {
+            let v = r["version"].as_u64().expect("version");
+            (v, r["capsule_digest"].as_str().expect("digest").to_string())
+        })
+        .collect();
+    for s in &acked {
+        let d = digest(jws[&s.version].as_bytes());
+        assert!(
+            log.contains(&(s.version, d)),
+            "acknowledged v{} is not in the log",
+            s.version
+        );
+    }
+}
+
+/// Many concurrent admissions of one capsule id, versions rising and falling at
+/// once (batched together and across batches): the highest is admitted and recorded;
+/// every other answer is 200 or `rollback`, and is consistent with what
+/// `State::record`'s in-transaction re-check guarantees — each denial names an
+/// admitted higher version, no version is admitted once a higher one's 200 had been
+/// received before it was sent, and the log's versions never go down.
+#[test]
+fn concurrent_rising_and_falling_versions_leave_the_highest_recorded() {
+    const N: u64 = 64;
+    let f = Fixture::new();
+    let w = &f.world;
+    let jws: Arc<BTreeMap<u64, String>> =
+        Arc::new((1..=N).map(|v| (v, versioned_jws(w, "racy", v))).collect());
+    let server = start(&f.config());
+    let addr = server.local_addr();
+    let client = f.client_svid_dir(RUNNER);
+    let seen: Vec<Seen> = runtime().block_on(async {
+        let mut conns = Vec::new();
+        for h2 in [true, true, false, false] {
+            let cfg = client_config(&client, GATEWAY_ID, h2);
+            conns.push(Client::connect(addr, cfg).await.expect("connect"));
+        }
+        conns[0].upload_world_files().await;
+        // 1, N, 2, N-1, ...: a rising and a falling sequence interleaved.
+        let order: Vec<u64> = (1..=N / 2).flat_map(|i| [i, N + 1 - i]).collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut h1: Vec<_> = conns
+            .drain(2..)
+            .map(|c| Arc::new(tokio::sync::Mutex::new(c)))
+            .collect();
+        for (i, v) in order.into_iter().enumerate() {
+            let body = jws[&v].clone();
+            let delay = Duration::from_micros((v * 397) % 3000);
+            // Each sequence goes over one HTTP/2 and one HTTP/1.1 connection.
+            let (use_h2, n) = [(true, 0), (false, 0), (false, 1), (true, 1)][i % 4];
+            let h2 = use_h2.then(|| conns[n].stream());
+            let h1 = h1[n].clone();
+            tasks.spawn(async move {
+                tokio::time::sleep(delay).await;
+                let (r, sent) = match h2 {
+                    Some(mut c) => {
+                        let sent = Instant::now();
+                        (c.admit(body).await, sent)
+                    }
+                    None => {
+                        let mut c = h1.lock().await;
+                        let sent = Instant::now();
+                        (c.admit(body).await, sent)
+                    }
+                };
+                let r = r.expect("an answer");
+                Seen {
+                    version: v,
+                    status: r.status,
+                    decision: r.json(),
+                    sent,
+                    answered: Instant::now(),
+                }
+            });
+        }
+        let mut seen = Vec::new();
+        while let Some(s) = tasks.join_next().await {
+            seen.push(s.expect("task"));
+        }
+        h1.clear();
+
+        // Afterwards: the highest stays, lower versions are rollbacks.
+        let mut c = conns.remove(0);
+        let r = c.admit(jws[&(N - 1)].clone()).await.expect("admission");
+        assert_eq!(r.status, 403, "{r:?}");
+        assert_eq!(r.json()["reason"], "rollback");
+        assert_eq!(
+            rollback_highest(r.json()["detail"].as_str().expect("detail")),
+            Some(N)
+        );
+        let r = c.admit(jws[&N].clone()).await.expect("admission");
+        assert_eq!(r.status, 200, "the same bytes again are admitted: {r:?}");
+        seen
+    });
+    server.shutdown();
+
+    let admitted: BTreeSet<u64> = seen
+        .iter()
+        .filter(|s| s.status == 200)
+        .map(|s| s.version)
+        .collect();
+    eprintln!(
+        "rising/falling: admitted {admitted:?} of {N}; {} rollbacks",
+        seen.len() - admitted.len()
+    );
+    assert!(
+        admitted.contains(&N),
+        "the highest version was not admitted: {seen:?}"
+    );
+    assert!(
+        admitted.len() < seen.len(),
+        "no rollback was exercised: {admitted:?}"
+    );
+    for s in &seen {
+        match s.status {
+            200 => assert_eq!(s.decision["verdict"], "admit"),
+            403 => {
+                assert_eq!(s.decision["reason"], "rollback", "{s:?}");
+                let y = rollback_highest(s.decision["detail"].as_str().expect("detail"))
+                    .unwrap_or_else(|| panic!("a rollback names the higher version: {s:?}"));
+                assert!(y > s.version && admitted.contains(&y), "{s:?}");
+            }
+            _ => panic!("unexpected answer: {s:?}"),
+        }
+    }
+    for a in seen.iter().filter(|s| s.status == 200) {
+        for b in seen
+            .iter()
+            .filter(|s| s.status == 200 && s.version > a.version)
+        {
+            assert!(
+                b.answered > a.sent,
+                "v{} was admitted though v{} had been acknowledged before it was sent",
+                a.version,
+                b.version
+            );
+        }
+    }
+
+    let state = State::open(&f.state_dir(), false)
+        .expect("open state")
+        .expect("state exists");
+    let records = state.verify_log().expect("an intact hash chain");
+    assert_eq!(records, admitted.len() as u64 + 1, "one record per 200");
+    drop(state);
+    let versions: Vec<u64> = admission_log(&f.state_dir())
+        .iter()
+        .map(|r| r["version"].as_u64().expect("version"))
+        .collect();
+    assert!(
+        versions.windows(2).all(|p| p[0] <= p[1]),
+        "recorded versions went down: {versions:?}"
+    );
+    let logged: BTreeSet<u64> = versions.iter().copied().collect();
+    assert_eq!(logged, admitted);
+}
+
+/// `/healthz` and `/readyz` answer 200, and `/metrics` counts admissions by verdict
+/// and reason exactly.
+#[test]
+fn health_readiness_and_admission_metrics() {
+    let f = Fixture::new();
+    let good = read_jws(&f.world.good_capsule("good", Signer::Es256));
+    let other = read_jws(&f.world.good_capsule("other", Signer::Other));
+    let server = start(&f.config());
+    let addr = server.local_addr();
+    let client = f.client_svid_dir(RUNNER);
+    runtime().block_on(async {
+        let mut c = Client::connect(addr, client_config(&client, GATEWAY_ID, false))
+            .await
+            .expect("connect");
+        let r = c.get("/healthz").await.expect("healthz");
+        assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+        let r = c.get("/readyz").await.expect("readyz");
+        assert_eq!((r.status, r.text().as_str()), (200, "ready\n"));
+        let r = c
+            .request(Method::POST, "/healthz", full(Bytes::new()))
+            .await
+            .expect("POST /healthz");
+        assert_eq!(r.status, 405);
+        assert_eq!(c.get("/nowhere").await.expect("GET").status, 404);
+
+        let m = c.metrics().await;
+        assert_eq!(metric(&m, ADMITTED), None, "{m}");
+        c.upload_world_files().await;
+        for _ in 0..3 {
+            assert_eq!(c.admit(good.clone()).await.expect("admission").status, 200);
+        }
+        assert_eq!(c.admit(other.clone()).await.expect("admission").status, 403);
+        let m = c.metrics().await;
+        assert_eq!(metric(&m, ADMITTED), Some(3.0), "{m}");
+        let denied =
+            "capsule_gateway_admissions_total{verdict=\"deny\",reason=\"tenant_key_mismatch\"}";
+        assert_eq!(metric(&m, denied), Some(1.0), "{m}");
+        let latency = "capsule_gateway_admission_latency_seconds_count";
+        assert_eq!(metric(&m, latency), Some(4.0), "{m}");
+        assert_eq!(
+            metric(&m, "capsule_gateway_admissions_shed_total"),
+            Some(0.0)
+        );
+        assert_eq!(metric(&m, "capsule_gateway_connections"), Some(1.0), "{m}");
+    });
+    server.shutdown();
+}
+
+/// `serve` with no `--config`: the binary creates the development trust domain
+/// under `--state-dir`, says so and that it is not for production, and admits a
+/// capsule packed (`capsule-gateway pack`) from `examples/dev-capsule` with the dev
+/// signing key, for the dev client SVID. A restart reuses the domain and the state.
+#[test]
+fn the_embedded_default_admits_a_dev_capsule_through_the_binary() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let args = [
+        OsStr::new("--state-dir"),
+        s(&state),
+        OsStr::new("--listen"),
+        OsStr::new("127.0.0.1:0"),
+    ];
+    let mut gateway = Gateway::serve(&args);
+    let log = gateway.stderr();
+    assert!(log.contains("NOT FOR PRODUCTION"), "{log}");
+    assert!(log.contains("created development trust domain"), "{log}");
+    let dev = state.join("dev");
+    for p in [
+        "gateway.toml",
+        "policy.toml",
+        "client/svid.pem",
+        "keys/dev-es.private.jwk.json",
+    ] {
+        assert!(dev.join(p).is_file(), "{p} under {dev:?}");
+    }
+
+    // The demo's capsule, packed exactly as scripts/dev-capsule.sh does.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/dev-capsule");
+    let now = capsule_tests::now();
+    let manifest = std::fs::read_to_string(example.join("manifest.template.json"))
+        .expect("template")
+        .replace("@VERSION@", "1")
+        .replace("@NOW@", &(now - 60).to_string())
+        .replace("@EXPIRES@", &(now + 3600).to_string());
+    let manifest_path = tmp.path().join("manifest.json");
+    std::fs::write(&manifest_path, manifest).expect("write manifest");
+    let capsule = tmp.path().join("capsule");
+    let out = Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
+        .arg("pack")
+        .args([OsStr::new("--manifest"), s(&manifest_path)])
+        .args([OsStr::new("--files"), s(&example.join("files"))])
+        .args([
+            OsStr::new("--key"),
+            s(&dev.join("keys/dev-es.private.jwk.json")),
+        ])
+        .args([OsStr::new("--out"), s(&capsule)])
+        .output()
+        .expect("pack");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jws = read_jws(&capsule);
+
+    let cfg = client_config(
+        &dev.join("client"),
+        "spiffe://capsule-gateway.dev/gateway",
+        false,
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = Client::connect(gateway.addr, cfg.clone())
+            .await
+            .expect("connect");
+        c.upload_dir(&capsule.join("files")).await;
+        let r = c.admit(jws.clone()).await.expect("admission");
+        assert_eq!(r.status, 200, "{r:?}");
+        let d = r.json();
+        assert_eq!(
+            (
+                d["verdict"].as_str(),
+                d["tenant"].as_str(),
+                d["kid"].as_str()
+            ),
+            (Some("admit"), Some("dev"), Some("dev-es"))
+        );
+        assert_eq!(d["capsule_id"], "dev-hello");
+    });
+    assert!(gateway.terminate().success(), "{}", gateway.stderr());
+
+    let mut gateway = Gateway::serve(&args);
+    assert!(gateway
+        .stderr()
+        .contains("reusing development trust domain"));
+    rt.block_on(async {
+        let mut c = Client::connect(gateway.addr, cfg).await.expect("connect");
+        // The blobs and the state survived the restart.
+        let r = c.admit(jws.clone()).await.expect("admission");
+        assert_eq!(r.status, 200, "the same capsule again: {r:?}");
+    });
+    assert!(gateway.terminate().success(), "{}", gateway.stderr());
+    let state = State::open(&state, false).expect("open").expect("state");
+    assert_eq!(state.verify_log().expect("intact chain"), 2);
+}
