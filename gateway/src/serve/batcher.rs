@@ -76,12 +76,13 @@ impl Batcher {
         let (max, wait) = (config.max_size, Duration::from_micros(config.max_wait_us));
         let a = admissions.clone();
         let m = metrics.clone();
+        let metrics_commit = metrics.clone();
         let verifier = std::thread::Builder::new()
             .name("admit-verify".into())
             .spawn(move || verify_loop(&a, &jobs, &verified_tx, max, wait, &m))?;
         let committer = std::thread::Builder::new()
             .name("admit-commit".into())
-            .spawn(move || commit_loop(&admissions, &verified_rx))?;
+            .spawn(move || commit_loop(&admissions, &verified_rx, &metrics_commit))?;
         Ok(Batcher {
             queue,
             metrics,
@@ -160,6 +161,7 @@ fn verify_loop(
             .queue_depth
             .fetch_sub(batch.len(), Ordering::Relaxed);
         metrics.batch(batch.len());
+        let started = Instant::now();
         let results: Vec<Result<Admitted, Decision>> = a.pool.install(|| {
             batch
                 .par_iter()
@@ -177,6 +179,7 @@ fn verify_loop(
                 })
                 .collect()
         });
+        metrics.stage(false, started.elapsed());
         let paired = results
             .into_iter()
             .zip(batch.into_iter().map(|j| j.reply))
@@ -187,7 +190,7 @@ fn verify_loop(
     }
 }
 
-fn commit_loop(a: &Admissions, verified: &Receiver<Verified>) {
+fn commit_loop(a: &Admissions, verified: &Receiver<Verified>, metrics: &Metrics) {
     while let Ok(batch) = verified.recv() {
         let (results, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         if results.iter().all(Result::is_err) {
@@ -197,7 +200,10 @@ fn commit_loop(a: &Admissions, verified: &Receiver<Verified>) {
             }
             continue;
         }
-        match a.state.record(results, &a.policy.policy_version) {
+        let started = Instant::now();
+        let recorded = a.state.record(results, &a.policy.policy_version);
+        metrics.stage(true, started.elapsed());
+        match recorded {
             Ok(recorded) => {
                 for (outcome, reply) in recorded.into_iter().zip(replies) {
                     // A peer that went away does not undo its admission.

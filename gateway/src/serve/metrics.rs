@@ -23,6 +23,8 @@ pub struct Metrics {
     pub connections: AtomicUsize,
     batch_sizes: Mutex<Histogram<u64>>,
     latency_us: Mutex<Histogram<u64>>,
+    verify_us: Mutex<Histogram<u64>>,
+    commit_us: Mutex<Histogram<u64>>,
 }
 
 impl Default for Metrics {
@@ -46,6 +48,8 @@ impl Metrics {
             connections: AtomicUsize::new(0),
             batch_sizes: Mutex::new(histogram(1 << 20)),
             latency_us: Mutex::new(histogram(MAX_LATENCY_US)),
+            verify_us: Mutex::new(histogram(MAX_LATENCY_US)),
+            commit_us: Mutex::new(histogram(MAX_LATENCY_US)),
         }
     }
 
@@ -63,6 +67,19 @@ impl Metrics {
     pub fn response(&self, status: u16) {
         if let Ok(mut m) = self.responses.lock() {
             *m.entry(status).or_default() += 1;
+        }
+    }
+
+    /// Time one batch spent being verified (`verify`) or recorded durably (`commit`).
+    pub fn stage(&self, commit: bool, took: Duration) {
+        let h = if commit {
+            &self.commit_us
+        } else {
+            &self.verify_us
+        };
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        if let Ok(mut h) = h.lock() {
+            h.saturating_record(us.clamp(1, MAX_LATENCY_US));
         }
     }
 
@@ -124,6 +141,24 @@ impl Metrics {
                 &mut out,
                 &format!("{p}_admission_latency_seconds"),
                 "Time from a complete request to its durable decision.",
+                &h,
+                1e-6,
+            );
+        }
+        if let Ok(h) = self.verify_us.lock() {
+            summary(
+                &mut out,
+                &format!("{p}_batch_verify_seconds"),
+                "Time to verify one batch on the verification pool.",
+                &h,
+                1e-6,
+            );
+        }
+        if let Ok(h) = self.commit_us.lock() {
+            summary(
+                &mut out,
+                &format!("{p}_batch_commit_seconds"),
+                "Time to record one batch durably (one redb transaction, fsynced).",
                 &h,
                 1e-6,
             );

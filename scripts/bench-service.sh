@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Service figures for BENCHMARKS.md, on this machine, with the project's own load
+# generator (no external tool): `serve` with its embedded development default on
+# loopback, the small dev capsule (scripts/dev-capsule.sh), N mTLS keep-alive
+# connections. Three runs: saturated (as fast as possible), 70 % of the saturated rate
+# (open loop), and 2x the saturated rate (open loop: how much is shed with 503, p99 of
+# what is served, the server's peak RSS). Around the overload run, /metrics is read to
+# show that every 200 was a verified admission and every 503 a shed one.
+# Env: DURATION (s, default 15), CONNECTIONS (default 16), HTTP2=1 for HTTP/2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=${DURATION:-15}
+conns=${CONNECTIONS:-16}
+h2=()
+if [ "${HTTP2:-0}" = 1 ]; then h2=(--http2); fi
+
+cargo build --release -q -p capsule-gateway
+gw=$PWD/target/release/capsule-gateway
+work=$PWD/target/bench-service
+rm -rf "$work"
+mkdir -p "$work"
+
+"$gw" serve --state-dir "$work/state" --listen 127.0.0.1:0 2>"$work/serve.log" &
+pid=$!
+trap 'kill "$pid" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  grep -q "serving on" "$work/serve.log" && break
+  sleep 0.1
+done
+addr=$(grep -o 'serving on https://[0-9.:]*' "$work/serve.log" | sed 's#serving on https://##')
+[ -n "$addr" ] || { cat "$work/serve.log" >&2; exit 1; }
+scripts/dev-capsule.sh "$gw" "$work/state" "$work/capsule"
+client=$work/state/dev/client
+
+lg() {
+  "$gw" loadgen --url "https://$addr" --svid "$client" --capsule "$work/capsule" \
+    --connections "$conns" --duration "$duration" "${h2[@]}" --json "$@"
+}
+# GET /metrics over mTLS with Python's standard library (the chain is verified against
+# the bundle; SPIFFE certificates carry no DNS name, so no hostname check).
+metrics() {
+  python3 - "$addr" "$client" <<'PY'
+import ssl, sys, http.client
+addr, d = sys.argv[1], sys.argv[2]
+ctx = ssl.create_default_context(cafile=f"{d}/bundle.pem")
+ctx.check_hostname = False
+ctx.load_cert_chain(f"{d}/svid.pem", f"{d}/svid_key.pem")
+host, port = addr.rsplit(":", 1)
+c = http.client.HTTPSConnection(host, int(port), context=ctx)
+c.request("GET", "/metrics")
+print(c.getresponse().read().decode())
+PY
+}
+field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
+counter() { grep -E "^$1 " <<<"$2" | awk '{s+=$2} END {print s+0}'; }
+
+echo "== saturated: $conns connections, as fast as possible, ${duration}s"
+lg --rate 0 >"$work/saturated.json"
+sat=$(field "$work/saturated.json" "d['throughput_rps']")
+field "$work/saturated.json" "f\"{d['throughput_rps']:.0f} admissions/s, status {d['status']}, p50 {d['latency_ms']['p50']} ms, p99 {d['latency_ms']['p99']} ms\""
+
+rate70=$(python3 -c "print(int($sat * 0.7))")
+echo "== 70% of saturation: $rate70/s open loop"
+lg --rate "$rate70" >"$work/p70.json"
+field "$work/p70.json" "f\"achieved {d['throughput_rps']:.0f}/s, status {d['status']}, p50 {d['latency_ms']['p50']} ms, p90 {d['latency_ms']['p90']} ms, p99 {d['latency_ms']['p99']} ms, p99.9 {d['latency_ms']['p999']} ms\""
+
+rate2x=$(python3 -c "print(int($sat * 2))")
+echo "== 2x overload: $rate2x/s open loop"
+before=$(metrics)
+lg --rate "$rate2x" --warmup 0 >"$work/overload.json"
+after=$(metrics)
+field "$work/overload.json" "f\"offered {d['rate_requested']}/s, served {d['throughput_rps']:.0f}/s, status {d['status']}, errors {d['errors']}, shed share {d['status'].get('503',0)/max(1,d['requests']):.3f}, p99 served {d['served_latency_ms']['p99']} ms, p99 all {d['latency_ms']['p99']} ms\""
+admits=$(( $(counter 'capsule_gateway_admissions_total\{verdict="admit",reason=""\}' "$after") - $(counter 'capsule_gateway_admissions_total\{verdict="admit",reason=""\}' "$before") ))
+shed=$(( $(counter capsule_gateway_admissions_shed_total "$after") - $(counter capsule_gateway_admissions_shed_total "$before") ))
+ok=$(field "$work/overload.json" "d['status'].get('200',0)")
+unavailable=$(field "$work/overload.json" "d['status'].get('503',0)")
+echo "   server: $admits verified admissions, $shed shed; client: $ok x 200, $unavailable x 503"
+# The server may count a few more (answers still in flight when the client stopped);
+# never fewer: a 200 the verifier did not count would be an admission without it.
+if [ "$admits" -lt "$ok" ] || [ "$shed" -lt "$unavailable" ]; then
+  echo "bench-service: more 200/503 answers than verified/shed admissions" >&2
+  exit 1
+fi
+metrics >"$work/metrics.txt"
+grep -E '^capsule_gateway_(batch_size|batch_verify_seconds|batch_commit_seconds|admission_latency_seconds)\{quantile="0\.(5|99)"\}' "$work/metrics.txt" | sed 's/^/   /'
+echo "   peak RSS of serve: $(grep VmHWM /proc/$pid/status | awk '{print $2, $3}')"
+echo "   (JSON reports in $work/)"
