@@ -203,8 +203,15 @@ fn mount(dest: &str, typ: &str, source: &Path, options: &[&str]) -> Result<Mount
 
 /// The OCI runtime config. Every choice is explicit: nothing is left to a builder
 /// default (oci-spec's defaults grant capabilities and mount `/sys`).
+///
+/// Refuses a manifest the verifier would call malformed. An admitted one never is,
+/// but this function is public and its output must not depend on that: an env name
+/// with `=` would turn into another variable (`"=A": "B=c"` becomes `=A=B=c`, read
+/// as `"" = "A=B=c"`), one with `,` would split the probe's `--only-env` list.
 pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Result<Spec> {
     let m = input.manifest;
+    verify_core::verify::check_shape(m)
+        .map_err(|why| LaunchError::Bundle(format!("manifest: {why}")))?;
     let ro_bind = ["rbind", "ro", "nosuid", "nodev"];
     let mut mounts = vec![
         mount(
@@ -401,3 +408,58 @@ const READONLY_PATHS: &[&str] = &[
     "/proc/sys",
     "/proc/sysrq-trigger",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(env: &str) -> Manifest {
+        let json = format!(
+            r#"{{"schema": "capsule/v1", "capsule_id": "c", "version": 1, "parent": null,
+            "tenant": "t", "issued_at": 1, "not_before": 1, "expires_at": 2,
+            "policy_version": "p", "author": "a", "approvals": [],
+            "scope": {{"environment": "staging", "network": "none"}},
+            "limits": {{"timeout_ms": 1000, "memory_mib": 64, "pids": 8}},
+            "entrypoint": ["/capsule/run.sh"], "env": {env}, "artifacts": []}}"#
+        );
+        Manifest::parse(json.as_bytes()).expect("manifest parses")
+    }
+
+    fn spec_of(m: &Manifest) -> Result<Spec> {
+        let rootfs = Rootfs::default();
+        let input = BundleInput {
+            manifest: m,
+            rootfs: &rootfs,
+            staged: Path::new("/run/staging"),
+            probe_binary: Path::new("/usr/bin/probe"),
+            probe_args: &[],
+            probe_target: ([127, 0, 0, 1], 9).into(),
+            tmp_size_mib: 8,
+            cgroups_path: "/capsule-gateway/capsule-x",
+            flavor: Flavor::Runsc,
+            share_host_network: false,
+        };
+        build_spec(&input, Path::new("/run/rootfs"), &[])
+    }
+
+    /// Found by the `oci_spec` fuzz target: the env name `=_2` (never admitted: the
+    /// verifier refuses it) made the entry `=_2=x=y,z`, which a runtime reads as the
+    /// variable `` with the value `_2=x=y,z`.
+    #[test]
+    fn an_env_name_with_an_equals_sign_is_refused_not_split_into_another_variable() {
+        for env in [
+            r#"{"=_2": "x=y,z"}"#,
+            r#"{"A=B": "c"}"#,
+            r#"{"A,B": "c"}"#,
+            r#"{"": "c"}"#,
+        ] {
+            match spec_of(&manifest(env)) {
+                Err(LaunchError::Bundle(why)) => assert!(why.contains("env name"), "{env}: {why}"),
+                other => panic!("{env}: expected a refusal, got {other:?}"),
+            }
+        }
+        let spec = spec_of(&manifest(r#"{"A": "x=y,z", "_b2": ""}"#)).expect("valid env");
+        let env = spec.process().as_ref().and_then(|p| p.env().clone());
+        assert_eq!(env, Some(vec!["A=x=y,z".to_string(), "_b2=".to_string()]));
+    }
+}
