@@ -3,8 +3,11 @@
 //! in one durable transaction; every answer goes back through its own channel only
 //! after that commit.
 //!
-//! Two stages, each on its own thread, joined by a channel of one batch: while batch
-//! N is being committed (an fsync), batch N+1 is being verified. That is safe because
+//! Two stages. A gatherer thread forms batches and hands each to the rayon pool
+//! without waiting for it (a few batches in flight, bounded), so the pool never idles
+//! at a batch boundary; a committer thread records whatever verified batches are
+//! waiting in one transaction (one fsync) and only then answers them. While one commit
+//! is under way, the next batches are being verified. That is safe because
 //! `State::record` re-checks anti-rollback inside its write transaction; the check at
 //! verification time only lets a denial return early.
 //!
@@ -47,6 +50,12 @@ struct Job {
 
 type Verified = Vec<(Result<Admitted, Decision>, oneshot::Sender<Outcome>)>;
 
+/// Verified batches that may wait for the committer. While one commit (an fsync) is
+/// under way the verifier goes on, and the committer then records everything that
+/// waits in one transaction: the slower the disk, the larger the commits. Bounded, so
+/// at most `queue + VERIFIED_BATCHES * max_size` admissions are held in memory.
+const VERIFIED_BATCHES: usize = 8;
+
 /// The queue is full: answer 503.
 #[derive(Debug)]
 pub struct Full;
@@ -71,8 +80,7 @@ impl Batcher {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Batcher> {
         let (queue, jobs) = mpsc::sync_channel::<Job>(config.queue);
-        // One verified batch may wait for the committer: the pipeline's depth.
-        let (verified_tx, verified_rx) = mpsc::sync_channel::<Verified>(1);
+        let (verified_tx, verified_rx) = mpsc::sync_channel::<Verified>(VERIFIED_BATCHES);
         let (max, wait) = (config.max_size, Duration::from_micros(config.max_wait_us));
         let a = admissions.clone();
         let m = metrics.clone();
@@ -149,21 +157,38 @@ fn gather(jobs: &Receiver<Job>, max: usize, wait: Duration) -> Option<Vec<Job>> 
 }
 
 fn verify_loop(
-    a: &Admissions,
+    a: &Arc<Admissions>,
     jobs: &Receiver<Job>,
     verified: &SyncSender<Verified>,
     max: usize,
     wait: Duration,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) {
+    // Batches being verified at once: a batch is handed to the pool and the next one
+    // gathered without waiting for it, so the pool never idles at a batch boundary.
+    let in_flight = a.pool.current_num_threads().max(1) * 2;
+    let (release, acquire) = mpsc::sync_channel::<()>(in_flight);
+    for _ in 0..in_flight {
+        let _ = release.send(());
+    }
     while let Some(batch) = gather(jobs, max, wait) {
         metrics
             .queue_depth
             .fetch_sub(batch.len(), Ordering::Relaxed);
         metrics.batch(batch.len());
-        let started = Instant::now();
-        let results: Vec<Result<Admitted, Decision>> = a.pool.install(|| {
-            batch
+        if acquire.recv().is_err() {
+            return;
+        }
+        let (task, verified, metrics, release) = (
+            a.clone(),
+            verified.clone(),
+            metrics.clone(),
+            release.clone(),
+        );
+        a.pool.spawn(move || {
+            let a = &*task;
+            let started = Instant::now();
+            let results: Vec<Result<Admitted, Decision>> = batch
                 .par_iter()
                 .map(|job| {
                     Verifier {
@@ -177,21 +202,25 @@ fn verify_loop(
                     }
                     .verify(&job.capsule)
                 })
-                .collect()
+                .collect();
+            metrics.stage(false, started.elapsed());
+            let paired = results
+                .into_iter()
+                .zip(batch.into_iter().map(|j| j.reply))
+                .collect();
+            // A stopped committer drops the replies: their peers see an error, and
+            // nothing was acknowledged.
+            let _ = verified.send(paired);
+            let _ = release.send(());
         });
-        metrics.stage(false, started.elapsed());
-        let paired = results
-            .into_iter()
-            .zip(batch.into_iter().map(|j| j.reply))
-            .collect();
-        if verified.send(paired).is_err() {
-            return;
-        }
     }
 }
 
 fn commit_loop(a: &Admissions, verified: &Receiver<Verified>, metrics: &Metrics) {
-    while let Ok(batch) = verified.recv() {
+    while let Ok(mut batch) = verified.recv() {
+        while let Ok(more) = verified.try_recv() {
+            batch.extend(more);
+        }
         let (results, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         if results.iter().all(Result::is_err) {
             // Only denials: nothing to record, no commit (and no fsync) to wait for.
