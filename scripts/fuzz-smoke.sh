@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${FUZZ_SECONDS:-30}
 
-# target:max_len, chosen per format (a JWS or manifest is bounded by max_jws_bytes).
-targets="jws_verify:16384 manifest_signed:16384 policy_toml:8192 jwks:8192 paths_and_ids:4200 base64url:4096"
+# target:max_len, chosen per format (a JWS or manifest is bounded by max_jws_bytes; a
+# manifest for oci_spec is about 1 KiB; a run event with its JWS and outputs about 4 KiB).
+targets="jws_verify:16384 manifest_signed:16384 policy_toml:8192 jwks:8192 paths_and_ids:4200 base64url:4096 oci_spec:8192 evidence:16384"
 
 cargo +nightly fuzz build -O
 for entry in $targets; do
@@ -17,9 +18,12 @@ for entry in $targets; do
   # A private copy of the seeds, so a smoke run never changes the committed corpus.
   work=$(mktemp -d)
   cp corpus/"$target"/seed-* "$work"/
+  # A target's own dictionary when it has one (evidence.dict), else the JSON/JWS one.
+  dict=jws.dict
+  if [ -f "$target.dict" ]; then dict=$target.dict; fi
   status=0
   cargo +nightly fuzz run -O "$target" "$work" -- \
-    -max_total_time="$seconds" -max_len="$max_len" -dict=jws.dict \
+    -max_total_time="$seconds" -max_len="$max_len" -dict="$dict" \
     -timeout=10 -rss_limit_mb=2048 -detect_leaks=1 -print_final_stats=1 \
     >"$work.log" 2>&1 || status=$?
   grep -E "^(#[0-9]+.*DONE|stat::number_of_executed_units|stat::average_exec_per_sec)|ERROR|SUMMARY|panicked" "$work.log" || true

@@ -1,0 +1,160 @@
+//! Any bytes as a manifest, then the OCI runtime config the launcher would write for
+//! it (`sandbox_launcher::bundle::build_spec`, the function `Launcher::launch` uses),
+//! for both runtimes. A spec that is built must keep the sandbox's invariants — no
+//! capability, read-only root, a new network namespace, uid/gid 65534, no new
+//! privileges, exactly the manifest's env and entrypoint — and its JSON must parse
+//! back to the same spec.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use sandbox_launcher::bundle::{
+    build_spec, BundleInput, Flavor, Rootfs, CAPSULE_DIR, PROBE_PATH, SANDBOX_GID, SANDBOX_UID,
+};
+use std::path::{Path, PathBuf};
+use verify_core::Manifest;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(m) = Manifest::parse(data) else { return };
+    let rootfs = Rootfs::default();
+    let Rootfs::HostBinds(binds) = &rootfs else {
+        unreachable!()
+    };
+    let probe_args = ["sandbox-probe".to_string()];
+    for flavor in [Flavor::Runsc, Flavor::Containerd] {
+        let input = BundleInput {
+            manifest: &m,
+            rootfs: &rootfs,
+            staged: Path::new("/state/runs/r/staging"),
+            probe_binary: Path::new("/usr/bin/capsule-gateway"),
+            probe_args: &probe_args,
+            probe_target: "127.0.0.1:40000".parse().expect("addr"),
+            tmp_size_mib: 64,
+            cgroups_path: "/capsule-gateway/capsule-r",
+            flavor,
+            share_host_network: false,
+        };
+        let Ok(spec) = build_spec(&input, Path::new("/state/runs/r/bundle/rootfs"), binds) else {
+            continue;
+        };
+        check(&m, &spec, flavor);
+        let json = serde_json::to_vec_pretty(&spec).expect("serialise spec");
+        let again: Spec = serde_json::from_slice(&json).expect("spec JSON parses back");
+        assert_eq!(again, spec, "round trip");
+    }
+});
+
+fn check(m: &Manifest, spec: &Spec, flavor: Flavor) {
+    let root = spec.root().as_ref().expect("root");
+    assert_eq!(root.readonly(), Some(true), "read-only root");
+
+    let process = spec.process().as_ref().expect("process");
+    let user = process.user();
+    assert_eq!((user.uid(), user.gid()), (SANDBOX_UID, SANDBOX_GID));
+    assert!(user.additional_gids().as_ref().is_none_or(|g| g.is_empty()));
+    assert_eq!(process.no_new_privileges(), Some(true));
+    let caps = process
+        .capabilities()
+        .as_ref()
+        .expect("capabilities listed");
+    for set in [
+        caps.bounding(),
+        caps.effective(),
+        caps.inheritable(),
+        caps.permitted(),
+        caps.ambient(),
+    ] {
+        assert!(
+            set.as_ref().is_some_and(|s| s.is_empty()),
+            "a capability set is not empty: {caps:?}"
+        );
+    }
+
+    // Exactly the manifest's env, each entry reading back as the name and value it came from.
+    let env = process.env().as_ref().expect("env");
+    assert_eq!(env.len(), m.env.0.len());
+    for entry in env {
+        let (k, v) = entry.split_once('=').expect("NAME=value");
+        assert_eq!(
+            m.env.0.get(k).map(String::as_str),
+            Some(v),
+            "env entry {entry:?} is not the manifest's"
+        );
+    }
+
+    // The probe first, then exactly the manifest's entrypoint; the probe strips the env
+    // to exactly the manifest's names.
+    let args = process.args().as_ref().expect("args");
+    assert_eq!(args[0], PROBE_PATH);
+    let sep = args
+        .iter()
+        .position(|a| a == "--")
+        .expect("-- before the entrypoint");
+    assert_eq!(&args[sep + 1..], &m.entrypoint[..]);
+    let only = args
+        .iter()
+        .position(|a| a == "--only-env")
+        .expect("--only-env");
+    let names: Vec<&str> = args[only + 1]
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .collect();
+    let want: Vec<&str> = m.env.0.keys().map(String::as_str).collect();
+    assert_eq!(names, want, "the probe's env names");
+
+    let linux = spec.linux().as_ref().expect("linux");
+    let ns = linux.namespaces().as_ref().expect("namespaces");
+    for want in [
+        LinuxNamespaceType::Network,
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+    ] {
+        let n = ns
+            .iter()
+            .find(|n| n.typ() == want)
+            .unwrap_or_else(|| panic!("no {want:?} namespace"));
+        assert!(
+            n.path().is_none(),
+            "{want:?} namespace joins an existing one"
+        );
+    }
+    let res = linux.resources().as_ref().expect("resources");
+    let mem = res.memory().as_ref().expect("memory limit");
+    assert!(mem.limit().is_some_and(|l| l > 0) && mem.limit() == mem.swap());
+    match flavor {
+        Flavor::Containerd => assert!(res.pids().as_ref().is_some_and(|p| p.limit() > 0)),
+        Flavor::Runsc => assert!(res.pids().is_none()),
+    }
+    let nproc = process.rlimits().as_ref().expect("rlimits");
+    assert!(nproc
+        .iter()
+        .any(|r| r.hard() == m.limits.pids && r.soft() == m.limits.pids));
+
+    // Every mount but /proc, /dev and /tmp is a read-only bind; /capsule is the staging copy.
+    for mnt in spec.mounts().as_ref().expect("mounts") {
+        let dest = mnt.destination().to_string_lossy();
+        let opts = mnt.options().as_ref().expect("mount options");
+        if mnt.typ().as_deref() == Some("bind") {
+            assert!(opts.iter().any(|o| o == "ro"), "{dest} is a writable bind");
+        } else {
+            assert!(
+                ["/proc", "/dev", "/tmp"].contains(&dest.as_ref()),
+                "unexpected mount {dest}"
+            );
+        }
+        if dest == CAPSULE_DIR {
+            assert_eq!(
+                mnt.source().as_deref(),
+                Some(Path::new("/state/runs/r/staging"))
+            );
+        }
+    }
+    assert!(!spec
+        .mounts()
+        .as_ref()
+        .expect("mounts")
+        .iter()
+        .any(|m| m.destination() == &PathBuf::from("/sys")));
+}
