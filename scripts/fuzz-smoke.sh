@@ -8,7 +8,7 @@ seconds=${FUZZ_SECONDS:-30}
 
 # target:max_len, chosen per format (a JWS or manifest is bounded by max_jws_bytes; a
 # manifest for oci_spec is about 1 KiB; a run event with its JWS and outputs about 4 KiB).
-targets="jws_verify:16384 manifest_signed:16384 policy_toml:8192 jwks:8192 paths_and_ids:4200 base64url:4096 oci_spec:8192 evidence:16384"
+targets="jws_verify:16384 manifest_signed:16384 policy_toml:8192 jwks:8192 paths_and_ids:4200 base64url:4096 oci_spec:8192 evidence:16384 service_requests:4096"
 
 cargo +nightly fuzz build -O
 for entry in $targets; do
