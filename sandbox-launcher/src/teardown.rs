@@ -386,3 +386,72 @@ pub(crate) fn recover_stale(runtime: &Runtime, state_dir: &Path) -> Result<Vec<S
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RunId, RunscConfig, RuntimeConfig};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Command;
+
+    /// A host process that names the run and that the runtime's own delete does not
+    /// know about (a runtime that leaked one): the check sees it, the teardown
+    /// SIGKILLs it by pid, says so, and verifies it is gone.
+    #[test]
+    fn a_process_the_runtime_left_behind_is_found_killed_and_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = Runtime::new(&RuntimeConfig::Runsc(RunscConfig::default()), dir.path())
+            .unwrap_or_else(|e| panic!("runsc (Debian package `runsc`): {e}"));
+        let run_id = RunId::new().expect("run id");
+        let run_id = run_id.as_str();
+        let container = container_id(run_id);
+        let run_dir = dir.path().join("runs").join(run_id);
+        fs::create_dir_all(run_dir.join("staging")).expect("run dir");
+        // `exec -a` puts the container id in the process's command line, as the
+        // runtime's own processes (runsc-sandbox, gofer, shim) have it.
+        let mut stray = Command::new("bash")
+            .args(["-c", "exec -a \"$0\" sleep 300", &container])
+            .spawn()
+            .expect("bash (Debian package `bash`)");
+        let pid = stray.id();
+        let seen = wait_until(|| processes_of(run_id).iter().any(|(p, _)| *p == pid));
+        assert!(seen, "the stray process never showed up in /proc");
+
+        let before = verify(&runtime, run_id, &container, &run_dir, Vec::new());
+        assert!(!before.ok, "{before:?}");
+        let procs = before
+            .checks
+            .iter()
+            .find(|c| c.name == "processes")
+            .expect("check");
+        assert!(
+            !procs.ok && procs.detail.contains(&pid.to_string()),
+            "{procs:?}"
+        );
+
+        let after = teardown(&runtime, run_id, &container, &run_dir, Vec::new());
+        assert!(after.ok, "{}", after.failures());
+        assert!(
+            after
+                .actions
+                .iter()
+                .any(|a| a.starts_with(&format!("killed leftover process {pid} "))),
+            "{:?}",
+            after.actions
+        );
+        let status = stray.wait().expect("reap");
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+        assert!(!run_dir.exists());
+    }
+
+    fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
