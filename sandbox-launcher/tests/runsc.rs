@@ -269,6 +269,63 @@ fn a_file_changed_after_admission_never_reaches_the_sandbox() {
     assert_runsc_left_nothing(&state, &r.run_id);
 }
 
+/// The service's path: artifacts from a content-addressed blob store. A blob
+/// replaced (same size, other bytes) or swapped for a symlink between admission and
+/// launch is refused while staging; nothing is launched.
+#[test]
+fn a_blob_replaced_after_admission_never_reaches_the_sandbox() {
+    let w = World::new();
+    let script = b"echo approved";
+    let evil = b"echo EVIL!!!!";
+    let state = w.path("launcher");
+    let launcher = launcher(&state, runsc());
+    let policy = w.policy();
+    let runner = verify_core::SpiffeId::parse(capsule_tests::RUNNER).expect("runner");
+    let files: [(&str, &[u8]); 1] = [("run.sh", script)];
+    let manifest = w.script_manifest(&files);
+    let jws = w.sign(
+        manifest.to_string().as_bytes(),
+        capsule_tests::Signer::Es256,
+    );
+    for (i, symlink) in [false, true].into_iter().enumerate() {
+        let blobs = w.path(&format!("blobs-{i}"));
+        let blob = blobs.join(format!("sha256/{}", capsule_tests::sha256_hex(script)));
+        std::fs::create_dir_all(blob.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&blob, script).expect("blob");
+        let capsule = verify_core::Capsule::from_bytes(
+            jws.as_bytes(),
+            verify_core::ArtifactSource::Blobs(blobs.clone()),
+        );
+        let admitted = verify_core::Verifier {
+            policy: &policy,
+            clock: &verify_core::SystemClock,
+            rollback: &verify_core::NoHistory,
+            runner: Some(&runner),
+            hash_mode: verify_core::HashMode::Read,
+        }
+        .verify(&capsule)
+        .unwrap_or_else(|d| panic!("blob capsule denied: {d:?}"));
+        std::fs::remove_file(&blob).expect("remove");
+        if symlink {
+            let other = w.write(&format!("evil-{i}.sh"), evil);
+            std::os::unix::fs::symlink(other, &blob).expect("symlink");
+        } else {
+            std::fs::write(&blob, evil).expect("replace");
+        }
+        match launcher.launch(&admitted) {
+            Err(LaunchError::ChangedAfterAdmission { path, .. }) if !symlink => {
+                assert_eq!(path, "run.sh")
+            }
+            Err(LaunchError::Stage { source, .. }) if symlink => {
+                assert_eq!(source.raw_os_error(), Some(40), "ELOOP expected: {source}")
+            }
+            other => panic!("symlink {symlink}: expected a staging error, got {other:?}"),
+        }
+        let runs = std::fs::read_dir(state.join("runs")).expect("runs").count();
+        assert_eq!(runs, 0, "run directory left");
+    }
+}
+
 /// Open egress is caught: with the host's network shared, the probe reaches the
 /// launcher's listener, the entrypoint never runs, and the run fails.
 #[test]
