@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # Service figures for BENCHMARKS.md, on this machine, with the project's own load
 # generator (no external tool): `serve` with its embedded development default on
-# loopback, the small dev capsule (scripts/dev-capsule.sh), N mTLS keep-alive
-# connections. Three runs: saturated (as fast as possible), 70 % of the saturated rate
-# (open loop), and 2x the saturated rate (open loop: how much is shed with 503, p99 of
-# what is served, the server's peak RSS). Around the overload run, /metrics is read to
-# show that every 200 was a verified admission and every 503 a shed one.
-# Env: DURATION (s, default 15), CONNECTIONS (default 16), HTTP2=1 for HTTP/2.
+# loopback, the small dev capsule (scripts/dev-capsule.sh), mTLS keep-alive
+# connections. Three runs: saturated (closed loop, SAT_CONNECTIONS HTTP/1.1
+# connections, one request in flight on each), 70 % of the saturated rate (open loop
+# over the same SAT_CONNECTIONS HTTP/1.1 connections, so the protocol is the one that
+# set the saturated rate), and 2x the saturated rate (open loop over CONNECTIONS
+# HTTP/2 connections, each request on its own stream when it is due, so that more
+# requests can be outstanding than the server's queue holds: the overload run shows
+# how much is shed with 503, the p99 of what is served, the server's peak RSS). Around the overload run, /metrics is read to show that every
+# 200 was a verified admission and every 503 a shed one. The load generator runs on
+# the same machine and takes its share of the CPU.
+# Env: DURATION (s, default 15), SAT_CONNECTIONS (default 256), CONNECTIONS (default 16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${DURATION:-15}
 conns=${CONNECTIONS:-16}
-h2=()
-if [ "${HTTP2:-0}" = 1 ]; then h2=(--http2); fi
+sat_conns=${SAT_CONNECTIONS:-256}
 
 cargo build --release -q -p capsule-gateway
 gw=$PWD/target/release/capsule-gateway
@@ -20,21 +24,31 @@ work=$PWD/target/bench-service
 rm -rf "$work"
 mkdir -p "$work"
 
-"$gw" serve --state-dir "$work/state" --listen 127.0.0.1:0 2>"$work/serve.log" &
-pid=$!
+# Each phase gets a fresh server process on the same state, so that the server-side
+# quantiles read from its /metrics afterwards are that phase's alone.
+pid=
+start_server() {
+  "$gw" serve --state-dir "$work/state" --listen 127.0.0.1:0 2>"$work/serve.log" &
+  pid=$!
+  for _ in $(seq 100); do
+    grep -q "serving on" "$work/serve.log" && break
+    sleep 0.1
+  done
+  addr=$(grep -o 'serving on https://[0-9.:]*' "$work/serve.log" | sed 's#serving on https://##')
+  [ -n "$addr" ] || { cat "$work/serve.log" >&2; exit 1; }
+}
+stop_server() {
+  kill "$pid"
+  wait "$pid" || true
+}
 trap 'kill "$pid" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  grep -q "serving on" "$work/serve.log" && break
-  sleep 0.1
-done
-addr=$(grep -o 'serving on https://[0-9.:]*' "$work/serve.log" | sed 's#serving on https://##')
-[ -n "$addr" ] || { cat "$work/serve.log" >&2; exit 1; }
+start_server
 scripts/dev-capsule.sh "$gw" "$work/state" "$work/capsule"
 client=$work/state/dev/client
 
 lg() {
   "$gw" loadgen --url "https://$addr" --svid "$client" --capsule "$work/capsule" \
-    --connections "$conns" --duration "$duration" "${h2[@]}" --json "$@"
+    --duration "$duration" --json "$@"
 }
 # GET /metrics over mTLS with Python's standard library (the chain is verified against
 # the bundle; SPIFFE certificates carry no DNS name, so no hostname check).
@@ -52,24 +66,38 @@ print(c.getresponse().read().decode())
 PY
 }
 field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
-counter() { grep -E "^$1 " <<<"$2" | awk '{s+=$2} END {print s+0}'; }
+counter() { { grep -E "^$1 " <<<"$2" || true; } | awk '{s+=$2} END {print s+0}'; }
+# The server's own view of a phase: batch sizes, stage times, request-to-durable latency.
+server_view() {
+  metrics >"$work/metrics-$1.txt"
+  grep -E '^capsule_gateway_(batch_size|batch_verify_seconds|batch_commit_seconds|admission_latency_seconds)\{quantile="0\.(5|99)"\}' \
+    "$work/metrics-$1.txt" | sed 's/^/   server: /'
+}
+client_line="f\"achieved {d['throughput_rps']:.0f}/s of {d['rate_requested']}/s, status {d['status']}, errors {d['errors']}, p50 {d['latency_ms']['p50']} ms, p90 {d['latency_ms']['p90']} ms, p99 {d['latency_ms']['p99']} ms, p99.9 {d['latency_ms']['p999']} ms, send lag p99 {d['send_lag_ms']['p99']} ms\""
 
-echo "== saturated: $conns connections, as fast as possible, ${duration}s"
-lg --rate 0 >"$work/saturated.json"
+echo "== saturated: $sat_conns HTTP/1.1 connections, as fast as possible, ${duration}s"
+lg --connections "$sat_conns" --rate 0 >"$work/saturated.json"
 sat=$(field "$work/saturated.json" "d['throughput_rps']")
-field "$work/saturated.json" "f\"{d['throughput_rps']:.0f} admissions/s, status {d['status']}, p50 {d['latency_ms']['p50']} ms, p99 {d['latency_ms']['p99']} ms\""
+field "$work/saturated.json" "$client_line"
+server_view saturated
+stop_server
 
 rate70=$(python3 -c "print(int($sat * 0.7))")
-echo "== 70% of saturation: $rate70/s open loop"
-lg --rate "$rate70" >"$work/p70.json"
-field "$work/p70.json" "f\"achieved {d['throughput_rps']:.0f}/s, status {d['status']}, p50 {d['latency_ms']['p50']} ms, p90 {d['latency_ms']['p90']} ms, p99 {d['latency_ms']['p99']} ms, p99.9 {d['latency_ms']['p999']} ms\""
+echo "== 70% of saturation: $rate70/s open loop, $sat_conns HTTP/1.1 connections"
+start_server
+lg --connections "$sat_conns" --rate "$rate70" >"$work/p70.json"
+field "$work/p70.json" "$client_line"
+server_view p70
+stop_server
 
 rate2x=$(python3 -c "print(int($sat * 2))")
-echo "== 2x overload: $rate2x/s open loop"
+echo "== 2x overload: $rate2x/s open loop, $conns HTTP/2 connections"
+start_server
 before=$(metrics)
-lg --rate "$rate2x" --warmup 0 >"$work/overload.json"
+lg --connections "$conns" --http2 --rate "$rate2x" --warmup 0 >"$work/overload.json"
 after=$(metrics)
-field "$work/overload.json" "f\"offered {d['rate_requested']}/s, served {d['throughput_rps']:.0f}/s, status {d['status']}, errors {d['errors']}, shed share {d['status'].get('503',0)/max(1,d['requests']):.3f}, p99 served {d['served_latency_ms']['p99']} ms, p99 all {d['latency_ms']['p99']} ms\""
+field "$work/overload.json" "$client_line"
+field "$work/overload.json" "f\"shed share {d['status'].get('503',0)/max(1,d['requests']):.3f}, p99 of served (200) {d['served_latency_ms']['p99']} ms, unsent {d['unsent']}\""
 admits=$(( $(counter 'capsule_gateway_admissions_total\{verdict="admit",reason=""\}' "$after") - $(counter 'capsule_gateway_admissions_total\{verdict="admit",reason=""\}' "$before") ))
 shed=$(( $(counter capsule_gateway_admissions_shed_total "$after") - $(counter capsule_gateway_admissions_shed_total "$before") ))
 ok=$(field "$work/overload.json" "d['status'].get('200',0)")
@@ -81,7 +109,7 @@ if [ "$admits" -lt "$ok" ] || [ "$shed" -lt "$unavailable" ]; then
   echo "bench-service: more 200/503 answers than verified/shed admissions" >&2
   exit 1
 fi
-metrics >"$work/metrics.txt"
-grep -E '^capsule_gateway_(batch_size|batch_verify_seconds|batch_commit_seconds|admission_latency_seconds)\{quantile="0\.(5|99)"\}' "$work/metrics.txt" | sed 's/^/   /'
+server_view overload
 echo "   peak RSS of serve: $(grep VmHWM /proc/$pid/status | awk '{print $2, $3}')"
-echo "   (JSON reports in $work/)"
+stop_server
+echo "   (JSON reports and metrics in $work/)"

@@ -54,7 +54,7 @@ type Verified = Vec<(Result<Admitted, Decision>, oneshot::Sender<Outcome>)>;
 /// under way the verifier goes on, and the committer then records everything that
 /// waits in one transaction: the slower the disk, the larger the commits. Bounded, so
 /// at most `queue + VERIFIED_BATCHES * max_size` admissions are held in memory.
-const VERIFIED_BATCHES: usize = 8;
+const VERIFIED_BATCHES: usize = 2;
 
 /// The queue is full: answer 503.
 #[derive(Debug)]
@@ -166,7 +166,7 @@ fn verify_loop(
 ) {
     // Batches being verified at once: a batch is handed to the pool and the next one
     // gathered without waiting for it, so the pool never idles at a batch boundary.
-    let in_flight = a.pool.current_num_threads().max(1) * 2;
+    let in_flight = a.pool.current_num_threads().max(1);
     let (release, acquire) = mpsc::sync_channel::<()>(in_flight);
     for _ in 0..in_flight {
         let _ = release.send(());

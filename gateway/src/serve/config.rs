@@ -65,9 +65,9 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> BatchConfig {
         BatchConfig {
-            max_size: 256,
+            max_size: 128,
             max_wait_us: 200,
-            queue: 1024,
+            queue: 512,
             threads: 0,
         }
     }
@@ -217,7 +217,7 @@ mod tests {
     fn the_example_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateway.toml");
         let c = ServeConfig::load(&path).expect("examples/gateway.toml loads");
-        assert_eq!(c.batch.queue, 1024);
+        assert_eq!(c.batch.queue, 512);
         assert_eq!(c.runs.as_ref().map(|r| r.runtime), Some(RunsRuntime::Runsc));
         assert!(c.tls.workload_api.is_some());
     }
