@@ -964,3 +964,103 @@ fn the_embedded_default_admits_a_dev_capsule_through_the_binary() {
     let state = State::open(&state, false).expect("open").expect("state");
     assert_eq!(state.verify_log().expect("intact chain"), 2);
 }
+
+/// Reads until the peer closes the connection (or `limit` passes); returns what was
+/// read and how long it took.
+async fn read_until_closed<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    limit: Duration,
+) -> (Vec<u8>, Duration) {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), r.read(&mut buf)).await {
+            Err(_) => panic!(
+                "the server kept a stalled connection open for {limit:?}; read so far: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, start.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Slow or idle peers cannot hold a connection: no TLS handshake, a request head that
+/// never ends, a body that stalls, and a keep-alive connection left silent are each
+/// closed (the stalled body with 408) within their deadlines, while the same
+/// connection code with a complete request is served.
+#[test]
+fn slow_and_idle_peers_are_timed_out() {
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.limits.handshake_timeout_ms = 300;
+    config.limits.body_timeout_ms = 400;
+    config.limits.idle_timeout_ms = 800;
+    let server = start(&config);
+    let addr = server.local_addr();
+    let valid = f.ca.issue(&SvidSpec::id(RUNNER));
+    let tls = tokio_rustls::TlsConnector::from(f.raw_client_config(Some(&valid)));
+    let name = rustls::pki_types::ServerName::try_from("capsule-gateway").expect("name");
+    let limit = Duration::from_secs(5);
+    runtime().block_on(async {
+        // No handshake at all: closed at the handshake deadline.
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (_, took) = read_until_closed(&mut tcp, limit).await;
+        assert!(
+            took >= Duration::from_millis(250),
+            "closed too early: {took:?}"
+        );
+
+        // A request head that never ends.
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut s = tls.connect(name.clone(), tcp).await.expect("handshake");
+        s.write_all(b"POST /v1/admissions HTTP/1.1\r\nhost: gw\r\n")
+            .await
+            .expect("write");
+        let (got, _) = read_until_closed(&mut s, limit).await;
+        assert!(!String::from_utf8_lossy(&got).contains("200 OK"), "{got:?}");
+
+        // A body that stalls after 10 of 1000 bytes: 408, then closed.
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut s = tls.connect(name.clone(), tcp).await.expect("handshake");
+        s.write_all(
+            b"POST /v1/admissions HTTP/1.1\r\nhost: gw\r\ncontent-length: 1000\r\n\r\n0123456789",
+        )
+        .await
+        .expect("write");
+        let (got, _) = read_until_closed(&mut s, limit).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+
+        // A complete request is served; then the silent keep-alive connection is
+        // closed: HTTP/1.1 waits for the next request head only as long as for the
+        // first (hyper's head deadline restarts after each response).
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut s = tls.connect(name.clone(), tcp).await.expect("handshake");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
+            .await
+            .expect("write");
+        let (got, took) = read_until_closed(&mut s, limit).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            took >= Duration::from_millis(250),
+            "idle close too early: {took:?}"
+        );
+
+        // HTTP/2 has no head deadline between streams: the idle deadline closes it.
+        let h2 = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, true);
+        let mut c = Client::connect(addr, h2).await.expect("h2 connects");
+        assert_eq!(c.get("/healthz").await.expect("served").status, 200);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = c.get("/healthz").await;
+        assert!(
+            after.is_err(),
+            "an idle HTTP/2 connection stayed open: {after:?}"
+        );
+    });
+    server.shutdown();
+}
