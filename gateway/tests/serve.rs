@@ -1064,3 +1064,31 @@ fn slow_and_idle_peers_are_timed_out() {
     });
     server.shutdown();
 }
+
+/// With a TPM configured, `/readyz` is 200 only while the TPM answers: a real swtpm,
+/// then the same service after the swtpm is gone (503 naming the TPM). `/healthz`
+/// stays 200: the process is alive, it just must not be sent work that needs the TPM.
+#[test]
+fn readiness_follows_the_configured_tpm() {
+    let f = Fixture::new();
+    let tpm = attest_testkit::swtpm::Swtpm::start().expect("swtpm");
+    let mut config = f.config();
+    config.tpm = Some(capsule_gateway::serve::config::TpmConfig { tcti: tpm.tcti() });
+    let server = start(&config);
+    let addr = server.local_addr();
+    let client = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    runtime().block_on(async {
+        let mut c = Client::connect(addr, client.clone())
+            .await
+            .expect("connects");
+        let ready = c.get("/readyz").await.expect("readyz");
+        assert_eq!(ready.status, 200, "{}", ready.text());
+        drop(tpm);
+        let mut c = Client::connect(addr, client).await.expect("connects");
+        let ready = c.get("/readyz").await.expect("readyz");
+        assert_eq!(ready.status, 503, "{}", ready.text());
+        assert!(ready.text().contains("TPM"), "{}", ready.text());
+        assert_eq!(c.get("/healthz").await.expect("healthz").status, 200);
+    });
+    server.shutdown();
+}
