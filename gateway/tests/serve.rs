@@ -1184,3 +1184,52 @@ fn runs_are_admitted_launched_in_gvisor_and_reported() {
         assert_eq!(r.json()["status"], "completed", "{}", r.text());
     });
 }
+
+/// Admission bodies held in memory are bounded across all connections: peers that
+/// declare large bodies and stall hold the budget (`limits.max_buffered_bytes`), a
+/// further admission is shed with 503 and Retry-After instead of buffered, and once
+/// the stalled peers are gone the service admits again.
+#[test]
+fn buffered_admission_bodies_are_bounded_across_connections() {
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.limits.max_buffered_bytes = 1 << 20;
+    let server = start(&config);
+    let addr = server.local_addr();
+    let valid = f.ca.issue(&SvidSpec::id(RUNNER));
+    let tls = tokio_rustls::TlsConnector::from(f.raw_client_config(Some(&valid)));
+    let name = rustls::pki_types::ServerName::try_from("capsule-gateway").expect("name");
+    let cfg = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    let jws = read_jws(&f.world.good_capsule("good", Signer::Es256));
+    runtime().block_on(async {
+        let mut c = Client::connect(addr, cfg.clone()).await.expect("connect");
+        c.upload_world_files().await;
+        // Each stalled peer declares 64 KiB (the fixture policy's limit): 16 of them
+        // hold the whole 1 MiB.
+        let mut stalled = Vec::new();
+        for _ in 0..16 {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let mut s = tls.connect(name.clone(), tcp).await.expect("handshake");
+            s.write_all(
+                b"POST /v1/admissions HTTP/1.1\r\nhost: gw\r\ncontent-length: 65536\r\n\r\nab",
+            )
+            .await
+            .expect("write");
+            stalled.push(s);
+        }
+        // Wait until the server has taken all 16 requests in.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = c.admit(jws.clone()).await.expect("answer");
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(
+            r.headers.get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        drop(stalled);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = c.admit(jws).await.expect("answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    server.shutdown();
+}

@@ -88,6 +88,9 @@ pub struct ServiceLimits {
     pub body_timeout_ms: u64,
     /// Largest request head (bytes).
     pub max_header_bytes: usize,
+    /// Admission bodies buffered at once, across every connection and stream (bytes);
+    /// beyond this, 503 with Retry-After. Blobs stream to disk and do not count.
+    pub max_buffered_bytes: u64,
 }
 
 impl Default for ServiceLimits {
@@ -99,6 +102,7 @@ impl Default for ServiceLimits {
             idle_timeout_ms: 30_000,
             body_timeout_ms: 30_000,
             max_header_bytes: 16 * 1024,
+            max_buffered_bytes: 256 << 20,
         }
     }
 }
@@ -188,6 +192,9 @@ impl ServeConfig {
         let l = &self.limits;
         if l.max_connections == 0 {
             return Err("limits.max_connections: at least 1".into());
+        }
+        if l.max_buffered_bytes < 1 << 20 {
+            return Err("limits.max_buffered_bytes: at least 1048576".into());
         }
         if l.handshake_timeout_ms == 0 || l.idle_timeout_ms == 0 || l.body_timeout_ms == 0 {
             return Err("limits: timeouts must be positive".into());

@@ -136,6 +136,15 @@ async fn admit(
 ) -> Result<(verify_core::Admitted, Value), Reply> {
     // One byte over the JWS limit for a trailing newline, as the CLI tolerates.
     let limit = svc.admissions.policy.limits.max_jws_bytes + 1;
+    // Admission bodies are held in memory until their decision is durable: the bytes
+    // that may be held at once are bounded across all connections and streams (the
+    // declared length, else the limit, is reserved before reading). None left: shed.
+    let reserve = req
+        .body()
+        .size_hint()
+        .exact()
+        .map_or(limit, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    let _held = svc.reserve_body(reserve).ok_or_else(shed)?;
     let body = read_body(req.into_body(), limit, svc.limits.body_timeout()).await?;
     let started = Instant::now();
     let name = Sha256Digest(svc.admissions.policy.backend.sha256_oneshot(&body)).to_string();

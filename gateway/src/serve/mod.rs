@@ -59,9 +59,17 @@ pub struct Service {
     pub runs: Option<Runs>,
     tpm: Option<Arc<Mutex<Tpm>>>,
     identity: Arc<dyn IdentitySource>,
+    /// KiB of admission bodies that may be buffered at once (`limits.max_buffered_bytes`).
+    body_budget: Arc<Semaphore>,
 }
 
 impl Service {
+    /// Reserves room for a request body of `bytes`; `None` when the budget is spent.
+    pub fn reserve_body(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        self.body_budget.clone().try_acquire_many_owned(kib).ok()
+    }
+
     /// Ready when the trust material is loaded (the SVID is current) and, if a TPM is
     /// configured, it answers.
     pub async fn readiness(&self) -> Result<(), String> {
@@ -154,6 +162,9 @@ impl Server {
             runs,
             tpm: tpm.map(|t| Arc::new(Mutex::new(t))),
             identity,
+            body_budget: Arc::new(Semaphore::new(
+                usize::try_from(config.limits.max_buffered_bytes / 1024).unwrap_or(usize::MAX),
+            )),
         });
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
