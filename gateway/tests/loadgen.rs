@@ -36,32 +36,7 @@ fn setup() -> Setup {
         OsStr::new("127.0.0.1:0"),
     ]);
     let dev = state.join("dev");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/dev-capsule");
-    let now = capsule_tests::now();
-    let manifest = std::fs::read_to_string(example.join("manifest.template.json"))
-        .expect("template")
-        .replace("@VERSION@", "1")
-        .replace("@NOW@", &(now - 60).to_string())
-        .replace("@EXPIRES@", &(now + 3600).to_string());
-    let manifest_path = tmp.path().join("manifest.json");
-    std::fs::write(&manifest_path, manifest).expect("write manifest");
-    let capsule = tmp.path().join("capsule");
-    let out = Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
-        .arg("pack")
-        .args([OsStr::new("--manifest"), s(&manifest_path)])
-        .args([OsStr::new("--files"), s(&example.join("files"))])
-        .args([
-            OsStr::new("--key"),
-            s(&dev.join("keys/dev-es.private.jwk.json")),
-        ])
-        .args([OsStr::new("--out"), s(&capsule)])
-        .output()
-        .expect("pack");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let capsule = common::pack_dev_capsule(&state, tmp.path());
     Setup {
         gateway,
         client_svid: dev.join("client"),

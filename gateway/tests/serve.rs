@@ -25,8 +25,9 @@ use capsule_gateway::serve::Server;
 use capsule_gateway::state::State;
 use capsule_tests::{b64_json, read_jws, sha256_hex, Signer, HS_KID, RUNNER};
 use common::{
-    admission_log, chunked, client_config, digest, full, metric, rollback_highest, runtime,
-    versioned_jws, versioned_manifest, Client, Fixture, Gateway, GATEWAY_ID, TRUST_DOMAIN,
+    admission_log, chunked, client_config, digest, full, metric, pack_dev_capsule,
+    rollback_highest, runtime, versioned_jws, versioned_manifest, Client, Fixture, Gateway,
+    GATEWAY_ID, TRUST_DOMAIN,
 };
 use http::Method;
 use serde_json::{json, Value};
@@ -525,15 +526,7 @@ struct Seen {
 fn kill_9_under_load_loses_no_acknowledged_admission() {
     let f = Fixture::new();
     let w = &f.world;
-    let config = f.root.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\npolicy = {}\n\n[tls]\nsvid_dir = \"gateway-svid\"\n\n[batch]\nmax_size = 8\n",
-            toml::Value::String(w.policy_path().display().to_string())
-        ),
-    )
-    .expect("write config");
+    let config = f.write_config("[batch]\nmax_size = 8\n");
     const FIRST: u64 = 2;
     const LAST: u64 = 201;
     let jws: Arc<BTreeMap<u64, String>> = Arc::new(
@@ -896,32 +889,7 @@ fn the_embedded_default_admits_a_dev_capsule_through_the_binary() {
     }
 
     // The demo's capsule, packed exactly as scripts/dev-capsule.sh does.
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/dev-capsule");
-    let now = capsule_tests::now();
-    let manifest = std::fs::read_to_string(example.join("manifest.template.json"))
-        .expect("template")
-        .replace("@VERSION@", "1")
-        .replace("@NOW@", &(now - 60).to_string())
-        .replace("@EXPIRES@", &(now + 3600).to_string());
-    let manifest_path = tmp.path().join("manifest.json");
-    std::fs::write(&manifest_path, manifest).expect("write manifest");
-    let capsule = tmp.path().join("capsule");
-    let out = Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
-        .arg("pack")
-        .args([OsStr::new("--manifest"), s(&manifest_path)])
-        .args([OsStr::new("--files"), s(&example.join("files"))])
-        .args([
-            OsStr::new("--key"),
-            s(&dev.join("keys/dev-es.private.jwk.json")),
-        ])
-        .args([OsStr::new("--out"), s(&capsule)])
-        .output()
-        .expect("pack");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let capsule = pack_dev_capsule(&state, tmp.path());
     let jws = read_jws(&capsule);
 
     let cfg = client_config(
@@ -1104,15 +1072,7 @@ fn readiness_follows_the_configured_tpm() {
 fn runs_are_admitted_launched_in_gvisor_and_reported() {
     let f = Fixture::new();
     let w = &f.world;
-    let config = f.root.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\npolicy = {}\n\n[tls]\nsvid_dir = \"gateway-svid\"\n\n[runs]\nruntime = \"runsc\"\n",
-            toml::Value::String(w.policy_path().display().to_string())
-        ),
-    )
-    .expect("write config");
+    let config = f.write_config("[runs]\nruntime = \"runsc\"\n");
     let script: &[u8] = b"#!/bin/sh\necho hello from a served run\n";
     let files: [(&str, &[u8]); 1] = [("run.sh", script)];
     let m = w.script_manifest(&files);

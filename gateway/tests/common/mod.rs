@@ -595,3 +595,51 @@ impl Drop for Gateway {
         }
     }
 }
+
+/// Packs `examples/dev-capsule` (version 1, valid for an hour) with the development
+/// signing key of a `serve` state directory, exactly as `scripts/dev-capsule.sh` does;
+/// `work` holds the manifest and the capsule, whose directory is returned.
+pub fn pack_dev_capsule(state: &Path, work: &Path) -> PathBuf {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/dev-capsule");
+    let now = capsule_tests::now();
+    let manifest = std::fs::read_to_string(example.join("manifest.template.json"))
+        .expect("template")
+        .replace("@VERSION@", "1")
+        .replace("@NOW@", &(now - 60).to_string())
+        .replace("@EXPIRES@", &(now + 3600).to_string());
+    let manifest_path = work.join("manifest.json");
+    std::fs::write(&manifest_path, manifest).expect("write manifest");
+    let capsule = work.join("capsule");
+    let out = Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
+        .arg("pack")
+        .arg("--manifest")
+        .arg(&manifest_path)
+        .arg("--files")
+        .arg(example.join("files"))
+        .arg("--key")
+        .arg(state.join("dev/keys/dev-es.private.jwk.json"))
+        .arg("--out")
+        .arg(&capsule)
+        .output()
+        .expect("pack");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    capsule
+}
+
+impl Fixture {
+    /// Writes `gateway.toml` for the binary: loopback on a free port, state and
+    /// gateway SVID under the fixture root, the world's policy, then `extra` (TOML).
+    pub fn write_config(&self, extra: &str) -> PathBuf {
+        let path = self.root.path().join("gateway.toml");
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\npolicy = {}\n\n[tls]\nsvid_dir = \"gateway-svid\"\n\n{extra}",
+            toml::Value::String(self.world.policy_path().display().to_string())
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
