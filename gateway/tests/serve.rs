@@ -60,7 +60,7 @@ fn keys(v: &Value) -> Vec<String> {
 /// A good capsule is admitted (200) and a tampered one or one signed by a key the
 /// tenant may not use is denied (403) with its exact reason; every answer carries the
 /// fields of the CLI's `--json` line, in its order, with the same values (`capsule`
-/// being the body's digest). Artifacts come from the blob store only.
+/// being the JWS digest). Artifacts come from the blob store only.
 #[test]
 fn admissions_answer_with_the_cli_decision_fields() {
     let f = Fixture::new();

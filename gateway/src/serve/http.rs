@@ -11,7 +11,7 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
 use serde_json::{json, Value};
-use verify_core::{Capsule, Sha256Digest, SpiffeId};
+use verify_core::{Capsule, Decision, Sha256Digest, SpiffeId};
 
 use super::blobs::{parse_blob_path, UploadError};
 use super::runs::RunStatus;
@@ -147,7 +147,6 @@ async fn admit(
     let _held = svc.reserve_body(reserve).ok_or_else(shed)?;
     let body = read_body(req.into_body(), limit, svc.limits.body_timeout()).await?;
     let started = Instant::now();
-    let name = Sha256Digest(svc.admissions.policy.backend.sha256_oneshot(&body)).to_string();
     let capsule = Capsule::from_bytes(&body, svc.blobs.source()).with_root(svc.blobs.root());
     let rx = svc
         .batcher
@@ -168,16 +167,23 @@ async fn admit(
             svc.metrics.admission(&denied, started.elapsed());
             Err(json_reply(
                 StatusCode::FORBIDDEN,
-                &decision_json(&name, &denied),
+                &decision_json(&capsule_name(&denied), &denied),
             ))
         }
         Ok(Ok(admitted)) => {
             svc.metrics
                 .admission(admitted.decision(), started.elapsed());
-            let body = decision_json(&name, admitted.decision());
+            let d = admitted.decision();
+            let body = decision_json(&capsule_name(d), d);
             Ok((admitted, body))
         }
     }
+}
+
+/// The `capsule` field of an answer: the JWS digest the verifier already computed
+/// (the request has no path to name it by).
+fn capsule_name(d: &Decision) -> String {
+    d.digest.map(|x| x.to_string()).unwrap_or_default()
 }
 
 async fn admission(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
