@@ -42,7 +42,13 @@ impl State {
             return Ok(None);
         }
         if create {
-            std::fs::create_dir_all(dir).map_err(|e| crate::GatewayError::io(dir, e))?;
+            // The gateway's alone: history, evidence, sandboxes (0700 whatever the umask).
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(dir)
+            .map_err(|e| crate::GatewayError::io(dir, e))?;
         }
         let mut wait = Duration::from_millis(5);
         let db = loop {
