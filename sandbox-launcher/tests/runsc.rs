@@ -625,3 +625,34 @@ fn ld_preload_or_ld_audit_cannot_hide_open_egress() {
         assert_runsc_left_nothing(&state, &report.run_id);
     }
 }
+
+/// Only what the verifier found will be executed is executable in `/capsule`: the
+/// entrypoint script (run through its allowed `#!/bin/sh`) is 0555, a data
+/// artifact is 0444 and cannot be `exec`ed, whatever it contains.
+#[test]
+fn a_staged_data_artifact_cannot_be_executed_inside_the_sandbox() {
+    let w = World::new();
+    let files: [(&str, &[u8]); 2] = [
+        (
+            "run.sh",
+            b"#!/bin/sh\n\
+              if /capsule/data/evil.sh; then echo evil-ran; else echo evil-denied; fi\n\
+              test -x /capsule/run.sh && echo entrypoint-executable\n\
+              test -x /capsule/data/evil.sh || echo data-not-executable\n",
+        ),
+        ("data/evil.sh", b"#!/bin/sh\necho EVIL\n"),
+    ];
+    let mut m = w.script_manifest(&files);
+    m["entrypoint"] = serde_json::json!(["/capsule/run.sh"]);
+    let capsule = w.capsule_with_files("capsule", &m, &files, capsule_tests::Signer::Es256);
+    let admitted = admit(&w, &capsule);
+    let state = w.path("launcher");
+    let r = launcher(&state, runsc()).launch(&admitted).expect("launch");
+    assert_eq!(
+        r.stdout.text(),
+        "evil-denied\nentrypoint-executable\ndata-not-executable\n",
+        "stderr: {}",
+        r.stderr.text()
+    );
+    assert_runsc_left_nothing(&state, &r.run_id);
+}
