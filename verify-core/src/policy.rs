@@ -286,6 +286,9 @@ fn check_host_program(p: &str) -> Result<(), &'static str> {
             return Err("must be normalised (no empty, `.` or `..` segment, no trailing `/`)");
         }
     }
+    if rest == "capsule" || rest.starts_with("capsule/") {
+        return Err("is under /capsule, where only the manifest's own files are");
+    }
     Ok(())
 }
 
@@ -342,6 +345,8 @@ mod host_program_tests {
             "/bin/",
             "/",
             "",
+            "/capsule/run.sh",
+            "/capsule",
         ] {
             let e = policy(&format!("[{bad:?}]")).expect_err(bad).to_string();
             assert!(
