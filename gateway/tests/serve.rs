@@ -1524,3 +1524,116 @@ fn early_413_and_503_reach_http2_and_http11_clients_as_responses() {
     drop(stalled);
     server.shutdown();
 }
+
+/// `limits.max_connections` still bounds authenticated connections: with one place
+/// taken, a second runner completes its TLS handshake but gets no place and is
+/// closed at the handshake deadline without being served; once the first is gone, a
+/// runner is served again.
+#[test]
+fn authenticated_connections_beyond_max_connections_get_no_place() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.limits.max_connections = 1;
+    config.limits.handshake_timeout_ms = 500;
+    let server = start(&config);
+    let addr = server.local_addr();
+    let cfg = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    // HTTP/2 for A: no request-head deadline between its requests keeps it open.
+    let h2 = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, true);
+    runtime().block_on(async {
+        let mut a = Client::connect(addr, h2).await.expect("runner A");
+        assert_eq!(a.get("/healthz").await.expect("healthz").status, 200);
+        // TLS 1.3: the client's handshake is done before the server decides.
+        let second = match Client::connect(addr, cfg.clone()).await {
+            Ok(mut b) => b.get("/healthz").await,
+            Err(e) => Err(e),
+        };
+        assert!(
+            second.is_err(),
+            "a second connection was served: {second:?}"
+        );
+        let m = a.metrics().await;
+        assert_eq!(
+            metric(&m, "capsule_gateway_handshakes_failed_total"),
+            Some(1.0),
+            "{m}"
+        );
+        assert_eq!(metric(&m, "capsule_gateway_connections"), Some(1.0), "{m}");
+        drop(a);
+        // The place comes back once A's connection is closed (and drained).
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = Client::connect(addr, cfg.clone()).await {
+                if let Ok(r) = c.get("/healthz").await {
+                    assert_eq!(r.status, 200);
+                    break;
+                }
+            }
+            assert!(Instant::now() < end, "the place never came back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    server.shutdown();
+}
+
+/// `GET /v1/runs/{id}` reads finished runs back from their bundles (as after a
+/// restart): the owner (the event's `source`) reads its run; another runner gets the
+/// unknown id's 404 byte for byte; and a bundle whose `event.json` is a symlink or a
+/// FIFO, or whose directory is a symlink, is never followed or opened for reading
+/// (404 at once, no hang, no host path in the answer), for the owner too.
+#[test]
+fn another_peers_run_and_a_planted_bundle_read_as_unknown() {
+    use capsule_gateway::serve::config::{RunsConfig, RunsRuntime};
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.runs = Some(RunsConfig {
+        runtime: RunsRuntime::Runsc,
+        platform: "ptrace".into(),
+        max_concurrent: 1,
+    });
+    let evidence = f.state_dir().join("evidence");
+    let [good, link, fifo, dir_link] = ["a", "b", "c", "d"].map(|c| c.repeat(32));
+    let event = |id: &str| {
+        json!({
+            "specversion": "1.0",
+            "type": "dev.capsule-gateway.run.completed",
+            "source": RUNNER,
+            "id": id,
+            "data": {"stdout": "the owner's output\n"},
+        })
+        .to_string()
+    };
+    for id in [&good, &link, &fifo] {
+        std::fs::create_dir_all(evidence.join(id)).expect("bundle dir");
+    }
+    std::fs::write(evidence.join(&good).join("event.json"), event(&good)).expect("write");
+    let outside = f.root.path().join("outside.json");
+    std::fs::write(&outside, event(&link)).expect("write");
+    std::os::unix::fs::symlink(&outside, evidence.join(&link).join("event.json")).expect("ln");
+    let made = Command::new("mkfifo")
+        .arg(evidence.join(&fifo).join("event.json"))
+        .status()
+        .expect("mkfifo (Debian package coreutils)");
+    assert!(made.success());
+    std::os::unix::fs::symlink(evidence.join(&good), evidence.join(&dir_link)).expect("ln");
+
+    let server = start(&config);
+    let addr = server.local_addr();
+    let owner = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    let other = client_config(&f.client_svid_dir(OTHER_RUNNER), GATEWAY_ID, true);
+    runtime().block_on(async {
+        let mut c = Client::connect(addr, owner).await.expect("connect");
+        let r = c.get(&format!("/v1/runs/{good}")).await.expect("answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["status"], "completed");
+        assert_eq!(r.json()["event"]["data"]["stdout"], "the owner's output\n");
+        for id in [&link, &fifo, &dir_link] {
+            assert_not_visible(&mut c, id).await;
+            let r = c.get(&format!("/v1/runs/{id}")).await.expect("answer");
+            assert!(!r.text().contains("evidence"), "{}", r.text());
+        }
+        let mut o = Client::connect(addr, other).await.expect("connect");
+        assert_not_visible(&mut o, &good).await;
+    });
+    server.shutdown();
+}
