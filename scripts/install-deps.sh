@@ -20,6 +20,8 @@ have runc || need_apt+=(runc)
 { have pkg-config && pkg-config --exists tss2-esys tss2-tctildr tss2-mu; } \
   || need_apt+=(pkg-config libtss2-dev)
 { have swtpm && have swtpm_setup; } || need_apt+=(swtpm swtpm-tools)
+# The service tests check early HTTP/2 answers with curl (nghttp2) as well as hyper.
+have curl || need_apt+=(curl)
 have tpm2_pcrextend || need_apt+=(tpm2-tools)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
