@@ -101,6 +101,7 @@ pub struct StateDir {
     /// its marker was written (nothing is written then).
     marker: Option<Marker>,
     created: bool,
+    adopted: bool,
 }
 
 /// What is at a path, opened without following a symlink.
@@ -352,6 +353,7 @@ impl StateDir {
             db: db.clone(),
             marker,
             created: false,
+            adopted: false,
         };
         match (found, &state.marker) {
             (Found::Absent, None) if create => {
@@ -396,6 +398,12 @@ impl StateDir {
     /// Whether [`StateDir::locate`] created this state just now.
     pub fn created(&self) -> bool {
         self.created
+    }
+
+    /// Whether [`StateDir::locate`] just wrote the marker of a state made before
+    /// markers existed (its whole log checked first).
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     pub fn dir(&self) -> &Path {
@@ -471,6 +479,7 @@ impl StateDir {
             if let Some(id) = existing {
                 return Ok(id);
             }
+            self.adopted = true;
             let id = random_hex(16, &self.dir)?;
             let txn = db.begin_write().map_err(|e| err(&path, e))?;
             {
@@ -596,6 +605,23 @@ impl StateDir {
             Ok(out) => out,
             Err((results, e)) => deny_unavailable(results, &e.to_string()),
         }
+    }
+}
+
+/// Says on stderr that a state was created or adopted just now: an operator who did
+/// not expect a new, empty history learns of it from the first command that made it.
+pub fn announce(state: &StateDir) {
+    if state.created() {
+        eprintln!(
+            "capsule-gateway: created a new, empty anti-rollback state at {}",
+            state.dir().display()
+        );
+    } else if state.adopted() {
+        eprintln!(
+            "capsule-gateway: adopted the anti-rollback state at {} (made before state \
+             markers; its log was checked and {MARKER_FILE} written)",
+            state.dir().display()
+        );
     }
 }
 

@@ -401,6 +401,69 @@ fn the_library_reads_a_cli_made_state_and_its_log_head() {
     assert_eq!(st.verify_log().expect("intact"), 3);
 }
 
+/// Turns a state into one made before markers: no `state.json`, no `meta` or
+/// `log_head` table.
+fn make_legacy(state: &Path) {
+    fs::remove_file(state.join(MARKER_FILE)).expect("rm marker");
+    tamper(state, |t| {
+        const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+        assert!(t.delete_table(META).expect("delete meta"));
+        assert!(t.delete_table(HEAD).expect("delete head"));
+    });
+}
+
+/// A state made before markers keeps its history: the first `admit` checks its whole
+/// log, writes the marker and says so; a rolled-back version is still `rollback`.
+#[test]
+fn a_state_from_before_markers_is_adopted_with_its_history() {
+    let w = World::new();
+    let (state, v1, v3) = seeded(&w, "state");
+    make_legacy(&state);
+    let v = admit(&w, &state, &[&v1]);
+    assert_eq!((v.code, v.reason(0)), (1, Some("rollback")), "{v:?}");
+    assert!(
+        v.stderr.contains("adopted the anti-rollback state"),
+        "{}",
+        v.stderr
+    );
+    assert!(state.join(MARKER_FILE).exists());
+    assert_eq!(admit(&w, &state, &[&v3]).code, 0);
+    let st = State::open(&state, false).expect("open").expect("exists");
+    assert_eq!(st.verify_log().expect("intact"), 3);
+}
+
+/// ... but not with an edited log: the adoption walks the whole chain first.
+#[test]
+fn a_state_from_before_markers_with_an_edited_log_is_not_adopted() {
+    let w = World::new();
+    let (state, v1, _) = seeded(&w, "state");
+    make_legacy(&state);
+    tamper(&state, |t| edit_record(t, 0));
+    assert_unavailable(&admit(&w, &state, &[&v1]), "record 1 does not chain");
+    assert!(
+        !state.join(MARKER_FILE).exists(),
+        "no marker for a bad state"
+    );
+}
+
+/// Kills a child left running when a test fails.
+struct Reap(Option<Child>);
+
+impl Reap {
+    fn running(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+}
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A capsule whose script sleeps, to hold `run` in its sandbox.
 fn sleeper(w: &World, name: &str, id: &str) -> PathBuf {
     let script = b"echo up; sleep 15".as_slice();
@@ -433,21 +496,19 @@ fn admit_succeeds_while_a_run_on_the_same_state_is_in_its_sandbox() {
     let w = World::new();
     let state = w.path("state");
     let slow = sleeper(&w, "slow", "slow");
-    let mut run: Child = bin()
-        .args(["run", "--policy", s(&w.policy_path()), "--runner", RUNNER])
-        .args(["--state", s(&state), s(&slow)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run");
+    let mut run = Reap(Some(
+        bin()
+            .args(["run", "--policy", s(&w.policy_path()), "--runner", RUNNER])
+            .args(["--state", s(&state), s(&slow)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run"),
+    ));
     let end = Instant::now() + Duration::from_secs(60);
     while runsc_containers(&state) == 0 {
-        if let Some(status) = run.try_wait().expect("try_wait") {
-            let out = run.wait_with_output().expect("output");
-            panic!(
-                "run exited ({status}) before its sandbox was up: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        if let Some(status) = run.running().try_wait().expect("try_wait") {
+            panic!("run exited ({status}) before its sandbox was up");
         }
         assert!(Instant::now() < end, "no sandbox appeared");
         std::thread::sleep(Duration::from_millis(50));
@@ -455,12 +516,17 @@ fn admit_succeeds_while_a_run_on_the_same_state_is_in_its_sandbox() {
     let other = versioned(&w, "other", "other", 1);
     let v = admit(&w, &state, &[&other]);
     assert!(
-        run.try_wait().expect("try_wait").is_none(),
+        run.running().try_wait().expect("try_wait").is_none(),
         "the run ended before the admit returned: the test proves nothing"
     );
     assert_eq!(v.code, 0, "admit while run sandboxes: {v:?}");
     assert_eq!(v.lines[0]["verdict"], "admit");
-    let out = run.wait_with_output().expect("run output");
+    let out = run
+        .0
+        .take()
+        .expect("run")
+        .wait_with_output()
+        .expect("run output");
     let event: Value = serde_json::from_slice(&out.stdout).expect("one event");
     assert_eq!(
         (out.status.code(), event["type"].as_str()),
@@ -487,7 +553,9 @@ fn admits_succeed_while_a_batch_verify_on_the_same_state_hashes() {
 
     // Eight capsules of sixteen 64 MiB artifacts each, hard links of one file: 8 GiB
     // to hash, 64 MiB on disk.
-    let big: Vec<u8> = (0..BIG).map(|i| (i.wrapping_mul(31) >> 7) as u8).collect();
+    let big: Vec<u8> = (0..BIG)
+        .map(|i| (i.wrapping_mul(31) >> 7).to_le_bytes()[0])
+        .collect();
     let digest = capsule_tests::sha256_hex(&big);
     let blob = w.write("big.bin", &big);
     drop(big);

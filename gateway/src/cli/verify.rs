@@ -88,11 +88,8 @@ impl Admission {
         let state = match state {
             Some(dir) => match StateDir::locate(dir, record) {
                 Ok(s) => {
-                    if let Some(s) = s.as_ref().filter(|s| s.created()) {
-                        eprintln!(
-                            "capsule-gateway: created a new, empty anti-rollback state at {}",
-                            s.dir().display()
-                        );
+                    if let Some(s) = &s {
+                        crate::state::announce(s);
                     }
                     s
                 }

@@ -133,12 +133,7 @@ impl Server {
         // One process: the service keeps the database open (and locked) while it runs.
         let state_dir = StateDir::locate(&config.state_dir, true)?
             .ok_or_else(|| GatewayError::Usage("state: not created".into()))?;
-        if state_dir.created() {
-            eprintln!(
-                "capsule-gateway: created a new, empty anti-rollback state at {}",
-                state_dir.dir().display()
-            );
-        }
+        crate::state::announce(&state_dir);
         let state = state_dir.open()?;
         state.verify_log()?;
         let blobs = BlobStore::open(&config.blob_dir())
