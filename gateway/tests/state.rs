@@ -401,6 +401,38 @@ fn the_library_reads_a_cli_made_state_and_its_log_head() {
     assert_eq!(st.verify_log().expect("intact"), 3);
 }
 
+/// The library (`State::open`, as `serve` and tests use it) refuses the same damage,
+/// and never re-creates a refused state even when asked to create one.
+#[test]
+fn the_library_refuses_an_edited_emptied_or_deleted_state_and_does_not_recreate_it() {
+    let w = World::new();
+    let (state, _, _) = seeded(&w, "state");
+    let refused = |what: &str, detail: &str| {
+        let e = State::open(&state, true).expect_err(what);
+        assert!(e.to_string().contains(detail), "{what}: {e}");
+    };
+    let good = fs::read(state.join(STATE_FILE)).expect("read");
+    tamper(&state, |t| edit_record(t, 1));
+    refused("last record edited", "record 1 (the last) was changed");
+    fs::write(state.join(STATE_FILE), &good).expect("restore");
+    assert_eq!(
+        State::open(&state, false)
+            .expect("intact")
+            .expect("exists")
+            .verify_log()
+            .expect("log"),
+        2
+    );
+    fs::write(state.join(STATE_FILE), &good[..good.len() / 2]).expect("truncate");
+    refused("truncated", "damaged");
+    fs::write(state.join(STATE_FILE), b"").expect("empty");
+    refused("emptied", "empty (0 bytes)");
+    assert_eq!(fs::metadata(state.join(STATE_FILE)).expect("db").len(), 0);
+    fs::remove_file(state.join(STATE_FILE)).expect("rm");
+    refused("deleted", "the database is missing");
+    assert!(!state.join(STATE_FILE).exists());
+}
+
 /// Turns a state into one made before markers: no `state.json`, no `meta` or
 /// `log_head` table.
 fn make_legacy(state: &Path) {
