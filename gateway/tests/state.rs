@@ -209,6 +209,30 @@ fn state_database_replaced_by_a_symlink_or_fifo_is_state_unavailable() {
     assert_unavailable(&admit(&w, &state, &[&v1]), "a FIFO");
 }
 
+/// A damaged marker (garbage, another format, a symlink to a secret) is refused too,
+/// and nothing of what it points at is echoed.
+#[test]
+fn damaged_or_symlinked_state_marker_is_state_unavailable() {
+    let w = World::new();
+    let (state, v1, _) = seeded(&w, "state");
+    let marker = state.join(MARKER_FILE);
+    let good = fs::read(&marker).expect("marker");
+    fs::write(&marker, b"{}").expect("garbage");
+    assert_unavailable(&admit(&w, &state, &[&v1]), "the state marker is unreadable");
+    fs::write(&marker, br#"{"format":2,"created_at":0,"state_id":"00"}"#).expect("format");
+    assert_unavailable(&admit(&w, &state, &[&v1]), "state format 2");
+    fs::remove_file(&marker).expect("rm");
+    let secret = w.write("secret", b"TOP-SECRET-BYTES");
+    std::os::unix::fs::symlink(&secret, &marker).expect("symlink");
+    let v = admit(&w, &state, &[&v1]);
+    assert_unavailable(&v, "a symbolic link");
+    assert!(!format!("{v:?}").contains("TOP-SECRET"), "{v:?}");
+    fs::remove_file(&marker).expect("rm");
+    fs::write(&marker, &good).expect("restore");
+    let v = admit(&w, &state, &[&v1]);
+    assert_eq!((v.code, v.reason(0)), (1, Some("rollback")), "{v:?}");
+}
+
 #[test]
 fn state_database_of_another_state_is_state_unavailable() {
     let w = World::new();
