@@ -156,6 +156,51 @@ fn first_admit_creates_the_state_once_and_says_so() {
     assert!(!v.stderr.contains("created"), "{}", v.stderr);
 }
 
+/// Admits racing to create the same new state end with one state: each admission is
+/// in its log, and only the process that created it says so.
+#[test]
+fn concurrent_first_admits_create_one_state() {
+    let w = World::new();
+    let state = w.path("new");
+    let capsules: Vec<PathBuf> = (0..4)
+        .map(|i| versioned(&w, &format!("c{i}"), &format!("c{i}"), 1))
+        .collect();
+    let children: Vec<Child> = capsules
+        .iter()
+        .map(|c| {
+            cmd("admit", &w, &state, &[c])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("admit")
+        })
+        .collect();
+    let verdicts: Vec<Verdict> = children
+        .into_iter()
+        .map(|c| parse(&c.wait_with_output().expect("admit output")))
+        .collect();
+    for v in &verdicts {
+        assert_eq!(v.code, 0, "{v:?}");
+    }
+    let created = verdicts
+        .iter()
+        .filter(|v| {
+            v.stderr
+                .contains("created a new, empty anti-rollback state")
+        })
+        .count();
+    assert_eq!(created, 1, "{verdicts:?}");
+    let st = State::open(&state, false).expect("open").expect("exists");
+    assert_eq!(st.verify_log().expect("intact"), 4);
+    drop(st);
+    let mut names: Vec<String> = fs::read_dir(&state)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [STATE_FILE, MARKER_FILE], "{names:?}");
+}
+
 #[test]
 fn emptied_state_database_is_state_unavailable_not_a_fresh_history() {
     let w = World::new();
