@@ -46,7 +46,7 @@ use self::idle::IdleTimeout;
 use self::metrics::Metrics;
 use self::pending::{PendingPool, PendingSlot};
 use self::runs::Runs;
-use crate::state::State;
+use crate::state::StateDir;
 use crate::GatewayError;
 
 /// How long the Workload API may take to hand out the first SVID.
@@ -138,8 +138,11 @@ impl Server {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
-        let state = State::open(&config.state_dir, true)?
+        // One process: the service keeps the database open (and locked) while it runs.
+        let state_dir = StateDir::locate(&config.state_dir, true)?
             .ok_or_else(|| GatewayError::Usage("state: not created".into()))?;
+        crate::state::announce(&state_dir);
+        let state = state_dir.open()?;
         state.verify_log()?;
         let blobs = BlobStore::open(&config.blob_dir())
             .map_err(|e| GatewayError::io(config.blob_dir(), e))?;
