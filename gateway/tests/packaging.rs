@@ -313,3 +313,70 @@ fn systemd_units_pass_systemd_analyze_verify() {
         assert!(findings.is_empty(), "{unit}: {findings:?}");
     }
 }
+
+/// GitHub's anchor for a heading: lowercase, spaces to `-`, punctuation dropped.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            '-' | '_' => Some(c),
+            c if c.is_alphanumeric() => Some(c.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn anchors(markdown: &str) -> BTreeSet<String> {
+    markdown
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .map(|l| slug(l.trim_start_matches('#')))
+        .collect()
+}
+
+/// The README and the reference docs link only inside the repository (a clone has
+/// nothing beside it), to files that exist and headings that exist.
+#[test]
+fn readme_and_reference_docs_link_only_to_files_and_headings_in_the_repository() {
+    let root = repo().canonicalize().expect("repo");
+    for doc in [
+        "README.md",
+        "docs/manifest.md",
+        "docs/policy.md",
+        "docs/cli.md",
+        "docs/service.md",
+    ] {
+        let path = root.join(doc);
+        let text = std::fs::read_to_string(&path).expect("doc");
+        let mut links = 0;
+        for (at, _) in text.match_indices("](") {
+            let rest = &text[at + 2..];
+            let target = &rest[..rest.find(')').expect("closed link")];
+            links += 1;
+            assert!(
+                !target.contains("://") && !target.starts_with("mailto:"),
+                "{doc}: `{target}` links outside the repository"
+            );
+            let (file, anchor) = target.split_once('#').unwrap_or((target, ""));
+            let linked = if file.is_empty() {
+                path.clone()
+            } else {
+                path.parent().expect("dir").join(file)
+            };
+            let resolved = linked
+                .canonicalize()
+                .unwrap_or_else(|e| panic!("{doc}: `{target}`: {e}"));
+            assert!(
+                resolved.starts_with(&root),
+                "{doc}: `{target}` leaves the repository"
+            );
+            if !anchor.is_empty() {
+                let heads = anchors(&std::fs::read_to_string(&resolved).expect("linked doc"));
+                assert!(heads.contains(anchor), "{doc}: `{target}`: no such heading");
+            }
+        }
+        assert!(links > 0, "{doc} links to the other docs");
+    }
+}
