@@ -380,3 +380,138 @@ fn readme_and_reference_docs_link_only_to_files_and_headings_in_the_repository()
         assert!(links > 0, "{doc} links to the other docs");
     }
 }
+
+/// The capabilities a unit's `CapabilityBoundingSet=` keeps, lowercased without `cap_`
+/// (as setpriv spells them).
+fn unit_capabilities(unit: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("examples/systemd").join(unit)).expect("unit");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap_or_else(|| panic!("{unit} has a CapabilityBoundingSet"));
+    line.split_whitespace()
+        .map(|c| {
+            c.strip_prefix("CAP_")
+                .unwrap_or_else(|| panic!("{unit}: `{c}`"))
+                .to_ascii_lowercase()
+        })
+        .collect()
+}
+
+/// Runs the test capsule with `run` under a capability bounding set of exactly `caps`
+/// and no_new_privs (what the unit gives the service); returns the exit code and the
+/// event's `type`.
+fn run_bounded(dir: &Path, caps: &[String], capsule: &Path, state: &Path) -> (i32, String) {
+    let bounding = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = Command::new("setpriv")
+        .args(["--bounding-set", &bounding, "--no-new-privs"])
+        .arg(env!("CARGO_BIN_EXE_capsule-gateway"))
+        .args(["run", "--policy"])
+        .arg(dir.join("policy.toml"))
+        .args(["--runner", "spiffe://example.org/runner/r1", "--state"])
+        .arg(state)
+        .arg(capsule)
+        .output()
+        .expect("setpriv (Debian package util-linux) runs");
+    let event: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "one CloudEvent on stdout ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (
+        out.status.code().expect("exit code"),
+        event["type"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// The units' CapabilityBoundingSet is what running a capsule in gVisor needs: a run
+/// under exactly that set (and no_new_privs) completes, and a run without any one of
+/// them fails to start the sandbox. Needs root and runsc, as `run` does.
+#[test]
+fn the_units_capability_set_is_exactly_what_a_runsc_run_needs() {
+    let runsc = Command::new("runsc").arg("--version").output();
+    assert!(
+        runsc.is_ok_and(|o| o.status.success()),
+        "runsc is missing: install the Debian package `runsc` (scripts/install-run-deps.sh)"
+    );
+    assert!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc/self"))
+            == 0,
+        "`run` starts gVisor sandboxes and needs root"
+    );
+    let caps = unit_capabilities("capsule-gateway-serve.service");
+    assert_eq!(
+        caps,
+        unit_capabilities("capsule-gateway-agent.service"),
+        "both units run runsc the same way"
+    );
+
+    // A capsule whose entrypoint is a staged binary (no `#!` interpreter to allow).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let gw = |args: &[&str]| {
+        let out = bin().args(args).current_dir(d).output().expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    gw(&["keygen", "--alg", "ES256", "--kid", "k1", "--out", "keys"]);
+    std::fs::create_dir(d.join("src")).expect("mkdir");
+    std::fs::copy("/bin/echo", d.join("src/echo")).expect("copy /bin/echo");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let manifest = serde_json::json!({
+        "schema": "capsule/v1", "capsule_id": "caps", "version": 1, "parent": null,
+        "tenant": "team-a", "issued_at": now, "not_before": now, "expires_at": now + 3600,
+        "policy_version": "1", "author": "dev@example.org",
+        "approvals": [{"approver": "lead@example.org", "role": "lead", "approved_at": now}],
+        "scope": {"environment": "staging", "network": "none"},
+        "limits": {"timeout_ms": 60000, "memory_mib": 128, "pids": 16},
+        "entrypoint": ["/capsule/echo", "hello"],
+        "artifacts": [{"path": "echo"}]
+    });
+    std::fs::write(d.join("manifest.json"), manifest.to_string()).expect("manifest");
+    std::fs::write(
+        d.join("policy.toml"),
+        "policy_version = \"1\"\nclock_skew_s = 60\n[trust]\njwks = \"keys/k1.public.jwks.json\"\n\
+         [[tenants]]\nname = \"team-a\"\nkeys = [\"k1\"]\nenvironments = [\"staging\"]\n\
+         runners = [\"spiffe://example.org/runner/*\"]\nmin_approvals = 1\n",
+    )
+    .expect("policy");
+    gw(&[
+        "pack",
+        "--manifest",
+        "manifest.json",
+        "--files",
+        "src",
+        "--key",
+        "keys/k1.private.jwk.json",
+        "--out",
+        "capsule",
+    ]);
+    let capsule = d.join("capsule");
+    let state = d.join("state");
+
+    assert_eq!(
+        run_bounded(d, &caps, &capsule, &state),
+        (0, "dev.capsule-gateway.run.completed".to_string()),
+        "a run under the units' capabilities completes"
+    );
+    for dropped in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
+        assert_eq!(
+            run_bounded(d, &fewer, &capsule, &state),
+            (4, "dev.capsule-gateway.run.failed".to_string()),
+            "without CAP_{} the sandbox must not start, or the unit keeps a capability it does not need",
+            dropped.to_ascii_uppercase()
+        );
+    }
+}
