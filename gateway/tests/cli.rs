@@ -265,6 +265,56 @@ fn configuration_errors_exit_2_and_name_the_file_and_field() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// A policy, JWKS or directory above them that others could change, and an HS256
+/// secret others can read: `verify`, `admit` and `run` refuse to start (exit 2),
+/// naming the file and what to run.
+#[test]
+fn every_unsafe_trust_file_is_a_configuration_error_naming_the_file() {
+    for attack in capsule_tests::trust_attacks::TRUST_ATTACKS {
+        let w = World::new();
+        let good = w.good_capsule("good", Signer::Es256);
+        let file = (attack.apply)(&w);
+        let policy = w.policy_path();
+        let state = w.path("state");
+        for args in [
+            vec!["verify", "--policy", s(&policy), s(&good)],
+            vec![
+                "admit",
+                "--policy",
+                s(&policy),
+                "--state",
+                s(&state),
+                s(&good),
+            ],
+            vec![
+                "run",
+                "--policy",
+                s(&policy),
+                "--state",
+                s(&state),
+                s(&good),
+            ],
+        ] {
+            let out = run(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{} {}: {err}",
+                attack.name,
+                args[0]
+            );
+            assert!(
+                err.contains(s(&file)) && err.contains("refused") && err.contains(attack.fix),
+                "{} {}: {err}",
+                attack.name,
+                args[0]
+            );
+            assert!(out.stdout.is_empty(), "{}: nothing is decided", attack.name);
+        }
+    }
+}
+
 #[test]
 fn every_command_has_help() {
     for cmd in [
@@ -457,7 +507,8 @@ fn capsules_signed_by_an_independent_jose_library_are_admitted() {
          "x": verify_core::b64::encode(&point[1..33]), "y": verify_core::b64::encode(&point[33..])},
         {"kty": "oct", "kid": "k-third-hs", "alg": "HS256", "k": verify_core::b64::encode(&secret)},
     ]});
-    w.write("third.jwks.json", jwks.to_string().as_bytes());
+    // It holds an HS256 secret: readable by its owner only, or it is refused.
+    w.write_mode("third.jwks.json", jwks.to_string().as_bytes(), 0o600);
     let policy = policy_trusting(
         &w,
         "third.toml",

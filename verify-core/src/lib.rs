@@ -12,6 +12,7 @@ pub mod b64;
 pub mod crypto;
 pub mod decision;
 pub mod digest;
+pub mod entrypoint;
 pub mod error;
 pub mod json;
 pub mod jws;
@@ -21,6 +22,7 @@ pub mod manifest;
 pub mod policy;
 pub mod runner;
 pub mod time;
+pub mod trust_file;
 pub mod verify;
 
 pub use decision::{Alg, Decision, Reason, Sha256Digest, Verdict};

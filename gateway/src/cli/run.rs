@@ -385,6 +385,10 @@ fn print_event(event: &Value) -> Result<(), GatewayError> {
 /// `decision.json`, `stdout`, `stderr`, `sandbox.json` (runtime, OCI config digest,
 /// egress probe, teardown), `oci-config.json` and `event.json`. Written to a
 /// temporary directory and renamed into place, so a bundle is whole or absent.
+///
+/// A bundle holds the capsule's output and its JWS: readable by the gateway's user
+/// only (the root, when it creates it, and each bundle directory 0700, each file
+/// 0600, whatever the umask).
 fn write_evidence(
     root: &Path,
     run_id: &str,
@@ -392,14 +396,25 @@ fn write_evidence(
     report: Option<&RunReport>,
     event: &Value,
 ) -> Result<PathBuf, GatewayError> {
-    std::fs::create_dir_all(root).map_err(|e| GatewayError::io(root, e))?;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(|e| GatewayError::io(root, e))?;
     let tmp = tempfile::Builder::new()
         .prefix(".bundle-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(root)
         .map_err(|e| GatewayError::io(root, e))?;
     let put = |name: &str, bytes: &[u8]| -> Result<(), GatewayError> {
         let p = tmp.path().join(name);
-        let mut f = std::fs::File::create(&p).map_err(|e| GatewayError::io(&p, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|e| GatewayError::io(&p, e))?;
         f.write_all(bytes)
             .and_then(|()| f.sync_all())
             .map_err(|e| GatewayError::io(&p, e))
