@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use capsule_tests::negative::{truncate_while, Prior, CASES};
+use capsule_tests::negative::{truncate_while, Prior, CASES, HOST_SECRET};
 use capsule_tests::{read_jws, Signer, World, RUNNER};
 use serde_json::{json, Value};
 use verify_core::Reason;
@@ -40,12 +40,25 @@ fn check(
     }
     args.extend(capsules.iter().map(|c| s(c)));
     let out = run(&args);
+    assert_no_host_file(&out);
     let stdout = String::from_utf8(out.stdout).expect("utf-8");
     let lines = stdout
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
         .collect();
     (out.status.code().expect("exit code"), lines)
+}
+
+/// Neither the host file some fixtures point at nor its sha256 is in the output.
+fn assert_no_host_file(out: &Output) {
+    let secret = String::from_utf8_lossy(HOST_SECRET);
+    let secret = secret.trim_end();
+    let digest = capsule_tests::sha256_hex(HOST_SECRET);
+    for (name, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!text.contains(secret), "{name} holds the host file: {text}");
+        assert!(!text.contains(&digest), "{name} holds the host file's sha256: {text}");
+    }
 }
 
 fn reason(line: &Value) -> Option<Reason> {
