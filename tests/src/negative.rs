@@ -1030,3 +1030,60 @@ pub fn truncate_while<T>(
     }
     seen
 }
+
+/// A process blocked opening a FIFO for writing: it stays blocked until something
+/// opens the FIFO for reading. Tests use it to show that a FIFO was never opened.
+#[derive(Debug)]
+pub struct BlockedWriter {
+    child: std::process::Child,
+}
+
+impl BlockedWriter {
+    /// Starts `sh -c 'echo released > FIFO'` and waits (up to 10 s) until it sleeps
+    /// in the kernel's FIFO open.
+    pub fn start(fifo: &std::path::Path) -> BlockedWriter {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "echo released > \"$1\"", "sh"])
+            .arg(fifo)
+            .spawn()
+            .expect("sh (Debian package dash)");
+        let w = BlockedWriter { child };
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !w.is_blocked() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the writer never blocked on {}",
+                fifo.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        w
+    }
+
+    /// Still waiting for a reader.
+    pub fn is_blocked(&self) -> bool {
+        let wchan = fs::read_to_string(format!("/proc/{}/wchan", self.child.id()));
+        wchan.is_ok_and(|w| w.trim() == "wait_for_partner")
+    }
+
+    /// Opens the FIFO for reading and checks that this releases the writer, which
+    /// proves [`BlockedWriter::is_blocked`] can see the difference.
+    pub fn release(mut self, fifo: &std::path::Path) {
+        use std::io::Read;
+        let mut r = fs::File::open(fifo).expect("open FIFO for reading");
+        let mut got = String::new();
+        r.read_to_string(&mut got).expect("read FIFO");
+        assert_eq!(got, "released\n");
+        let status = self.child.wait().expect("writer exits");
+        assert!(status.success());
+    }
+}
+
+impl Drop for BlockedWriter {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
