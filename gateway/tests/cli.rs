@@ -682,6 +682,28 @@ fn pack_refuses_a_fifo_in_files_without_opening_it() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(!out_dir.exists());
+
+    // A FIFO given as --manifest is refused by its type, not read.
+    let fifo_manifest = w.path("pack-fifo/manifest.fifo");
+    mkfifo(&fifo_manifest);
+    let writer = BlockedWriter::start(&fifo_manifest);
+    let out = run_within(
+        &[
+            "pack",
+            "--manifest",
+            s(&fifo_manifest),
+            "--files",
+            s(&files),
+            "--key",
+            s(&w.path("es.private.jwk.json")),
+            "--out",
+            s(&out_dir),
+        ],
+        60,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(writer.is_blocked(), "pack opened the FIFO manifest");
+    writer.release(&fifo_manifest);
 }
 
 /// `run`'s `.denied` event: the decision and a digest, never the presented bytes.

@@ -328,6 +328,11 @@ fn openat2_retrying(dir: impl AsFd, path: &str, flags: OFlags) -> io::Result<Own
 pub fn open_regular_at(dir: impl AsFd, path: &str) -> Result<(File, Stat), OpenError> {
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let pinned = openat2_retrying(dir, path, flags).map_err(OpenError::from_resolve)?;
+    reopen_regular(pinned)
+}
+
+/// `fstat` on an `O_PATH` descriptor; a regular file is re-opened for reading.
+fn reopen_regular(pinned: OwnedFd) -> Result<(File, Stat), OpenError> {
     let st = rustix::fs::fstat(&pinned).map_err(io::Error::from)?;
     let kind = FileType::from_raw_mode(st.st_mode);
     if kind == FileType::Symlink {
@@ -377,6 +382,16 @@ fn hash_read(file: &File, len: u64, update: &mut dyn FnMut(&[u8])) -> io::Result
         }
         Ok(true)
     })
+}
+
+/// Opens a file the operator named on the command line (a manifest or key for
+/// `pack`): symlinks in the path are the operator's and are followed, but the file
+/// must be regular, checked on an `O_PATH` descriptor before it is opened for
+/// reading, so a FIFO or device there cannot hang or feed the command.
+pub fn open_regular_path(path: &Path) -> Result<(File, Stat), OpenError> {
+    let pinned = rustix::fs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
+        .map_err(io::Error::from)?;
+    reopen_regular(pinned)
 }
 
 /// Opens a regular file beneath `dir` by the same rules as verification (no symlinks,
