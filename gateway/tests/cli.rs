@@ -184,7 +184,9 @@ fn batch_output_keeps_the_order_given_and_exit_code_reflects_any_denial() {
     );
     assert_eq!(lines[0]["digest"], digest.as_str());
     assert_eq!(lines[1]["capsule"], s(&missing));
-    assert_eq!(lines[1]["reason"], "malformed_jws");
+    // Issue 10: a capsule that cannot be read is `capsule_unreadable`, with no digest.
+    assert_eq!(lines[1]["reason"], "capsule_unreadable");
+    assert_eq!(lines[1]["digest"], Value::Null);
     assert_eq!(lines[2]["verdict"], "admit");
     assert_eq!(lines[2]["alg"], "HS256");
     let (code, _) = check("verify", &w, Some(RUNNER), None, &[&good, &good_hs]);
