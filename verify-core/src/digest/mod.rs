@@ -156,10 +156,14 @@ impl OpenError {
     }
 }
 
+/// As an `io::Error`, a symlink is `ELOOP` and an escape `EXDEV`, what the kernel says
+/// for them (a symlink as the last component is found by its type, not by errno).
 impl From<OpenError> for io::Error {
     fn from(e: OpenError) -> io::Error {
         match e {
             OpenError::Io(e) => e,
+            OpenError::Symlink => io::Error::from_raw_os_error(libc::ELOOP),
+            OpenError::Escape => io::Error::from_raw_os_error(libc::EXDEV),
             other => io::Error::new(io::ErrorKind::InvalidInput, other.to_string()),
         }
     }
