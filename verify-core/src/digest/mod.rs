@@ -348,7 +348,13 @@ fn reopen_regular(pinned: OwnedFd) -> Result<(File, Stat), OpenError> {
     // The magic link names the inode already checked, whatever the path names now.
     let proc = format!("/proc/self/fd/{}", pinned.as_raw_fd());
     let read = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let fd = rustix::fs::open(proc.as_str(), read, Mode::empty()).map_err(io::Error::from)?;
+    let fd = rustix::fs::open(proc.as_str(), read, Mode::empty()).map_err(|e| {
+        let e = io::Error::from(e);
+        io::Error::new(
+            e.kind(),
+            format!("re-opening through {proc} (is /proc mounted?): {e}"),
+        )
+    })?;
     let now = rustix::fs::fstat(&fd).map_err(io::Error::from)?;
     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
         // Only a /proc that is not procfs could do this.
