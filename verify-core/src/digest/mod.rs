@@ -410,3 +410,68 @@ pub fn open_regular_path(path: &Path) -> Result<(File, Stat), OpenError> {
 pub fn open_beneath_regular(dir: &Path, path: &crate::manifest::ArtifactPath) -> io::Result<File> {
     Ok(open_regular_at(open_dir(dir)?, path.as_str())?.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn refusal(dir: &Path, path: &str) -> String {
+        let fd = open_dir(dir).expect("open dir");
+        match open_regular_at(&fd, path) {
+            Ok(_) => panic!("{path}: opened"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn only_regular_files_beneath_the_directory_are_opened() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = tmp.path();
+        std::fs::create_dir(d.join("sub")).expect("mkdir");
+        std::fs::write(d.join("sub/ok"), b"ok").expect("write");
+        std::fs::write(tmp.path().join("outside"), b"host").expect("write");
+        symlink(d.join("outside"), d.join("link")).expect("symlink");
+        symlink("sub", d.join("dirlink")).expect("symlink");
+        let _sock = std::os::unix::net::UnixListener::bind(d.join("sock")).expect("bind");
+
+        let fd = open_dir(d).expect("open dir");
+        let (mut f, st) = open_regular_at(&fd, "sub/ok").expect("a regular file");
+        assert_eq!(st.st_size, 2);
+        let mut got = String::new();
+        f.read_to_string(&mut got).expect("read");
+        assert_eq!(got, "ok");
+
+        assert_eq!(refusal(d, "link"), "a symlink is on the way");
+        assert_eq!(refusal(d, "dirlink/ok"), "a symlink is on the way");
+        assert_eq!(refusal(d, "../outside"), "resolves outside its directory");
+        assert_eq!(refusal(d, "sub"), "is a directory, not a regular file");
+        assert_eq!(refusal(d, "sock"), "is a socket, not a regular file");
+        assert!(refusal(d, "missing").contains("No such file"));
+        // A link to a device is refused as a link; the device itself by its type.
+        symlink("/dev/zero", d.join("zero")).expect("symlink");
+        assert_eq!(refusal(d, "zero"), "a symlink is on the way");
+        let null = open_dir(Path::new("/dev")).expect("/dev");
+        assert!(matches!(
+            open_regular_at(&null, "null"),
+            Err(OpenError::NotRegular("a character device"))
+        ));
+    }
+
+    #[test]
+    fn an_operator_path_may_be_a_symlink_but_must_be_a_regular_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = tmp.path();
+        std::fs::write(d.join("key"), b"k").expect("write");
+        symlink(d.join("key"), d.join("key-link")).expect("symlink");
+        assert!(open_regular_path(&d.join("key-link")).is_ok());
+        assert!(matches!(
+            open_regular_path(Path::new("/dev/null")),
+            Err(OpenError::NotRegular("a character device"))
+        ));
+        assert!(matches!(
+            open_regular_path(d),
+            Err(OpenError::NotRegular("a directory"))
+        ));
+    }
+}
