@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: build, make a key and a sample capsule,
 # verify and admit it, run it in gVisor, then show that a tampered copy is denied.
+# Needs root: it installs Debian packages if missing (scripts/install-run-deps.sh only:
+# nothing the tests alone need), and gVisor's sandbox is started as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/install-deps.sh
+if [ "$(id -u)" -ne 0 ]; then
+  echo "demo: needs root (it installs runsc, containerd, libtss2 and swtpm when missing, and starts gVisor sandboxes); run: sudo bash scripts/demo.sh" >&2
+  exit 2
+fi
+echo "demo: running as root: installing what running needs (scripts/install-run-deps.sh), then building"
+bash scripts/install-run-deps.sh
 cargo build --release -q -p capsule-gateway
 gw=target/release/capsule-gateway
 work=target/demo

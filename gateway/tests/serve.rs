@@ -1066,10 +1066,12 @@ fn readiness_follows_the_configured_tpm() {
 /// run id at once, runs in the sandbox, and `GET /v1/runs/{id}` turns from `running`
 /// to `completed` with the run's CloudEvent (its stdout, egress blocked, teardown
 /// verified, the capsule digest). A denied capsule gets 403 and no run; an unknown or
-/// malformed id is 404. After a restart the finished run is still found (from its
-/// evidence bundle).
+/// malformed id is 404. Another runner of the same tenant holding the run id gets
+/// exactly the unknown id's 404, while the run is under way and after it finished.
+/// After a restart the finished run is still found by its owner only (the owner is
+/// the event's `source`, in the evidence bundle).
 #[test]
-fn runs_are_admitted_launched_in_gvisor_and_reported() {
+fn runs_are_launched_in_gvisor_and_another_peers_run_reads_as_unknown() {
     let f = Fixture::new();
     let w = &f.world;
     let config = f.write_config("[runs]\nruntime = \"runsc\"\n");
@@ -1078,6 +1080,8 @@ fn runs_are_admitted_launched_in_gvisor_and_reported() {
     let m = w.script_manifest(&files);
     let good = w.capsule_with_files("served-run", &m, &files, Signer::Es256);
     let cfg = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    // Another runner of the same tenant, allowed to connect and to run capsules.
+    let other = client_config(&f.client_svid_dir(OTHER_RUNNER), GATEWAY_ID, true);
     let rt = runtime();
     let mut gateway = Gateway::serve(&[OsStr::new("--config"), s(&config)]);
     let run_id = rt.block_on(async {
@@ -1105,6 +1109,11 @@ fn runs_are_admitted_launched_in_gvisor_and_reported() {
         let body = started.json();
         assert_eq!(body["decision"]["verdict"], "admit");
         let id = body["run_id"].as_str().expect("run id").to_string();
+        // While it runs, another peer is told what an unknown id gets.
+        let mut o = Client::connect(gateway.addr, other.clone())
+            .await
+            .expect("the other runner connects");
+        assert_not_visible(&mut o, &id).await;
 
         let end = Instant::now() + Duration::from_secs(120);
         let done = loop {
@@ -1133,6 +1142,8 @@ fn runs_are_admitted_launched_in_gvisor_and_reported() {
             let r = c.get(&format!("/v1/runs/{bad}")).await.expect("answer");
             assert_eq!(r.status, 404, "{bad}: {}", r.text());
         }
+        // Finished: still nothing for the other peer (no outputs, no JWS, no oracle).
+        assert_not_visible(&mut o, &id).await;
         id
     });
     assert!(gateway.terminate().success(), "{}", gateway.stderr());
@@ -1142,7 +1153,31 @@ fn runs_are_admitted_launched_in_gvisor_and_reported() {
         let mut c = Client::connect(gateway.addr, cfg).await.expect("connect");
         let r = c.get(&format!("/v1/runs/{run_id}")).await.expect("status");
         assert_eq!(r.json()["status"], "completed", "{}", r.text());
+        assert_eq!(r.json()["event"]["source"], RUNNER);
+        // The owner came back from the bundle: the other peer still gets nothing.
+        let mut o = Client::connect(gateway.addr, other).await.expect("connect");
+        assert_not_visible(&mut o, &run_id).await;
     });
+}
+
+/// A runner of the same tenant that did not start the run.
+const OTHER_RUNNER: &str = "spiffe://acme.example/runner/r2";
+
+/// `GET /v1/runs/{id}` of another peer's run answers exactly what an unknown id does:
+/// same status, same headers that matter, byte-identical body.
+async fn assert_not_visible(c: &mut Client, id: &str) {
+    let theirs = c.get(&format!("/v1/runs/{id}")).await.expect("answer");
+    let unknown = c
+        .get("/v1/runs/0123456789abcdef0123456789abcdef")
+        .await
+        .expect("answer");
+    assert_eq!(theirs.status, 404, "{}", theirs.text());
+    assert_eq!(theirs.body, unknown.body, "{}", theirs.text());
+    assert_eq!(
+        theirs.headers.get("content-type"),
+        unknown.headers.get("content-type")
+    );
+    assert!(!theirs.text().contains(id), "{}", theirs.text());
 }
 
 /// Admission bodies held in memory are bounded across all connections: peers that
@@ -1190,6 +1225,415 @@ fn buffered_admission_bodies_are_bounded_across_connections() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let r = c.admit(jws).await.expect("answer");
         assert_eq!(r.status, 200, "{}", r.text());
+    });
+    server.shutdown();
+}
+
+/// A partial TLS ClientHello: a handshake record header announcing 512 bytes, and
+/// the first few of them.
+const PARTIAL_CLIENT_HELLO: &[u8] = &[
+    0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+];
+
+/// Opens a TCP connection from `source` (a loopback address) and sends `bytes`.
+async fn anonymous_socket(
+    addr: std::net::SocketAddr,
+    source: &str,
+    bytes: &[u8],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{source}:0").parse().expect("source"))
+        .expect("bind a loopback source address");
+    let mut tcp = sock.connect(addr).await.expect("connect");
+    if !bytes.is_empty() {
+        tcp.write_all(bytes).await.expect("write");
+    }
+    tcp
+}
+
+/// Whether the server closed `tcp` within `wait` (EOF or reset).
+async fn closed_within(tcp: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(wait, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Polls `/metrics` over `c` until `name` reads `want` (generous functional timeout).
+async fn wait_metric(c: &mut Client, name: &str, want: f64) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = c.metrics().await;
+        if metric(&m, name) == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < end, "{name} never reached {want}: {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Regression (issue 10, item 9): idle TCP sockets and sockets that sent half a
+/// ClientHello used to hold every connection place for the whole handshake timeout,
+/// so a runner waited for them. Now they sit in a pool of pending handshakes of their
+/// own, and a newcomer closes the oldest: with a 60 s handshake timeout, more
+/// anonymous sockets than there are places of either kind, a runner still connects
+/// and is served at once, the oldest anonymous sockets are closed by the server (and
+/// counted), and a runner that was already connected is never evicted.
+#[test]
+fn anonymous_sockets_cannot_crowd_out_a_runner() {
+    const PENDING: usize = 8;
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.limits.handshake_timeout_ms = 60_000;
+    config.limits.max_connections = 4;
+    config.limits.max_pending_handshakes = PENDING;
+    let server = start(&config);
+    let addr = server.local_addr();
+    let cfg = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    runtime().block_on(async {
+        let mut a = Client::connect(addr, cfg.clone()).await.expect("runner A");
+        assert_eq!(a.get("/healthz").await.expect("healthz").status, 200);
+        // More anonymous sockets than pending places (and than connection places).
+        let mut flood = Vec::new();
+        for i in 0..PENDING + 4 {
+            let bytes = if i % 2 == 0 {
+                &[][..]
+            } else {
+                PARTIAL_CLIENT_HELLO
+            };
+            flood.push(anonymous_socket(addr, "127.0.0.1", bytes).await);
+        }
+        wait_metric(&mut a, "capsule_gateway_pending_handshakes", PENDING as f64).await;
+
+        let admitted = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut b = Client::connect(addr, cfg.clone()).await.expect("runner B");
+            b.get("/healthz").await.expect("healthz").status
+        })
+        .await
+        .expect("a runner waited behind anonymous sockets");
+        assert_eq!(admitted, 200);
+
+        // The four oldest went while the flood came in, one more for runner B.
+        let mut closed = 0;
+        for tcp in &mut flood {
+            if closed_within(tcp, Duration::from_millis(500)).await {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, 5, "anonymous sockets closed by the server");
+        assert!(
+            closed_within(&mut flood[0], Duration::from_millis(100)).await,
+            "the oldest is closed first"
+        );
+        let m = a.metrics().await;
+        assert_eq!(
+            metric(&m, "capsule_gateway_handshakes_evicted_total"),
+            Some(5.0),
+            "{m}"
+        );
+        // Another flood evicts only pending handshakes: runner A is still served.
+        for _ in 0..2 * PENDING {
+            flood.push(anonymous_socket(addr, "127.0.0.1", PARTIAL_CLIENT_HELLO).await);
+        }
+        wait_metric(&mut a, "capsule_gateway_handshakes_evicted_total", 20.0).await;
+        assert_eq!(a.get("/healthz").await.expect("runner A kept").status, 200);
+    });
+    server.shutdown();
+}
+
+/// One address flooding handshakes evicts its own oldest first
+/// (`limits.max_pending_per_source`), not another address's pending handshakes.
+#[test]
+fn a_flooding_address_evicts_only_its_own_pending_handshakes() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.limits.handshake_timeout_ms = 60_000;
+    config.limits.max_pending_handshakes = 8;
+    config.limits.max_pending_per_source = 3;
+    let server = start(&config);
+    let addr = server.local_addr();
+    let cfg = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    runtime().block_on(async {
+        let mut c = Client::connect(addr, cfg).await.expect("runner");
+        let mut bystanders = Vec::new();
+        for _ in 0..2 {
+            bystanders.push(anonymous_socket(addr, "127.0.0.3", PARTIAL_CLIENT_HELLO).await);
+        }
+        wait_metric(&mut c, "capsule_gateway_pending_handshakes", 2.0).await;
+        let mut flood = Vec::new();
+        for _ in 0..6 {
+            flood.push(anonymous_socket(addr, "127.0.0.2", &[]).await);
+        }
+        wait_metric(&mut c, "capsule_gateway_handshakes_evicted_total", 3.0).await;
+        for (i, tcp) in flood.iter_mut().enumerate() {
+            let closed = closed_within(tcp, Duration::from_millis(300)).await;
+            assert_eq!(closed, i < 3, "flood socket {i}");
+        }
+        for tcp in &mut bystanders {
+            assert!(!closed_within(tcp, Duration::from_millis(300)).await);
+        }
+        let m = c.metrics().await;
+        assert_eq!(
+            metric(&m, "capsule_gateway_pending_handshakes"),
+            Some(5.0),
+            "{m}"
+        );
+    });
+    server.shutdown();
+}
+
+/// Regression (issue 10, item 10): an answer given before the request body is read
+/// (413 for a body over the limit, 503 when the body budget is spent) must reach the
+/// client as a response (curl 7.88 used to fail with "Stream error in the HTTP/2
+/// framing layer", exit 92). The rest of the body is drained before the answer, up
+/// to a bound; beyond it HTTP/2 resets the stream with NO_ERROR after the answer and
+/// HTTP/1.1 answers with `Connection: close` and drains instead of resetting the
+/// socket under a client still sending. Bodies of 4 and 24 MiB, with and without a
+/// length, over HTTP/2 and HTTP/1.1 with the hyper client (as loadgen), and curl
+/// (Debian package `curl`) over HTTP/2.
+#[test]
+fn early_413_and_503_reach_http2_and_http11_clients_as_responses() {
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.limits.max_buffered_bytes = 1 << 20;
+    let server = start(&config);
+    let addr = server.local_addr();
+    let svid_dir = f.client_svid_dir(RUNNER);
+    let valid = f.ca.issue(&SvidSpec::id(RUNNER));
+    let tls = tokio_rustls::TlsConnector::from(f.raw_client_config(Some(&valid)));
+    let name = rustls::pki_types::ServerName::try_from("capsule-gateway").expect("name");
+    let big = vec![b'a'; 4 << 20];
+    let huge = vec![b'a'; 24 << 20];
+    let body_file = f.root.path().join("big-body");
+    std::fs::write(&body_file, &big).expect("write body");
+    let rt = runtime();
+
+    let check = |r: &common::Reply, status: u16, h2: bool, closes: bool| {
+        assert_eq!(r.status, status, "h2={h2}: {}", r.text());
+        assert!(r.json()["error"].as_str().is_some(), "{}", r.text());
+        if !h2 && closes {
+            assert_eq!(
+                r.headers.get("connection").map(|v| v.as_bytes()),
+                Some(&b"close"[..]),
+                "{:?}",
+                r.headers
+            );
+        }
+        if status == 503 {
+            assert_eq!(
+                r.headers.get("retry-after").map(|v| v.as_bytes()),
+                Some(&b"1"[..])
+            );
+        }
+    };
+    let curl = |expect: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--http2",
+                "-k",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code} %{http_version}",
+            ])
+            .arg("--cert")
+            .arg(svid_dir.join("svid.pem"))
+            .arg("--key")
+            .arg(svid_dir.join("svid_key.pem"))
+            .arg("--data-binary")
+            .arg(format!("@{}", body_file.display()))
+            .arg(format!("https://{addr}/v1/admissions"))
+            .output()
+            .expect("run curl (Debian package `curl`)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "curl: {:?}: {} {stdout}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.ends_with(expect), "{stdout}");
+    };
+
+    for h2 in [true, false] {
+        rt.block_on(async {
+            let cfg = client_config(&svid_dir, GATEWAY_ID, h2);
+            // 4 MiB is drained before the answer (the connection stays usable);
+            // 24 MiB is more than is drained: HTTP/1.1 then says it closes.
+            for (body, closes) in [(&big, false), (&huge, true)] {
+                for streamed in [false, true] {
+                    let b = if streamed {
+                        chunked(body, 64 * 1024)
+                    } else {
+                        full(body.clone())
+                    };
+                    let mut c = Client::connect(addr, cfg.clone()).await.expect("connect");
+                    let r = c
+                        .request(Method::POST, "/v1/admissions", b)
+                        .await
+                        .unwrap_or_else(|e| panic!("h2={h2} streamed={streamed}: no answer: {e}"));
+                    check(&r, 413, h2, closes);
+                    if !closes {
+                        assert_eq!(
+                            c.get("/healthz").await.expect("same connection").status,
+                            200
+                        );
+                    }
+                }
+            }
+        });
+    }
+    curl("\n413 2");
+
+    // Stalled peers hold the whole body budget (16 × 64 KiB).
+    let stalled = rt.block_on(async {
+        let mut stalled = Vec::new();
+        for _ in 0..16 {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let mut s = tls.connect(name.clone(), tcp).await.expect("handshake");
+            s.write_all(
+                b"POST /v1/admissions HTTP/1.1\r\nhost: gw\r\ncontent-length: 65536\r\n\r\nab",
+            )
+            .await
+            .expect("write");
+            stalled.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stalled
+    });
+    for h2 in [true, false] {
+        rt.block_on(async {
+            let cfg = client_config(&svid_dir, GATEWAY_ID, h2);
+            let mut c = Client::connect(addr, cfg).await.expect("connect");
+            let r = c
+                .request(Method::POST, "/v1/admissions", chunked(&big, 16 * 1024))
+                .await
+                .unwrap_or_else(|e| panic!("h2={h2}: no answer: {e}"));
+            check(&r, 503, h2, false);
+        });
+    }
+    curl("\n503 2");
+    drop(stalled);
+    server.shutdown();
+}
+
+/// `limits.max_connections` still bounds authenticated connections: with one place
+/// taken, a second runner completes its TLS handshake but gets no place and is
+/// closed at the handshake deadline without being served; once the first is gone, a
+/// runner is served again.
+#[test]
+fn authenticated_connections_beyond_max_connections_get_no_place() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.limits.max_connections = 1;
+    config.limits.handshake_timeout_ms = 500;
+    let server = start(&config);
+    let addr = server.local_addr();
+    let cfg = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    // HTTP/2 for A: no request-head deadline between its requests keeps it open.
+    let h2 = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, true);
+    runtime().block_on(async {
+        let mut a = Client::connect(addr, h2).await.expect("runner A");
+        assert_eq!(a.get("/healthz").await.expect("healthz").status, 200);
+        // TLS 1.3: the client's handshake is done before the server decides.
+        let second = match Client::connect(addr, cfg.clone()).await {
+            Ok(mut b) => b.get("/healthz").await,
+            Err(e) => Err(e),
+        };
+        assert!(
+            second.is_err(),
+            "a second connection was served: {second:?}"
+        );
+        let m = a.metrics().await;
+        assert_eq!(
+            metric(&m, "capsule_gateway_handshakes_failed_total"),
+            Some(1.0),
+            "{m}"
+        );
+        assert_eq!(metric(&m, "capsule_gateway_connections"), Some(1.0), "{m}");
+        drop(a);
+        // The place comes back once A's connection is closed (and drained).
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = Client::connect(addr, cfg.clone()).await {
+                if let Ok(r) = c.get("/healthz").await {
+                    assert_eq!(r.status, 200);
+                    break;
+                }
+            }
+            assert!(Instant::now() < end, "the place never came back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    server.shutdown();
+}
+
+/// `GET /v1/runs/{id}` reads finished runs back from their bundles (as after a
+/// restart): the owner (the event's `source`) reads its run; another runner gets the
+/// unknown id's 404 byte for byte; and a bundle whose `event.json` is a symlink or a
+/// FIFO, or whose directory is a symlink, is never followed or opened for reading
+/// (404 at once, no hang, no host path in the answer), for the owner too.
+#[test]
+fn another_peers_run_and_a_planted_bundle_read_as_unknown() {
+    use capsule_gateway::serve::config::{RunsConfig, RunsRuntime};
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.runs = Some(RunsConfig {
+        runtime: RunsRuntime::Runsc,
+        platform: "ptrace".into(),
+        max_concurrent: 1,
+    });
+    let evidence = f.state_dir().join("evidence");
+    let [good, link, fifo, dir_link] = ["a", "b", "c", "d"].map(|c| c.repeat(32));
+    let event = |id: &str| {
+        json!({
+            "specversion": "1.0",
+            "type": "dev.capsule-gateway.run.completed",
+            "source": RUNNER,
+            "id": id,
+            "data": {"stdout": "the owner's output\n"},
+        })
+        .to_string()
+    };
+    for id in [&good, &link, &fifo] {
+        std::fs::create_dir_all(evidence.join(id)).expect("bundle dir");
+    }
+    std::fs::write(evidence.join(&good).join("event.json"), event(&good)).expect("write");
+    let outside = f.root.path().join("outside.json");
+    std::fs::write(&outside, event(&link)).expect("write");
+    std::os::unix::fs::symlink(&outside, evidence.join(&link).join("event.json")).expect("ln");
+    let made = Command::new("mkfifo")
+        .arg(evidence.join(&fifo).join("event.json"))
+        .status()
+        .expect("mkfifo (Debian package coreutils)");
+    assert!(made.success());
+    std::os::unix::fs::symlink(evidence.join(&good), evidence.join(&dir_link)).expect("ln");
+
+    let server = start(&config);
+    let addr = server.local_addr();
+    let owner = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    let other = client_config(&f.client_svid_dir(OTHER_RUNNER), GATEWAY_ID, true);
+    runtime().block_on(async {
+        let mut c = Client::connect(addr, owner).await.expect("connect");
+        let r = c.get(&format!("/v1/runs/{good}")).await.expect("answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["status"], "completed");
+        assert_eq!(r.json()["event"]["data"]["stdout"], "the owner's output\n");
+        for id in [&link, &fifo, &dir_link] {
+            assert_not_visible(&mut c, id).await;
+            let r = c.get(&format!("/v1/runs/{id}")).await.expect("answer");
+            assert!(!r.text().contains("evidence"), "{}", r.text());
+        }
+        let mut o = Client::connect(addr, other).await.expect("connect");
+        assert_not_visible(&mut o, &good).await;
     });
     server.shutdown();
 }

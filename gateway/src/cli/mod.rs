@@ -9,10 +9,11 @@ pub(crate) mod run;
 mod serve;
 mod verify;
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::GatewayError;
 
@@ -21,10 +22,21 @@ pub const EXIT_CONFIG: u8 = 2;
 /// Exit code when at least one capsule was denied.
 pub const EXIT_DENIED: u8 = 1;
 
+/// `--version`: the crate version and the commit it was built from (`unknown` outside
+/// a git checkout; see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CAPSULE_GATEWAY_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "capsule-gateway",
-    version,
+    version = VERSION,
+    // Every command's page and `--version` name the commit too.
+    propagate_version = true,
     about = "Verify signed test capsules and admit only what was approved.",
     long_about = "Verify signed test capsules and admit only what was approved.\n\n\
         Exit codes: 0 every capsule admitted (or the command succeeded), \
@@ -58,10 +70,12 @@ pub struct VerifyArgs {
     /// Policy file (TOML); its `trust.jwks` is resolved relative to it.
     #[arg(long, value_name = "FILE")]
     pub policy: PathBuf,
-    /// This runner's SPIFFE ID. Without it, a manifest that names runners is denied.
+    /// This runner's SPIFFE ID (default: the SVID's). Without any runner identity, a
+    /// capsule whose manifest or tenant restricts runners is denied.
     #[arg(long, value_name = "SPIFFE_ID")]
     pub runner: Option<String>,
-    /// Directory of the anti-rollback state (rollback.redb).
+    /// Directory of the anti-rollback state (rollback.redb): `admit` requires it and
+    /// creates it on first use; `verify` only reads it.
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
     /// Print one JSON object per capsule per line, in the order given.
@@ -82,10 +96,14 @@ pub struct VerifyArgs {
 pub enum Command {
     /// Generate a signing key: DIR/KID.private.jwk.json and DIR/KID.public.jwks.json.
     Keygen {
-        #[arg(long, value_enum)]
+        /// ES256 (an ECDSA P-256 key pair) or HS256 (a shared secret); any case.
+        // Case-insensitive: `es256` must not make clap suggest the shared secret.
+        #[arg(long, value_enum, ignore_case = true)]
         alg: AlgArg,
+        /// Key ID: the JWS header's `kid` and the file names; 1 to 128 of [A-Za-z0-9._-].
         #[arg(long, value_name = "KID")]
         kid: String,
+        /// Directory to write the key files to (created if missing; files never overwritten).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
@@ -125,9 +143,27 @@ pub enum Command {
         #[command(subcommand)]
         command: self::attest::AttestCommand,
     },
+    /// Print a shell completion script for SHELL on stdout.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) of capsule-gateway or of one of its commands on
+    /// stdout, or write every page to a directory.
+    Man {
+        /// Write capsule-gateway.1 and one page per command (capsule-gateway-verify.1,
+        /// ...) to DIR instead of printing one page.
+        #[arg(long, value_name = "DIR", conflicts_with = "command")]
+        out: Option<PathBuf>,
+        /// The command whose page to print, e.g. `verify` or `attest seal`.
+        #[arg(value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// The egress probe, run inside the sandbox before the entrypoint (internal).
     #[command(name = "sandbox-probe", hide = true)]
     SandboxProbe {
+        /// The probe's own arguments, passed by the launcher.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
@@ -157,6 +193,8 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::Loadgen(args) => loadgen::run(&args),
         Command::Attest { command } => self::attest::run(command),
+        Command::Completions { shell } => completions(shell),
+        Command::Man { out, command } => man(out.as_deref(), &command),
         Command::SandboxProbe { args } => return run::probe(&args),
     };
     match result {
@@ -170,4 +208,46 @@ pub fn run() -> ExitCode {
 
 fn usage(message: impl Into<String>) -> GatewayError {
     GatewayError::Usage(message.into())
+}
+
+/// `completions SHELL`: generated from the parser's own definitions.
+fn completions(shell: clap_complete::Shell) -> Result<ExitCode, GatewayError> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "capsule-gateway", &mut script);
+    print_bytes(&script)
+}
+
+/// `man [COMMAND...]` prints one page; `man --out DIR` writes them all.
+fn man(out: Option<&Path>, path: &[String]) -> Result<ExitCode, GatewayError> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    // Built once so that subcommands carry their full names (`capsule-gateway-verify`).
+    cmd.build();
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir).map_err(|e| GatewayError::io(dir, e))?;
+        clap_mangen::generate_to(cmd, dir).map_err(|e| GatewayError::io(dir, e))?;
+        println!("{}", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for name in path {
+        cmd = cmd
+            .find_subcommand(name)
+            .filter(|c| !c.is_hide_set())
+            .cloned()
+            .ok_or_else(|| usage(format!("man: no command `{}`", path.join(" "))))?;
+    }
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd)
+        .render(&mut page)
+        .map_err(|e| GatewayError::io("<man page>", e))?;
+    print_bytes(&page)
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) ends it quietly.
+fn print_bytes(bytes: &[u8]) -> Result<ExitCode, GatewayError> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(GatewayError::io("<stdout>", e)),
+    }
 }

@@ -13,7 +13,7 @@ use verify_core::{
 use super::attest::IdentityArgs;
 use super::{usage, HashModeArg, VerifyArgs, EXIT_DENIED};
 use crate::output::{decision_json, decision_line};
-use crate::state::{State, Unavailable};
+use crate::state::{LazySnapshot, StateDir, Unavailable};
 use crate::GatewayError;
 
 pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
@@ -57,16 +57,19 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
 pub(crate) struct Admission {
     pub policy: Policy,
     runner: Option<SpiffeId>,
-    state: Option<State>,
+    /// The state's directory, checked; its database is opened only for the snapshot
+    /// and the commit (`StateDir`), never across hashing or a sandbox run.
+    state: Option<StateDir>,
     unavailable: Option<Unavailable>,
     hash_mode: HashMode,
 }
 
 impl Admission {
     /// Loads the policy (with the TPM that unseals its sealed keys: a key that cannot
-    /// be unsealed stops start-up, naming the PCRs that changed) and opens the state.
-    /// A state that exists but cannot be opened denies everything (deny by default);
-    /// recording without a state is refused.
+    /// be unsealed stops start-up, naming the PCRs that changed) and checks the state
+    /// directory (creating an empty state there if `record` and there is none; it says
+    /// so on stderr). A state that exists but cannot be read denies everything (deny
+    /// by default); recording without a state is refused.
     pub(crate) fn open_with(
         policy: &Path,
         runner: Option<&str>,
@@ -83,8 +86,13 @@ impl Admission {
         };
         let mut unavailable = None;
         let state = match state {
-            Some(dir) => match State::open(dir, record) {
-                Ok(s) => s,
+            Some(dir) => match StateDir::locate(dir, record) {
+                Ok(s) => {
+                    if let Some(s) = &s {
+                        crate::state::announce(s);
+                    }
+                    s
+                }
                 Err(e) => {
                     unavailable = Some(Unavailable(e.to_string()));
                     None
@@ -107,15 +115,20 @@ impl Admission {
     }
 
     /// Verifies the capsules in parallel and, if `record`, records the admissions
-    /// durably before returning; results come back in input order.
+    /// durably before returning; results come back in input order. A state that
+    /// cannot be written denies every admitted capsule `state_unavailable`.
     pub(crate) fn admit(
         &self,
         dirs: &[PathBuf],
         record: bool,
     ) -> Result<Vec<Result<Admitted, Decision>>, GatewayError> {
+        let snapshot;
         let rollback: &dyn RollbackView = match (&self.state, &self.unavailable) {
             (_, Some(u)) => u,
-            (Some(s), None) => s,
+            (Some(s), None) => {
+                snapshot = LazySnapshot::new(s);
+                &snapshot
+            }
             (None, None) => &NoHistory,
         };
         let verifier = Verifier {
@@ -130,9 +143,9 @@ impl Admission {
             .map(|dir| Capsule::from_dir(dir, self.policy.limits.max_jws_bytes))
             .collect();
         let results = verifier.verify_batch(&capsules);
-        match (&self.state, record) {
+        match (&self.state, &self.unavailable, record) {
             // The verdicts are given out only after the state is durable.
-            (Some(s), true) => s.record(results, &self.policy.policy_version),
+            (Some(s), None, true) => Ok(s.record(results, &self.policy.policy_version)),
             _ => Ok(results),
         }
     }

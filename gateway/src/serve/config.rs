@@ -76,8 +76,16 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceLimits {
-    /// Open connections; further peers wait in the kernel's accept queue.
+    /// Authenticated connections (handshake done, peer allowed); a further runner
+    /// waits for a place within its handshake deadline. Peers still in the handshake
+    /// do not count here.
     pub max_connections: usize,
+    /// Connections still in the TLS handshake (not yet authenticated). When full, a
+    /// new connection closes the oldest pending one instead of waiting.
+    pub max_pending_handshakes: usize,
+    /// Pending handshakes from one source address; beyond it, a new connection from
+    /// that address closes that address's oldest pending one.
+    pub max_pending_per_source: usize,
     /// Largest blob accepted by `PUT /v1/blobs` (bytes).
     pub max_blob_bytes: u64,
     /// TLS handshake and request-head deadline (milliseconds).
@@ -97,6 +105,8 @@ impl Default for ServiceLimits {
     fn default() -> ServiceLimits {
         ServiceLimits {
             max_connections: 1024,
+            max_pending_handshakes: 1024,
+            max_pending_per_source: 256,
             max_blob_bytes: 1 << 30,
             handshake_timeout_ms: 5_000,
             idle_timeout_ms: 30_000,
@@ -192,6 +202,11 @@ impl ServeConfig {
         let l = &self.limits;
         if l.max_connections == 0 {
             return Err("limits.max_connections: at least 1".into());
+        }
+        if l.max_pending_handshakes == 0 || l.max_pending_per_source == 0 {
+            return Err(
+                "limits.max_pending_handshakes and max_pending_per_source: at least 1".into(),
+            );
         }
         if l.max_buffered_bytes < 1 << 20 {
             return Err("limits.max_buffered_bytes: at least 1048576".into());

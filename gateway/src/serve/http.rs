@@ -3,17 +3,20 @@
 //! admission is checked for.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use serde_json::{json, Value};
 use verify_core::{Capsule, Decision, Sha256Digest, SpiffeId};
 
 use super::blobs::{parse_blob_path, UploadError};
+use super::linger::{LINGER_BYTES, LINGER_TIME};
 use super::runs::RunStatus;
 use super::Service;
 use crate::output::decision_json;
@@ -22,6 +25,8 @@ pub type Reply = Response<Full<Bytes>>;
 
 /// Seconds a shed client is asked to wait.
 const RETRY_AFTER_S: &str = "1";
+/// A body answered early that sends nothing for this long is not drained further.
+const DRAIN_STALL: Duration = Duration::from_secs(1);
 
 fn json_reply(status: StatusCode, body: &Value) -> Reply {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -59,18 +64,112 @@ fn shed() -> Reply {
     r
 }
 
+/// A request body that, dropped before its end, leaves itself to [`handle`], which
+/// drains it (bounded) before the answer goes out.
+#[derive(Debug)]
+pub struct Tracked {
+    inner: Option<Incoming>,
+    ended: bool,
+    leftover: Arc<Mutex<Option<Incoming>>>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let (false, Some(body)) = (self.ended, self.inner.take()) {
+            if let Ok(mut slot) = self.leftover.lock() {
+                *slot = Some(body);
+            }
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let poll = Pin::new(&mut *inner).poll_frame(cx);
+        // Ended, or failed (then there is nothing left worth draining).
+        if inner.is_end_stream() || matches!(poll, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.ended = true;
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// Reads and drops what is left of a body answered early, for at most
+/// `LINGER_BYTES` and `LINGER_TIME` (and `DRAIN_STALL` without a frame); true if
+/// it ended. HTTP/2 clients such as curl report an answer followed by RST_STREAM
+/// while they are still sending as a stream error, and an HTTP/1.1 connection with
+/// body bytes pending cannot carry the next request.
+async fn drain(mut body: Incoming) -> bool {
+    let end = tokio::time::Instant::now() + LINGER_TIME;
+    let mut len = 0u64;
+    loop {
+        let next = tokio::time::timeout(DRAIN_STALL, body.frame());
+        match tokio::time::timeout_at(end, next).await {
+            Ok(Ok(None)) => return true,
+            Ok(Ok(Some(Ok(frame)))) => {
+                len = len.saturating_add(frame.data_ref().map_or(0, |d| d.len() as u64));
+                if len > LINGER_BYTES {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
 /// One request. Never fails at the HTTP level: every outcome is a response.
 pub async fn handle(
     svc: Arc<Service>,
     peer: Arc<SpiffeId>,
     req: Request<Incoming>,
 ) -> Result<Reply, Infallible> {
-    let reply = route(&svc, &peer, req).await;
+    let h1 = req.version() < Version::HTTP_2;
+    let leftover = Arc::new(Mutex::new(None));
+    let req = req.map(|inner| Tracked {
+        ended: inner.is_end_stream(),
+        inner: Some(inner),
+        leftover: leftover.clone(),
+    });
+    let mut reply = route(&svc, &peer, req).await;
+    // Answered before the body was read whole (413, 503, a bad path): the rest is
+    // drained first, so that the answer arrives as an answer. A stalled body (408)
+    // is not waited for again. An HTTP/1.1 connection whose body could not be
+    // drained says it closes (and is closed gracefully, `linger`); HTTP/2 resets
+    // just the stream, with NO_ERROR, after the answer.
+    let rest = leftover.lock().ok().and_then(|mut l| l.take());
+    if let Some(rest) = rest {
+        let drained = reply.status() != StatusCode::REQUEST_TIMEOUT && drain(rest).await;
+        if h1 && !drained {
+            reply.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
+    }
     svc.metrics.response(reply.status().as_u16());
     Ok(reply)
 }
 
-async fn route(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
+async fn route(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Reply {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
@@ -89,7 +188,9 @@ async fn route(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Reply 
         ),
         (&Method::POST, "/v1/admissions") => admission(svc, peer, req).await,
         (&Method::POST, "/v1/runs") => start_run(svc, peer, req).await,
-        (&Method::GET, p) if p.starts_with("/v1/runs/") => run_status(svc, &p["/v1/runs/".len()..]),
+        (&Method::GET, p) if p.starts_with("/v1/runs/") => {
+            run_status(svc, peer, &p["/v1/runs/".len()..])
+        }
         (&Method::PUT, p) if p.starts_with("/v1/blobs/") => match parse_blob_path(p) {
             Some(digest) => put_blob(svc, digest, req).await,
             None => error(
@@ -105,7 +206,7 @@ async fn route(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Reply 
 }
 
 /// Reads a whole body of at most `limit` bytes within the body deadline.
-async fn read_body(body: Incoming, limit: usize, deadline: Duration) -> Result<Bytes, Reply> {
+async fn read_body(body: Tracked, limit: usize, deadline: Duration) -> Result<Bytes, Reply> {
     if body.size_hint().lower() > limit as u64 {
         return Err(too_large(limit as u64));
     }
@@ -132,7 +233,7 @@ fn too_large(limit: u64) -> Reply {
 async fn admit(
     svc: &Service,
     peer: &SpiffeId,
-    req: Request<Incoming>,
+    req: Request<Tracked>,
 ) -> Result<(verify_core::Admitted, Value), Reply> {
     // One byte over the JWS limit for a trailing newline, as the CLI tolerates.
     let limit = svc.admissions.policy.limits.max_jws_bytes + 1;
@@ -186,14 +287,14 @@ fn capsule_name(d: &Decision) -> String {
     d.digest.map(|x| x.to_string()).unwrap_or_default()
 }
 
-async fn admission(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
+async fn admission(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Reply {
     match admit(svc, peer, req).await {
         Ok((_, decision)) => json_reply(StatusCode::OK, &decision),
         Err(reply) => reply,
     }
 }
 
-async fn start_run(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Reply {
+async fn start_run(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Reply {
     let Some(runs) = &svc.runs else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -218,11 +319,13 @@ async fn start_run(svc: &Service, peer: &SpiffeId, req: Request<Incoming>) -> Re
     }
 }
 
-fn run_status(svc: &Service, id: &str) -> Reply {
+/// A run is visible to the peer that started it only; to anyone else it is exactly
+/// an unknown id (same status, same body).
+fn run_status(svc: &Service, peer: &SpiffeId, id: &str) -> Reply {
     let Some(runs) = &svc.runs else {
         return error(StatusCode::NOT_FOUND, "no such run");
     };
-    match runs.status(id) {
+    match runs.status(id, peer) {
         RunStatus::Unknown => error(StatusCode::NOT_FOUND, "no such run"),
         RunStatus::Running => {
             json_reply(StatusCode::OK, &json!({"run_id": id, "status": "running"}))
@@ -231,12 +334,11 @@ fn run_status(svc: &Service, id: &str) -> Reply {
             StatusCode::OK,
             &json!({"run_id": id, "status": status, "event": event}),
         ),
-        RunStatus::Unreadable(why) => error(StatusCode::INTERNAL_SERVER_ERROR, why),
     }
 }
 
 /// Streams a blob into the store, checking its digest; a wrong digest stores nothing.
-async fn put_blob(svc: &Service, digest: Sha256Digest, req: Request<Incoming>) -> Reply {
+async fn put_blob(svc: &Service, digest: Sha256Digest, req: Request<Tracked>) -> Reply {
     let limit = svc.limits.max_blob_bytes;
     let mut body = req.into_body();
     if body.size_hint().lower() > limit {
@@ -299,7 +401,7 @@ async fn put_blob(svc: &Service, digest: Sha256Digest, req: Request<Incoming>) -
 }
 
 /// Reads and drops a body of at most `limit` bytes within the body deadline.
-async fn discard_body(mut body: Incoming, limit: u64, deadline: Duration) -> Result<(), Reply> {
+async fn discard_body(mut body: Tracked, limit: u64, deadline: Duration) -> Result<(), Reply> {
     let deadline = tokio::time::Instant::now() + deadline;
     let mut len = 0u64;
     loop {

@@ -1,5 +1,6 @@
 //! Service metrics, rendered as Prometheus text at `GET /metrics`: admissions by
-//! verdict and reason, responses by status, shed requests, queue depth, batch sizes
+//! verdict and reason, responses by status, shed requests, queue depth, pending,
+//! evicted and failed handshakes, batch sizes
 //! and admission latency quantiles (hdrhistogram, microsecond resolution).
 
 use std::collections::BTreeMap;
@@ -21,6 +22,12 @@ pub struct Metrics {
     pub shed: AtomicU64,
     pub queue_depth: AtomicUsize,
     pub connections: AtomicUsize,
+    /// Connections still in the TLS handshake (`serve::pending`).
+    pub pending_handshakes: AtomicUsize,
+    /// Pending handshakes closed to make room for a newer connection.
+    pub handshakes_evicted: AtomicU64,
+    /// Handshakes that failed: refused by TLS, timed out, or no place for the peer.
+    pub handshakes_failed: AtomicU64,
     batch_sizes: Mutex<Histogram<u64>>,
     latency_us: Mutex<Histogram<u64>>,
     verify_us: Mutex<Histogram<u64>>,
@@ -46,6 +53,9 @@ impl Metrics {
             shed: AtomicU64::new(0),
             queue_depth: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            pending_handshakes: AtomicUsize::new(0),
+            handshakes_evicted: AtomicU64::new(0),
+            handshakes_failed: AtomicU64::new(0),
             batch_sizes: Mutex::new(histogram(1 << 20)),
             latency_us: Mutex::new(histogram(MAX_LATENCY_US)),
             verify_us: Mutex::new(histogram(MAX_LATENCY_US)),
@@ -126,6 +136,21 @@ impl Metrics {
             out,
             "# HELP {p}_connections Open client connections.\n# TYPE {p}_connections gauge\n{p}_connections {}\n",
             self.connections.load(Ordering::Relaxed)
+        );
+        let _ = write!(
+            out,
+            "# HELP {p}_pending_handshakes Connections still in the TLS handshake.\n# TYPE {p}_pending_handshakes gauge\n{p}_pending_handshakes {}\n",
+            self.pending_handshakes.load(Ordering::Relaxed)
+        );
+        let _ = write!(
+            out,
+            "# HELP {p}_handshakes_evicted_total Pending handshakes closed to make room for newer connections.\n# TYPE {p}_handshakes_evicted_total counter\n{p}_handshakes_evicted_total {}\n",
+            self.handshakes_evicted.load(Ordering::Relaxed)
+        );
+        let _ = write!(
+            out,
+            "# HELP {p}_handshakes_failed_total Handshakes refused, timed out, or given no connection place.\n# TYPE {p}_handshakes_failed_total counter\n{p}_handshakes_failed_total {}\n",
+            self.handshakes_failed.load(Ordering::Relaxed)
         );
         if let Ok(h) = self.batch_sizes.lock() {
             summary(

@@ -9,7 +9,10 @@
 //! - `config`: the TOML configuration; `devtrust`: the embedded development default;
 //! - `http`: routes and answers; `blobs`: the content-addressed store;
 //! - `batcher`: micro-batching and durability; `runs`: `/v1/runs` through the sandbox;
-//! - `metrics`: Prometheus text; `idle`: the idle-connection deadline.
+//! - `metrics`: Prometheus text; `idle`: the idle-connection deadline; `linger`: the
+//!   lingering close;
+//! - `pending`: the pool of connections still in the handshake, apart from the
+//!   authenticated ones.
 
 pub mod batcher;
 pub mod blobs;
@@ -17,7 +20,9 @@ pub mod config;
 pub mod devtrust;
 pub mod http;
 pub mod idle;
+pub mod linger;
 pub mod metrics;
+pub mod pending;
 pub mod runs;
 
 use std::net::SocketAddr;
@@ -39,14 +44,17 @@ use self::blobs::BlobStore;
 use self::config::{ServeConfig, ServiceLimits};
 use self::idle::IdleTimeout;
 use self::metrics::Metrics;
+use self::pending::{PendingPool, PendingSlot};
 use self::runs::Runs;
-use crate::state::State;
+use crate::state::StateDir;
 use crate::GatewayError;
 
 /// How long the Workload API may take to hand out the first SVID.
 const WORKLOAD_API_TIMEOUT: Duration = Duration::from_secs(10);
 /// A TPM that does not answer `/readyz`'s question within this is not ready.
 const TPM_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed accept (out of file descriptors), wait this long before the next.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Everything a request handler needs, shared by all connections.
 #[derive(Debug)]
@@ -130,8 +138,11 @@ impl Server {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
-        let state = State::open(&config.state_dir, true)?
+        // One process: the service keeps the database open (and locked) while it runs.
+        let state_dir = StateDir::locate(&config.state_dir, true)?
             .ok_or_else(|| GatewayError::Usage("state: not created".into()))?;
+        crate::state::announce(&state_dir);
+        let state = state_dir.open()?;
         state.verify_log()?;
         let blobs = BlobStore::open(&config.blob_dir())
             .map_err(|e| GatewayError::io(config.blob_dir(), e))?;
@@ -251,43 +262,76 @@ async fn accept_loop(
     service: Arc<Service>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let connections = Arc::new(Semaphore::new(service.limits.max_connections));
+    let limits = &service.limits;
+    let authenticated = Arc::new(Semaphore::new(limits.max_connections));
+    let pending = PendingPool::new(
+        limits.max_pending_handshakes,
+        limits.max_pending_per_source,
+        service.metrics.clone(),
+    );
     loop {
-        // At the connection limit, further peers wait in the kernel's accept queue.
-        let Ok(permit) = connections.clone().acquire_owned().await else {
-            return;
-        };
-        let (tcp, _) = tokio::select! {
+        // Accepting never waits for a place: a newcomer takes the place of the oldest
+        // pending handshake (`pending`), and only authenticated peers wait for one of
+        // `max_connections`.
+        let (tcp, from) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(x) => x,
-                Err(_) => continue, // e.g. EMFILE; the next accept may succeed
+                Err(_) => {
+                    // e.g. EMFILE: the next accept may succeed, but not in a hot loop.
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
             },
             _ = stopped.changed() => return,
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, service) = (acceptor.clone(), service.clone());
+        let (slot, _evicted) = pending.enter(from.ip());
+        let (acceptor, service, authenticated) =
+            (acceptor.clone(), service.clone(), authenticated.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(tcp, acceptor, service).await;
+            serve_connection(tcp, acceptor, service, slot, authenticated).await;
         });
     }
 }
 
+/// The handshake (while pending, and evictable) and then, once authenticated and
+/// given a place among `max_connections`, HTTP.
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
     service: Arc<Service>,
+    mut slot: PendingSlot,
+    authenticated: Arc<Semaphore>,
 ) {
     let limits = &service.limits;
     let io = IdleTimeout::new(tcp, limits.idle_timeout());
-    // A peer without a valid SVID fails here, inside the handshake.
-    let tls = match tokio::time::timeout(limits.handshake_timeout(), acceptor.accept(io)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(_)) | Err(_) => return,
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout();
+    // A peer without a valid SVID fails here, inside the handshake; one that is
+    // evicted (or stalls past the deadline) is closed by dropping the handshake.
+    let handshake = async {
+        let tls = tokio::time::timeout_at(deadline, acceptor.accept(io))
+            .await
+            .ok()?
+            .ok()?;
+        let peer = attest::tls::peer_id(tls.get_ref().1).ok()?;
+        let permit = tokio::time::timeout_at(deadline, authenticated.acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        Some((tls, peer, permit))
     };
-    let Ok(peer) = attest::tls::peer_id(tls.get_ref().1) else {
-        return;
+    let (tls, peer, permit) = tokio::select! {
+        done = handshake => match done {
+            Some(x) => x,
+            None => {
+                service.metrics.handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        },
+        _ = &mut slot.evicted => return,
     };
+    // Authenticated: out of the pending pool, never evicted from here on.
+    drop(slot);
     let peer = Arc::new(peer);
     service
         .metrics
@@ -307,7 +351,9 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
-    let _ = builder.serve_connection(TokioIo::new(tls), handler).await;
+    // The place is given back only once the closed connection is drained.
+    let io = linger::Linger::new(tls, Box::new(permit));
+    let _ = builder.serve_connection(TokioIo::new(io), handler).await;
     service
         .metrics
         .connections

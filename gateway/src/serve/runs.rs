@@ -3,8 +3,13 @@
 //! is answered at once. While it runs its status lives in memory; once it is done the
 //! evidence bundle on disk (`STATE/evidence/<run id>/event.json`) is the status, so
 //! finished runs cost no memory and survive a restart.
+//!
+//! A run belongs to the peer that started it: its SPIFFE ID is the event's `source`
+//! (in memory while it runs, in the bundle's `event.json` after), and any other peer
+//! is told exactly what an unknown id gets.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +26,8 @@ use crate::GatewayError;
 pub struct Runs {
     launcher: Arc<Launcher>,
     evidence: PathBuf,
-    running: Arc<Mutex<HashSet<RunId>>>,
+    /// Runs under way, with the peer that started each.
+    running: Arc<Mutex<HashMap<RunId, String>>>,
     slots: Arc<AtomicUsize>,
     max: usize,
     /// Raised at shutdown: running sandboxes are stopped and torn down in order.
@@ -40,11 +46,17 @@ impl Drop for Slot {
 
 #[derive(Debug)]
 pub enum RunStatus {
+    /// No such run, or not this peer's: the two are told apart by nobody.
     Unknown,
     Running,
-    Done { status: &'static str, event: Value },
-    Unreadable(String),
+    Done {
+        status: &'static str,
+        event: Value,
+    },
 }
+
+/// Largest `event.json` read back (stdout and stderr are bounded well below).
+const MAX_EVENT_BYTES: u64 = 64 << 20;
 
 impl Runs {
     pub fn start_launcher(
@@ -89,7 +101,7 @@ impl Runs {
         self.running
             .lock()
             .map_err(|_| GatewayError::Usage("runs: lock poisoned".into()))?
-            .insert(id.clone());
+            .insert(id.clone(), peer.to_string());
         let (launcher, evidence, running, cancel) = (
             self.launcher.clone(),
             self.evidence.clone(),
@@ -121,35 +133,43 @@ impl Runs {
         Ok(id)
     }
 
-    pub fn status(&self, id: &str) -> RunStatus {
+    /// The status of run `id` as `peer` may see it: only the peer that started a run
+    /// sees it at all.
+    pub fn status(&self, id: &str, peer: &SpiffeId) -> RunStatus {
         let Some(id) = RunId::parse(id) else {
             return RunStatus::Unknown;
         };
-        if self
+        let peer = peer.to_string();
+        let running = self
             .running
             .lock()
-            .map(|r| r.contains(&id))
-            .unwrap_or(false)
-        {
-            return RunStatus::Running;
+            .map(|r| r.get(&id).map(|owner| *owner == peer))
+            .unwrap_or(None);
+        match running {
+            Some(true) => return RunStatus::Running,
+            Some(false) => return RunStatus::Unknown,
+            None => {}
         }
-        let path = self.evidence.join(id.as_str()).join("event.json");
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return RunStatus::Unknown,
-            Err(e) => return RunStatus::Unreadable(format!("{}: {e}", path.display())),
-        };
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(event) => {
-                let status = if event["type"] == TYPE_COMPLETED {
-                    "completed"
-                } else {
-                    "failed"
-                };
-                RunStatus::Done { status, event }
+        let dir = self.evidence.join(id.as_str());
+        let event = match read_event(&dir) {
+            Ok(Some(event)) => event,
+            Ok(None) => return RunStatus::Unknown,
+            Err(why) => {
+                // Whose run this is cannot be told: nobody's, and the reason goes to
+                // the operator, not to a peer.
+                eprintln!("capsule-gateway: {}: {why}", dir.display());
+                return RunStatus::Unknown;
             }
-            Err(e) => RunStatus::Unreadable(format!("{}: {e}", path.display())),
+        };
+        if event["source"].as_str() != Some(peer.as_str()) {
+            return RunStatus::Unknown;
         }
+        let status = if event["type"] == TYPE_COMPLETED {
+            "completed"
+        } else {
+            "failed"
+        };
+        RunStatus::Done { status, event }
     }
 
     /// Waits (up to `limit`) for running sandboxes to stop after `cancel` was raised.
@@ -162,4 +182,53 @@ impl Runs {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
+}
+
+/// `DIR/event.json`, or `None` when there is no such bundle. Neither the bundle
+/// directory nor the file may be a symlink; the file's type is checked on an `O_PATH`
+/// descriptor before it is opened for reading (a FIFO or device is never opened).
+fn read_event(dir: &std::path::Path) -> Result<Option<Value>, String> {
+    use rustix::fs::{fstat, open, openat, FileType, Mode, OFlags};
+    let not_found = |e: rustix::io::Errno| e == rustix::io::Errno::NOENT;
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dir_fd = match open(dir, flags | OFlags::DIRECTORY, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(e) if not_found(e) => return Ok(None),
+        Err(e) => return Err(format!("bundle directory: {e}")),
+    };
+    let path_fd = match openat(&dir_fd, "event.json", flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(e) if not_found(e) => return Ok(None),
+        Err(e) => return Err(format!("event.json: {e}")),
+    };
+    let st = fstat(&path_fd).map_err(|e| format!("event.json: {e}"))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err("event.json: not a regular file".into());
+    }
+    // Re-open the very file the O_PATH descriptor names, for reading.
+    let proc_path = format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&path_fd)
+    );
+    let fd = open(
+        proc_path.as_str(),
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("event.json: {e}"))?;
+    let again = fstat(&fd).map_err(|e| format!("event.json: {e}"))?;
+    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
+        return Err("event.json: changed while being opened".into());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd)
+        .take(MAX_EVENT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("event.json: {e}"))?;
+    if bytes.len() as u64 > MAX_EVENT_BYTES {
+        return Err(format!("event.json: larger than {MAX_EVENT_BYTES} bytes"));
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| format!("event.json: {e}"))
 }

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what building and running capsule-gateway needs on a fresh Debian machine,
+# idempotently (the demo needs only this; scripts/install-test-deps.sh adds what the
+# tests need). Debian packages come from apt-get. Needs root when something is missing.
+set -euo pipefail
+
+need_apt=()
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# C toolchain for aws-lc-sys.
+have cc || need_apt+=(build-essential)
+# `run` and the sandbox launcher: gVisor, and containerd with ctr and runc's shim v2
+# (Kata's shim is not packaged in Debian 12).
+have runsc || need_apt+=(runsc)
+{ have containerd && have ctr && have containerd-shim-runc-v2; } || need_apt+=(containerd)
+have runc || need_apt+=(runc)
+# attest: tss-esapi links libtss2 (found with pkg-config; its bindings are pre-generated,
+# so no clang is needed); the attest demo runs a software TPM (swtpm, swtpm_setup).
+{ have pkg-config && pkg-config --exists tss2-esys tss2-tctildr tss2-mu; } \
+  || need_apt+=(pkg-config libtss2-dev)
+{ have swtpm && have swtpm_setup; } || need_apt+=(swtpm swtpm-tools)
+# The demo reads loadgen's JSON report with python3.
+have python3 || need_apt+=(python3)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-run-deps: missing Debian packages ${need_apt[*]}; run as root to install them" >&2
+    exit 2
+  fi
+  echo "install-run-deps: apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+fi
+
+if ! have cargo; then
+  echo "install-run-deps: cargo not found; this project needs a Rust toolchain >= 1.88 (rustup's stable)." >&2
+  exit 2
+fi
