@@ -418,7 +418,7 @@ mod tests {
         let json = format!(
             r#"{{"schema": "capsule/v1", "capsule_id": "c", "version": 1, "parent": null,
             "tenant": "t", "issued_at": 1, "not_before": 1, "expires_at": 2,
-            "policy_version": "p", "author": "a", "approvals": [],
+            "policy_version": "p", "author": "a@b.example", "approvals": [],
             "scope": {{"environment": "staging", "network": "none"}},
             "limits": {{"timeout_ms": 1000, "memory_mib": 64, "pids": 8}},
             "entrypoint": ["/capsule/run.sh"], "env": {env}, "artifacts": []}}"#

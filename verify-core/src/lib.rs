@@ -29,7 +29,7 @@ pub use decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
 pub use digest::{ArtifactSource, HashMode};
 pub use error::ConfigError;
 pub use limits::Limits;
-pub use manifest::Manifest;
+pub use manifest::{ApproverId, Manifest};
 pub use policy::Policy;
 pub use runner::{RunnerPattern, SpiffeId};
 pub use time::{Clock, FixedClock, SystemClock};

@@ -123,12 +123,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
     let admitted = match result {
         Ok(a) => a,
         Err(decision) => {
-            let event = denied_event(
-                &source,
-                &args.capsule,
-                &decision,
-                admission.policy.limits.max_jws_bytes,
-            )?;
+            let event = denied_event(&source, &args.capsule, &decision)?;
             print_event(&event)?;
             return Ok(ExitCode::from(EXIT_DENIED));
         }
@@ -351,22 +346,16 @@ fn build_event(
     serde_json::to_value(&event).map_err(|e| super::usage(format!("CloudEvent: {e}")))
 }
 
-/// A `.denied` event: the decision, and the JWS as it was presented (unverified).
-fn denied_event(
-    source: &str,
-    capsule: &Path,
-    d: &Decision,
-    max_jws_bytes: usize,
-) -> Result<Value, GatewayError> {
-    let presented = std::fs::read(verify_core::verify::jws_path(capsule))
-        .ok()
-        .filter(|b| b.len() <= max_jws_bytes + 1)
-        .and_then(|b| String::from_utf8(b).ok())
-        .map(|s| s.trim_end_matches('\n').to_string());
+/// A `.denied` event: the decision and the digest of the JWS bytes the verifier read
+/// (none when they could not be read). The bytes themselves are never copied here:
+/// they did not verify, and a denied capsule's `capsule.jws` is whatever its author
+/// made it (before issue 10, a symlink put a host file into the event).
+/// `manifest_jws` stays in the schema, always null.
+fn denied_event(source: &str, capsule: &Path, d: &Decision) -> Result<Value, GatewayError> {
     let mut data = decision_json(&capsule.display().to_string(), d);
     data["tenant_id"] = json!(d.tenant);
     data["capsule_digest"] = json!(d.digest.map(|x| x.to_string()));
-    data["manifest_jws"] = json!(presented);
+    data["manifest_jws"] = Value::Null;
     data["launched"] = json!(false);
     let subject = match (&d.capsule_id, d.version) {
         (Some(id), Some(v)) => Some(format!("{id}@{v}")),
