@@ -30,7 +30,6 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -39,7 +38,7 @@ use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
-use rustix::fs::{FileType, Mode, OFlags};
+use verify_core::digest::{open_regular_nofollow, Access, OpenError};
 use verify_core::{
     check_rollback, Admitted, AdmittedVersion, Decision, Reason, RollbackView, Sha256Digest,
 };
@@ -111,45 +110,18 @@ enum Found {
     NotRegular(&'static str),
 }
 
-/// Opens `path` as a regular file only: `O_PATH|O_NOFOLLOW` first, the type checked
-/// on that descriptor, and only then a read (or read-write) open of the same inode,
-/// non-blocking, so a symlink, FIFO or device node is never opened for reading.
+/// Opens `path` as a regular file only (verify-core's `open_regular_nofollow`: the
+/// type checked on an `O_PATH` descriptor before the open), so a symlink, FIFO or
+/// device node is never opened for reading.
 fn open_regular(path: &Path, write: bool) -> std::io::Result<Found> {
-    let pathfd = match rustix::fs::open(
-        path,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(Found::Absent),
-        Err(e) => return Err(e.into()),
-    };
-    let st = rustix::fs::fstat(&pathfd)?;
-    let kind = match FileType::from_raw_mode(st.st_mode) {
-        FileType::RegularFile => None,
-        FileType::Symlink => Some("a symbolic link"),
-        FileType::Directory => Some("a directory"),
-        FileType::Fifo => Some("a FIFO"),
-        FileType::Socket => Some("a socket"),
-        FileType::CharacterDevice | FileType::BlockDevice => Some("a device node"),
-        FileType::Unknown => Some("not a regular file"),
-    };
-    if let Some(kind) = kind {
-        return Ok(Found::NotRegular(kind));
+    let access = if write { Access::ReadWrite } else { Access::Read };
+    match open_regular_nofollow(path, access) {
+        Ok((file, st)) => Ok(Found::File(file, u64::try_from(st.st_size).unwrap_or(0))),
+        Err(OpenError::Symlink) => Ok(Found::NotRegular("a symbolic link")),
+        Err(OpenError::NotRegular(kind)) => Ok(Found::NotRegular(kind)),
+        Err(OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(Found::Absent),
+        Err(e) => Err(e.into()),
     }
-    let mode = if write { OFlags::RDWR } else { OFlags::RDONLY };
-    let proc = format!("/proc/self/fd/{}", pathfd.as_raw_fd());
-    let fd = rustix::fs::open(
-        proc.as_str(),
-        mode | OFlags::NONBLOCK | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let again = rustix::fs::fstat(&fd)?;
-    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
-        return Ok(Found::NotRegular("replaced while it was opened"));
-    }
-    let size = u64::try_from(again.st_size).unwrap_or(0);
-    Ok(Found::File(File::from(fd), size))
 }
 
 fn read_marker(path: &Path) -> Result<Option<Marker>, crate::GatewayError> {

@@ -301,6 +301,12 @@ fn interfaces() -> Vec<Interface> {
             }
         }
     }
+    // getifaddrs lists a gVisor sandbox's addresses in no fixed order: sorted, two
+    // reports of the same sandbox compare equal.
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    for i in &mut out {
+        i.addresses.sort();
+    }
     out
 }
 

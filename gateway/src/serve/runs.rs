@@ -207,41 +207,19 @@ impl Runs {
 /// directory nor the file may be a symlink; the file's type is checked on an `O_PATH`
 /// descriptor before it is opened for reading (a FIFO or device is never opened).
 fn read_event(dir: &std::path::Path) -> Result<Option<Value>, String> {
-    use rustix::fs::{fstat, open, openat, FileType, Mode, OFlags};
-    let not_found = |e: rustix::io::Errno| e == rustix::io::Errno::NOENT;
-    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let dir_fd = match open(dir, flags | OFlags::DIRECTORY, Mode::empty()) {
+    use verify_core::digest::{open_dir, open_regular_at, OpenError};
+    let dir_fd = match open_dir(dir) {
         Ok(fd) => fd,
-        Err(e) if not_found(e) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("bundle directory: {e}")),
     };
-    let path_fd = match openat(&dir_fd, "event.json", flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(e) if not_found(e) => return Ok(None),
+    let (file, _) = match open_regular_at(&dir_fd, "event.json") {
+        Ok(x) => x,
+        Err(OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("event.json: {e}")),
     };
-    let st = fstat(&path_fd).map_err(|e| format!("event.json: {e}"))?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return Err("event.json: not a regular file".into());
-    }
-    // Re-open the very file the O_PATH descriptor names, for reading.
-    let proc_path = format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(&path_fd)
-    );
-    let fd = open(
-        proc_path.as_str(),
-        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("event.json: {e}"))?;
-    let again = fstat(&fd).map_err(|e| format!("event.json: {e}"))?;
-    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
-        return Err("event.json: changed while being opened".into());
-    }
     let mut bytes = Vec::new();
-    std::fs::File::from(fd)
-        .take(MAX_EVENT_BYTES + 1)
+    file.take(MAX_EVENT_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("event.json: {e}"))?;
     if bytes.len() as u64 > MAX_EVENT_BYTES {

@@ -332,11 +332,18 @@ fn openat2_retrying(dir: impl AsFd, path: &str, flags: OFlags) -> io::Result<Own
 pub fn open_regular_at(dir: impl AsFd, path: &str) -> Result<(File, Stat), OpenError> {
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let pinned = openat2_retrying(dir, path, flags).map_err(OpenError::from_resolve)?;
-    reopen_regular(pinned)
+    reopen_regular(pinned, Access::Read)
 }
 
-/// `fstat` on an `O_PATH` descriptor; a regular file is re-opened for reading.
-fn reopen_regular(pinned: OwnedFd) -> Result<(File, Stat), OpenError> {
+/// How a regular file is opened once its type has been checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    ReadWrite,
+}
+
+/// `fstat` on an `O_PATH` descriptor; a regular file is re-opened as `access` says.
+fn reopen_regular(pinned: OwnedFd, access: Access) -> Result<(File, Stat), OpenError> {
     let st = rustix::fs::fstat(&pinned).map_err(io::Error::from)?;
     let kind = FileType::from_raw_mode(st.st_mode);
     if kind == FileType::Symlink {
@@ -347,8 +354,12 @@ fn reopen_regular(pinned: OwnedFd) -> Result<(File, Stat), OpenError> {
     }
     // The magic link names the inode already checked, whatever the path names now.
     let proc = format!("/proc/self/fd/{}", pinned.as_raw_fd());
-    let read = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let fd = rustix::fs::open(proc.as_str(), read, Mode::empty()).map_err(|e| {
+    let mode = match access {
+        Access::Read => OFlags::RDONLY,
+        Access::ReadWrite => OFlags::RDWR,
+    };
+    let flags = mode | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = rustix::fs::open(proc.as_str(), flags, Mode::empty()).map_err(|e| {
         let e = io::Error::from(e);
         io::Error::new(
             e.kind(),
@@ -401,7 +412,17 @@ fn hash_read(file: &File, len: u64, update: &mut dyn FnMut(&[u8])) -> io::Result
 pub fn open_regular_path(path: &Path) -> Result<(File, Stat), OpenError> {
     let pinned = rustix::fs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
         .map_err(io::Error::from)?;
-    reopen_regular(pinned)
+    reopen_regular(pinned, Access::Read)
+}
+
+/// Opens a file at a path the gateway laid out itself (its state database and
+/// marker): the directories on the way are the operator's, but the file itself may
+/// not be a symlink and must be regular, checked on an `O_PATH` descriptor before
+/// it is opened as `access` says.
+pub fn open_regular_nofollow(path: &Path, access: Access) -> Result<(File, Stat), OpenError> {
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let pinned = rustix::fs::open(path, flags, Mode::empty()).map_err(io::Error::from)?;
+    reopen_regular(pinned, access)
 }
 
 /// Opens a regular file beneath `dir` by the same rules as verification (no symlinks,
