@@ -168,7 +168,8 @@ impl ServeConfig {
         let text = std::fs::read_to_string(path).map_err(|e| GatewayError::io(path, e))?;
         let mut config: ServeConfig =
             serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
-                GatewayError::Usage(format!("{}: {}: {}", path.display(), e.path(), e.inner()))
+                let (field, message) = verify_core::error::toml_error(&text, e);
+                GatewayError::Usage(format!("{}: {field}: {message}", path.display()))
             })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.state_dir = base.join(&config.state_dir);
