@@ -571,3 +571,36 @@ fn a_malformed_digest_is_called_a_format_problem_not_a_mismatch() {
         )
     );
 }
+
+/// A capsule whose manifest spells its digests `sha256:<hex>` runs (real gVisor,
+/// Debian package `runsc`), and its evidence bundle checks out: the staged files
+/// (canonical) are compared with the manifest's digests as digests, not as strings.
+#[test]
+fn a_run_of_a_prefixed_digest_manifest_has_evidence_that_checks_out() {
+    use capsule_gateway::evidence::{Bundle, Event, EventData};
+    let w = World::new();
+    let script: &[u8] = b"echo prefixed digests\n";
+    let files: [(&str, &[u8]); 1] = [("run.sh", script)];
+    let mut m = w.script_manifest(&files);
+    m["artifacts"][0]["sha256"] = json!(format!("sha256:{}", sha256_hex(script)));
+    let capsule = w.capsule_with_files("prefixed", &m, &files, Signer::Es256);
+    let state = w.path("state");
+    let out = run(&[
+        "run",
+        "--policy",
+        s(&w.policy_path()),
+        "--runner",
+        RUNNER,
+        "--state",
+        s(&state),
+        s(&capsule),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let event = Event::parse(&out.stdout).expect("event");
+    let EventData::Run(_, data) = &event.data else {
+        panic!("a run event")
+    };
+    assert_eq!(data.stdout.as_deref(), Some("prefixed digests\n"));
+    let bundle = Bundle::read(Path::new(&data.evidence_bundle)).expect("bundle");
+    bundle.check(&w.policy()).expect("chain of custody holds");
+}
