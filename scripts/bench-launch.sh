@@ -28,7 +28,8 @@ cat > "$work/manifest.json" <<EOF
  "entrypoint": ["/bin/true"], "env": {}, "artifacts": [{"path": "run.sh"}], "tools": []}
 EOF
 sed -e "s/@TOOL_DIGEST@/$(printf '%064d' 0)/" -e "s#keys/demo-es.public.jwks.json#keys/bench-es.public.jwks.json#" \
-  -e 's/keys = \["demo-es"\]/keys = ["bench-es"]/' examples/policy.template.toml > "$work/policy.toml"
+  -e 's/keys = \["demo-es"\]/keys = ["bench-es"]/' -e 's#^host_programs = .*#host_programs = ["/bin/true"]#' \
+  examples/policy.template.toml > "$work/policy.toml"
 "$gw" pack --manifest "$work/manifest.json" --files "$work/files" \
   --key "$work/keys/bench-es.private.jwk.json" --out "$work/capsule" >/dev/null
 

@@ -360,9 +360,20 @@ impl FileSource {
 
     fn load(&self) -> Result<X509Material> {
         let name = self.dir.display().to_string();
+        // Trust files: refused when anyone but root or this user could change them
+        // or the directories above them (verify-core's `trust_file`, as for the policy).
         let read = |file: &str| -> Result<Vec<u8>> {
             let p = self.dir.join(file);
-            std::fs::read(&p).map_err(|e| AttestError::io(p, e))
+            match verify_core::trust_file::read(&p) {
+                Ok(f) => Ok(f.bytes),
+                Err(verify_core::ConfigError::Read { source, .. }) => {
+                    Err(AttestError::io(p, source))
+                }
+                Err(e) => Err(AttestError::Svid {
+                    source_name: p.display().to_string(),
+                    message: e.to_string(),
+                }),
+            }
         };
         let bad = |file: &str, message: String| AttestError::Svid {
             source_name: self.dir.join(file).display().to_string(),

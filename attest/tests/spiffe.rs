@@ -388,6 +388,39 @@ fn a_world_readable_key_file_is_refused() {
     assert!(err.to_string().contains("chmod 600"), "{err}");
 }
 
+/// The trust bundle decides whom the gateway trusts: a `bundle.pem` (or SVID) that
+/// others can write, or one in a directory others can write, is refused like the
+/// policy (verify-core's `trust_file`).
+#[test]
+fn a_world_writable_trust_bundle_or_svid_directory_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &std::path::Path, m| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let ca = TestCa::new(TD);
+    for (file, mode) in [
+        ("bundle.pem", 0o666),
+        ("bundle.pem", 0o664),
+        ("svid.pem", 0o646),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        ca.write_svid_dir(dir.path(), &ca.issue(&SvidSpec::id(RUNNER)));
+        FileSource::open(dir.path()).expect("the untouched directory loads");
+        chmod(&dir.path().join(file), mode);
+        let err = FileSource::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(file) && err.contains("chmod go-w"),
+            "{file} {mode:o}: {err}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let svid = dir.path().join("svid");
+    ca.write_svid_dir(&svid, &ca.issue(&SvidSpec::id(RUNNER)));
+    chmod(&svid, 0o777);
+    let err = FileSource::open(&svid).unwrap_err().to_string();
+    assert!(err.contains("its directory"), "{err}");
+}
+
 #[test]
 fn an_svid_from_another_ca_than_the_bundle_is_refused() {
     let ca = TestCa::new(TD);

@@ -131,6 +131,8 @@ fn hashing(c: &mut Criterion) {
         {"path": "half-a.bin", "sha256": sha256(half_a).to_hex(), "size": HALF},
         {"path": "half-b.bin", "sha256": sha256(half_b).to_hex(), "size": HALF},
     ]);
+    // Both halves are data: the program is an allowed host program.
+    manifest["entrypoint"] = json!(["/bin/true"]);
     let cap = env.signed("two-halves", &manifest, Signer::Es256);
     write_synced(&cap.dir.join("files/half-a.bin"), half_a);
     write_synced(&cap.dir.join("files/half-b.bin"), half_b);

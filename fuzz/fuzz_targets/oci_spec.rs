@@ -70,20 +70,14 @@ fn check(m: &Manifest, spec: &Spec, flavor: Flavor) {
         );
     }
 
-    // Exactly the manifest's env, each entry reading back as the name and value it came from.
+    // No environment for the process: the probe must start without anything the
+    // capsule chose (LD_PRELOAD and friends).
     let env = process.env().as_ref().expect("env");
-    assert_eq!(env.len(), m.env.0.len());
-    for entry in env {
-        let (k, v) = entry.split_once('=').expect("NAME=value");
-        assert_eq!(
-            m.env.0.get(k).map(String::as_str),
-            Some(v),
-            "env entry {entry:?} is not the manifest's"
-        );
-    }
+    assert!(env.is_empty(), "the probe's environment is not empty: {env:?}");
 
-    // The probe first, then exactly the manifest's entrypoint; the probe strips the env
-    // to exactly the manifest's names.
+    // The probe first, then exactly the manifest's entrypoint; the manifest's env
+    // reaches the probe as `--env NAME=VALUE`, each reading back as the name and
+    // value it came from.
     let args = process.args().as_ref().expect("args");
     assert_eq!(args[0], PROBE_PATH);
     let sep = args
@@ -91,16 +85,19 @@ fn check(m: &Manifest, spec: &Spec, flavor: Flavor) {
         .position(|a| a == "--")
         .expect("-- before the entrypoint");
     assert_eq!(&args[sep + 1..], &m.entrypoint[..]);
-    let only = args
-        .iter()
-        .position(|a| a == "--only-env")
-        .expect("--only-env");
-    let names: Vec<&str> = args[only + 1]
-        .split(',')
-        .filter(|n| !n.is_empty())
-        .collect();
-    let want: Vec<&str> = m.env.0.keys().map(String::as_str).collect();
-    assert_eq!(names, want, "the probe's env names");
+    let mut pairs = Vec::new();
+    let mut i = 1;
+    while i < sep {
+        if args[i] == "--env" {
+            let (k, v) = args[i + 1].split_once('=').expect("NAME=value");
+            pairs.push((k.to_string(), v.to_string()));
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    let want: Vec<(String, String)> = m.env.0.clone().into_iter().collect();
+    assert_eq!(pairs, want, "the probe's env arguments");
 
     let linux = spec.linux().as_ref().expect("linux");
     let ns = linux.namespaces().as_ref().expect("namespaces");

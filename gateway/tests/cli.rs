@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use capsule_tests::negative::{truncate_while, Prior, CASES};
+use capsule_tests::negative::{
+    host_secret, mkfifo, truncate_while, BlockedWriter, Prior, CASES, HOST_SECRET,
+};
 use capsule_tests::{read_jws, Signer, World, RUNNER};
 use serde_json::{json, Value};
 use verify_core::Reason;
@@ -40,12 +42,28 @@ fn check(
     }
     args.extend(capsules.iter().map(|c| s(c)));
     let out = run(&args);
+    assert_no_host_file(&out);
     let stdout = String::from_utf8(out.stdout).expect("utf-8");
     let lines = stdout
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
         .collect();
     (out.status.code().expect("exit code"), lines)
+}
+
+/// Neither the host file some fixtures point at nor its sha256 is in the output.
+fn assert_no_host_file(out: &Output) {
+    let secret = String::from_utf8_lossy(HOST_SECRET);
+    let secret = secret.trim_end();
+    let digest = capsule_tests::sha256_hex(HOST_SECRET);
+    for (name, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!text.contains(secret), "{name} holds the host file: {text}");
+        assert!(
+            !text.contains(&digest),
+            "{name} holds the host file's sha256: {text}"
+        );
+    }
 }
 
 fn reason(line: &Value) -> Option<Reason> {
@@ -166,7 +184,9 @@ fn batch_output_keeps_the_order_given_and_exit_code_reflects_any_denial() {
     );
     assert_eq!(lines[0]["digest"], digest.as_str());
     assert_eq!(lines[1]["capsule"], s(&missing));
-    assert_eq!(lines[1]["reason"], "malformed_jws");
+    // Issue 10: a capsule that cannot be read is `capsule_unreadable`, with no digest.
+    assert_eq!(lines[1]["reason"], "capsule_unreadable");
+    assert_eq!(lines[1]["digest"], Value::Null);
     assert_eq!(lines[2]["verdict"], "admit");
     assert_eq!(lines[2]["alg"], "HS256");
     let (code, _) = check("verify", &w, Some(RUNNER), None, &[&good, &good_hs]);
@@ -263,6 +283,56 @@ fn configuration_errors_exit_2_and_name_the_file_and_field() {
     );
     let out = run(&["verify", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A policy, JWKS or directory above them that others could change, and an HS256
+/// secret others can read: `verify`, `admit` and `run` refuse to start (exit 2),
+/// naming the file and what to run.
+#[test]
+fn every_unsafe_trust_file_is_a_configuration_error_naming_the_file() {
+    for attack in capsule_tests::trust_attacks::TRUST_ATTACKS {
+        let w = World::new();
+        let good = w.good_capsule("good", Signer::Es256);
+        let file = (attack.apply)(&w);
+        let policy = w.policy_path();
+        let state = w.path("state");
+        for args in [
+            vec!["verify", "--policy", s(&policy), s(&good)],
+            vec![
+                "admit",
+                "--policy",
+                s(&policy),
+                "--state",
+                s(&state),
+                s(&good),
+            ],
+            vec![
+                "run",
+                "--policy",
+                s(&policy),
+                "--state",
+                s(&state),
+                s(&good),
+            ],
+        ] {
+            let out = run(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{} {}: {err}",
+                attack.name,
+                args[0]
+            );
+            assert!(
+                err.contains(s(&file)) && err.contains("refused") && err.contains(attack.fix),
+                "{} {}: {err}",
+                attack.name,
+                args[0]
+            );
+            assert!(out.stdout.is_empty(), "{}: nothing is decided", attack.name);
+        }
+    }
 }
 
 #[test]
@@ -457,7 +527,8 @@ fn capsules_signed_by_an_independent_jose_library_are_admitted() {
          "x": verify_core::b64::encode(&point[1..33]), "y": verify_core::b64::encode(&point[33..])},
         {"kty": "oct", "kid": "k-third-hs", "alg": "HS256", "k": verify_core::b64::encode(&secret)},
     ]});
-    w.write("third.jwks.json", jwks.to_string().as_bytes());
+    // It holds an HS256 secret: readable by its owner only, or it is refused.
+    w.write_mode("third.jwks.json", jwks.to_string().as_bytes(), 0o600);
     let policy = policy_trusting(
         &w,
         "third.toml",
@@ -495,4 +566,270 @@ fn capsules_signed_by_an_independent_jose_library_are_admitted() {
         assert_eq!(line["verdict"], "admit", "{kid}: {line}");
         assert_eq!(out.status.code(), Some(0));
     }
+}
+
+/// Runs the binary with a generous functional timeout: a hang is a failure, not a
+/// stuck test run.
+fn run_within(args: &[&str], secs: u64) -> Output {
+    let mut child = bin()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run capsule-gateway");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("capsule-gateway {args:?} hung for {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn capsule_jws_symlink_to_a_host_file_is_refused_by_verify_and_admit_without_its_digest() {
+    let w = World::new();
+    let c = w.good_capsule("symlinked-jws", Signer::Es256);
+    std::fs::remove_file(c.join("capsule.jws")).expect("rm");
+    std::os::unix::fs::symlink(host_secret(&w), c.join("capsule.jws")).expect("symlink");
+    let state = w.path("symlinked-jws-state");
+    for (cmd, state) in [("verify", None), ("admit", Some(state.as_path()))] {
+        let (code, lines) = check(cmd, &w, Some(RUNNER), state, &[&c]);
+        assert_eq!(code, 1, "{cmd}");
+        assert_eq!(reason(&lines[0]), Some(Reason::CapsuleUnreadable), "{cmd}");
+        assert_eq!(lines[0]["digest"], Value::Null, "{cmd}: no hash oracle");
+        assert!(
+            lines[0]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("capsule.jws") && d.contains("symlink")),
+            "{cmd}: {}",
+            lines[0]
+        );
+    }
+    // The text output too.
+    let out = run(&[
+        "verify",
+        "--policy",
+        s(&w.policy_path()),
+        "--runner",
+        RUNNER,
+        s(&c),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_no_host_file(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("capsule_unreadable"));
+}
+
+#[test]
+fn a_fifo_capsule_jws_does_not_hang_a_cli_batch_and_is_never_opened() {
+    let w = World::new();
+    let good = w.good_capsule("fifo-batch-good", Signer::Es256);
+    let bad = w.good_capsule("fifo-batch-bad", Signer::Es256);
+    let fifo = bad.join("capsule.jws");
+    std::fs::remove_file(&fifo).expect("rm");
+    mkfifo(&fifo);
+    let writer = BlockedWriter::start(&fifo);
+    let policy = w.policy_path();
+    for cmd in ["verify", "admit"] {
+        let state = w.path(&format!("fifo-batch-{cmd}-state"));
+        let mut args = vec![cmd, "--policy", s(&policy), "--json", "--runner", RUNNER];
+        if cmd == "admit" {
+            args.extend(["--state", s(&state)]);
+        }
+        args.extend([s(&good), s(&bad), s(&good)]);
+        let out = run_within(&args, 60);
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(lines.len(), 3, "{cmd}: every capsule gets its line");
+        assert_eq!(lines[0]["verdict"], "admit", "{cmd}: {}", lines[0]);
+        assert_eq!(reason(&lines[1]), Some(Reason::CapsuleUnreadable), "{cmd}");
+        assert_eq!(lines[1]["digest"], Value::Null);
+        assert_eq!(lines[2]["verdict"], "admit", "{cmd}");
+        assert!(writer.is_blocked(), "{cmd} opened the FIFO");
+    }
+    writer.release(&fifo);
+}
+
+#[test]
+fn a_fifo_at_an_artifact_path_is_never_opened_by_verify() {
+    let w = World::new();
+    let c = w.good_capsule("fifo-artifact-cli", Signer::Es256);
+    let fifo = c.join("files/tools/busybox");
+    std::fs::remove_file(&fifo).expect("rm");
+    mkfifo(&fifo);
+    let writer = BlockedWriter::start(&fifo);
+    for mode in ["auto", "read", "mmap"] {
+        let out = run_within(
+            &[
+                "verify",
+                "--policy",
+                s(&w.policy_path()),
+                "--json",
+                "--hash-mode",
+                mode,
+                "--runner",
+                RUNNER,
+                s(&c),
+            ],
+            60,
+        );
+        assert_eq!(out.status.code(), Some(1));
+        let line: Value = serde_json::from_slice(&out.stdout).expect("json line");
+        assert_eq!(reason(&line), Some(Reason::ArtifactPathInvalid), "{line}");
+        assert!(
+            writer.is_blocked(),
+            "verify --hash-mode {mode} opened the FIFO"
+        );
+    }
+    writer.release(&fifo);
+}
+
+#[test]
+fn pack_refuses_a_fifo_in_files_without_opening_it() {
+    let w = World::new();
+    let (manifest, files) = pack_inputs(&w, "pack-fifo");
+    let fifo = files.join("run.sh");
+    std::fs::remove_file(&fifo).expect("rm");
+    mkfifo(&fifo);
+    let writer = BlockedWriter::start(&fifo);
+    let out_dir = w.path("pack-fifo-out");
+    let out = run_within(
+        &[
+            "pack",
+            "--manifest",
+            s(&manifest),
+            "--files",
+            s(&files),
+            "--key",
+            s(&w.path("es.private.jwk.json")),
+            "--out",
+            s(&out_dir),
+        ],
+        60,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FIFO"), "{stderr}");
+    assert!(!out_dir.exists(), "nothing is written");
+    assert!(writer.is_blocked(), "pack opened the FIFO");
+    writer.release(&fifo);
+    // A symlink to a host file is refused the same way.
+    std::fs::remove_file(&fifo).expect("rm");
+    std::os::unix::fs::symlink(host_secret(&w), &fifo).expect("symlink");
+    let out = run(&[
+        "pack",
+        "--manifest",
+        s(&manifest),
+        "--files",
+        s(&files),
+        "--key",
+        s(&w.path("es.private.jwk.json")),
+        "--out",
+        s(&out_dir),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!out_dir.exists());
+
+    // A FIFO given as --manifest is refused by its type, not read.
+    let fifo_manifest = w.path("pack-fifo/manifest.fifo");
+    mkfifo(&fifo_manifest);
+    let writer = BlockedWriter::start(&fifo_manifest);
+    let out = run_within(
+        &[
+            "pack",
+            "--manifest",
+            s(&fifo_manifest),
+            "--files",
+            s(&files),
+            "--key",
+            s(&w.path("es.private.jwk.json")),
+            "--out",
+            s(&out_dir),
+        ],
+        60,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(writer.is_blocked(), "pack opened the FIFO manifest");
+    writer.release(&fifo_manifest);
+}
+
+/// `run`'s `.denied` event: the decision and a digest, never the presented bytes.
+fn run_denied(w: &World, name: &str, capsule: &Path) -> (Value, Output) {
+    let state = w.path(&format!("{name}-state"));
+    let out = run_within(
+        &[
+            "run",
+            "--policy",
+            s(&w.policy_path()),
+            "--runner",
+            RUNNER,
+            "--state",
+            s(&state),
+            s(capsule),
+        ],
+        120,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "denied; stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_no_host_file(&out);
+    let event: Value = serde_json::from_slice(&out.stdout).expect("one event");
+    assert_eq!(event["type"], "dev.capsule-gateway.run.denied");
+    assert_eq!(event["data"]["manifest_jws"], Value::Null, "{event}");
+    assert_eq!(event["data"]["launched"], false);
+    (event, out)
+}
+
+#[test]
+fn run_denied_event_holds_neither_a_symlinked_trust_store_nor_presented_bytes() {
+    let w = World::new();
+    let jwks: Value = serde_json::from_slice(
+        &std::fs::read(w.path("trusted.jwks.json")).expect("read trust store"),
+    )
+    .expect("jwks");
+    let hs_secret = jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find_map(|k| k["k"].as_str())
+        .expect("the HS256 key's secret")
+        .to_string();
+
+    // capsule.jws -> the trust store: refused unread, the secret is nowhere.
+    let c = w.good_capsule("run-jws-trust-store", Signer::Es256);
+    std::fs::remove_file(c.join("capsule.jws")).expect("rm");
+    std::os::unix::fs::symlink(w.path("trusted.jwks.json"), c.join("capsule.jws"))
+        .expect("symlink");
+    let (event, out) = run_denied(&w, "run-jws-trust-store", &c);
+    assert_eq!(event["data"]["reason"], "capsule_unreadable");
+    assert_eq!(event["data"]["capsule_digest"], Value::Null);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&hs_secret));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(&hs_secret));
+
+    // capsule.jws -> a host file.
+    let c = w.good_capsule("run-jws-host-file", Signer::Es256);
+    std::fs::remove_file(c.join("capsule.jws")).expect("rm");
+    std::os::unix::fs::symlink(host_secret(&w), c.join("capsule.jws")).expect("symlink");
+    let (event, _) = run_denied(&w, "run-jws-host-file", &c);
+    assert_eq!(event["data"]["reason"], "capsule_unreadable");
+
+    // A regular capsule.jws that does not verify: its digest, not its bytes.
+    let presented = "PRESENTED-BYTES-NOT-VERIFIED.e30.AA";
+    let c = w.capsule_with_jws("run-jws-garbage", presented.as_bytes());
+    let (event, out) = run_denied(&w, "run-jws-garbage", &c);
+    assert_eq!(event["data"]["reason"], "malformed_header");
+    assert_eq!(
+        event["data"]["capsule_digest"],
+        format!("sha256:{}", capsule_tests::sha256_hex(presented.as_bytes()))
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("PRESENTED-BYTES"));
 }

@@ -187,6 +187,62 @@ fn run_prints_one_completed_event_and_writes_the_evidence_bundle() {
     assert_eq!(e["data"]["reason"], "rollback");
 }
 
+/// Evidence holds the capsule's output and its JWS: other local users must not read
+/// it. The state directory, the evidence root and each bundle are 0700, every file
+/// 0600, even under a permissive umask (the test runs the gateway with umask 000).
+#[test]
+fn evidence_bundles_are_not_readable_by_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    let state = w.path("state");
+    let c = capsule(
+        &w,
+        "capsule",
+        "auth-token-issuance",
+        "echo secret-output",
+        20_000,
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("umask 000 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_capsule-gateway"))
+        .args(["run", "--policy", s(&w.policy_path()), "--runner", RUNNER])
+        .args(["--state", s(&state), s(&c)]);
+    let out = cmd.output().expect("run capsule-gateway");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: Value = serde_json::from_slice(&out.stdout).expect("one event");
+    let bundle = PathBuf::from(e["data"]["evidence_bundle"].as_str().expect("bundle"));
+    let mode = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .unwrap_or_else(|err| panic!("{}: {err}", p.display()))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(bundle.parent(), Some(state.join("evidence").as_path()));
+    for dir in [state.clone(), state.join("evidence"), bundle.clone()] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    let mut files = 0;
+    for entry in std::fs::read_dir(&bundle).expect("bundle") {
+        let p = entry.expect("entry").path();
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+        files += 1;
+    }
+    assert!(files >= 6, "{files} files in the bundle");
+    assert_eq!(
+        std::fs::read(bundle.join("stdout")).expect("stdout"),
+        b"secret-output\n"
+    );
+    assert_left_nothing(&state, e["data"]["run_id"].as_str().expect("run id"));
+}
+
 #[test]
 fn a_denied_capsule_gets_a_denied_event_and_nothing_is_launched() {
     let w = World::new();

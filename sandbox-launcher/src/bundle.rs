@@ -4,9 +4,10 @@
 //! the staged artifacts read-only at `/capsule`, a size-limited tmpfs at `/tmp`, the
 //! egress probe read-only at `/.capsule-probe`, uid/gid 65534 with no capabilities and
 //! `noNewPrivileges`, new (empty) network, pid, ipc, uts and mount namespaces, the
-//! manifest's memory and pids limits as cgroup limits and rlimits, only the
-//! manifest's `env`, and the probe followed by the manifest's `entrypoint` as the
-//! process.
+//! manifest's memory and pids limits as cgroup limits and rlimits, an empty
+//! environment, and the probe followed by the manifest's `entrypoint` as the
+//! process (the manifest's `env` is handed to the probe as arguments, for the
+//! entrypoint only).
 
 use std::collections::HashSet;
 use std::fs;
@@ -207,7 +208,7 @@ fn mount(dest: &str, typ: &str, source: &Path, options: &[&str]) -> Result<Mount
 /// Refuses a manifest the verifier would call malformed. An admitted one never is,
 /// but this function is public and its output must not depend on that: an env name
 /// with `=` would turn into another variable (`"=A": "B=c"` becomes `=A=B=c`, read
-/// as `"" = "A=B=c"`), one with `,` would split the probe's `--only-env` list.
+/// as `"" = "A=B=c"`) in the probe's `--env NAME=VALUE` arguments.
 pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Result<Spec> {
     let m = input.manifest;
     verify_core::verify::check_shape(m)
@@ -246,21 +247,21 @@ pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Re
         &["nosuid", "nodev", "mode=1777", &tmp_size],
     )?);
 
-    // The probe runs first, in the same sandbox, then execs the entrypoint.
+    // The probe runs first, in the same sandbox, then execs the entrypoint. The
+    // manifest's env travels as probe arguments and is applied only at that exec:
+    // the process itself starts with an empty environment, so nothing the capsule
+    // chose (LD_PRELOAD, LD_AUDIT, LD_LIBRARY_PATH, GCONV_PATH...) reaches the
+    // dynamic loader or the C library of the probe.
     let mut args = vec![PROBE_PATH.to_string()];
     args.extend(input.probe_args.iter().cloned());
-    // Env names are [A-Za-z_][A-Za-z0-9_]* (verify-core checks): no comma in any.
-    let env_keys: Vec<&str> = m.env.0.keys().map(String::as_str).collect();
-    args.extend([
-        "--connect".to_string(),
-        input.probe_target.to_string(),
-        "--only-env".to_string(),
-        env_keys.join(","),
-        "--".to_string(),
-    ]);
+    args.extend(["--connect".to_string(), input.probe_target.to_string()]);
+    for (k, v) in &m.env.0 {
+        args.extend(["--env".to_string(), format!("{k}={v}")]);
+    }
+    args.push("--".to_string());
     args.extend(m.entrypoint.iter().cloned());
-    // Only the manifest's env: no PATH, HOME or TERM is added.
-    let env: Vec<String> = m.env.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // No PATH, HOME or TERM, and none of the manifest's env either (see above).
+    let env: Vec<String> = Vec::new();
 
     let none: HashSet<Capability> = HashSet::new();
     let caps = LinuxCapabilitiesBuilder::default()
@@ -417,7 +418,7 @@ mod tests {
         let json = format!(
             r#"{{"schema": "capsule/v1", "capsule_id": "c", "version": 1, "parent": null,
             "tenant": "t", "issued_at": 1, "not_before": 1, "expires_at": 2,
-            "policy_version": "p", "author": "a", "approvals": [],
+            "policy_version": "p", "author": "a@b.example", "approvals": [],
             "scope": {{"environment": "staging", "network": "none"}},
             "limits": {{"timeout_ms": 1000, "memory_mib": 64, "pids": 8}},
             "entrypoint": ["/capsule/run.sh"], "env": {env}, "artifacts": []}}"#
@@ -459,7 +460,32 @@ mod tests {
             }
         }
         let spec = spec_of(&manifest(r#"{"A": "x=y,z", "_b2": ""}"#)).expect("valid env");
-        let env = spec.process().as_ref().and_then(|p| p.env().clone());
-        assert_eq!(env, Some(vec!["A=x=y,z".to_string(), "_b2=".to_string()]));
+        let process = spec.process().as_ref().expect("process");
+        assert_eq!(process.env().clone(), Some(Vec::new()));
+        let args = process.args().clone().unwrap_or_default();
+        let env_args: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "--env")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(env_args, vec!["A=x=y,z", "_b2="]);
+    }
+
+    /// The process starts with no environment at all: the manifest's env, whatever
+    /// it names, is only an argument of the probe, never its environment.
+    #[test]
+    fn ld_preload_in_the_manifest_env_is_not_the_probe_environment() {
+        let spec = spec_of(&manifest(
+            r#"{"LD_PRELOAD": "/capsule/evil.so", "LD_AUDIT": "/capsule/evil.so",
+               "LD_LIBRARY_PATH": "/capsule", "GCONV_PATH": "/capsule"}"#,
+        ))
+        .expect("spec");
+        let process = spec.process().as_ref().expect("process");
+        assert_eq!(process.env().clone(), Some(Vec::new()));
+        let args = process.args().clone().unwrap_or_default();
+        assert_eq!(args[0], PROBE_PATH);
+        let sep = args.iter().position(|a| a == "--").expect("--");
+        assert_eq!(&args[sep + 1..], ["/capsule/run.sh"]);
+        assert!(args[..sep].contains(&"LD_PRELOAD=/capsule/evil.so".to_string()));
     }
 }

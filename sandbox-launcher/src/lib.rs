@@ -36,6 +36,7 @@ pub mod runtime;
 pub mod stage;
 pub mod teardown;
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -241,7 +242,11 @@ impl Launcher {
     /// and removes every sandbox a crashed earlier launcher left in it.
     pub fn new(config: LauncherConfig) -> Result<Launcher> {
         let state = &config.state_dir;
-        std::fs::create_dir_all(state.join("runs"))
+        // Run directories hold the staged capsule and its bundle: the launcher's alone.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state.join("runs"))
             .map_err(|e| LaunchError::io("create state directory", state, e))?;
         let state_dir = state
             .canonicalize()
@@ -304,7 +309,9 @@ impl Launcher {
         // concurrent start-up never takes a run in the making for a stale one.
         let lock = {
             let _guard = teardown::Lock::acquire(&self.config.state_dir.join("runs.lock"))?;
-            std::fs::create_dir(&run_dir)
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&run_dir)
                 .map_err(|e| LaunchError::io("create run directory", &run_dir, e))?;
             teardown::Lock::acquire(&run_dir.join("lock"))?
         };

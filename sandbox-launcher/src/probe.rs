@@ -4,8 +4,15 @@
 //! same limits), the probe tries a TCP connect to a listener the launcher opened on
 //! the host's loopback for this run, and lists the sandbox's network interfaces. It
 //! prints one line — [`PROBE_MARKER`] and a JSON [`ProbeReport`] — on stdout, then
-//! `exec`s the entrypoint with exactly the manifest's environment. A probe that connects does not exec: it exits with
-//! [`EXIT_EGRESS_OPEN`] and the run fails.
+//! `exec`s the entrypoint with exactly the manifest's environment. A probe that
+//! connects does not exec: it exits with [`EXIT_EGRESS_OPEN`] and the run fails.
+//!
+//! The probe itself runs with an empty environment: the OCI process has none, and
+//! the manifest's env reaches the probe as `--env NAME=VALUE` arguments, applied only
+//! at the `execve` of the entrypoint. Were it the probe's own environment, the
+//! dynamic loader would read it first: `LD_PRELOAD`, `LD_AUDIT`, `LD_LIBRARY_PATH`
+//! or `GCONV_PATH` naming a library under `/capsule` would run capsule code inside
+//! the probe, before the report, and could print a forged one.
 //!
 //! The probe is a mode of a binary the launcher trusts (the gateway's hidden
 //! `sandbox-probe` subcommand, or this crate's `capsule-sandbox-probe`), bind-mounted
@@ -141,7 +148,7 @@ pub fn split_report(stdout: &[u8]) -> (Option<ProbeReport>, &[u8]) {
 pub fn sandbox_main(args: &[OsString]) -> i32 {
     let Args {
         target,
-        env_keys,
+        env,
         entrypoint,
     } = match parse_args(args) {
         Ok(parsed) => parsed,
@@ -174,10 +181,7 @@ pub fn sandbox_main(args: &[OsString]) -> i32 {
         );
         return EXIT_EGRESS_OPEN;
     }
-    // Exactly the manifest's env, whatever the runtime added.
-    let env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| env_keys.iter().any(|want| k == want))
-        .collect();
+    // Exactly the manifest's env, whatever the runtime added to the probe's own.
     let err = std::process::Command::new(&entrypoint[0])
         .args(&entrypoint[1..])
         .env_clear()
@@ -194,34 +198,64 @@ pub fn sandbox_main(args: &[OsString]) -> i32 {
 #[derive(Debug, PartialEq, Eq)]
 struct Args<'a> {
     target: SocketAddr,
-    /// The manifest's env names: the entrypoint gets these and nothing else (the
-    /// runtimes add `HOME` when it is missing; the probe takes it away again).
-    env_keys: Vec<&'a str>,
+    /// The manifest's env: the entrypoint gets these and nothing else. They come as
+    /// arguments, not as the probe's environment (see the module docs).
+    env: Vec<(&'a str, &'a str)>,
     entrypoint: &'a [OsString],
 }
 
+const USAGE: &str = "usage: --connect ADDR [--env NAME=VALUE]... -- ENTRYPOINT [ARG...]";
+
 fn parse_args(args: &[OsString]) -> Result<Args<'_>, String> {
-    match args {
-        [flag, addr, env_flag, keys, sep, entrypoint @ ..]
-            if flag == "--connect" && env_flag == "--only-env" && sep == "--" =>
-        {
-            let target = addr
-                .to_str()
-                .and_then(|a| a.parse().ok())
-                .ok_or_else(|| format!("bad address {addr:?}"))?;
-            let keys = keys.to_str().ok_or("env names are not UTF-8")?;
-            let env_keys = keys.split(',').filter(|k| !k.is_empty()).collect();
-            if entrypoint.is_empty() {
-                return Err("no entrypoint after `--`".into());
-            }
-            Ok(Args {
-                target,
-                env_keys,
-                entrypoint,
-            })
-        }
-        _ => Err("usage: --connect ADDR --only-env NAME,... -- ENTRYPOINT [ARG...]".into()),
+    let [flag, addr, rest @ ..] = args else {
+        return Err(USAGE.into());
+    };
+    if flag != "--connect" {
+        return Err(USAGE.into());
     }
+    let target = addr
+        .to_str()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("bad address {addr:?}"))?;
+    let mut env = Vec::new();
+    let mut rest = rest;
+    loop {
+        match rest {
+            [sep, entrypoint @ ..] if sep == "--" => {
+                if entrypoint.is_empty() {
+                    return Err("no entrypoint after `--`".into());
+                }
+                return Ok(Args {
+                    target,
+                    env,
+                    entrypoint,
+                });
+            }
+            [env_flag, pair, more @ ..] if env_flag == "--env" => {
+                let pair = pair.to_str().ok_or("an env entry is not UTF-8")?;
+                let (name, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("env entry `{pair}` is not NAME=VALUE"))?;
+                if !valid_env_name(name) {
+                    return Err(format!("env name `{name}` is not [A-Za-z_][A-Za-z0-9_]*"));
+                }
+                if env.iter().any(|(k, _)| *k == name) {
+                    return Err(format!("env name `{name}` given twice"));
+                }
+                env.push((name, value));
+                rest = more;
+            }
+            _ => return Err(USAGE.into()),
+        }
+    }
+}
+
+/// The verifier's rule for env names (`verify_core::check_shape`).
+fn valid_env_name(name: &str) -> bool {
+    name.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Runs both checks.
@@ -335,35 +369,54 @@ mod tests {
         let ok = os(&[
             "--connect",
             "127.0.0.1:1",
-            "--only-env",
-            "A,B_2",
+            "--env",
+            "A=x=y,z",
+            "--env",
+            "B_2=",
             "--",
             "/bin/true",
             "x",
         ]);
         let parsed = parse_args(&ok).expect("valid");
-        assert_eq!(parsed.env_keys, vec!["A", "B_2"]);
-        assert_eq!(parsed.entrypoint, &ok[5..]);
-        let none = os(&[
-            "--connect",
-            "127.0.0.1:1",
-            "--only-env",
-            "",
-            "--",
-            "/bin/true",
-        ]);
-        assert!(parse_args(&none).expect("valid").env_keys.is_empty());
-        assert!(parse_args(&os(&["--connect", "127.0.0.1:1", "--only-env", "", "--"])).is_err());
-        assert!(parse_args(&os(&[
-            "--connect",
-            "nope",
-            "--only-env",
-            "",
-            "--",
-            "/bin/true"
-        ]))
-        .is_err());
-        assert!(parse_args(&os(&["--connect", "127.0.0.1:1", "--", "/bin/true"])).is_err());
-        assert!(parse_args(&os(&["/bin/true"])).is_err());
+        assert_eq!(parsed.env, vec![("A", "x=y,z"), ("B_2", "")]);
+        assert_eq!(parsed.entrypoint, &ok[7..]);
+        let none = os(&["--connect", "127.0.0.1:1", "--", "/bin/true"]);
+        assert!(parse_args(&none).expect("valid").env.is_empty());
+        for bad in [
+            &["--connect", "127.0.0.1:1", "--"][..],
+            &["--connect", "nope", "--", "/bin/true"],
+            &["--connect", "127.0.0.1:1", "--env", "A", "--", "/bin/true"],
+            &["--connect", "127.0.0.1:1", "--env", "=A", "--", "/bin/true"],
+            &[
+                "--connect",
+                "127.0.0.1:1",
+                "--env",
+                "1A=b",
+                "--",
+                "/bin/true",
+            ],
+            &[
+                "--connect",
+                "127.0.0.1:1",
+                "--env",
+                "A=1",
+                "--env",
+                "A=2",
+                "--",
+                "/bin/true",
+            ],
+            &["--connect", "127.0.0.1:1", "--env", "A=1", "/bin/true"],
+            &[
+                "--connect",
+                "127.0.0.1:1",
+                "--only-env",
+                "A",
+                "--",
+                "/bin/true",
+            ],
+            &["/bin/true"],
+        ] {
+            assert!(parse_args(&os(bad)).is_err(), "{bad:?}");
+        }
     }
 }

@@ -9,9 +9,10 @@
 //! written are exactly the admitted size and sha256. The source is opened with the
 //! verifier's own rules (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`,
 //! regular files only), so a symlink swapped in after admission is refused, not
-//! followed. The staged files and directories are then made read-only (0555: the
-//! mode is not part of what was signed, so it is not taken from the source) and the
-//! staging directory is bind-mounted read-only at `/capsule`.
+//! followed. The staged files and directories are then made read-only (the mode is
+//! not part of what was signed, so it is not taken from the source: 0555 for
+//! directories, tools, the entrypoint and its `#!` interpreters, 0444 for every other
+//! artifact) and the staging directory is bind-mounted read-only at `/capsule`.
 //!
 //! What this buys: a change to the capsule directory at any time after admission —
 //! before staging (detected: the digest differs, nothing launches) or after it
@@ -43,9 +44,13 @@ pub struct StagedFile {
     pub size: u64,
 }
 
-/// Mode of staged files and directories: readable and executable by everyone,
-/// writable by nobody.
+/// Mode of staged directories, and of the staged files that may be executed (tools,
+/// the entrypoint and its `#!` interpreters: [`Admitted::is_executable`]): readable
+/// and executable by everyone, writable by nobody.
 const STAGED_MODE: u32 = 0o555;
+/// Mode of every other staged file: data, not a program. A capsule cannot `exec` an
+/// artifact the armory never saw.
+const STAGED_DATA_MODE: u32 = 0o444;
 const CHUNK: usize = 1 << 20;
 
 /// Copies every admitted file into `dest` (which must not exist) while hashing it,
@@ -66,7 +71,12 @@ pub fn stage(admitted: &Admitted, dest: &Path) -> Result<Vec<StagedFile>> {
         })?;
         let target = dest.join(entry.path.as_str());
         make_parents(dest, &entry.path, &mut dirs)?;
-        staged.push(copy_verified(source, &target, entry)?);
+        let mode = if admitted.is_executable(entry) {
+            STAGED_MODE
+        } else {
+            STAGED_DATA_MODE
+        };
+        staged.push(copy_verified(source, &target, entry, mode)?);
     }
     // Read-only from the leaves up, so that no directory is closed before its
     // children are done.
@@ -115,7 +125,12 @@ fn make_parents(dest: &Path, path: &ArtifactPath, dirs: &mut Vec<PathBuf>) -> Re
 }
 
 /// Copies at most `size + 1` bytes, hashing exactly what is written, and compares.
-fn copy_verified(mut source: File, target: &Path, entry: &FileEntry) -> Result<StagedFile> {
+fn copy_verified(
+    mut source: File,
+    target: &Path,
+    entry: &FileEntry,
+    mode: u32,
+) -> Result<StagedFile> {
     let path = entry.path.to_string();
     let stage_err = |e| LaunchError::Stage {
         path: path.clone(),
@@ -157,7 +172,7 @@ fn copy_verified(mut source: File, target: &Path, entry: &FileEntry) -> Result<S
             actual_size: written,
         });
     }
-    out.set_permissions(fs::Permissions::from_mode(STAGED_MODE))
+    out.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(stage_err)?;
     Ok(StagedFile {
         path,

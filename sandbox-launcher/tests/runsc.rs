@@ -473,3 +473,186 @@ fn the_sandbox_reads_the_staged_copy() {
         .expect("read");
     assert_eq!(buf, data);
 }
+
+/// A shared object whose constructor prints a forged probe report (egress
+/// blocked, loopback only), then the environment it was loaded with, and ends the
+/// process before anything else runs. Built with gcc (Debian package `gcc`). It is
+/// also a valid `LD_AUDIT` module (`la_version`).
+fn forging_library(w: &World) -> Vec<u8> {
+    let src = w.write(
+        "forge.c",
+        br#"
+#include <stdio.h>
+#include <unistd.h>
+extern char **environ;
+unsigned int la_version(unsigned int v) { return v; }
+__attribute__((constructor)) static void forge(void) {
+    printf("capsule-egress-probe/v1 {\"target\":\"127.0.0.1:1\",\"connected\":false,"
+           "\"error\":\"forged\",\"errno\":111,\"interfaces\":[{\"name\":\"lo\","
+           "\"loopback\":true,\"up\":true,\"addresses\":[\"127.0.0.1\"]}]}\n");
+    for (char **e = environ; *e; e++) printf("ENV %s\n", *e);
+    fflush(stdout);
+    _exit(0);
+}
+"#,
+    );
+    let out = w.path("forge.so");
+    let status = std::process::Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("gcc (Debian package `gcc`) cannot run: {e}"));
+    assert!(status.success(), "gcc failed: {status}");
+    std::fs::read(&out).expect("read forge.so")
+}
+
+/// A capsule with the forging library at `/capsule/forge.so` and a gconv module
+/// list naming it, run with `env`.
+fn forging_capsule(w: &World, name: &str, env: &[(&str, &str)]) -> std::path::PathBuf {
+    let lib = forging_library(w);
+    let files: [(&str, &[u8]); 3] = [
+        ("run.sh", b"echo ENTRYPOINT-RAN"),
+        ("forge.so", &lib),
+        (
+            "gconv/gconv-modules",
+            b"module INTERNAL FORGE// /capsule/forge 1\n",
+        ),
+    ];
+    let mut m = w.script_manifest(&files);
+    m["env"] = serde_json::Value::Object(
+        env.iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+            .collect(),
+    );
+    w.capsule_with_files(name, &m, &files, capsule_tests::Signer::Es256)
+}
+
+const LOADER_ENV: [(&str, &str); 4] = [
+    ("LD_PRELOAD", "/capsule/forge.so"),
+    ("LD_AUDIT", "/capsule/forge.so"),
+    ("LD_LIBRARY_PATH", "/capsule"),
+    ("GCONV_PATH", "/capsule/gconv"),
+];
+
+/// The manifest's env used to be the probe's own environment: a library in the
+/// capsule named by `LD_PRELOAD`/`LD_AUDIT` ran inside the probe and printed a
+/// forged report. Now the probe starts with no environment: its report is the
+/// real one (this run's listener, the same as a run without env), and the
+/// library only runs in the entrypoint, which sees exactly the manifest's env.
+#[test]
+fn ld_preload_and_ld_audit_in_the_manifest_env_cannot_forge_the_probe_report() {
+    let w = World::new();
+    let state = w.path("launcher");
+    let launcher = launcher(&state, runsc());
+    let baseline = launcher
+        .launch(&admit(&w, &forging_capsule(&w, "plain", &[])))
+        .expect("launch without env");
+    assert_eq!(baseline.stdout.text(), "ENTRYPOINT-RAN\n");
+    let base_probe = baseline
+        .egress
+        .probe
+        .clone()
+        .expect("baseline probe report");
+
+    let r = launcher
+        .launch(&admit(&w, &forging_capsule(&w, "forging", &LOADER_ENV)))
+        .unwrap_or_else(|e| panic!("launch failed: {e}"));
+    assert_teardown_ok(&r);
+    assert_egress_blocked(&r);
+    assert_runsc_left_nothing(&state, &r.run_id);
+    let p = r.egress.probe.as_ref().expect("probe report");
+    assert_eq!(
+        p.target, r.egress.target,
+        "the report is not the real probe's"
+    );
+    assert_ne!(p.error.as_deref(), Some("forged"));
+    assert_eq!(
+        (p.connected, p.errno, &p.interfaces),
+        (
+            base_probe.connected,
+            base_probe.errno,
+            &base_probe.interfaces
+        ),
+        "the report differs from a run without env"
+    );
+    // The library did run, in the entrypoint, after the report: its forged line is
+    // capsule output, and the environment it saw is exactly the manifest's.
+    let out = r.stdout.text();
+    let mut lines = out.lines();
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.starts_with(sandbox_launcher::probe::PROBE_MARKER)),
+        "{out}"
+    );
+    let mut env: Vec<&str> = lines.filter_map(|l| l.strip_prefix("ENV ")).collect();
+    env.sort_unstable();
+    let mut want: Vec<String> = LOADER_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    want.sort_unstable();
+    assert_eq!(env, want, "the entrypoint's environment: {out}");
+    assert_eq!(r.exit_code, Some(0));
+}
+
+/// The same forgery with egress really open: a forged report would say
+/// `blocked`; the real probe connects and the run fails.
+#[test]
+fn ld_preload_or_ld_audit_cannot_hide_open_egress() {
+    for (k, v) in &LOADER_ENV[..2] {
+        let w = World::new();
+        let capsule = forging_capsule(&w, "forging", &[(k, v)]);
+        let admitted = admit(&w, &capsule);
+        let state = w.path("launcher");
+        let mut config = RunscConfig::default();
+        sandbox_launcher::danger::runsc_host_network(&mut config);
+        let launcher = launcher(&state, RuntimeConfig::Runsc(config));
+        let err = launcher
+            .launch(&admitted)
+            .expect_err("open egress must fail the run");
+        let report = err
+            .report()
+            .unwrap_or_else(|| panic!("{k}: no report: {err}"));
+        assert!(err.to_string().contains("egress is open"), "{k}: {err}");
+        assert!(!report.egress.blocked, "{k}: {:?}", report.egress);
+        assert!(report.egress.probe.as_ref().is_some_and(|p| p.connected));
+        assert_eq!(
+            report.exit_code,
+            Some(sandbox_launcher::probe::EXIT_EGRESS_OPEN),
+            "{k}"
+        );
+        assert!(!report.stdout.text().contains("ENTRYPOINT-RAN"));
+        assert_teardown_ok(report);
+        assert_runsc_left_nothing(&state, &report.run_id);
+    }
+}
+
+/// Only what the verifier found will be executed is executable in `/capsule`: the
+/// entrypoint script (run through its allowed `#!/bin/sh`) is 0555, a data
+/// artifact is 0444 and cannot be `exec`ed, whatever it contains.
+#[test]
+fn a_staged_data_artifact_cannot_be_executed_inside_the_sandbox() {
+    let w = World::new();
+    let files: [(&str, &[u8]); 2] = [
+        (
+            "run.sh",
+            b"#!/bin/sh\n\
+              if /capsule/data/evil.sh; then echo evil-ran; else echo evil-denied; fi\n\
+              test -x /capsule/run.sh && echo entrypoint-executable\n\
+              test -x /capsule/data/evil.sh || echo data-not-executable\n",
+        ),
+        ("data/evil.sh", b"#!/bin/sh\necho EVIL\n"),
+    ];
+    let mut m = w.script_manifest(&files);
+    m["entrypoint"] = serde_json::json!(["/capsule/run.sh"]);
+    let capsule = w.capsule_with_files("capsule", &m, &files, capsule_tests::Signer::Es256);
+    let admitted = admit(&w, &capsule);
+    let state = w.path("launcher");
+    let r = launcher(&state, runsc()).launch(&admitted).expect("launch");
+    assert_eq!(
+        r.stdout.text(),
+        "evil-denied\nentrypoint-executable\ndata-not-executable\n",
+        "stderr: {}",
+        r.stderr.text()
+    );
+    assert_runsc_left_nothing(&state, &r.run_id);
+}

@@ -14,6 +14,7 @@ use verify_core::keys::{ParsedJwk, SigningKey};
 use verify_core::{Alg, Policy, Sha256Digest};
 
 pub mod negative;
+pub mod trust_attacks;
 
 /// The current time in Unix seconds. Fixtures are built around the real clock so that
 /// the CLI, which has no way to pretend another time, admits them too.
@@ -77,16 +78,19 @@ impl World {
             backend,
         };
         let jwks = json!({ "keys": [world.es.to_json(false), world.hs.to_json(true), world.other.to_json(false)] });
-        world.write("trusted.jwks.json", jwks.to_string().as_bytes());
-        world.write(
+        // The JWKS holds the HS256 secret: a trust file readable by its owner only.
+        world.write_mode("trusted.jwks.json", jwks.to_string().as_bytes(), 0o600);
+        world.write_mode(
             "es.private.jwk.json",
             world.es.to_json(true).to_string().as_bytes(),
+            0o600,
         );
-        world.write(
+        world.write_mode(
             "hs.private.jwk.json",
             world.hs.to_json(true).to_string().as_bytes(),
+            0o600,
         );
-        world.write("policy.toml", world.policy_toml().as_bytes());
+        world.write_mode("policy.toml", world.policy_toml().as_bytes(), 0o644);
         world
     }
 
@@ -100,6 +104,15 @@ impl World {
             fs::create_dir_all(parent).expect("mkdir");
         }
         fs::write(&path, bytes).expect("write");
+        path
+    }
+
+    /// [`World::write`], then the file's mode is exactly `mode` (trust files are
+    /// refused when group or other may write them, whatever the umask).
+    pub fn write_mode(&self, rel: &str, bytes: &[u8], mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.write(rel, bytes);
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
         path
     }
 
@@ -121,6 +134,7 @@ keys = ["{ES_KID}", "{HS_KID}"]
 environments = ["staging"]
 runners = ["spiffe://acme.example/runner/*"]
 armory = ["sha256:{}"]
+host_programs = ["/bin/sh", "/bin/true"]
 min_approvals = 1
 "#,
             sha256_hex(TOOL_BYTES)

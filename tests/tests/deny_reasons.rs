@@ -3,7 +3,9 @@
 
 use std::collections::HashSet;
 
-use capsule_tests::negative::{truncate_while, Prior, CASES};
+use capsule_tests::negative::{
+    host_secret, mkfifo, truncate_while, BlockedWriter, Prior, CASES, HOST_SECRET,
+};
 use capsule_tests::{Signer, World, RUNNER};
 use verify_core::crypto::{all_backends, Backend};
 use verify_core::{
@@ -213,4 +215,221 @@ fn a_pinned_root_is_the_directory_that_was_opened() {
     let unpinned = Capsule::from_dir(&dir, policy.limits.max_jws_bytes);
     let denied = v.verify(&unpinned).expect_err("files/ is empty now");
     assert_eq!(denied.reason, Some(Reason::ArtifactMissing));
+}
+
+fn verifier_parts(w: &World) -> (verify_core::Policy, SpiffeId, FixedClock) {
+    (
+        w.policy(),
+        SpiffeId::parse(RUNNER).expect("runner"),
+        FixedClock(w.now),
+    )
+}
+
+#[test]
+fn a_fifo_at_an_artifact_path_is_never_opened_for_reading() {
+    let w = World::new();
+    let dir = w.good_capsule("fifo-artifact", Signer::Es256);
+    let fifo = dir.join("files/run.sh");
+    std::fs::remove_file(&fifo).expect("rm");
+    mkfifo(&fifo);
+    let writer = BlockedWriter::start(&fifo);
+    let (policy, runner, clock) = verifier_parts(&w);
+    let v = Verifier {
+        policy: &policy,
+        clock: &clock,
+        rollback: &NoHistory,
+        runner: Some(&runner),
+        hash_mode: HashMode::Read,
+    };
+    for mode in [HashMode::Auto, HashMode::Read, HashMode::Mmap] {
+        let v = Verifier {
+            hash_mode: mode,
+            ..v
+        };
+        let d = v
+            .verify(&Capsule::from_dir(&dir, policy.limits.max_jws_bytes))
+            .expect_err("a FIFO is not an artifact");
+        assert_eq!(d.reason, Some(Reason::ArtifactPathInvalid), "{d:?}");
+        assert!(d.detail.contains("FIFO"), "{}", d.detail);
+        assert!(
+            writer.is_blocked(),
+            "the verifier opened the FIFO ({mode:?})"
+        );
+    }
+    writer.release(&fifo);
+}
+
+#[test]
+fn a_fifo_capsule_jws_is_never_opened_and_the_batch_still_answers_everyone() {
+    let w = World::new();
+    let bad = w.good_capsule("fifo-jws", Signer::Es256);
+    let fifo = bad.join("capsule.jws");
+    std::fs::remove_file(&fifo).expect("rm");
+    mkfifo(&fifo);
+    let writer = BlockedWriter::start(&fifo);
+    let good = w.good_capsule("fifo-jws-neighbour", Signer::Hs256);
+    let (policy, runner, clock) = verifier_parts(&w);
+    let v = Verifier {
+        policy: &policy,
+        clock: &clock,
+        rollback: &NoHistory,
+        runner: Some(&runner),
+        hash_mode: HashMode::Read,
+    };
+    let capsules: Vec<Capsule> = [&good, &bad, &good]
+        .iter()
+        .map(|d| Capsule::from_dir(d, policy.limits.max_jws_bytes))
+        .collect();
+    let batch = v.admit_batch(&capsules);
+    assert_eq!(batch.len(), 3);
+    assert!(batch[0].is_admit() && batch[2].is_admit(), "{batch:?}");
+    assert_eq!(batch[1].reason, Some(Reason::CapsuleUnreadable));
+    assert_eq!(batch[1].digest, None, "nothing was read, nothing is hashed");
+    assert!(batch[1].detail.contains("capsule.jws") && batch[1].detail.contains("FIFO"));
+    assert!(writer.is_blocked(), "the verifier opened the FIFO");
+    writer.release(&fifo);
+}
+
+#[test]
+fn capsule_jws_symlink_to_a_host_file_is_refused_unread() {
+    let w = World::new();
+    for case in CASES
+        .iter()
+        .filter(|c| c.reason == Reason::CapsuleUnreadable)
+    {
+        let setup = (case.build)(&w, case.name);
+        let d = verify(
+            &w,
+            verify_core::crypto::default_backend(),
+            &setup.capsule,
+            setup.runner,
+            &NoHistory,
+            HashMode::Read,
+        );
+        assert_eq!(
+            d.reason,
+            Some(Reason::CapsuleUnreadable),
+            "{}: {d:?}",
+            case.name
+        );
+        // Nothing was read: no digest, no facts of a manifest.
+        assert_eq!(d.digest, None, "{}", case.name);
+        assert_eq!(d.capsule_id, None, "{}", case.name);
+        assert!(
+            d.detail.contains(setup.capsule.to_str().expect("utf-8")),
+            "{}: the detail names the file: {}",
+            case.name,
+            d.detail
+        );
+    }
+}
+
+#[test]
+fn no_decision_carries_a_host_file_or_its_sha256() {
+    let w = World::new();
+    let digest = capsule_tests::sha256_hex(HOST_SECRET);
+    for case in CASES {
+        let setup = (case.build)(&w, &format!("leak-{}", case.name));
+        if setup.prior != Prior::Nothing {
+            continue;
+        }
+        let d = verify(
+            &w,
+            verify_core::crypto::default_backend(),
+            &setup.capsule,
+            setup.runner,
+            &NoHistory,
+            HashMode::Read,
+        );
+        let shown = format!("{d:?}");
+        assert!(!shown.contains(&digest), "{}: {shown}", case.name);
+        assert!(!shown.contains("host-secret"), "{}: {shown}", case.name);
+    }
+}
+
+#[test]
+fn a_hard_linked_artifact_does_not_report_its_size_or_sha256() {
+    let w = World::new();
+    let dir = w.good_capsule("hard-linked-artifact", Signer::Es256);
+    let (policy, runner, clock) = verifier_parts(&w);
+    let v = Verifier {
+        policy: &policy,
+        clock: &clock,
+        rollback: &NoHistory,
+        runner: Some(&runner),
+        hash_mode: HashMode::Read,
+    };
+    let run_sh = dir.join("files/run.sh");
+    // Same size as run.sh, other bytes: a digest mismatch.
+    let host = w.write(
+        "host/same-size",
+        &vec![b'x'; std::fs::read(&run_sh).expect("read").len()],
+    );
+    std::fs::remove_file(&run_sh).expect("rm");
+    std::fs::hard_link(&host, &run_sh).expect("hard link");
+    let d = v
+        .verify(&Capsule::from_dir(&dir, policy.limits.max_jws_bytes))
+        .expect_err("other bytes");
+    assert_eq!(d.reason, Some(Reason::DigestMismatch));
+    let host_digest = capsule_tests::sha256_hex(&std::fs::read(&host).expect("read"));
+    assert!(!d.detail.contains(&host_digest), "{}", d.detail);
+    // Another size: the size on disk is not reported either.
+    std::fs::remove_file(&run_sh).expect("rm");
+    std::fs::hard_link(host_secret(&w), &run_sh).expect("hard link");
+    let d = v
+        .verify(&Capsule::from_dir(&dir, policy.limits.max_jws_bytes))
+        .expect_err("other size");
+    assert_eq!(d.reason, Some(Reason::ArtifactSizeMismatch));
+    assert!(
+        !d.detail.contains(&HOST_SECRET.len().to_string()),
+        "{}",
+        d.detail
+    );
+}
+
+#[test]
+fn without_a_runner_identity_the_tenants_runners_still_apply() {
+    let w = World::new();
+    let (policy, _, clock) = verifier_parts(&w);
+    let v = Verifier {
+        policy: &policy,
+        clock: &clock,
+        rollback: &NoHistory,
+        runner: None,
+        hash_mode: HashMode::Read,
+    };
+    for (name, edit) in [
+        (
+            "runners-empty",
+            (|m: &mut serde_json::Value| m["runners"] = serde_json::json!([]))
+                as fn(&mut serde_json::Value),
+        ),
+        ("runners-missing", |m| {
+            m.as_object_mut().expect("object").remove("runners");
+        }),
+    ] {
+        let mut m = w.manifest();
+        edit(&mut m);
+        let dir = w.capsule(name, &m, Signer::Es256);
+        let d = v
+            .verify(&Capsule::from_dir(&dir, policy.limits.max_jws_bytes))
+            .expect_err("the tenant restricts runners");
+        assert_eq!(d.reason, Some(Reason::RunnerNotAllowed), "{name}: {d:?}");
+    }
+    // A tenant without `runners` does not restrict them: the same capsule is admitted.
+    let open = w.write(
+        "open-policy.toml",
+        w.policy_toml()
+            .replace("runners = [\"spiffe://acme.example/runner/*\"]\n", "")
+            .as_bytes(),
+    );
+    let open =
+        verify_core::Policy::load(&open, verify_core::crypto::default_backend()).expect("policy");
+    let v = Verifier { policy: &open, ..v };
+    let mut m = w.manifest();
+    m["runners"] = serde_json::json!([]);
+    let dir = w.capsule("runners-empty-open-tenant", &m, Signer::Es256);
+    assert!(v
+        .verify(&Capsule::from_dir(&dir, open.limits.max_jws_bytes))
+        .is_ok());
 }

@@ -33,11 +33,15 @@ pub enum Reason {
     LimitExceeded,
     /// The anti-rollback state could not be read: without it no version can be admitted.
     StateUnavailable,
+    /// The capsule directory or its `capsule.jws` is missing, unreadable, a symlink or
+    /// not a regular file (a FIFO, a device, a directory), or `capsule.jws` has other
+    /// hard links: nothing of it was read, so there is no digest.
+    CapsuleUnreadable,
 }
 
 impl Reason {
     /// Every reason, in pipeline order. Tests use it to prove each has a fixture.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::MalformedJws,
         Reason::MalformedHeader,
         Reason::HeaderForbidden,
@@ -63,6 +67,7 @@ impl Reason {
         Reason::ArtifactChanged,
         Reason::LimitExceeded,
         Reason::StateUnavailable,
+        Reason::CapsuleUnreadable,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -92,6 +97,7 @@ impl Reason {
             Reason::ArtifactChanged => "artifact_changed",
             Reason::LimitExceeded => "limit_exceeded",
             Reason::StateUnavailable => "state_unavailable",
+            Reason::CapsuleUnreadable => "capsule_unreadable",
         }
     }
 

@@ -18,6 +18,9 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
+    /// A trust file others could have changed (see [`crate::trust_file`]).
+    #[error("{}: refused: {message}", file.display())]
+    Unsafe { file: PathBuf, message: String },
 }
 
 impl ConfigError {

@@ -236,13 +236,15 @@ impl KeyStore {
         self.keys.keys().map(String::as_str)
     }
 
-    /// Loads a JWKS file.
+    /// Loads a JWKS file, a trust file by [`crate::trust_file`]'s rules; one that
+    /// holds an HS256 secret must be readable by its owner only.
     pub fn load(path: &Path, backend: &'static dyn Backend) -> Result<KeyStore, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
-            file: path.to_path_buf(),
-            source,
-        })?;
-        KeyStore::from_jwks(&bytes, path, backend)
+        let file = crate::trust_file::read(path)?;
+        let store = KeyStore::from_jwks(&file.bytes, path, backend)?;
+        if store.keys.values().any(|k| k.alg == Alg::Hs256) {
+            file.require_private("it holds an HS256 secret (an `oct` key)")?;
+        }
+        Ok(store)
     }
 
     /// Parses a JWKS document; `origin` names it in errors.

@@ -150,6 +150,86 @@ impl std::fmt::Display for ArtifactPath {
     }
 }
 
+/// An approver's (or author's) identity: one canonical spelling, lowercase ASCII
+/// `local@domain`, compared byte for byte (DESIGN.md "Governance"). Everything a
+/// lookalike needs is refused rather than folded: case, spaces, fullwidth or
+/// accented letters (NFC or NFD), zero-width characters, a trailing dot. So
+/// `planner@acme.example ` is not a second approver, it is a malformed manifest.
+///
+/// - local part: 1+ of `[a-z0-9._+-]`, no leading, trailing or double dot;
+/// - domain: two or more labels of `[a-z0-9-]`, none empty or starting or ending
+///   with `-`, at most 63 bytes each, no trailing dot;
+/// - at most 254 bytes in all.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ApproverId(String);
+
+pub const MAX_APPROVER_BYTES: usize = 254;
+
+impl ApproverId {
+    pub fn parse(id: &str) -> Result<ApproverId, &'static str> {
+        if id.is_empty() {
+            return Err("empty identity");
+        }
+        if id.len() > MAX_APPROVER_BYTES {
+            return Err("longer than 254 bytes");
+        }
+        if !id.is_ascii() {
+            return Err("not ASCII (lookalike letters, accents or invisible characters)");
+        }
+        let Some((local, domain)) = id.split_once('@') else {
+            return Err("not local@domain");
+        };
+        if domain.contains('@') {
+            return Err("more than one `@`");
+        }
+        if local.is_empty() {
+            return Err("empty local part");
+        }
+        if !local
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'+' | b'-'))
+        {
+            return Err("local part must be lowercase [a-z0-9._+-]");
+        }
+        if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+            return Err("local part has a leading, trailing or double dot");
+        }
+        if domain.ends_with('.') {
+            return Err("domain has a trailing dot");
+        }
+        let mut labels = 0;
+        for label in domain.split('.') {
+            if label.is_empty() || label.len() > 63 {
+                return Err("domain label empty or longer than 63 bytes");
+            }
+            if !label
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'))
+            {
+                return Err("domain must be lowercase [a-z0-9-] labels");
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return Err("domain label starts or ends with `-`");
+            }
+            labels += 1;
+        }
+        if labels < 2 {
+            return Err("domain needs at least two labels");
+        }
+        Ok(ApproverId(id.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ApproverId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +267,53 @@ mod tests {
         }
         assert!(ArtifactPath::parse(&"a".repeat(256)).is_err());
         assert!(ArtifactPath::parse(&"a/".repeat(2049)).is_err());
+    }
+
+    #[test]
+    fn approver_ids_have_one_spelling() {
+        for ok in [
+            "alice@acme.example",
+            "planner@acme.example",
+            "a.b+c_d-e@x-1.acme.example",
+            "0@a.b",
+        ] {
+            assert_eq!(
+                ApproverId::parse(ok).map(|a| a.to_string()),
+                Ok(ok.to_string())
+            );
+        }
+        for bad in [
+            "",
+            "planner@acme.example ",
+            " planner@acme.example",
+            "Planner@acme.example",
+            "planner@ACME.example",
+            "\u{ff50}lanner@acme.example",
+            "planner@acme.example.",
+            "plan\u{200b}ner@acme.example",
+            "a\u{30a}sa@acme.example",
+            "\u{e5}sa@acme.example",
+            "planner",
+            "@acme.example",
+            "planner@",
+            "planner@example",
+            "a@b@c.d",
+            ".a@b.c",
+            "a.@b.c",
+            "a..b@c.d",
+            "a@-b.c",
+            "a@b-.c",
+            "a@b..c",
+            "a@.b.c",
+            "a b@c.d",
+            "a\0@c.d",
+        ] {
+            assert!(ApproverId::parse(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("{}@{}.example", "a".repeat(64), "b".repeat(63));
+        assert!(ApproverId::parse(&long).is_ok());
+        let too_long = format!("a@{}.example", vec!["b".repeat(60); 5].join("."));
+        assert!(too_long.len() > 254 && ApproverId::parse(&too_long).is_err());
     }
 
     proptest! {

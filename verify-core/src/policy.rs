@@ -51,6 +51,8 @@ struct TenantFile {
     runners: Vec<String>,
     #[serde(default)]
     armory: Vec<String>,
+    #[serde(default)]
+    host_programs: Vec<String>,
     min_approvals: u32,
 }
 
@@ -64,6 +66,9 @@ pub struct Tenant {
     pub runners: Vec<RunnerPattern>,
     /// The only tool digests this tenant may run.
     pub armory: HashSet<Sha256Digest>,
+    /// Host programs (absolute, normalised paths) an entrypoint or a script's `#!`
+    /// may name; anything else that runs must be a staged, verified file.
+    pub host_programs: HashSet<String>,
     /// Distinct approvers needed, none of them the author.
     pub min_approvals: u32,
 }
@@ -98,15 +103,25 @@ impl Policy {
         backend: &'static dyn Backend,
         unseal: Option<Unsealer<'_>>,
     ) -> Result<Policy, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: path.to_path_buf(),
-            source,
-        })?;
+        // The policy and every file it names are trust files: refused when anyone but
+        // root or this user could have changed them.
+        let file = crate::trust_file::read(path)?;
         let jwks_of = |rel: &Path| -> Result<KeyStore, ConfigError> {
             let jwks = path.parent().unwrap_or(Path::new(".")).join(rel);
             KeyStore::load(&jwks, backend)
         };
-        Policy::from_toml_with_sealed(&text, path, backend, jwks_of, unseal)
+        let mut checked_unseal;
+        let unseal: Option<Unsealer<'_>> = match unseal {
+            Some(inner) => {
+                checked_unseal = move |sealed: &Path| {
+                    crate::trust_file::check(sealed).map_err(|e| e.to_string())?;
+                    inner(sealed)
+                };
+                Some(&mut checked_unseal)
+            }
+            None => None,
+        };
+        Policy::from_toml_with_sealed(file.text()?, path, backend, jwks_of, unseal)
     }
 
     /// Parses policy text; `load_keys` resolves `trust.jwks` (tests pass keys in memory).
@@ -221,6 +236,16 @@ impl Policy {
                 })?;
                 armory.insert(digest);
             }
+            let mut host_programs = HashSet::new();
+            for (j, p) in t.host_programs.iter().enumerate() {
+                check_host_program(p).map_err(|m| {
+                    bad(
+                        at(&format!("host_programs[{j}]")),
+                        format!("`{}`: {m}", p.escape_debug()),
+                    )
+                })?;
+                host_programs.insert(p.clone());
+            }
             if t.min_approvals == 0 {
                 // Zero would admit capsules nobody approved: say so explicitly instead.
                 return Err(bad(at("min_approvals"), "must be at least 1".into()));
@@ -233,6 +258,7 @@ impl Policy {
                     environments: t.environments.into_iter().collect(),
                     runners,
                     armory,
+                    host_programs,
                     min_approvals: t.min_approvals,
                 },
             );
@@ -247,6 +273,30 @@ impl Policy {
             source: origin.to_path_buf(),
         })
     }
+}
+
+/// A host program is named by an absolute, normalised path: `/bin/sh`, never
+/// `bin/sh`, `/bin//sh`, `/bin/./sh`, `/usr/../bin/sh` or `/bin/`. The entrypoint is
+/// compared with it as a string, so two spellings of one file must not exist.
+fn check_host_program(p: &str) -> Result<(), &'static str> {
+    let Some(rest) = p.strip_prefix('/') else {
+        return Err("must be an absolute path");
+    };
+    if p.len() > crate::manifest::MAX_PATH_BYTES {
+        return Err("longer than 4096 bytes");
+    }
+    if p.chars().any(|c| c.is_control()) {
+        return Err("control character in path");
+    }
+    for seg in rest.split('/') {
+        if seg.is_empty() || seg == "." || seg == ".." {
+            return Err("must be normalised (no empty, `.` or `..` segment, no trailing `/`)");
+        }
+    }
+    if rest == "capsule" || rest.starts_with("capsule/") {
+        return Err("is under /capsule, where only the manifest's own files are");
+    }
+    Ok(())
 }
 
 fn check_limits(l: &Limits) -> Result<(), (&'static str, &'static str)> {
@@ -264,6 +314,57 @@ fn check_limits(l: &Limits) -> Result<(), (&'static str, &'static str)> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod host_program_tests {
+    use super::*;
+    use crate::crypto::default_backend;
+
+    fn policy(host_programs: &str) -> Result<Policy, ConfigError> {
+        let text = format!(
+            "policy_version = \"1\"\nclock_skew_s = 0\n[trust]\njwks = \"k.json\"\n\
+             [[tenants]]\nname = \"t\"\nkeys = [\"k\"]\nenvironments = [\"staging\"]\n\
+             host_programs = {host_programs}\nmin_approvals = 1\n"
+        );
+        let jwks = crate::keys::ParsedJwk::generate("k", Alg::Es256, default_backend())
+            .expect("key")
+            .to_json(false);
+        let jwks = serde_json::json!({ "keys": [jwks] }).to_string();
+        Policy::from_toml(
+            &text,
+            Path::new("/etc/gw/policy.toml"),
+            default_backend(),
+            |p| KeyStore::from_jwks(jwks.as_bytes(), p, default_backend()),
+        )
+    }
+
+    #[test]
+    fn host_programs_must_be_absolute_and_normalised() {
+        let p = policy(r#"["/bin/sh", "/usr/bin/python3"]"#).expect("valid");
+        assert!(p.tenants["t"].host_programs.contains("/bin/sh"));
+        for bad in [
+            "sh",
+            "bin/sh",
+            "/bin//sh",
+            "/bin/./sh",
+            "/usr/../bin/sh",
+            "/bin/",
+            "/",
+            "",
+            "/capsule/run.sh",
+            "/capsule",
+        ] {
+            let e = policy(&format!("[{bad:?}]")).expect_err(bad).to_string();
+            assert!(
+                e.contains("policy.toml: tenants[0].host_programs[0]"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(policy("[]").expect("empty").tenants["t"]
+            .host_programs
+            .is_empty());
+    }
 }
 
 #[cfg(test)]

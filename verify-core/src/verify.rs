@@ -4,15 +4,17 @@
 
 use std::collections::HashSet;
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
-use crate::digest::{ArtifactSource, HashMode, Root};
+use crate::digest::{open_dir, open_dir_at, open_regular_at, ArtifactSource, HashMode, Root};
+use crate::entrypoint::{self, Head, HeadKeeper};
 use crate::jws;
-use crate::manifest::{ArtifactPath, FileEntry, Manifest, NOT_A_DIGEST, SCHEMA_V1};
+use crate::manifest::{ApproverId, ArtifactPath, FileEntry, Manifest, NOT_A_DIGEST, SCHEMA_V1};
 use crate::policy::{Policy, Tenant};
 use crate::runner::{RunnerPattern, SpiffeId};
 use crate::time::Clock;
@@ -60,16 +62,28 @@ pub fn check_rollback(
     }
 }
 
-/// A capsule as handed to the verifier: the JWS bytes (or why they could not be
-/// read) and where its files are.
+/// A capsule as handed to the verifier: the JWS bytes (or where to read them, or why
+/// they could not be read) and where its files are.
 #[derive(Debug, Clone)]
 pub struct Capsule {
-    jws: Result<Arc<[u8]>, (Reason, String)>,
+    jws: Jws,
     source: ArtifactSource,
     /// The artifact root, opened when the capsule was loaded (`None`: opened at
     /// verification). Pinning it means a later rename or swap of the directory
     /// cannot redirect what is verified.
     root: Option<Result<Arc<Root>, (Reason, String)>>,
+}
+
+#[derive(Debug, Clone)]
+enum Jws {
+    Bytes(Arc<[u8]>),
+    Failed((Reason, String)),
+    /// `DIR/capsule.jws`, read when the capsule is verified (on the verifier's pool):
+    /// no descriptor is held per capsule of a batch and an odd file stalls nobody.
+    Dir {
+        dir: PathBuf,
+        max_jws_bytes: usize,
+    },
 }
 
 /// Name of the JWS file in a capsule directory.
@@ -81,15 +95,26 @@ impl Capsule {
     /// A capsule from JWS bytes already in memory (one trailing newline tolerated).
     pub fn from_bytes(jws: &[u8], source: ArtifactSource) -> Capsule {
         Capsule {
-            jws: Ok(Arc::from(strip_newline(jws))),
+            jws: Jws::Bytes(Arc::from(strip_newline(jws))),
             source,
             root: None,
         }
     }
 
     /// Opens the artifact root now (a service pins its blob store once, a CLI pins
-    /// each capsule's `files/` when it loads it).
+    /// each capsule's `files/` when it loads it). A capsule directory is opened once:
+    /// its `capsule.jws` is read and its `files/` opened beneath that descriptor.
     pub fn pinned(mut self) -> Capsule {
+        if let Jws::Dir { dir, max_jws_bytes } = &self.jws {
+            match open_capsule(dir, *max_jws_bytes) {
+                Ok(opened) => {
+                    self.jws = Jws::Bytes(opened.jws);
+                    self.root = Some(open_files_at(opened.dir, &self.source).map(Arc::new));
+                }
+                Err(e) => self.jws = Jws::Failed(e),
+            }
+            return self;
+        }
         self.root = Some(open_root(&self.source).map(Arc::new));
         self
     }
@@ -100,50 +125,118 @@ impl Capsule {
         self
     }
 
-    /// Reads `DIR/capsule.jws` (at most `max_jws_bytes`, plus one newline); the files
-    /// are looked up in `DIR/files/`. A read failure becomes a denial at verify time,
-    /// so one unreadable capsule never stops a batch.
+    /// A capsule directory: `DIR/capsule.jws` (at most `max_jws_bytes`, plus one
+    /// newline) and the files in `DIR/files/`. Nothing is opened here: the JWS is
+    /// read when the capsule is verified, and a capsule that cannot be read is a
+    /// `capsule_unreadable` denial then, so one bad capsule never stops a batch.
     pub fn from_dir(dir: &Path, max_jws_bytes: usize) -> Capsule {
-        let source = ArtifactSource::Dir(dir.join(FILES_DIR));
-        let path = dir.join(JWS_FILE);
-        let read = || -> std::io::Result<Vec<u8>> {
-            let file = std::fs::File::open(&path)?;
-            let mut bytes = Vec::new();
-            // Read one byte past the limit (plus a newline) to see that it was exceeded.
-            file.take(max_jws_bytes as u64 + 2)
-                .read_to_end(&mut bytes)?;
-            Ok(bytes)
-        };
-        let jws = match read() {
-            Ok(bytes) => {
-                let bytes = strip_newline(&bytes);
-                if bytes.len() > max_jws_bytes {
-                    Err((
-                        Reason::LimitExceeded,
-                        format!("{}: larger than {max_jws_bytes} bytes", path.display()),
-                    ))
-                } else {
-                    Ok(Arc::from(bytes))
-                }
-            }
-            Err(e) => Err((Reason::MalformedJws, format!("{}: {e}", path.display()))),
-        };
-        // Not pinned here: a CLI batch may hold thousands of capsules, one descriptor
-        // each would run out; the root is opened when the capsule is verified.
         Capsule {
-            jws,
-            source,
+            jws: Jws::Dir {
+                dir: dir.to_path_buf(),
+                max_jws_bytes,
+            },
+            source: ArtifactSource::Dir(dir.join(FILES_DIR)),
             root: None,
         }
     }
 
+    /// The JWS bytes, when they are already in memory.
     pub fn jws(&self) -> Option<&[u8]> {
-        self.jws.as_deref().ok()
+        match &self.jws {
+            Jws::Bytes(b) => Some(b),
+            _ => None,
+        }
     }
 
     pub fn source(&self) -> &ArtifactSource {
         &self.source
     }
+}
+
+/// Opens a capsule directory (the last component not a symlink) and reads its
+/// `capsule.jws` beneath it by the rules of [`open_regular_at`]: a regular file with
+/// one link, its size checked on the descriptor before a byte is read. Returns the
+/// bytes (one trailing newline stripped) and the directory, for `files/`.
+pub fn open_capsule(dir: &Path, max_jws_bytes: usize) -> Result<OpenedCapsule, (Reason, String)> {
+    let unreadable = |what: &Path, why: String| {
+        (
+            Reason::CapsuleUnreadable,
+            format!("{}: {why}", what.display()),
+        )
+    };
+    let dir_fd = open_dir(dir).map_err(|e| unreadable(dir, describe_dir_error(dir, &e)))?;
+    let path = dir.join(JWS_FILE);
+    let (mut file, st) =
+        open_regular_at(&dir_fd, JWS_FILE).map_err(|e| unreadable(&path, e.to_string()))?;
+    // Another name for the same inode may be a host file linked in: not read.
+    if st.st_nlink != 1 {
+        return Err(unreadable(
+            &path,
+            format!("has {} hard links; a capsule's JWS has one", st.st_nlink),
+        ));
+    }
+    // One newline past the limit is tolerated; anything larger is refused unread.
+    let limit = max_jws_bytes as u64 + 1;
+    if u64::try_from(st.st_size).map_or(true, |n| n > limit) {
+        return Err((
+            Reason::LimitExceeded,
+            format!("{}: larger than {max_jws_bytes} bytes", path.display()),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(st.st_size).unwrap_or(0));
+    // One byte past the limit, in case it grew since the fstat.
+    (&mut file)
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unreadable(&path, e.to_string()))?;
+    let bytes = strip_newline(&bytes);
+    if bytes.len() > max_jws_bytes {
+        return Err((
+            Reason::LimitExceeded,
+            format!("{}: larger than {max_jws_bytes} bytes", path.display()),
+        ));
+    }
+    Ok(OpenedCapsule {
+        jws: Arc::from(bytes),
+        dir: dir_fd,
+    })
+}
+
+/// A capsule directory, opened, and the JWS read from it.
+#[derive(Debug)]
+pub struct OpenedCapsule {
+    pub jws: Arc<[u8]>,
+    pub dir: OwnedFd,
+}
+
+/// Why a capsule directory did not open, in words (`lstat` is asked only now).
+fn describe_dir_error(dir: &Path, e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => "is a symlink, not a directory".into(),
+        Some(libc::ENOTDIR) => match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.file_type().is_symlink() => "is a symlink, not a directory".into(),
+            Ok(_) => "is not a directory".into(),
+            Err(_) => e.to_string(),
+        },
+        _ => e.to_string(),
+    }
+}
+
+/// `files/` beneath an opened capsule directory.
+fn open_files_at(dir_fd: OwnedFd, source: &ArtifactSource) -> Result<Root, (Reason, String)> {
+    let where_ = match source {
+        ArtifactSource::Dir(p) | ArtifactSource::Blobs(p) => p.display().to_string(),
+    };
+    open_dir_at(&dir_fd, FILES_DIR)
+        .map(Root::from_dir_fd)
+        .map_err(|e| {
+            let reason = if e.is_refusal() {
+                Reason::ArtifactPathInvalid
+            } else {
+                Reason::ArtifactMissing
+            };
+            (reason, format!("{where_}: {e}"))
+        })
 }
 
 fn strip_newline(bytes: &[u8]) -> &[u8] {
@@ -160,6 +253,8 @@ pub struct Admitted {
     jws: Arc<[u8]>,
     files: Arc<[FileEntry]>,
     source: ArtifactSource,
+    /// Staged files the kernel executes: the entrypoint and its `#!` interpreters.
+    executed: Arc<[ArtifactPath]>,
 }
 
 impl Admitted {
@@ -183,6 +278,12 @@ impl Admitted {
     }
     pub fn source(&self) -> &ArtifactSource {
         &self.source
+    }
+    /// Whether a staged file may be executable in the sandbox: a tool (its digest
+    /// is in the armory), the entrypoint, or a `#!` interpreter on its way. Every
+    /// other artifact is data.
+    pub fn is_executable(&self, entry: &FileEntry) -> bool {
+        entry.is_tool || self.executed.contains(&entry.path)
     }
     pub fn into_decision(self) -> Decision {
         self.decision
@@ -261,9 +362,16 @@ impl Verifier<'_> {
     /// Runs every check on one capsule.
     pub fn verify(&self, capsule: &Capsule) -> Result<Admitted, Decision> {
         let policy = self.policy;
-        let jws = match &capsule.jws {
-            Ok(bytes) => bytes.clone(),
-            Err((reason, detail)) => return Err(Decision::deny_unread(*reason, detail.clone())),
+        // A capsule directory is opened once; its `files/` is opened beneath it.
+        let (jws, dir_fd) = match &capsule.jws {
+            Jws::Bytes(bytes) => (bytes.clone(), None),
+            Jws::Failed((reason, detail)) => {
+                return Err(Decision::deny_unread(*reason, detail.clone()))
+            }
+            Jws::Dir { dir, max_jws_bytes } => match open_capsule(dir, *max_jws_bytes) {
+                Ok(opened) => (opened.jws, Some(opened.dir)),
+                Err((reason, detail)) => return Err(Decision::deny_unread(reason, detail)),
+            },
         };
         let mut facts = Facts {
             digest: Some(Sha256Digest(policy.backend.sha256_oneshot(&jws))),
@@ -349,6 +457,8 @@ impl Verifier<'_> {
             .map_err(|e| facts.deny(Reason::RunnerNotAllowed, e))?;
         check_scope(&manifest, tenant).map_err(|e| facts.deny(Reason::ScopeViolation, e))?;
         check_tools(&files, tenant).map_err(|e| facts.deny(Reason::ToolNotAuthorized, e))?;
+        let program = entrypoint::check_program(&manifest, &files, tenant)
+            .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e))?;
         check_approvals(&manifest, tenant, now, skew)
             .map_err(|e| facts.deny(Reason::ApprovalInsufficient, e))?;
 
@@ -362,8 +472,12 @@ impl Verifier<'_> {
             .map_err(|e| facts.deny(Reason::Rollback, e))?;
 
         // 7. Every artifact and tool, hashed in parallel: the expensive step goes last.
-        self.check_artifacts(capsule, &files)
+        let heads = self
+            .check_artifacts(capsule, dir_fd, &files)
             .map_err(|(r, e)| facts.deny(r, e))?;
+        // The `#!` lines, from the bytes that were just verified.
+        let executed = entrypoint::check_interpreters(program, &files, &heads, tenant)
+            .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e))?;
 
         let detail = format!(
             "signed by {} ({}), {} file(s) verified",
@@ -377,6 +491,7 @@ impl Verifier<'_> {
             jws,
             files: files.into(),
             source: capsule.source.clone(),
+            executed: executed.into(),
         })
     }
 
@@ -471,10 +586,18 @@ impl Verifier<'_> {
 
     fn check_runner(&self, m: &Manifest, tenant: &Tenant) -> Result<(), String> {
         let Some(runner) = self.runner else {
-            if m.runners.is_empty() {
-                return Ok(());
+            // Without an identity nothing can match a restriction: the tenant's runners
+            // apply whatever the manifest says (an empty or missing `runners` included).
+            if !tenant.runners.is_empty() {
+                return Err(format!(
+                    "tenant `{}` allows only named runners and this runner has no SPIFFE ID",
+                    tenant.name
+                ));
             }
-            return Err("the manifest names runners and this runner has no SPIFFE ID".into());
+            if !m.runners.is_empty() {
+                return Err("the manifest names runners and this runner has no SPIFFE ID".into());
+            }
+            return Ok(());
         };
         // Both the manifest (what the approvers allowed) and the tenant policy (what the
         // operator allows) must let this runner in.
@@ -495,36 +618,50 @@ impl Verifier<'_> {
         Ok(())
     }
 
+    /// Returns the first bytes of every file as they were hashed (for `#!` lines).
     fn check_artifacts(
         &self,
         capsule: &Capsule,
+        dir_fd: Option<OwnedFd>,
         files: &[FileEntry],
-    ) -> Result<(), (Reason, String)> {
+    ) -> Result<Vec<Head>, (Reason, String)> {
+        let heads: Vec<Head> = files.iter().map(|_| Head::default()).collect();
         if files.is_empty() {
-            return Ok(());
+            return Ok(heads);
         }
         let opened;
-        let root = match &capsule.root {
-            Some(Ok(root)) => root.as_ref(),
-            Some(Err(e)) => return Err(e.clone()),
-            None => {
+        let root = match (&capsule.root, dir_fd) {
+            (Some(Ok(root)), _) => root.as_ref(),
+            (Some(Err(e)), _) => return Err(e.clone()),
+            (None, Some(fd)) => {
+                opened = open_files_at(fd, &capsule.source)?;
+                &opened
+            }
+            (None, None) => {
                 opened = open_root(&capsule.source)?;
                 &opened
             }
         };
         let backend = self.policy.backend;
-        let check = |f: &FileEntry| root.check(f, self.hash_mode, backend);
+        let check = |(f, head): (&FileEntry, &Head)| {
+            root.check(f, self.hash_mode, &HeadKeeper::new(backend, head.clone()))
+        };
         // Handing work to the pool costs tens of microseconds when called from outside
         // it (measured: two tiny files 120 µs outside a pool, 79 µs inside): small
         // capsules are hashed in order on this thread, large ones in parallel.
         let total: u64 = files.iter().map(|f| f.size).sum();
         if files.len() == 1 || total <= crate::digest::MMAP_THRESHOLD_BYTES {
-            return files.iter().try_for_each(check);
+            files.iter().zip(&heads).try_for_each(check)?;
+            return Ok(heads);
         }
         // The first failure in manifest order is the one reported, whatever finishes first.
-        match files.par_iter().find_map_first(|f| check(f).err()) {
+        match files
+            .par_iter()
+            .zip(heads.par_iter())
+            .find_map_first(|f| check(f).err())
+        {
             Some(failure) => Err(failure),
-            None => Ok(()),
+            None => Ok(heads),
         }
     }
 }
@@ -597,10 +734,9 @@ pub fn check_shape(m: &Manifest) -> Result<(), String> {
     for r in &m.runners {
         RunnerPattern::parse(r).map_err(|e| format!("runner `{}`: {e}", truncate(r)))?;
     }
-    for a in &m.approvals {
-        if a.approver.is_empty() {
-            return Err("approver must not be empty".into());
-        }
+    ApproverId::parse(&m.author).map_err(|e| format!("author: {e}"))?;
+    for (i, a) in m.approvals.iter().enumerate() {
+        ApproverId::parse(&a.approver).map_err(|e| format!("approvals[{i}].approver: {e}"))?;
     }
     for t in &m.tools {
         if t.name.is_empty() {
@@ -648,15 +784,15 @@ fn check_tools(files: &[FileEntry], tenant: &Tenant) -> Result<(), String> {
 }
 
 /// Distinct approvers, none of them the author, none approving from the future.
-/// Addresses compare case-insensitively, so `Alice@x` and `alice@x` count once.
+/// `check_shape` has made every identity canonical (`ApproverId`), so they compare
+/// byte for byte: one person has one spelling.
 fn check_approvals(m: &Manifest, tenant: &Tenant, now: u64, skew: u64) -> Result<(), String> {
-    let author = m.author.to_ascii_lowercase();
-    let distinct: HashSet<String> = m
+    let distinct: HashSet<&str> = m
         .approvals
         .iter()
         .filter(|a| a.approved_at <= now.saturating_add(skew))
-        .map(|a| a.approver.to_ascii_lowercase())
-        .filter(|a| *a != author)
+        .map(|a| a.approver.as_str())
+        .filter(|a| *a != m.author)
         .collect();
     let need = tenant.min_approvals as usize;
     if distinct.len() < need {

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use serde_json::Value;
 use verify_core::crypto::{default_backend, Backend};
-use verify_core::digest::open_beneath_regular;
+use verify_core::digest::{open_beneath_regular, open_regular_path};
 use verify_core::keys::{parse_jwk, SigningKey};
 use verify_core::manifest::{ArtifactPath, NOT_A_DIGEST};
 use verify_core::{check_shape, Limits, Manifest, Sha256Digest};
@@ -297,8 +297,9 @@ fn copy_hashing(
     Ok((Sha256Digest(hasher.finish()), total))
 }
 
+/// Reads an operator-named file, a regular file only (a FIFO would hang `pack`).
 fn read_bounded(path: &Path, limit: usize) -> Result<Vec<u8>, GatewayError> {
-    let file = File::open(path).map_err(|e| GatewayError::io(path, e))?;
+    let (file, _) = open_regular_path(path).map_err(|e| GatewayError::io(path, e.into()))?;
     let mut bytes = Vec::new();
     file.take(limit as u64 + 1)
         .read_to_end(&mut bytes)

@@ -143,12 +143,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
     let admitted = match result {
         Ok(a) => a,
         Err(decision) => {
-            let event = denied_event(
-                &source,
-                &args.capsule,
-                &decision,
-                admission.policy.limits.max_jws_bytes,
-            )?;
+            let event = denied_event(&source, &args.capsule, &decision)?;
             print_event(&event)?;
             return Ok(ExitCode::from(EXIT_DENIED));
         }
@@ -371,22 +366,16 @@ fn build_event(
     serde_json::to_value(&event).map_err(|e| super::usage(format!("CloudEvent: {e}")))
 }
 
-/// A `.denied` event: the decision, and the JWS as it was presented (unverified).
-fn denied_event(
-    source: &str,
-    capsule: &Path,
-    d: &Decision,
-    max_jws_bytes: usize,
-) -> Result<Value, GatewayError> {
-    let presented = std::fs::read(verify_core::verify::jws_path(capsule))
-        .ok()
-        .filter(|b| b.len() <= max_jws_bytes + 1)
-        .and_then(|b| String::from_utf8(b).ok())
-        .map(|s| s.trim_end_matches('\n').to_string());
+/// A `.denied` event: the decision and the digest of the JWS bytes the verifier read
+/// (none when they could not be read). The bytes themselves are never copied here:
+/// they did not verify, and a denied capsule's `capsule.jws` is whatever its author
+/// made it (before issue 10, a symlink put a host file into the event).
+/// `manifest_jws` stays in the schema, always null.
+fn denied_event(source: &str, capsule: &Path, d: &Decision) -> Result<Value, GatewayError> {
     let mut data = decision_json(&capsule.display().to_string(), d);
     data["tenant_id"] = json!(d.tenant);
     data["capsule_digest"] = json!(d.digest.map(|x| x.to_string()));
-    data["manifest_jws"] = json!(presented);
+    data["manifest_jws"] = Value::Null;
     data["launched"] = json!(false);
     let subject = match (&d.capsule_id, d.version) {
         (Some(id), Some(v)) => Some(format!("{id}@{v}")),
@@ -404,6 +393,10 @@ fn print_event(event: &Value) -> Result<(), GatewayError> {
 /// `decision.json`, `stdout`, `stderr`, `sandbox.json` (runtime, OCI config digest,
 /// egress probe, teardown), `oci-config.json` and `event.json`. Written to a
 /// temporary directory and renamed into place, so a bundle is whole or absent.
+///
+/// A bundle holds the capsule's output and its JWS: readable by the gateway's user
+/// only (the root, when it creates it, and each bundle directory 0700, each file
+/// 0600, whatever the umask).
 fn write_evidence(
     root: &Path,
     run_id: &str,
@@ -411,14 +404,25 @@ fn write_evidence(
     report: Option<&RunReport>,
     event: &Value,
 ) -> Result<PathBuf, GatewayError> {
-    std::fs::create_dir_all(root).map_err(|e| GatewayError::io(root, e))?;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(|e| GatewayError::io(root, e))?;
     let tmp = tempfile::Builder::new()
         .prefix(".bundle-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(root)
         .map_err(|e| GatewayError::io(root, e))?;
     let put = |name: &str, bytes: &[u8]| -> Result<(), GatewayError> {
         let p = tmp.path().join(name);
-        let mut f = std::fs::File::create(&p).map_err(|e| GatewayError::io(&p, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|e| GatewayError::io(&p, e))?;
         f.write_all(bytes)
             .and_then(|()| f.sync_all())
             .map_err(|e| GatewayError::io(&p, e))

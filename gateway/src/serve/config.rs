@@ -163,12 +163,15 @@ fn default_concurrent_runs() -> usize {
 }
 
 impl ServeConfig {
-    /// Reads and checks `path`; relative paths in it are resolved against its directory.
+    /// Reads and checks `path` (a trust file: see `verify_core::trust_file`); relative
+    /// paths in it are resolved against its directory.
     pub fn load(path: &Path) -> Result<ServeConfig, GatewayError> {
-        let text = std::fs::read_to_string(path).map_err(|e| GatewayError::io(path, e))?;
+        // A trust file: it names the policy, the state and the TLS identity.
+        let file = verify_core::trust_file::read(path)?;
+        let text = file.text()?;
         let mut config: ServeConfig =
-            serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| {
-                let (field, message) = verify_core::error::toml_error(&text, e);
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+                let (field, message) = verify_core::error::toml_error(text, e);
                 GatewayError::Usage(format!("{}: {field}: {message}", path.display()))
             })?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -243,6 +246,41 @@ mod tests {
         assert_eq!(c.batch.queue, 512);
         assert_eq!(c.runs.as_ref().map(|r| r.runtime), Some(RunsRuntime::Runsc));
         assert!(c.tls.workload_api.is_some());
+    }
+
+    /// The service config names the policy and the TLS identity: one that anyone
+    /// can write, or that lies in such a directory, is refused like the policy.
+    #[test]
+    fn a_world_writable_serve_config_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"s\"\npolicy = \"p.toml\"\n\
+             [tls]\nsvid_dir = \"svid\"\n",
+        )
+        .expect("write");
+        let chmod = |p: &Path, m| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
+        chmod(&path, 0o600);
+        ServeConfig::load(&path).expect("loads");
+        chmod(&path, 0o666);
+        let e = ServeConfig::load(&path).expect_err("world-writable");
+        assert!(matches!(e, GatewayError::Config(_)), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("gateway.toml") && msg.contains("mode 0666") && msg.contains("chmod"),
+            "{msg}"
+        );
+        chmod(&path, 0o600);
+        chmod(dir.path(), 0o777);
+        let msg = ServeConfig::load(&path)
+            .expect_err("open directory")
+            .to_string();
+        chmod(dir.path(), 0o700);
+        assert!(msg.contains("its directory"), "{msg}");
     }
 
     #[test]

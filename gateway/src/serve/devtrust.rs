@@ -39,7 +39,10 @@ pub fn ensure(state: &Path, listen: &str) -> Result<DevTrust, GatewayError> {
     let dir = state.join("dev");
     let created = !dir.join("gateway.toml").exists();
     if created {
-        std::fs::create_dir_all(state).map_err(|e| GatewayError::io(state, e))?;
+        // The state directory is the gateway's alone (keys, evidence, history).
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(state)
+            .map_err(|e| GatewayError::io(state, e))?;
         let tmp = tempfile::Builder::new()
             .prefix(".dev-")
             .tempdir_in(state)
@@ -91,6 +94,8 @@ keys = ["{SIGNING_KID}"]
 environments = ["dev"]
 runners = ["spiffe://{TRUST_DOMAIN}/runner/*"]
 armory = []
+# The dev capsule runs as `/bin/sh /capsule/run.sh`.
+host_programs = ["/bin/sh"]
 min_approvals = 1
 "#
     );
@@ -109,10 +114,18 @@ svid_dir = "gateway"
     write(dir, "gateway.toml", &config)
 }
 
+/// Writes a trust file readable and writable by this user only, whatever the umask
+/// (the policy and the config are refused when others could write them).
 fn write(dir: &Path, name: &str, text: &str) -> Result<(), GatewayError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let p = dir.join(name);
-    std::fs::write(&p, text)
-        .and_then(|()| std::fs::File::open(&p)?.sync_all())
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&p)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
         .map_err(|e| GatewayError::io(&p, e))
 }
 
