@@ -25,7 +25,7 @@ rm -rf "$work"
 mkdir -p "$work"
 
 # Each phase gets a fresh server process on the same state, so that the server-side
-# quantiles read from its /metrics afterwards are that phase's alone.
+# histograms read from its /metrics afterwards are that phase's alone.
 pid=
 start_server() {
   "$gw" serve --state "$work/state" --listen 127.0.0.1:0 2>"$work/serve.log" &
@@ -70,8 +70,11 @@ counter() { { grep -E "^$1 " <<<"$2" || true; } | awk '{s+=$2} END {print s+0}';
 # The server's own view of a phase: batch sizes, stage times, request-to-durable latency.
 server_view() {
   metrics >"$work/metrics-$1.txt"
-  grep -E '^capsule_gateway_(batch_size|batch_verify_seconds|batch_commit_seconds|admission_latency_seconds)\{quantile="0\.(5|99)"\}' \
-    "$work/metrics-$1.txt" | sed 's/^/   server: /'
+  # Histograms: the mean of each (sum / count); quantiles come from the buckets.
+  awk '/^capsule_gateway_(batch_size|batch_verify_seconds|batch_commit_seconds|admission_latency_seconds)_(sum|count) / {
+      split($1, p, "_(sum|count)$"); n = $1; sub(/.*_/, "", n); v[p[1], n] = $2; names[p[1]] = 1 }
+    END { for (k in names) if (v[k, "count"] > 0) printf "   server: %s mean %g over %d\n", k, v[k, "sum"] / v[k, "count"], v[k, "count"] }' \
+    "$work/metrics-$1.txt"
 }
 client_line="f\"achieved {d['throughput_rps']:.0f}/s of {d['rate_requested']}/s, status {d['status']}, errors {d['errors']}, p50 {d['latency_ms']['p50']} ms, p90 {d['latency_ms']['p90']} ms, p99 {d['latency_ms']['p99']} ms, p99.9 {d['latency_ms']['p999']} ms, send lag p99 {d['send_lag_ms']['p99']} ms\""
 

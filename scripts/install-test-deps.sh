@@ -16,6 +16,8 @@ have systemd-analyze || need_apt+=(systemd)
 have curl || need_apt+=(curl)
 # git gives `--version` its commit, and packaging.rs the commit to expect.
 have git || need_apt+=(git)
+# gateway/tests/observability.rs checks /metrics with `promtool check metrics`.
+have promtool || need_apt+=(prometheus)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need_apt[*]}"

@@ -154,6 +154,20 @@ impl DevCa {
         id: &SpiffeId,
         ttl: std::time::Duration,
     ) -> Result<Vec<u8>> {
+        self.issue_with_names(csr_der, id, ttl, &[])
+    }
+
+    /// As [`DevCa::issue`], with `names` (DNS names, IP addresses) added by the CA
+    /// beside the SPIFFE ID: for the CA's own server, so that ordinary TLS clients
+    /// (`curl --cacert`) can verify it by host name. The CSR still must ask for
+    /// exactly the ID.
+    fn issue_with_names(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        ttl: std::time::Duration,
+        names: &[SanType],
+    ) -> Result<Vec<u8>> {
         let ttl = time::Duration::try_from(ttl).map_err(cert_err)?;
         if id.trust_domain() != self.trust_domain {
             return Err(AttestError::Certificate(format!(
@@ -187,6 +201,7 @@ impl DevCa {
         params.subject_alt_names = vec![SanType::URI(
             id.as_str().to_string().try_into().map_err(cert_err)?,
         )];
+        params.subject_alt_names.extend(names.iter().cloned());
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -218,6 +233,27 @@ impl DevCa {
         ttl: std::time::Duration,
         dir: &Path,
     ) -> Result<()> {
+        self.issue_software_server_svid_dir(id, ttl, dir, &[], &[])
+    }
+
+    /// As [`DevCa::issue_software_svid_dir`], for a server: the certificate also
+    /// names `dns` and `ips`, so that a client checking host names (curl, browsers)
+    /// verifies it with the CA alone, without `-k`.
+    pub fn issue_software_server_svid_dir(
+        &self,
+        id: &SpiffeId,
+        ttl: std::time::Duration,
+        dir: &Path,
+        dns: &[&str],
+        ips: &[std::net::IpAddr],
+    ) -> Result<()> {
+        let mut names = Vec::with_capacity(dns.len() + ips.len());
+        for name in dns {
+            names.push(SanType::DnsName(
+                name.to_string().try_into().map_err(cert_err)?,
+            ));
+        }
+        names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(cert_err)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -225,7 +261,7 @@ impl DevCa {
             id.as_str().to_string().try_into().map_err(cert_err)?,
         )];
         let csr = params.serialize_request(&key).map_err(cert_err)?;
-        let cert = self.issue(csr.der(), id, ttl)?;
+        let cert = self.issue_with_names(csr.der(), id, ttl, &names)?;
         std::fs::create_dir_all(dir).map_err(|e| AttestError::io(dir, e))?;
         write_new(dir, "svid_key.pem", &key.serialize_pem(), 0o600)?;
         write_new(

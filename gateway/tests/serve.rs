@@ -32,7 +32,7 @@ use common::{
 use http::Method;
 use serde_json::{json, Value};
 
-const ADMITTED: &str = "capsule_gateway_admissions_total{verdict=\"admit\",reason=\"\"}";
+const ADMITTED: &str = "capsule_gateway_admissions_total{verdict=\"admit\",reason=\"none\"}";
 
 fn start(config: &capsule_gateway::serve::config::ServeConfig) -> Server {
     Server::start(config).expect("the service starts")
@@ -1559,7 +1559,10 @@ fn authenticated_connections_beyond_max_connections_get_no_place() {
         );
         let m = a.metrics().await;
         assert_eq!(
-            metric(&m, "capsule_gateway_handshakes_failed_total"),
+            metric(
+                &m,
+                "capsule_gateway_handshake_failures_total{cause=\"timeout\"}"
+            ),
             Some(1.0),
             "{m}"
         );

@@ -4,6 +4,7 @@
 pub(crate) mod attest;
 pub(crate) mod keygen;
 mod loadgen;
+pub mod logging;
 mod pack;
 pub(crate) mod run;
 mod serve;
@@ -45,6 +46,19 @@ pub const VERSION: &str = concat!(
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr: `text` (one line per event) or `json` (one object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: logging::LogFormat,
+    /// Log level or tracing directives (`debug`, `warn,capsule_gateway::handshake=info`);
+    /// default: `RUST_LOG`, else `info`.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -179,6 +193,10 @@ pub fn run() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_CONFIG } else { 0 });
         }
     };
+    if let Err(e) = logging::init(cli.log_format, cli.log_level.as_deref()) {
+        eprintln!("capsule-gateway: error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let result = match cli.command {
         Command::Keygen { alg, kid, out } => keygen::run(alg, &kid, &out),
         Command::Pack {

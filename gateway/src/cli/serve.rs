@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::serve::config::ServeConfig;
+use crate::serve::config::{HealthConfig, ServeConfig};
 use crate::serve::{devtrust, Server};
 use crate::GatewayError;
 
@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// replaces the development policy).
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Also serve /healthz, /readyz and /metrics over plain HTTP on ADDR (overrides
+    /// the config's `health.listen`; use a loopback address, e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
@@ -39,13 +43,13 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, GatewayError> {
         Some(path) => ServeConfig::load(path)?,
         None => {
             let trust = devtrust::ensure(&args.state_dir, DEFAULT_LISTEN)?;
-            eprintln!(
-                "capsule-gateway: WARNING: no --config: using the development trust domain in {} \
+            tracing::warn!(
+                "no --config: using the development trust domain in {} \
                  (software keys on disk; NOT FOR PRODUCTION)",
                 trust.dir.display()
             );
-            eprintln!(
-                "capsule-gateway: {} development trust domain `{}`: client SVID {}, \
+            tracing::info!(
+                "{} development trust domain `{}`: client SVID {}, \
                  signing key {} (kid `{}`, tenant `{}`), policy {}, config {}",
                 if trust.created { "created" } else { "reusing" },
                 devtrust::TRUST_DOMAIN,
@@ -65,15 +69,21 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode, GatewayError> {
     if let Some(policy) = &args.policy {
         config.policy = policy.clone();
     }
+    if let Some(listen) = args.health_listen {
+        config.health = Some(HealthConfig { listen });
+    }
     let server = Server::start(&config)?;
+    if let Some(addr) = server.health_addr() {
+        tracing::info!("health on http://{addr} (/healthz, /readyz, /metrics; no TLS)");
+    }
     // The line scripts and tests wait for: the address actually bound.
-    eprintln!(
-        "capsule-gateway: serving on https://{} (state {})",
+    tracing::info!(
+        "serving on https://{} (state {})",
         server.local_addr(),
         config.state_dir.display()
     );
     wait_for_signal()?;
-    eprintln!("capsule-gateway: stopping");
+    tracing::info!("stopping");
     server.shutdown();
     Ok(ExitCode::SUCCESS)
 }

@@ -30,6 +30,24 @@ pub struct ServeConfig {
     /// The sandbox for `/v1/runs`; without it, runs answer 503.
     #[serde(default)]
     pub runs: Option<RunsConfig>,
+    /// The plain-HTTP listener for `/healthz`, `/readyz` and `/metrics`; without it
+    /// (and without `--health-listen`), they are served on the mTLS listener only.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Address of the plain listener (loopback by default; port 0 picks a free one).
+    #[serde(default = "default_health_listen")]
+    pub listen: SocketAddr,
+}
+
+/// Loopback: the plain listener needs no certificate, so it is not reachable from
+/// elsewhere unless the operator says so.
+pub fn default_health_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 /// Where the gateway's own X.509-SVID and the trust bundles come from.

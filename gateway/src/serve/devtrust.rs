@@ -73,7 +73,17 @@ fn make(dir: &Path, listen: &str) -> Result<(), GatewayError> {
     ca.save(&dir.join("ca"))?;
     for (id, sub) in [(GATEWAY_ID, "gateway"), (CLIENT_ID, "client")] {
         let id = SpiffeId::parse(id).map_err(|e| GatewayError::Usage(e.to_string()))?;
-        ca.issue_software_svid_dir(&id, SVID_TTL, &dir.join(sub))?;
+        if sub == "gateway" {
+            // Host names beside the SPIFFE ID: `curl --cacert STATE/dev/ca/ca.pem
+            // https://localhost:8443/…` verifies the gateway without `-k`.
+            let ips = [
+                std::net::IpAddr::from([127, 0, 0, 1]),
+                std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ];
+            ca.issue_software_server_svid_dir(&id, SVID_TTL, &dir.join(sub), &["localhost"], &ips)?;
+        } else {
+            ca.issue_software_svid_dir(&id, SVID_TTL, &dir.join(sub))?;
+        }
     }
     crate::cli::keygen::generate(Alg::Es256, SIGNING_KID, &dir.join("keys"))?;
     let policy = format!(

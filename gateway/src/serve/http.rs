@@ -17,6 +17,7 @@ use verify_core::{Capsule, Decision, Sha256Digest, SpiffeId};
 
 use super::blobs::{parse_blob_path, UploadError};
 use super::linger::{LINGER_BYTES, LINGER_TIME};
+use super::metrics::RunOutcome;
 use super::runs::RunStatus;
 use super::Service;
 use crate::output::decision_json;
@@ -38,8 +39,17 @@ fn json_reply(status: StatusCode, body: &Value) -> Reply {
     r
 }
 
+/// The message of an error answer, kept beside it so that a 5xx can be logged with it.
+#[derive(Debug, Clone)]
+struct ErrorMessage(String);
+
 fn error(status: StatusCode, message: impl Into<String>) -> Reply {
-    json_reply(status, &json!({ "error": message.into() }))
+    let message = message.into();
+    let mut r = json_reply(status, &json!({ "error": message }));
+    if status.is_server_error() {
+        r.extensions_mut().insert(ErrorMessage(message));
+    }
+    r
 }
 
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Reply {
@@ -143,6 +153,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Reply, Infallible> {
     let h1 = req.version() < Version::HTTP_2;
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let leftover = Arc::new(Mutex::new(None));
     let req = req.map(|inner| Tracked {
         ended: inner.is_end_stream(),
@@ -165,15 +176,32 @@ pub async fn handle(
             );
         }
     }
-    svc.metrics.response(reply.status().as_u16());
+    let status = reply.status();
+    svc.metrics.response(status.as_u16());
+    if status.is_server_error() {
+        let why = reply
+            .extensions()
+            .get::<ErrorMessage>()
+            .map(|m| m.0.as_str());
+        tracing::warn!(
+            target: "capsule_gateway::http",
+            status = status.as_u16(),
+            %method,
+            path,
+            peer = %peer,
+            why,
+            "server error"
+        );
+    }
     Ok(reply)
 }
 
-async fn route(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Reply {
-    let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        (&Method::GET, "/readyz") => match svc.readiness().await {
+/// `/healthz`, `/readyz` and `/metrics`: the same answers on the mTLS listener and
+/// on the plain one (`health`).
+async fn probe(svc: &Service, path: &str) -> Option<Reply> {
+    Some(match path {
+        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        "/readyz" => match svc.readiness().await {
             Ok(()) => text(StatusCode::OK, "ready\n".into(), "text/plain"),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -181,11 +209,42 @@ async fn route(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Reply {
                 "text/plain",
             ),
         },
-        (&Method::GET, "/metrics") => text(
+        "/metrics" => text(
             StatusCode::OK,
-            svc.metrics.render(),
+            svc.metrics_text(),
             "text/plain; version=0.0.4",
         ),
+        _ => return None,
+    })
+}
+
+/// One request on the plain health listener: the probes, and nothing else.
+pub async fn handle_plain<B>(svc: &Service, req: &Request<B>) -> Result<Reply, Infallible> {
+    let path = req.uri().path();
+    let reply = if req.method() == Method::GET {
+        probe(svc, path).await
+    } else {
+        None
+    };
+    Ok(reply.unwrap_or_else(|| match path {
+        "/healthz" | "/readyz" | "/metrics" => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "this listener serves /healthz, /readyz and /metrics only",
+        ),
+    }))
+}
+
+async fn route(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Reply {
+    let path = req.uri().path().to_string();
+    if req.method() == Method::GET {
+        if let Some(reply) = probe(svc, &path).await {
+            return reply;
+        }
+    }
+    match (req.method(), path.as_str()) {
         (&Method::POST, "/v1/admissions") => admission(svc, peer, req).await,
         (&Method::POST, "/v1/runs") => start_run(svc, peer, req).await,
         (&Method::GET, p) if p.starts_with("/v1/runs/") => {
@@ -266,6 +325,7 @@ async fn admit(
         )),
         Ok(Err(denied)) => {
             svc.metrics.admission(&denied, started.elapsed());
+            log_decision(&denied, peer);
             Err(json_reply(
                 StatusCode::FORBIDDEN,
                 &decision_json(&capsule_name(&denied), &denied),
@@ -275,9 +335,41 @@ async fn admit(
             svc.metrics
                 .admission(admitted.decision(), started.elapsed());
             let d = admitted.decision();
+            log_decision(d, peer);
             let body = decision_json(&capsule_name(d), d);
             Ok((admitted, body))
         }
+    }
+}
+
+/// One line per decision. The facts the verifier established, never the presented
+/// bytes nor the detail (which may quote them). The fields are formatted only when
+/// the level is enabled.
+fn log_decision(d: &Decision, peer: &SpiffeId) {
+    let digest = d.digest.as_ref().map(tracing::field::display);
+    let (tenant, capsule_id) = (d.tenant.as_deref(), d.capsule_id.as_deref());
+    match d.reason {
+        None => tracing::info!(
+            target: "capsule_gateway::admission",
+            verdict = "admit",
+            digest,
+            tenant,
+            capsule_id,
+            version = d.version,
+            peer = %peer,
+            "admitted"
+        ),
+        Some(reason) => tracing::info!(
+            target: "capsule_gateway::admission",
+            verdict = "deny",
+            reason = reason.as_str(),
+            digest,
+            tenant,
+            capsule_id,
+            version = d.version,
+            peer = %peer,
+            "denied"
+        ),
     }
 }
 
@@ -308,9 +400,14 @@ async fn start_run(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Rep
     };
     let (admitted, decision) = match admit(svc, peer, req).await {
         Ok(x) => x,
-        Err(reply) => return reply,
+        Err(reply) => {
+            if reply.status() == StatusCode::FORBIDDEN {
+                svc.metrics.run(RunOutcome::Denied, None);
+            }
+            return reply;
+        }
     };
-    match runs.start(slot, admitted, peer) {
+    match runs.start(slot, admitted, peer, svc.metrics.clone()) {
         Ok(run_id) => json_reply(
             StatusCode::ACCEPTED,
             &json!({ "run_id": run_id.as_str(), "status": "running", "decision": decision }),

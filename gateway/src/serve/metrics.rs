@@ -1,7 +1,12 @@
 //! Service metrics, rendered as Prometheus text at `GET /metrics`: admissions by
 //! verdict and reason, responses by status, shed requests, queue depth, pending,
-//! evicted and failed handshakes, batch sizes
-//! and admission latency quantiles (hdrhistogram, microsecond resolution).
+//! evicted and failed handshakes (by cause), run outcomes, build information, the
+//! SVID's remaining lifetime, and histograms (cumulative `_bucket{le}`, `_sum`,
+//! `_count`) of batch sizes, admission latency, batch stage times and run durations.
+//!
+//! Histograms rather than summaries: buckets add up across a fleet of gateways, and
+//! quantiles are computed where they are scraped (`histogram_quantile`). Each bucket
+//! is an atomic counter, so recording takes no lock.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -9,11 +14,139 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use verify_core::Decision;
 
-/// Latencies up to one minute at 3 significant figures.
-const MAX_LATENCY_US: u64 = 60_000_000;
+const PREFIX: &str = "capsule_gateway";
+
+/// Upper bounds (microseconds) of the latency buckets: 100 µs to one minute.
+const LATENCY_US: &[u64] = &[
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+/// Upper bounds of the batch-size buckets (capsules).
+const BATCH_SIZES: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+/// Upper bounds (microseconds) of the run-duration buckets: one second to an hour.
+const RUN_US: &[u64] = &[
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    120_000_000,
+    300_000_000,
+    600_000_000,
+    1_800_000_000,
+    3_600_000_000,
+];
+
+/// A fixed-bucket histogram of integer observations (microseconds or counts),
+/// rendered with bounds divided by `unit` (1e6 for seconds).
+#[derive(Debug)]
+pub struct Buckets {
+    bounds: &'static [u64],
+    unit: f64,
+    /// One per bound, plus `+Inf`; not cumulative (summed when rendered).
+    counts: Box<[AtomicU64]>,
+    sum: AtomicU64,
+}
+
+impl Buckets {
+    fn new(bounds: &'static [u64], unit: f64) -> Buckets {
+        Buckets {
+            bounds,
+            unit,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: u64) {
+        let i = self.bounds.partition_point(|&b| b < value);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(value, Ordering::Relaxed);
+    }
+
+    fn observe_duration(&self, d: Duration) {
+        self.observe(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
+        let mut cumulative = 0u64;
+        for (i, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let le = *bound as f64 / self.unit;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.counts[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum.load(Ordering::Relaxed) as f64 / self.unit;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        // The count is the +Inf bucket, so the two never disagree within one scrape.
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Why a handshake did not lead to an authenticated connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// Closed to make room for a newer connection (`serve::pending`).
+    Evicted,
+    /// Not done within `limits.handshake_timeout_ms`, or no connection place in time.
+    Timeout,
+    /// Refused by TLS: no certificate, a bad chain, a protocol error.
+    Tls,
+    /// A valid SVID whose ID `tls.allowed_peers` does not allow.
+    PeerNotAllowed,
+}
+
+impl HandshakeFailure {
+    const ALL: [HandshakeFailure; 4] = [
+        HandshakeFailure::Evicted,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Tls,
+        HandshakeFailure::PeerNotAllowed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::Evicted => "evicted",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Tls => "tls",
+            HandshakeFailure::PeerNotAllowed => "peer_not_allowed",
+        }
+    }
+}
+
+/// How a `/v1/runs` request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The capsule ran to its end (its exit code is in the run's event), as
+    /// `GET /v1/runs/{id}` says `completed`.
+    Completed,
+    /// The run failed: the sandbox did not start, egress was not proven blocked,
+    /// teardown was incomplete, or it was interrupted.
+    Failed,
+    /// The admission was denied; nothing ran.
+    Denied,
+}
+
+impl RunOutcome {
+    const ALL: [RunOutcome; 3] = [
+        RunOutcome::Completed,
+        RunOutcome::Failed,
+        RunOutcome::Denied,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Completed => "completed",
+            RunOutcome::Failed => "failed",
+            RunOutcome::Denied => "denied",
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -26,23 +159,21 @@ pub struct Metrics {
     pub pending_handshakes: AtomicUsize,
     /// Pending handshakes closed to make room for a newer connection.
     pub handshakes_evicted: AtomicU64,
-    /// Handshakes that failed: refused by TLS, timed out, or no place for the peer.
-    pub handshakes_failed: AtomicU64,
-    batch_sizes: Mutex<Histogram<u64>>,
-    latency_us: Mutex<Histogram<u64>>,
-    verify_us: Mutex<Histogram<u64>>,
-    commit_us: Mutex<Histogram<u64>>,
+    /// Handshakes that failed, by `HandshakeFailure` (in `ALL`'s order).
+    handshake_failures: [AtomicU64; 4],
+    /// Runs by `RunOutcome` (in `ALL`'s order).
+    runs: [AtomicU64; 3],
+    batch_sizes: Buckets,
+    latency: Buckets,
+    verify: Buckets,
+    commit: Buckets,
+    run_duration: Buckets,
 }
 
 impl Default for Metrics {
     fn default() -> Metrics {
         Metrics::new()
     }
-}
-
-fn histogram(max: u64) -> Histogram<u64> {
-    // Only called with constant bounds that hdrhistogram accepts (1 ≤ low, high ≥ 2·low).
-    Histogram::new_with_bounds(1, max, 3).expect("constant histogram bounds are valid")
 }
 
 impl Metrics {
@@ -55,23 +186,23 @@ impl Metrics {
             connections: AtomicUsize::new(0),
             pending_handshakes: AtomicUsize::new(0),
             handshakes_evicted: AtomicU64::new(0),
-            handshakes_failed: AtomicU64::new(0),
-            batch_sizes: Mutex::new(histogram(1 << 20)),
-            latency_us: Mutex::new(histogram(MAX_LATENCY_US)),
-            verify_us: Mutex::new(histogram(MAX_LATENCY_US)),
-            commit_us: Mutex::new(histogram(MAX_LATENCY_US)),
+            handshake_failures: Default::default(),
+            runs: Default::default(),
+            batch_sizes: Buckets::new(BATCH_SIZES, 1.0),
+            latency: Buckets::new(LATENCY_US, 1e6),
+            verify: Buckets::new(LATENCY_US, 1e6),
+            commit: Buckets::new(LATENCY_US, 1e6),
+            run_duration: Buckets::new(RUN_US, 1e6),
         }
     }
 
     pub fn admission(&self, d: &Decision, latency: Duration) {
-        let key = (d.verdict.as_str(), d.reason.map_or("", |r| r.as_str()));
+        // An admission has no reason: `none`, never an empty label value.
+        let key = (d.verdict.as_str(), d.reason.map_or("none", |r| r.as_str()));
         if let Ok(mut m) = self.admissions.lock() {
             *m.entry(key).or_default() += 1;
         }
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        if let Ok(mut h) = self.latency_us.lock() {
-            h.saturating_record(us.clamp(1, MAX_LATENCY_US));
-        }
+        self.latency.observe_duration(latency);
     }
 
     pub fn response(&self, status: u16) {
@@ -80,32 +211,60 @@ impl Metrics {
         }
     }
 
+    pub fn handshake_failed(&self, cause: HandshakeFailure) {
+        let i = HandshakeFailure::ALL
+            .iter()
+            .position(|c| *c == cause)
+            .unwrap_or(0);
+        self.handshake_failures[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A run that ended (`took` from its launch), or a run request that was denied.
+    pub fn run(&self, outcome: RunOutcome, took: Option<Duration>) {
+        let i = RunOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
+        self.runs[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(took) = took {
+            self.run_duration.observe_duration(took);
+        }
+    }
+
     /// Time one batch spent being verified (`verify`) or recorded durably (`commit`).
     pub fn stage(&self, commit: bool, took: Duration) {
-        let h = if commit {
-            &self.commit_us
+        if commit {
+            self.commit.observe_duration(took);
         } else {
-            &self.verify_us
-        };
-        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        if let Ok(mut h) = h.lock() {
-            h.saturating_record(us.clamp(1, MAX_LATENCY_US));
+            self.verify.observe_duration(took);
         }
     }
 
     pub fn batch(&self, size: usize) {
-        if let Ok(mut h) = self.batch_sizes.lock() {
-            h.saturating_record(size.max(1) as u64);
-        }
+        self.batch_sizes.observe(size as u64);
     }
 
-    /// Prometheus text exposition format 0.0.4.
-    pub fn render(&self) -> String {
+    /// Prometheus text exposition format 0.0.4. `svid_seconds_left`: the gateway SVID's
+    /// `not_after` minus now, when an SVID is loaded.
+    pub fn render(&self, svid_seconds_left: Option<i64>) -> String {
         let mut out = String::new();
-        let p = "capsule_gateway";
-        out.push_str(&format!(
-            "# HELP {p}_admissions_total Admission decisions by verdict and reason.\n# TYPE {p}_admissions_total counter\n"
-        ));
+        let p = PREFIX;
+        let _ = write!(
+            out,
+            "# HELP {p}_build_info The running build: crate version and git commit.\n# TYPE {p}_build_info gauge\n{p}_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION"),
+            env!("CAPSULE_GATEWAY_COMMIT"),
+        );
+        if let Some(left) = svid_seconds_left {
+            let _ = write!(
+                out,
+                "# HELP {p}_svid_expiry_seconds Seconds until the gateway's X.509-SVID expires (negative: expired).\n# TYPE {p}_svid_expiry_seconds gauge\n{p}_svid_expiry_seconds {left}\n"
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP {p}_admissions_total Admission decisions by verdict and reason (`none` for an admission).\n# TYPE {p}_admissions_total counter\n"
+        );
         if let Ok(m) = self.admissions.lock() {
             for ((verdict, reason), n) in m.iter() {
                 let _ = writeln!(
@@ -114,9 +273,10 @@ impl Metrics {
                 );
             }
         }
-        out.push_str(&format!(
+        let _ = write!(
+            out,
             "# HELP {p}_http_responses_total HTTP responses by status code.\n# TYPE {p}_http_responses_total counter\n"
-        ));
+        );
         if let Ok(m) = self.responses.lock() {
             for (code, n) in m.iter() {
                 let _ = writeln!(out, "{p}_http_responses_total{{code=\"{code}\"}} {n}");
@@ -149,61 +309,82 @@ impl Metrics {
         );
         let _ = write!(
             out,
-            "# HELP {p}_handshakes_failed_total Handshakes refused, timed out, or given no connection place.\n# TYPE {p}_handshakes_failed_total counter\n{p}_handshakes_failed_total {}\n",
-            self.handshakes_failed.load(Ordering::Relaxed)
+            "# HELP {p}_handshake_failures_total Handshakes that led to no authenticated connection, by cause.\n# TYPE {p}_handshake_failures_total counter\n"
         );
-        if let Ok(h) = self.batch_sizes.lock() {
-            summary(
-                &mut out,
-                &format!("{p}_batch_size"),
-                "Capsules per verified batch.",
-                &h,
-                1.0,
+        for (cause, n) in HandshakeFailure::ALL.iter().zip(&self.handshake_failures) {
+            let _ = writeln!(
+                out,
+                "{p}_handshake_failures_total{{cause=\"{}\"}} {}",
+                cause.as_str(),
+                n.load(Ordering::Relaxed)
             );
         }
-        if let Ok(h) = self.latency_us.lock() {
-            summary(
-                &mut out,
-                &format!("{p}_admission_latency_seconds"),
-                "Time from a complete request to its durable decision.",
-                &h,
-                1e-6,
+        let _ = write!(
+            out,
+            "# HELP {p}_runs_total /v1/runs requests by outcome.\n# TYPE {p}_runs_total counter\n"
+        );
+        for (outcome, n) in RunOutcome::ALL.iter().zip(&self.runs) {
+            let _ = writeln!(
+                out,
+                "{p}_runs_total{{outcome=\"{}\"}} {}",
+                outcome.as_str(),
+                n.load(Ordering::Relaxed)
             );
         }
-        if let Ok(h) = self.verify_us.lock() {
-            summary(
-                &mut out,
-                &format!("{p}_batch_verify_seconds"),
-                "Time to verify one batch on the verification pool.",
-                &h,
-                1e-6,
-            );
-        }
-        if let Ok(h) = self.commit_us.lock() {
-            summary(
-                &mut out,
-                &format!("{p}_batch_commit_seconds"),
-                "Time to record one batch durably (one redb transaction, fsynced).",
-                &h,
-                1e-6,
-            );
-        }
+        self.batch_sizes.render(
+            &mut out,
+            &format!("{p}_batch_size"),
+            "Capsules per verified batch.",
+        );
+        self.latency.render(
+            &mut out,
+            &format!("{p}_admission_latency_seconds"),
+            "Time from a complete request to its durable decision.",
+        );
+        self.verify.render(
+            &mut out,
+            &format!("{p}_batch_verify_seconds"),
+            "Time to verify one batch on the verification pool.",
+        );
+        self.commit.render(
+            &mut out,
+            &format!("{p}_batch_commit_seconds"),
+            "Time to record one batch durably (one redb transaction, fsynced).",
+        );
+        self.run_duration.render(
+            &mut out,
+            &format!("{p}_run_duration_seconds"),
+            "Time from a run's launch to its evidence bundle.",
+        );
         out
     }
 }
 
-fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>, scale: f64) {
-    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} summary\n");
-    for q in [0.5, 0.9, 0.99, 0.999] {
-        let v = h.value_at_quantile(q) as f64 * scale;
-        let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_and_count_equals_the_inf_bucket() {
+        let b = Buckets::new(&[10, 100], 1.0);
+        for v in [1, 10, 11, 1000] {
+            b.observe(v);
+        }
+        let mut out = String::new();
+        b.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"100\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_sum 1022\nx_count 4\n"), "{out}");
     }
-    // hdrhistogram keeps counts, not the exact sum: the sum is from bucket midpoints.
-    let sum: f64 = h
-        .iter_recorded()
-        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-        .sum::<f64>()
-        * scale;
-    let _ = writeln!(out, "{name}_sum {sum}");
-    let _ = writeln!(out, "{name}_count {}", h.len());
+
+    #[test]
+    fn an_empty_histogram_has_zero_buckets_sum_and_count_and_no_quantiles() {
+        let out = Metrics::new().render(None);
+        assert!(!out.contains("quantile"), "{out}");
+        assert!(!out.contains("-0"), "{out}");
+        assert!(out.contains("capsule_gateway_admission_latency_seconds_bucket{le=\"0.0001\"} 0\n"));
+        assert!(out.contains("capsule_gateway_admission_latency_seconds_sum 0\n"));
+        assert!(out.contains("capsule_gateway_admission_latency_seconds_count 0\n"));
+    }
 }

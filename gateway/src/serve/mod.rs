@@ -12,12 +12,17 @@
 //! - `metrics`: Prometheus text; `idle`: the idle-connection deadline; `linger`: the
 //!   lingering close;
 //! - `pending`: the pool of connections still in the handshake, apart from the
-//!   authenticated ones.
+//!   authenticated ones;
+//! - `health`: the plain-HTTP listener for `/healthz`, `/readyz` and `/metrics`.
+//!
+//! Logs (`tracing`, set up by the CLI): every admission and denial (`http`), every
+//! handshake that led to no connection and why (here), every 5xx (`http`).
 
 pub mod batcher;
 pub mod blobs;
 pub mod config;
 pub mod devtrust;
+pub mod health;
 pub mod http;
 pub mod idle;
 pub mod linger;
@@ -43,7 +48,7 @@ use self::batcher::{Admissions, Batcher};
 use self::blobs::BlobStore;
 use self::config::{ServeConfig, ServiceLimits};
 use self::idle::IdleTimeout;
-use self::metrics::Metrics;
+use self::metrics::{HandshakeFailure, Metrics};
 use self::pending::{PendingPool, PendingSlot};
 use self::runs::Runs;
 use crate::state::StateDir;
@@ -105,12 +110,23 @@ impl Service {
         }
         Ok(())
     }
+
+    /// `/metrics`: the counters, with the SVID's remaining lifetime read now.
+    pub fn metrics_text(&self) -> String {
+        let left = self
+            .identity
+            .current()
+            .ok()
+            .map(|svid| svid.svid.not_after() - chrono::Utc::now().timestamp());
+        self.metrics.render(left)
+    }
 }
 
 /// A running service: its address, and a way to stop it.
 #[derive(Debug)]
 pub struct Server {
     addr: SocketAddr,
+    health_addr: Option<SocketAddr>,
     runtime: tokio::runtime::Runtime,
     stop: watch::Sender<bool>,
     service: Arc<Service>,
@@ -190,9 +206,19 @@ impl Server {
             .local_addr()
             .map_err(|e| GatewayError::io(config.listen.to_string(), e))?;
         let (stop, stopped) = watch::channel(false);
+        let health_addr = match &config.health {
+            Some(h) => Some(health::start(
+                &runtime,
+                h.listen,
+                service.clone(),
+                stopped.clone(),
+            )?),
+            None => None,
+        };
         runtime.spawn(accept_loop(listener, acceptor, service.clone(), stopped));
         Ok(Server {
             addr,
+            health_addr,
             runtime,
             stop,
             service,
@@ -201,6 +227,11 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The plain-HTTP health listener's bound address, when `[health]` is configured.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
     }
 
     /// Stops accepting, gives open requests a moment, stops running sandboxes in
@@ -289,7 +320,7 @@ async fn accept_loop(
         let (acceptor, service, authenticated) =
             (acceptor.clone(), service.clone(), authenticated.clone());
         tokio::spawn(async move {
-            serve_connection(tcp, acceptor, service, slot, authenticated).await;
+            serve_connection(tcp, from, acceptor, service, slot, authenticated).await;
         });
     }
 }
@@ -298,6 +329,7 @@ async fn accept_loop(
 /// given a place among `max_connections`, HTTP.
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
+    from: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
     service: Arc<Service>,
     mut slot: PendingSlot,
@@ -309,26 +341,57 @@ async fn serve_connection(
     // A peer without a valid SVID fails here, inside the handshake; one that is
     // evicted (or stalls past the deadline) is closed by dropping the handshake.
     let handshake = async {
-        let tls = tokio::time::timeout_at(deadline, acceptor.accept(io))
-            .await
-            .ok()?
-            .ok()?;
-        let peer = attest::tls::peer_id(tls.get_ref().1).ok()?;
-        let permit = tokio::time::timeout_at(deadline, authenticated.acquire_owned())
-            .await
-            .ok()?
-            .ok()?;
-        Some((tls, peer, permit))
+        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
+            Err(_) => {
+                return Err((
+                    HandshakeFailure::Timeout,
+                    "the TLS handshake did not finish in time".to_string(),
+                ))
+            }
+            Ok(Err(e)) => return Err(tls_failure(&e)),
+            Ok(Ok(tls)) => tls,
+        };
+        let peer = attest::tls::peer_id(tls.get_ref().1)
+            .map_err(|e| (HandshakeFailure::Tls, e.to_string()))?;
+        let permit = match tokio::time::timeout_at(deadline, authenticated.acquire_owned()).await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err((
+                    HandshakeFailure::Timeout,
+                    format!(
+                        "`{peer}`: no connection place (limits.max_connections) within the handshake deadline"
+                    ),
+                ))
+            }
+        };
+        Ok((tls, peer, permit))
+    };
+    let failed = |cause: HandshakeFailure, why: &str| {
+        service.metrics.handshake_failed(cause);
+        tracing::info!(
+            target: "capsule_gateway::handshake",
+            %from,
+            cause = cause.as_str(),
+            why,
+            "handshake refused"
+        );
     };
     let (tls, peer, permit) = tokio::select! {
         done = handshake => match done {
-            Some(x) => x,
-            None => {
-                service.metrics.handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(x) => x,
+            Err((cause, why)) => {
+                failed(cause, &why);
                 return;
             }
         },
-        _ = &mut slot.evicted => return,
+        _ = &mut slot.evicted => {
+            failed(
+                HandshakeFailure::Evicted,
+                "closed to make room for a newer connection (limits.max_pending_handshakes or max_pending_per_source)",
+            );
+            return;
+        }
     };
     // Authenticated: out of the pending pool, never evicted from here on.
     drop(slot);
@@ -358,4 +421,26 @@ async fn serve_connection(
         .metrics
         .connections
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The cause and text of a failed TLS handshake. A valid SVID whose ID the allow-list
+/// refuses is told apart by the message `attest::tls` gives it ("… is not authorized
+/// here"); everything else the handshake refuses is `tls`.
+fn tls_failure(e: &std::io::Error) -> (HandshakeFailure, String) {
+    let mut text = e.to_string();
+    let mut next = std::error::Error::source(e);
+    while let Some(s) = next {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = s.source();
+    }
+    let cause = if text.contains("is not authorized here") {
+        HandshakeFailure::PeerNotAllowed
+    } else {
+        HandshakeFailure::Tls
+    };
+    (cause, text)
 }

@@ -19,6 +19,7 @@ use serde_json::Value;
 use verify_core::{Admitted, SpiffeId};
 
 use super::config::{RunsConfig, RunsRuntime};
+use super::metrics::{Metrics, RunOutcome};
 use crate::cli::run::{execute, launch_config_error, probe_binary, TYPE_COMPLETED};
 use crate::GatewayError;
 
@@ -96,6 +97,7 @@ impl Runs {
         slot: Slot,
         admitted: Admitted,
         peer: &SpiffeId,
+        metrics: Arc<Metrics>,
     ) -> Result<RunId, GatewayError> {
         let id = RunId::new().map_err(launch_config_error)?;
         self.running
@@ -114,7 +116,8 @@ impl Runs {
             .name(format!("run-{}", &id.as_str()[..8]))
             .spawn(move || {
                 let _slot = slot;
-                if let Err(e) = execute(
+                let started = std::time::Instant::now();
+                let outcome = match execute(
                     &launcher,
                     &run_id,
                     &admitted,
@@ -123,8 +126,19 @@ impl Runs {
                     &cancel,
                     Vec::new(),
                 ) {
-                    eprintln!("capsule-gateway: run {}: {e}", run_id.as_str());
-                }
+                    Ok((event, _)) if event["type"] == TYPE_COMPLETED => RunOutcome::Completed,
+                    Ok(_) => RunOutcome::Failed,
+                    Err(e) => {
+                        tracing::error!(
+                            target: "capsule_gateway::runs",
+                            run_id = run_id.as_str(),
+                            error = %e,
+                            "run failed"
+                        );
+                        RunOutcome::Failed
+                    }
+                };
+                metrics.run(outcome, Some(started.elapsed()));
                 if let Ok(mut r) = running.lock() {
                     r.remove(&run_id);
                 }
@@ -157,7 +171,12 @@ impl Runs {
             Err(why) => {
                 // Whose run this is cannot be told: nobody's, and the reason goes to
                 // the operator, not to a peer.
-                eprintln!("capsule-gateway: {}: {why}", dir.display());
+                tracing::error!(
+                    target: "capsule_gateway::runs",
+                    bundle = %dir.display(),
+                    why,
+                    "unreadable evidence bundle"
+                );
                 return RunStatus::Unknown;
             }
         };

@@ -90,6 +90,7 @@ impl Fixture {
             limits: ServiceLimits::default(),
             tpm: None,
             runs: None,
+            health: None,
         }
     }
 
