@@ -28,7 +28,7 @@ mkdir -p "$work"
 # histograms read from its /metrics afterwards are that phase's alone.
 pid=
 start_server() {
-  "$gw" serve --state-dir "$work/state" --listen 127.0.0.1:0 2>"$work/serve.log" &
+  "$gw" serve --state "$work/state" --listen 127.0.0.1:0 2>"$work/serve.log" &
   pid=$!
   for _ in $(seq 100); do
     grep -q "serving on" "$work/serve.log" && break

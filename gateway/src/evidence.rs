@@ -716,14 +716,19 @@ impl Bundle {
                     .iter()
                     .map(|f| (f.path.as_str(), f.sha256.as_str(), f.size))
                     .collect();
+                // The manifest may spell a digest either way; staged files are canonical.
+                let canonical = |d: &str| {
+                    verify_core::Sha256Digest::parse(d)
+                        .map_or_else(|| d.to_string(), |d| d.to_string())
+                };
                 let mut named: Vec<(&str, String, u64)> = m
                     .artifacts
                     .iter()
-                    .map(|a| (a.path.as_str(), format!("sha256:{}", a.sha256), a.size))
+                    .map(|a| (a.path.as_str(), canonical(&a.sha256), a.size))
                     .chain(
                         m.tools
                             .iter()
-                            .map(|t| (t.path.as_str(), format!("sha256:{}", t.sha256), t.size)),
+                            .map(|t| (t.path.as_str(), canonical(&t.sha256), t.size)),
                     )
                     .collect();
                 staged.sort();

@@ -1,8 +1,34 @@
 //! How decisions are printed: one JSON object per capsule per line (`--json`), or one
-//! human-readable line.
+//! human-readable line. Everything a command prints on stdout goes through
+//! [`print_stdout`], so that a reader that went away (`| head -1`) ends it quietly.
+
+use std::io::{self, Write};
 
 use serde_json::{json, Value};
 use verify_core::Decision;
+
+use crate::GatewayError;
+
+/// Writes `text` to stdout and flushes. A closed pipe is not an error: the reader has
+/// what it wanted, and the command ends with the exit code it would have had (the
+/// verdicts, recordings and runs do not depend on anyone reading them).
+pub fn print_stdout(text: &str) -> Result<(), GatewayError> {
+    let mut out = io::stdout().lock();
+    quiet_pipe(out.write_all(text.as_bytes()).and_then(|()| out.flush()))
+}
+
+/// [`print_stdout`] of `line` and a newline.
+pub fn println_stdout(line: impl std::fmt::Display) -> Result<(), GatewayError> {
+    print_stdout(&format!("{line}\n"))
+}
+
+/// A write to stdout's result, with `EPIPE` (Rust ignores SIGPIPE) counted as done.
+pub fn quiet_pipe(result: io::Result<()>) -> Result<(), GatewayError> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| GatewayError::io("<stdout>", e)),
+    }
+}
 
 /// The `--json` line of DESIGN.md; `capsule` is the argument as given.
 pub fn decision_json(capsule: &str, d: &Decision) -> Value {

@@ -488,6 +488,43 @@ pub const CASES: &[Case] = &[
             raw(w, n, &w.sign(deep.as_bytes(), Signer::Es256))
         },
     },
+    // A digest that is not spelled as one is a format problem (malformed_manifest),
+    // never a mismatch: the bytes were not even compared.
+    Case {
+        name: "artifact-digest-uppercase-hex",
+        reason: Reason::MalformedManifest,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                let upper = sha256_hex(crate::RUN_SH).to_ascii_uppercase();
+                m["artifacts"][0]["sha256"] = json!(format!("sha256:{upper}"));
+            })
+        },
+    },
+    Case {
+        name: "artifact-digest-63-hex-chars",
+        reason: Reason::MalformedManifest,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                let short = &sha256_hex(crate::RUN_SH)[1..];
+                m["artifacts"][0]["sha256"] = json!(short);
+            })
+        },
+    },
+    Case {
+        name: "tool-digest-sha512-prefix",
+        reason: Reason::MalformedManifest,
+        build: |w, n| {
+            with_manifest(w, n, |m| {
+                let hex = sha256_hex(crate::TOOL_BYTES);
+                m["tools"][0]["sha256"] = json!(format!("sha512:{hex}"));
+            })
+        },
+    },
+    Case {
+        name: "parent-digest-uppercase-hex",
+        reason: Reason::MalformedManifest,
+        build: |w, n| with_manifest(w, n, |m| m["parent"] = json!("AB".repeat(32))),
+    },
     Case {
         name: "tenant-not-in-policy",
         reason: Reason::TenantUnknown,

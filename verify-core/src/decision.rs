@@ -174,6 +174,13 @@ impl Sha256Digest {
         Sha256Digest::from_hex(s.strip_prefix("sha256:")?)
     }
 
+    /// Parses a digest as a manifest or a policy may spell it: `sha256:<64 lowercase
+    /// hex>` or the bare 64 lowercase hex (the two spellings of one digest). Output is
+    /// always the prefixed form (`Display`).
+    pub fn parse(s: &str) -> Option<Sha256Digest> {
+        Sha256Digest::from_hex(s.strip_prefix("sha256:").unwrap_or(s))
+    }
+
     pub fn to_hex(&self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut s = String::with_capacity(64);

@@ -36,3 +36,39 @@ impl ConfigError {
         }
     }
 }
+
+/// The 1-based line and column (in characters) of byte `offset` in `text`, for
+/// errors that point into a file the operator wrote.
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
+/// A TOML error as `field: line L column C: message` parts: the dotted field
+/// (`-` for the whole file, as in a syntax error) and the located message.
+pub fn toml_error(text: &str, e: serde_path_to_error::Error<toml::de::Error>) -> (String, String) {
+    let path = e.path().to_string();
+    let field = if path == "." { "-".to_string() } else { path };
+    let inner = e.into_inner();
+    // toml's messages may span lines (what was found, what was expected).
+    let message: Vec<&str> = inner
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let message = message.join("; ");
+    match inner.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            (field, format!("line {line} column {column}: {message}"))
+        }
+        None => (field, message),
+    }
+}

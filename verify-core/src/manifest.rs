@@ -10,13 +10,18 @@ use crate::json::UniqueMap;
 
 pub const SCHEMA_V1: &str = "capsule/v1";
 
+/// What a digest that does not parse is told (artifact and tool `sha256`, `parent`,
+/// policy `armory`): a format problem, said so, never worded like a mismatch.
+pub const NOT_A_DIGEST: &str = "not a sha256 digest (want sha256:<64 lowercase hex>)";
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub schema: String,
     pub capsule_id: String,
     pub version: u64,
-    /// `sha256:<hex>` of the parent capsule's JWS bytes; `null` only for version 1.
+    /// The parent capsule's JWS digest (`sha256:<hex>` or bare hex); `null` only for
+    /// version 1.
     pub parent: Option<String>,
     pub tenant: String,
     pub issued_at: u64,

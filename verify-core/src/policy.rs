@@ -144,8 +144,8 @@ impl Policy {
     ) -> Result<Policy, ConfigError> {
         let de = toml::Deserializer::new(text);
         let file: PolicyFile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            ConfigError::invalid(origin, field, e.into_inner().message().trim().to_string())
+            let (field, message) = crate::error::toml_error(text, e);
+            ConfigError::invalid(origin, field, message)
         })?;
         let bad = |field: String, message: String| ConfigError::invalid(origin, field, message);
 
@@ -159,7 +159,14 @@ impl Policy {
             ));
         }
         check_limits(&file.limits).map_err(|(f, m)| bad(format!("limits.{f}"), m.into()))?;
-        let mut keys = load_keys(&file.trust.jwks)?;
+        // A JWKS that cannot be read is a fault of this policy's `trust.jwks`: say both.
+        let mut keys = load_keys(&file.trust.jwks).map_err(|e| match e {
+            ConfigError::Read { file, source } => bad(
+                "trust.jwks".into(),
+                format!("{}: cannot read: {source}", file.display()),
+            ),
+            other => other,
+        })?;
         for (i, rel) in file.trust.sealed.iter().enumerate() {
             let field = format!("trust.sealed[{i}]");
             let sealed = origin.parent().unwrap_or(Path::new(".")).join(rel);
@@ -221,10 +228,10 @@ impl Policy {
             }
             let mut armory = HashSet::new();
             for (j, d) in t.armory.iter().enumerate() {
-                let digest = Sha256Digest::from_prefixed(d).ok_or_else(|| {
+                let digest = Sha256Digest::parse(d).ok_or_else(|| {
                     bad(
                         at(&format!("armory[{j}]")),
-                        "must be sha256:<64 lowercase hex>".into(),
+                        crate::manifest::NOT_A_DIGEST.into(),
                     )
                 })?;
                 armory.insert(digest);

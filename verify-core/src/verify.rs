@@ -14,7 +14,7 @@ use crate::decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
 use crate::digest::{open_dir, open_dir_at, open_regular_at, ArtifactSource, HashMode, Root};
 use crate::entrypoint::{self, Head, HeadKeeper};
 use crate::jws;
-use crate::manifest::{ApproverId, ArtifactPath, FileEntry, Manifest, SCHEMA_V1};
+use crate::manifest::{ApproverId, ArtifactPath, FileEntry, Manifest, NOT_A_DIGEST, SCHEMA_V1};
 use crate::policy::{Policy, Tenant};
 use crate::runner::{RunnerPattern, SpiffeId};
 use crate::time::Clock;
@@ -524,15 +524,28 @@ impl Verifier<'_> {
         let entries = m
             .artifacts
             .iter()
-            .map(|a| (a.path.as_str(), a.sha256.as_str(), a.size, false))
-            .chain(
-                m.tools
-                    .iter()
-                    .map(|t| (t.path.as_str(), t.sha256.as_str(), t.size, true)),
-            );
+            .enumerate()
+            .map(|(i, a)| {
+                (
+                    ("artifacts", i),
+                    a.path.as_str(),
+                    a.sha256.as_str(),
+                    a.size,
+                    false,
+                )
+            })
+            .chain(m.tools.iter().enumerate().map(|(i, t)| {
+                (
+                    ("tools", i),
+                    t.path.as_str(),
+                    t.sha256.as_str(),
+                    t.size,
+                    true,
+                )
+            }));
         let mut seen = HashSet::with_capacity(count);
         let mut files = Vec::with_capacity(count);
-        for (path, sha, size, is_tool) in entries {
+        for ((list, i), path, sha, size, is_tool) in entries {
             let parsed = ArtifactPath::parse(path).map_err(|e| {
                 (
                     Reason::ArtifactPathInvalid,
@@ -545,10 +558,11 @@ impl Verifier<'_> {
                     format!("`{path}` is named twice"),
                 ));
             }
-            let sha256 = Sha256Digest::from_hex(sha).ok_or_else(|| {
+            // Either spelling; anything else is a format problem, not a mismatch.
+            let sha256 = Sha256Digest::parse(sha).ok_or_else(|| {
                 (
                     Reason::MalformedManifest,
-                    format!("`{path}`: sha256 must be 64 lowercase hex"),
+                    format!("{list}[{i}].sha256: {NOT_A_DIGEST}"),
                 )
             })?;
             if size > limits.max_artifact_bytes {
@@ -684,8 +698,8 @@ pub fn check_shape(m: &Manifest) -> Result<(), String> {
     }
     match &m.parent {
         None if m.version > 1 => return Err("parent is required after version 1".into()),
-        Some(p) if Sha256Digest::from_prefixed(p).is_none() => {
-            return Err("parent must be sha256:<64 lowercase hex>".into())
+        Some(p) if Sha256Digest::parse(p).is_none() => {
+            return Err(format!("parent: {NOT_A_DIGEST}"))
         }
         _ => {}
     }

@@ -324,8 +324,7 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), GatewayError> {
 }
 
 fn print(text: &str) -> Result<(), GatewayError> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}").map_err(|e| GatewayError::io("<stdout>", e))
+    crate::output::println_stdout(text)
 }
 
 fn nonce_of(hex_text: &str) -> Result<Vec<u8>, GatewayError> {

@@ -31,8 +31,7 @@ pub fn run(alg: AlgArg, kid: &str, out: &Path) -> Result<ExitCode, GatewayError>
         AlgArg::Hs256 => Alg::Hs256,
     };
     let (private, public) = generate(alg, kid, out)?;
-    println!("{}", private.display());
-    println!("{}", public.display());
+    crate::output::print_stdout(&format!("{}\n{}\n", private.display(), public.display()))?;
     if alg == Alg::Hs256 {
         eprintln!(
             "note: HS256 is a shared secret: {} contains it too (mode 0600)",

@@ -123,9 +123,9 @@ pub fn run(args: &LoadgenArgs) -> Result<ExitCode, GatewayError> {
     let stats = runtime.block_on(drive(plan.clone(), &files))?;
     let report = Report::new(&plan.shape, &stats);
     if args.json {
-        println!("{}", report.json());
+        crate::output::println_stdout(report.json())?;
     } else {
-        print!("{}", report.text());
+        crate::output::print_stdout(&report.text())?;
     }
     Ok(ExitCode::SUCCESS)
 }

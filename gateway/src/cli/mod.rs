@@ -147,7 +147,7 @@ pub enum Command {
     /// interrupted).
     Run(run::RunArgs),
     /// The admission service: mTLS (TLS 1.3, SPIFFE peers), micro-batched verification,
-    /// durable state. Without --config, a development trust domain under --state-dir.
+    /// durable state. Without --config, a development trust domain under --state.
     Serve(serve::ServeArgs),
     /// Load generator for `serve`: N mTLS connections, admissions at a fixed rate or
     /// as fast as possible, throughput and latency percentiles.
@@ -243,7 +243,7 @@ fn man(out: Option<&Path>, path: &[String]) -> Result<ExitCode, GatewayError> {
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).map_err(|e| GatewayError::io(dir, e))?;
         clap_mangen::generate_to(cmd, dir).map_err(|e| GatewayError::io(dir, e))?;
-        println!("{}", dir.display());
+        crate::output::println_stdout(dir.display())?;
         return Ok(ExitCode::SUCCESS);
     }
     for name in path {
@@ -263,9 +263,6 @@ fn man(out: Option<&Path>, path: &[String]) -> Result<ExitCode, GatewayError> {
 /// Writes generated text to stdout; a reader that went away (`| head`) ends it quietly.
 fn print_bytes(bytes: &[u8]) -> Result<ExitCode, GatewayError> {
     let mut out = std::io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
-        Err(e) => Err(GatewayError::io("<stdout>", e)),
-    }
+    crate::output::quiet_pipe(out.write_all(bytes).and_then(|()| out.flush()))?;
+    Ok(ExitCode::SUCCESS)
 }

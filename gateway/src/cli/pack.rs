@@ -13,7 +13,7 @@ use serde_json::Value;
 use verify_core::crypto::{default_backend, Backend};
 use verify_core::digest::{open_beneath_regular, open_regular_path};
 use verify_core::keys::{parse_jwk, SigningKey};
-use verify_core::manifest::ArtifactPath;
+use verify_core::manifest::{ArtifactPath, NOT_A_DIGEST};
 use verify_core::{check_shape, Limits, Manifest, Sha256Digest};
 
 use super::usage;
@@ -30,8 +30,10 @@ pub fn run(
     let text = read_bounded(manifest, limit)?;
     verify_core::json::reject_duplicate_keys(&text)
         .map_err(|e| usage(format!("{}: {e}", manifest.display())))?;
+    check_as_written(&text).map_err(|e| usage(format!("{}: {e}", manifest.display())))?;
     let mut doc: Value =
         serde_json::from_slice(&text).map_err(|e| usage(format!("{}: {e}", manifest.display())))?;
+    canonical_parent(&mut doc);
 
     let key_bytes = read_bounded(key, 64 * 1024)?;
     let jwk = parse_jwk(&key_bytes)
@@ -79,7 +81,7 @@ pub fn run(
         GatewayError::io(out, e)
     })?;
     sync_dir(parent)?;
-    println!("{}", out.display());
+    crate::output::println_stdout(out.display())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -112,19 +114,163 @@ fn fill_entry(
         Some(v) if v.as_u64() == Some(size) => {}
         Some(v) => return Err(format!("`{path}`: size is {size}, the manifest says {v}")),
     }
+    // Either spelling is accepted; what is signed is always the canonical `sha256:<hex>`.
     match obj.get("sha256") {
-        None | Some(Value::Null) => {
-            obj.insert("sha256".into(), Value::from(digest.to_hex()));
-        }
-        Some(v) if v.as_str() == Some(digest.to_hex().as_str()) => {}
-        Some(v) => {
-            return Err(format!(
-                "`{path}`: sha256 is {}, the manifest says {v}",
-                digest.to_hex()
-            ))
+        None | Some(Value::Null) => {}
+        Some(v) => match v.as_str().and_then(Sha256Digest::parse) {
+            None => return Err(format!("sha256: {NOT_A_DIGEST}")),
+            Some(d) if d == digest => {}
+            Some(d) => {
+                return Err(format!(
+                    "`{path}`: its bytes hash to {digest}, the manifest says {d}"
+                ))
+            }
+        },
+    }
+    obj.insert("sha256".into(), Value::from(digest.to_string()));
+    Ok(())
+}
+
+/// `parent` in its canonical spelling (a malformed one is left for the verifier's
+/// own check to name).
+fn canonical_parent(doc: &mut Value) {
+    if let Some(parent) = doc.get_mut("parent") {
+        if let Some(d) = parent.as_str().and_then(Sha256Digest::parse) {
+            *parent = Value::from(d.to_string());
         }
     }
-    Ok(())
+}
+
+/// Checks the manifest as the author wrote it against the verifier's own types, so
+/// that an unknown or mistyped field is reported at the author's line and column,
+/// with its JSON path (`artifacts[0].descripton`). `size` and `sha256` of artifacts
+/// and tools may be missing (pack computes them): a placeholder is spliced in before
+/// the entry's closing brace, and positions are mapped back past the splices.
+fn check_as_written(original: &[u8]) -> Result<(), String> {
+    let mut text = original.to_vec();
+    // (offset in `original`, length) of every placeholder spliced in.
+    let mut splices: Vec<(usize, usize)> = Vec::new();
+    // Each pass fills one missing field of one entry, so this bounds the passes.
+    let max_passes = 2 * original.iter().filter(|&&b| b == b'{').count() + 1;
+    for _ in 0..max_passes {
+        let mut de = serde_json::Deserializer::from_slice(&text);
+        let (path, err) = match serde_path_to_error::deserialize::<_, Manifest>(&mut de) {
+            Ok(_) => match de.end() {
+                Ok(()) => return Ok(()),
+                Err(e) => (String::new(), e),
+            },
+            Err(e) => (e.path().to_string(), e.into_inner()),
+        };
+        let offset = offset_of(&text, err.line(), err.column());
+        let placeholder = fillable(&path, &err.to_string());
+        match placeholder.zip(closing_brace(&text, offset)) {
+            Some((insert, at)) => {
+                let at_original = to_original(&splices, at);
+                text.splice(at..at, insert.bytes());
+                splices.push((at_original, insert.len()));
+                splices.sort_unstable();
+            }
+            None => {
+                // serde_json stops after an unknown key: point at where the key starts.
+                let offset = if err.to_string().starts_with("unknown field") {
+                    text[..offset]
+                        .iter()
+                        .rposition(|&b| b == b'"')
+                        .unwrap_or(offset)
+                } else {
+                    offset
+                };
+                return Err(located(original, &splices, offset, &path, &err));
+            }
+        }
+    }
+    Err("too many missing fields".into())
+}
+
+/// The placeholder for a field `pack` fills in itself, when that is what is missing.
+fn fillable(path: &str, message: &str) -> Option<&'static str> {
+    let entry = ["artifacts[", "tools["].iter().any(|list| {
+        path.strip_prefix(list)
+            .and_then(|rest| rest.strip_suffix(']'))
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if !entry {
+        return None;
+    }
+    if message.starts_with("missing field `size`") {
+        Some(",\"size\":0")
+    } else if message.starts_with("missing field `sha256`") {
+        Some(",\"sha256\":\"sha256:0000000000000000000000000000000000000000000000000000000000000000\"")
+    } else {
+        None
+    }
+}
+
+/// Byte offset of serde_json's (1-based line, 1-based byte column).
+fn offset_of(text: &[u8], line: usize, column: usize) -> usize {
+    let start = if line <= 1 {
+        0
+    } else {
+        text.iter()
+            .enumerate()
+            .filter(|(_, &b)| b == b'\n')
+            .nth(line - 2)
+            .map_or(text.len(), |(i, _)| i + 1)
+    };
+    (start + column.saturating_sub(1)).min(text.len())
+}
+
+/// The `}` that a missing-field error at `offset` points at (or just past).
+fn closing_brace(text: &[u8], offset: usize) -> Option<usize> {
+    let ahead = text[offset..]
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map(|i| offset + i);
+    if let Some(i) = ahead.filter(|&i| text[i] == b'}') {
+        return Some(i);
+    }
+    let end = (offset + 1).min(text.len());
+    text[..end].iter().rposition(|&b| b == b'}')
+}
+
+/// Maps an offset in the spliced text back to the author's text.
+fn to_original(splices: &[(usize, usize)], mut at: usize) -> usize {
+    let mut shift = 0;
+    for &(o, len) in splices {
+        if at >= o + shift + len {
+            shift += len;
+        } else {
+            break;
+        }
+    }
+    at -= shift;
+    at
+}
+
+/// `line L column C: PATH: message`, at the author's position.
+fn located(
+    original: &[u8],
+    splices: &[(usize, usize)],
+    offset: usize,
+    path: &str,
+    err: &serde_json::Error,
+) -> String {
+    let message = err.to_string();
+    // serde_json ends its messages with its own (here: shifted) position.
+    let message = match message.rfind(" at line ") {
+        Some(i) => &message[..i],
+        None => &message,
+    };
+    let at = to_original(splices, offset);
+    let (line, column) = match std::str::from_utf8(original) {
+        Ok(text) => verify_core::error::line_column(text, at),
+        Err(_) => (err.line(), err.column()),
+    };
+    let path = match path {
+        "" | "." => String::new(),
+        p => format!("{p}: "),
+    };
+    format!("line {line} column {column}: {path}{message}")
 }
 
 fn copy_hashing(

@@ -46,6 +46,24 @@ pub enum RuntimeArg {
     Kata,
 }
 
+/// The gVisor platforms the installed runsc has (`runsc flags`: `-platform`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlatformArg {
+    /// ptrace(2): works everywhere, the default
+    Ptrace,
+    /// KVM: needs /dev/kvm (and nested paging inside a VM)
+    Kvm,
+}
+
+impl PlatformArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            PlatformArg::Ptrace => "ptrace",
+            PlatformArg::Kvm => "kvm",
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Policy file (TOML); its `trust.jwks` is resolved relative to it.
@@ -61,8 +79,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", default_value = "/var/lib/capsule-gateway")]
     pub state: PathBuf,
     /// gVisor platform (`ptrace` works everywhere; `kvm` needs usable nested paging).
-    #[arg(long, default_value = "ptrace")]
-    pub platform: String,
+    /// Checked when the flags are read: a platform runsc does not have is a usage
+    /// error, before any capsule is admitted or recorded.
+    #[arg(long, value_enum, default_value = "ptrace")]
+    pub platform: PlatformArg,
     /// Kata: an existing containerd socket (default: a private containerd under
     /// STATE/containerd, started and stopped by this command).
     #[arg(long, value_name = "SOCKET")]
@@ -229,7 +249,7 @@ fn launcher(args: &RunArgs) -> Result<(Option<PrivateContainerd>, Launcher), Gat
     let (containerd, runtime, dir) = match args.runtime {
         RuntimeArg::Runsc => {
             let mut c = RunscConfig::default();
-            c.platform = args.platform.clone();
+            c.platform = args.platform.as_str().to_string();
             (None, RuntimeConfig::Runsc(c), sandbox.join("runsc"))
         }
         RuntimeArg::Kata => {
@@ -365,9 +385,8 @@ fn denied_event(source: &str, capsule: &Path, d: &Decision) -> Result<Value, Gat
 }
 
 fn print_event(event: &Value) -> Result<(), GatewayError> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{event}").map_err(|e| GatewayError::io("<stdout>", e))?;
-    out.flush().map_err(|e| GatewayError::io("<stdout>", e))
+    // A closed pipe does not change the run's exit code (the evidence is written).
+    crate::output::println_stdout(event)
 }
 
 /// The evidence bundle of one run: `EVIDENCE/<run id>/` with the exact `capsule.jws`,

@@ -11,11 +11,17 @@ use crate::GatewayError;
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Service configuration (TOML). Without it: a development trust domain (CA,
-    /// gateway SVID, one client SVID, signing key, policy) under --state-dir.
+    /// gateway SVID, one client SVID, signing key, policy) under --state.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// State directory of the embedded default (ignored with --config).
-    #[arg(long, value_name = "DIR", default_value = "capsule-gateway-state")]
+    /// State directory of the embedded default (ignored with --config, whose
+    /// `state_dir` says where). `--state-dir` is the old spelling, still accepted.
+    #[arg(
+        long = "state",
+        alias = "state-dir",
+        value_name = "DIR",
+        default_value = "capsule-gateway-state"
+    )]
     pub state_dir: PathBuf,
     /// Listen address (overrides the config's `listen`).
     #[arg(long, value_name = "ADDR")]

@@ -1,6 +1,5 @@
 //! `verify` and `admit`: a batch of capsules in parallel, one line each, in order.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -12,7 +11,7 @@ use verify_core::{
 
 use super::attest::IdentityArgs;
 use super::{usage, HashModeArg, VerifyArgs, EXIT_DENIED};
-use crate::output::{decision_json, decision_line};
+use crate::output::{decision_json, decision_line, print_stdout};
 use crate::state::{LazySnapshot, StateDir, Unavailable};
 use crate::GatewayError;
 
@@ -32,7 +31,7 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
         .map(|r| r.map_or_else(|d| d, Admitted::into_decision))
         .collect();
 
-    let mut out = std::io::stdout().lock();
+    let mut text = String::new();
     let mut all_admitted = true;
     for (path, d) in args.capsules.iter().zip(&decisions) {
         all_admitted &= d.is_admit();
@@ -42,9 +41,11 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
         } else {
             decision_line(&name, d)
         };
-        writeln!(out, "{line}").map_err(|e| GatewayError::io("<stdout>", e))?;
+        text.push_str(&line);
+        text.push('\n');
     }
-    out.flush().map_err(|e| GatewayError::io("<stdout>", e))?;
+    // `| head -1` closing the pipe changes nothing: the exit code is the verdicts'.
+    print_stdout(&text)?;
     Ok(if all_admitted {
         ExitCode::SUCCESS
     } else {

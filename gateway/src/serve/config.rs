@@ -186,10 +186,12 @@ impl ServeConfig {
     pub fn load(path: &Path) -> Result<ServeConfig, GatewayError> {
         // A trust file: it names the policy, the state and the TLS identity.
         let file = verify_core::trust_file::read(path)?;
+        let text = file.text()?;
         let mut config: ServeConfig =
-            serde_path_to_error::deserialize(toml::Deserializer::new(file.text()?)).map_err(
-                |e| GatewayError::Usage(format!("{}: {}: {}", path.display(), e.path(), e.inner())),
-            )?;
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+                let (field, message) = verify_core::error::toml_error(text, e);
+                GatewayError::Usage(format!("{}: {field}: {message}", path.display()))
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.state_dir = base.join(&config.state_dir);
         if let Ok(canonical) = config.state_dir.canonicalize() {
