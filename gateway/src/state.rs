@@ -114,7 +114,11 @@ enum Found {
 /// type checked on an `O_PATH` descriptor before the open), so a symlink, FIFO or
 /// device node is never opened for reading.
 fn open_regular(path: &Path, write: bool) -> std::io::Result<Found> {
-    let access = if write { Access::ReadWrite } else { Access::Read };
+    let access = if write {
+        Access::ReadWrite
+    } else {
+        Access::Read
+    };
     match open_regular_nofollow(path, access) {
         Ok((file, st)) => Ok(Found::File(file, u64::try_from(st.st_size).unwrap_or(0))),
         Err(OpenError::Symlink) => Ok(Found::NotRegular("a symbolic link")),
