@@ -159,33 +159,6 @@ fn man_pages_are_roff_for_the_tool_and_each_command() {
     }
 }
 
-/// Flags whose definitions live in files this change does not own and that have no
-/// help text yet: `(command path, argument id)`. The test also fails when one of them
-/// gets its help, so that the list only ever shrinks.
-const HELP_PENDING: &[(&str, &str)] = &[
-    ("attest seal", "kid"),
-    ("attest pcr-read", "pcrs"),
-    ("attest pcr-read", "out"),
-    ("attest quote", "pcrs"),
-    ("attest quote", "out"),
-    ("attest verify-quote", "quote"),
-    ("attest verify-quote", "nonce"),
-    ("attest verify-binding", "binding"),
-    ("attest bind", "svid"),
-    ("attest bind", "workload_api"),
-    ("attest bind", "pcrs"),
-    ("attest bind", "out"),
-    ("attest csr", "spiffe_id"),
-    ("attest csr", "out"),
-    ("attest dev-ca init", "trust_domain"),
-    ("attest dev-ca init", "out"),
-    ("attest dev-ca issue", "ca"),
-    ("attest dev-ca issue", "csr"),
-    ("attest dev-ca issue", "spiffe_id"),
-    ("attest dev-ca issue", "out"),
-    ("attest dev-ca issue", "ttl_hours"),
-];
-
 /// Every argument of `cmd` and its subcommands without help: `(path, id)`.
 fn missing_help(cmd: &clap::Command, path: &str, missing: &mut BTreeSet<(String, String)>) {
     for arg in cmd.get_arguments() {
@@ -226,20 +199,7 @@ fn every_flag_of_every_command_has_help_text() {
     cmd.build();
     let mut missing = BTreeSet::new();
     missing_help(&cmd, "", &mut missing);
-    let pending: BTreeSet<(String, String)> = HELP_PENDING
-        .iter()
-        .map(|(c, a)| (c.to_string(), a.to_string()))
-        .collect();
-    let unexpected: Vec<_> = missing.difference(&pending).collect();
-    assert!(
-        unexpected.is_empty(),
-        "arguments without help: {unexpected:?}"
-    );
-    let fixed: Vec<_> = pending.difference(&missing).collect();
-    assert!(
-        fixed.is_empty(),
-        "these have help now: remove them from HELP_PENDING: {fixed:?}"
-    );
+    assert!(missing.is_empty(), "arguments without help: {missing:?}");
     // And the binary's own `--help` for each command shows it (the walk above is
     // what the parser holds; this is what a user reads).
     for sub in [

@@ -159,6 +159,7 @@ pub enum AttestCommand {
     Seal {
         #[command(flatten)]
         tpm: TpmArgs,
+        /// The kid the sealed key will have in the trust store (must equal the JWK's).
         #[arg(long, value_name = "KID")]
         kid: String,
         /// PCRs to bind, e.g. sha256:0,7.
@@ -193,8 +194,10 @@ pub enum AttestCommand {
     PcrRead {
         #[command(flatten)]
         tpm: TpmArgs,
+        /// PCRs to read, e.g. sha256:0,7.
         #[arg(long, value_name = "BANK:N,N", default_value = "sha256:0,7", value_parser = parse_selection)]
         pcrs: PcrSelection,
+        /// Also write the values as JSON here (a reference for `verify-quote`); must not exist.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
@@ -205,15 +208,19 @@ pub enum AttestCommand {
         /// The verifier's nonce, hex (at most 64 bytes).
         #[arg(long, value_name = "HEX")]
         nonce: String,
+        /// PCRs to quote, e.g. sha256:0,7.
         #[arg(long, value_name = "BANK:N,N", default_value = "sha256:0,7", value_parser = parse_selection)]
         pcrs: PcrSelection,
+        /// Also write the quote as JSON here; must not exist.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
     /// Check a quote: signature by the identity key, nonce, and PCRs against a reference.
     VerifyQuote {
+        /// The quote JSON (from `attest quote --out`).
         #[arg(long, value_name = "FILE")]
         quote: PathBuf,
+        /// The nonce the quote must carry, hex.
         #[arg(long, value_name = "HEX")]
         nonce: String,
         /// The identity JSON (from `attest identity --out`).
@@ -227,6 +234,7 @@ pub enum AttestCommand {
     Bind {
         #[command(flatten)]
         tpm: TpmArgs,
+        /// The SVID directory (svid.pem, svid_key.pem, bundle.pem) to bind.
         #[arg(
             long,
             value_name = "DIR",
@@ -234,15 +242,19 @@ pub enum AttestCommand {
             required_unless_present = "workload_api"
         )]
         svid: Option<PathBuf>,
+        /// Take the SVID from this SPIFFE Workload API endpoint instead of --svid.
         #[arg(long, value_name = "ENDPOINT")]
         workload_api: Option<String>,
+        /// PCRs the quote covers, e.g. sha256:0,7.
         #[arg(long, value_name = "BANK:N,N", default_value = "sha256:0,7", value_parser = parse_selection)]
         pcrs: PcrSelection,
+        /// The binding (statement and quote, JSON) to write; must not exist.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Check a binding offline, against whatever is given: the SVID, the TPM key, PCRs.
     VerifyBinding {
+        /// The binding JSON (from `attest bind --out`).
         #[arg(long, value_name = "FILE")]
         binding: PathBuf,
         /// The SVID the statement must be for.
@@ -262,8 +274,10 @@ pub enum AttestCommand {
     Csr {
         #[command(flatten)]
         tpm: TpmArgs,
+        /// The SPIFFE ID the CSR asks for (its URI SAN).
         #[arg(long, value_name = "SPIFFE_ID")]
         spiffe_id: String,
+        /// The CSR (PEM) to write; must not exist.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -278,22 +292,29 @@ pub enum AttestCommand {
 pub enum DevCaCommand {
     /// Make a CA for TRUST_DOMAIN in DIR (ca.pem, ca_key.pem 0600).
     Init {
+        /// The trust domain, e.g. acme.example.
         #[arg(long, value_name = "TRUST_DOMAIN")]
         trust_domain: String,
+        /// Directory for ca.pem and ca_key.pem (must not exist).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
     /// Issue an X.509-SVID for a CSR: writes DIR/svid.pem and DIR/bundle.pem (the key
     /// stays wherever the CSR's key is, e.g. the TPM).
     Issue {
+        /// The CA directory (from `attest dev-ca init`).
         #[arg(long, value_name = "DIR")]
         ca: PathBuf,
+        /// The CSR (PEM) to sign.
         #[arg(long, value_name = "FILE")]
         csr: PathBuf,
+        /// The SPIFFE ID to issue; must be the CSR's and in the CA's trust domain.
         #[arg(long, value_name = "SPIFFE_ID")]
         spiffe_id: String,
+        /// Directory for svid.pem and bundle.pem.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// How long the SVID is valid.
         #[arg(long, value_name = "HOURS", default_value_t = 24)]
         ttl_hours: u64,
     },
