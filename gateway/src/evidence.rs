@@ -253,7 +253,8 @@ pub struct DeniedData {
     pub tenant_id: Option<String>,
     #[serde(deserialize_with = "nullable")]
     pub capsule_digest: Option<String>,
-    /// The JWS as presented (unverified), when it was readable text within the limit.
+    /// Always `null` now: a denial carries digests, never the presented bytes (the
+    /// member stays so that older bundles still parse).
     #[serde(deserialize_with = "nullable")]
     pub manifest_jws: Option<String>,
     pub launched: bool,
@@ -484,13 +485,16 @@ pub struct Links {
 }
 
 fn read_capped(path: &Path) -> Result<Option<Vec<u8>>, EvidenceError> {
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+    // A bundle under check is untrusted: a symlink or a FIFO planted in it is
+    // refused on an O_PATH descriptor, never opened (the class of issue 10).
+    use verify_core::digest::{open_regular_nofollow, Access, OpenError};
+    let f = match open_regular_nofollow(path, Access::Read) {
+        Ok((f, _)) => f,
+        Err(OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(EvidenceError::Io {
                 path: path.into(),
-                source: e,
+                source: e.into(),
             })
         }
     };

@@ -202,6 +202,37 @@ fn a_real_run_bundle_checks_out_and_every_edited_hop_is_named() {
         hop_of(Bundle::read(&copy).and_then(|b| b.check(&policy))),
         "signature"
     );
+
+    // A bundle under check is untrusted: a file of it that is a symlink to a host
+    // file, or a FIFO, is refused without being opened (no hang, no host bytes read).
+    let host = w.path("host-secret");
+    std::fs::write(&host, b"HOST-SECRET-NOT-FOR-EVIDENCE\n").expect("host file");
+    let symlinked = edited(&w, &bundle_dir, 200, |d| {
+        std::fs::remove_file(d.join("stdout")).expect("rm");
+        std::os::unix::fs::symlink(&host, d.join("stdout")).expect("symlink");
+    });
+    match Bundle::read(&symlinked) {
+        Err(EvidenceError::Io { path, source }) => {
+            assert!(path.ends_with("stdout"), "{path:?}");
+            assert!(source.to_string().contains("symbolic link"), "{source}");
+        }
+        other => panic!("a symlinked stdout must be refused, got {other:?}"),
+    }
+    let fifo = edited(&w, &bundle_dir, 201, |d| {
+        std::fs::remove_file(d.join("event.json")).expect("rm");
+        let made = std::process::Command::new("mkfifo")
+            .arg(d.join("event.json"))
+            .status()
+            .expect("mkfifo (Debian package coreutils)");
+        assert!(made.success());
+    });
+    match Bundle::read(&fifo) {
+        Err(EvidenceError::Io { path, source }) => {
+            assert!(path.ends_with("event.json"), "{path:?}");
+            assert!(source.to_string().contains("FIFO"), "{source}");
+        }
+        other => panic!("a FIFO event.json must be refused, got {other:?}"),
+    }
 }
 
 #[test]
