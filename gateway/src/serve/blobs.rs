@@ -72,8 +72,10 @@ impl BlobStore {
         self.dir.join("sha256").join(digest.to_hex())
     }
 
+    /// Whether a regular file is stored under `digest`. A symlink, FIFO or device
+    /// planted there does not count (`lstat`, not followed), so an upload replaces it.
     pub fn contains(&self, digest: &Sha256Digest) -> bool {
-        self.path_of(digest).is_file()
+        std::fs::symlink_metadata(self.path_of(digest)).is_ok_and(|m| m.file_type().is_file())
     }
 
     /// Starts an upload of the blob `expected`, at most `limit` bytes.
@@ -194,6 +196,30 @@ mod tests {
         assert_eq!(stored.size, body.len() as u64);
         let path = dir.path().join("sha256").join(sha(body).to_hex());
         assert_eq!(std::fs::read(path).expect("read"), body);
+    }
+
+    #[test]
+    fn a_symlink_planted_at_a_blob_path_is_not_a_stored_blob_and_an_upload_replaces_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let body = b"the real blob";
+        let host = dir.path().join("host-file");
+        std::fs::write(&host, body).expect("host file");
+        let path = dir.path().join("sha256").join(sha(body).to_hex());
+        std::os::unix::fs::symlink(&host, &path).expect("symlink");
+        assert!(
+            !store.contains(&sha(body)),
+            "a symlink is not a stored blob"
+        );
+        let mut up = store.begin(sha(body), 1024).expect("begin");
+        up.write(body).expect("write");
+        up.finish().expect("stored");
+        let meta = std::fs::symlink_metadata(&path).expect("stat");
+        assert!(
+            meta.file_type().is_file(),
+            "the upload replaced the symlink"
+        );
+        assert!(store.contains(&sha(body)));
     }
 
     #[test]
