@@ -33,14 +33,14 @@
 //! | layer | modules | uses |
 //! |---|---|---|
 //! | the run, in order | this file ([`Launcher`]) | everything below |
-//! | removal and recovery | [`teardown`] | `runtime` (the [`runtime::Runtime`] interface), `host` |
+//! | removal and recovery | [`teardown`] | `runtime` (its `Runtime` interface), `host` |
 //! | the sandbox runtimes | [`runtime`] (`supervise`, `runsc`, `containerd`, `process`) | `bundle` (its `Flavor`), `host` |
 //! | the run's inputs | [`stage`], [`bundle`], [`probe`] | — |
 //! | the host seen from outside | [`host`] (names of a run's traces, `/proc`, cgroups, signals) | — |
 //! | errors | [`error`] | — |
 //!
-//! All of them use [`error`]; [`error`] and the report types refer back to this
-//! file's [`RunReport`] only as data (a failed run's error carries its report).
+//! All but `host` use [`error`]; [`error`] refers back to this file only for the
+//! [`RunReport`] a failed run's error carries, as data.
 
 #![deny(unsafe_code)]
 
@@ -57,10 +57,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use runtime::{RunCtx, Runtime};
-
 use serde::Serialize;
 use verify_core::Admitted;
+
+use runtime::{RunCtx, Runtime};
 
 pub use bundle::{BundleFacts, Rootfs};
 pub use error::{BundleError, ErrorKind, LaunchError};

@@ -15,9 +15,9 @@
 //! `io.katacontainers.*` annotations, which this launcher does not set: Kata sizes
 //! the VM from `linux.resources`).
 //!
-//! Timeout: `ctr task kill --all -s SIGKILL <id>`, then `ctr run` is given a moment
-//! to return; the teardown then runs `ctr task delete --force` and `ctr container
-//! delete` for whatever is left, and verifies.
+//! Timeout (`supervise`): `ctr task kill --all -s SIGKILL <id>`, then `ctr run` is
+//! given a moment to return; the teardown then runs `ctr task delete --force` and
+//! `ctr container delete` for whatever is left, and verifies.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,14 +1,14 @@
-//! The two sandbox runtimes behind one interface, [`Runtime`]: what each does
+//! The two sandbox runtimes behind one interface, `Runtime`: what each does
 //! itself (start the container attached, kill it, delete it, list what it has) and
 //! what they share, written once:
 //!
-//! - [`process`]: child-process plumbing (capped output capture, waiting against a
+//! - `process`: child-process plumbing (capped output capture, waiting against a
 //!   deadline, bounded housekeeping commands, finding programs);
-//! - [`supervise`]: one run of a container: start, wait against the hard deadline
+//! - `supervise`: one run of a container: start, wait against the hard deadline
 //!   or the cancel flag, kill on expiry, collect the output;
 //! - [`runsc`] and [`containerd`]: the two implementations.
 //!
-//! Dependencies point down: `supervise` drives any [`Runtime`]; `runsc` and
+//! Dependencies point down: `supervise` drives any `Runtime`; `runsc` and
 //! `containerd` implement it; all three use `process`, which uses only
 //! [`crate::host`] and [`crate::error`]. Nothing here knows the teardown or the
 //! launcher.

@@ -6,10 +6,10 @@
 //! pipes given to it and its exit status is `runsc run`'s. `runsc run` starts the
 //! sandbox and gofer with a parent-death signal, so killing it takes them down too.
 //!
-//! The hard timeout covers the whole sandbox lifetime, boot included (a platform
-//! that hangs while booting, like `kvm` in a nested VM, times out the same way):
-//! on expiry `runsc kill <id> KILL`, then `runsc run` is given a moment to return
-//! and is SIGKILLed if it does not; the teardown then deletes what is left
+//! The hard timeout (`supervise`) covers the whole sandbox lifetime, boot included
+//! (a platform that hangs while booting, like `kvm` in a nested VM, times out the
+//! same way): on expiry `runsc kill <id> KILL`, then `runsc run` is given a moment
+//! to return and is SIGKILLed if it does not; the teardown then deletes what is left
 //! (`runsc delete --force <id>`) and verifies.
 
 use std::path::{Path, PathBuf};
