@@ -23,7 +23,7 @@ use oci_spec::runtime::{
 use serde::Serialize;
 use verify_core::Manifest;
 
-use crate::error::{LaunchError, Result};
+use crate::error::{BundleError, LaunchError, Result};
 
 /// The unprivileged user the capsule runs as (`nobody`).
 pub const SANDBOX_UID: u32 = 65534;
@@ -120,7 +120,7 @@ pub fn write(dir: &Path, input: &BundleInput<'_>) -> Result<BundleFacts> {
         Rootfs::Dir(base) => (base.clone(), Vec::new()),
     };
     let spec = build_spec(input, &root, &binds)?;
-    let bytes = serde_json::to_vec_pretty(&spec).map_err(|e| LaunchError::Bundle(e.to_string()))?;
+    let bytes = serde_json::to_vec_pretty(&spec).map_err(BundleError::from)?;
     let path = dir.join("config.json");
     fs::write(&path, &bytes).map_err(|e| LaunchError::io("write OCI config", &path, e))?;
     let digest = verify_core::crypto::default_backend().sha256_oneshot(&bytes);
@@ -161,7 +161,7 @@ fn make_rootfs(root: &Path, host: &[PathBuf]) -> Result<Vec<PathBuf>> {
     for path in host {
         let rel = path
             .strip_prefix("/")
-            .map_err(|_| LaunchError::Bundle(format!("{}: not absolute", path.display())))?;
+            .map_err(|_| BundleError::NotAbsolute(path.clone()))?;
         let meta = match fs::symlink_metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -188,8 +188,9 @@ fn memory_bytes(mib: u64) -> i64 {
     i64::try_from(mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX)
 }
 
-fn bundle_err(e: impl std::fmt::Display) -> LaunchError {
-    LaunchError::Bundle(e.to_string())
+/// An oci-spec builder's refusal, as the launcher's error.
+fn bundle_err(e: oci_spec::OciSpecError) -> LaunchError {
+    BundleError::Spec(e).into()
 }
 
 fn mount(dest: &str, typ: &str, source: &Path, options: &[&str]) -> Result<Mount> {
@@ -211,8 +212,7 @@ fn mount(dest: &str, typ: &str, source: &Path, options: &[&str]) -> Result<Mount
 /// as `"" = "A=B=c"`) in the probe's `--env NAME=VALUE` arguments.
 pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Result<Spec> {
     let m = input.manifest;
-    verify_core::verify::check_shape(m)
-        .map_err(|why| LaunchError::Bundle(format!("manifest: {why}")))?;
+    verify_core::verify::check_shape(m).map_err(|why| BundleError::Manifest(why.to_string()))?;
     let ro_bind = ["rbind", "ro", "nosuid", "nodev"];
     let mut mounts = vec![
         mount(
@@ -455,7 +455,9 @@ mod tests {
             r#"{"": "c"}"#,
         ] {
             match spec_of(&manifest(env)) {
-                Err(LaunchError::Bundle(why)) => assert!(why.contains("env name"), "{env}: {why}"),
+                Err(LaunchError::Bundle(BundleError::Manifest(why))) => {
+                    assert!(why.contains("env name"), "{env}: {why}")
+                }
                 other => panic!("{env}: expected a refusal, got {other:?}"),
             }
         }

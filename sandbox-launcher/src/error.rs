@@ -1,9 +1,43 @@
 //! The launcher's one error type. Every variant names the operation and what it was
 //! working on; a run that started but cannot be vouched for carries its report.
+//! [`LaunchError::kind`] sorts them into configuration errors (fix the setup; nothing
+//! ran) and run failures (the sandbox, its runtime or its teardown failed), so that a
+//! caller can give them different exit codes.
 
 use std::path::PathBuf;
 
 use crate::RunReport;
+
+/// The two kinds of [`LaunchError`], for the caller's exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The launcher is not set up right: a program or shim is not installed, a
+    /// setting is invalid, its state directory or the egress probe is unusable.
+    /// Nothing was launched; fixing the configuration or the host fixes it.
+    Config,
+    /// A run or the runtime under it failed: staging refused the capsule's files,
+    /// the runtime failed or could not be reached, egress was not proven blocked,
+    /// teardown or the clean-up of an earlier run left something behind.
+    Run,
+}
+
+/// Why an OCI bundle could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleError {
+    /// The manifest is not one the verifier would admit (its reason).
+    #[error("manifest: {0}")]
+    Manifest(String),
+    /// A [`crate::Rootfs::HostBinds`] entry is a relative path.
+    #[error("{}: not absolute", .0.display())]
+    NotAbsolute(PathBuf),
+    /// oci-spec refused a value.
+    #[error(transparent)]
+    Spec(#[from] oci_spec::OciSpecError),
+    /// The config could not be serialised.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -42,10 +76,28 @@ pub enum LaunchError {
         actual: String,
         actual_size: u64,
     },
-    /// The OCI configuration could not be built or written.
+    /// The OCI configuration could not be built.
     #[error("OCI bundle: {0}")]
-    Bundle(String),
-    /// A file-system or process operation of the launcher failed.
+    Bundle(#[from] BundleError),
+    /// The launcher's own set-up failed: its state directory (or a private
+    /// containerd's) cannot be created or used, the egress probe is not there.
+    #[error("{op} {}: {source}", path.display())]
+    Setup {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A private containerd's socket path does not fit a unix socket address.
+    #[error("containerd start: socket path {} is too long for a unix socket", path.display())]
+    SocketPathTooLong { path: PathBuf },
+    /// The system's random number generator failed to give a run id.
+    #[error("random run id: {source}")]
+    RunId {
+        #[source]
+        source: verify_core::crypto::KeyRejected,
+    },
+    /// A file-system or process operation of a run failed.
     #[error("{op} {}: {source}", path.display())]
     Io {
         op: &'static str,
@@ -85,6 +137,45 @@ impl LaunchError {
             path: path.into(),
             source,
         }
+    }
+
+    pub(crate) fn setup(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        LaunchError::Setup {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Whether fixing the configuration, or installing what is missing, is what
+    /// this error asks for ([`ErrorKind::Config`]), or a run failed
+    /// ([`ErrorKind::Run`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            LaunchError::ToolMissing { .. }
+            | LaunchError::ShimMissing { .. }
+            | LaunchError::Setup { .. }
+            | LaunchError::SocketPathTooLong { .. }
+            | LaunchError::Bundle(BundleError::NotAbsolute(_)) => ErrorKind::Config,
+            LaunchError::Stage { .. }
+            | LaunchError::ChangedAfterAdmission { .. }
+            | LaunchError::Bundle(_)
+            | LaunchError::RunId { .. }
+            | LaunchError::Io { .. }
+            | LaunchError::Runtime { .. }
+            | LaunchError::RunFailed { .. }
+            | LaunchError::TeardownFailed { .. }
+            | LaunchError::StaleCleanup { .. } => ErrorKind::Run,
+        }
+    }
+
+    /// `kind() == ErrorKind::Config`.
+    pub fn is_config(&self) -> bool {
+        self.kind() == ErrorKind::Config
     }
 
     /// The report of a run that started, if this error happened after launch.

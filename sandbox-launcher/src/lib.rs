@@ -25,12 +25,28 @@
 //!    of it is left.
 //!
 //! A run that happened but cannot be vouched for (egress not proven blocked,
-//! teardown incomplete) is an error carrying its [`RunReport`].
+//! teardown incomplete) is an error carrying its [`RunReport`]. Every error says
+//! whether it is a configuration error or a run failure ([`LaunchError::kind`]).
+//!
+//! Layers. Each module uses only those below it:
+//!
+//! | layer | modules | uses |
+//! |---|---|---|
+//! | the run, in order | this file ([`Launcher`]) | everything below |
+//! | removal and recovery | [`teardown`] | `runtime` (its `Runtime` interface), `host` |
+//! | the sandbox runtimes | [`runtime`] (`supervise`, `runsc`, `containerd`, `process`) | `bundle` (its `Flavor`), `host` |
+//! | the run's inputs | [`stage`], [`bundle`], [`probe`] | — |
+//! | the host seen from outside | [`host`] (names of a run's traces, `/proc`, cgroups, signals) | — |
+//! | errors | [`error`] | — |
+//!
+//! All but `host` use [`error`]; [`error`] refers back to this file only for the
+//! [`RunReport`] a failed run's error carries, as data.
 
 #![deny(unsafe_code)]
 
 pub mod bundle;
 pub mod error;
+pub mod host;
 pub mod probe;
 pub mod runtime;
 pub mod stage;
@@ -44,8 +60,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use verify_core::Admitted;
 
+use runtime::{RunCtx, Runtime};
+
 pub use bundle::{BundleFacts, Rootfs};
-pub use error::LaunchError;
+pub use error::{BundleError, ErrorKind, LaunchError};
 pub use probe::{EgressReport, ProbeReport};
 pub use runtime::containerd::{ContainerdConfig, PrivateContainerd};
 pub use runtime::runsc::RunscConfig;
@@ -125,115 +143,11 @@ pub struct RunReport {
     pub runtime_notes: Vec<String>,
 }
 
-/// What a runtime hands back after a run.
-#[derive(Debug)]
-pub(crate) struct RawOutcome {
-    pub exit_code: Option<i32>,
-    pub timed_out: bool,
-    pub interrupted: bool,
-    pub stdout: Output,
-    pub stderr: Output,
-    pub notes: Vec<String>,
-}
-
-/// What a runtime needs for one run.
-#[derive(Debug)]
-pub(crate) struct RunCtx<'a> {
-    pub container_id: &'a str,
-    pub bundle_dir: &'a Path,
-    pub deadline: Instant,
-    pub cancel: &'a AtomicBool,
-    pub output_cap: usize,
-}
-
-/// The runtime in use, ready.
-#[derive(Debug)]
-pub(crate) enum Runtime {
-    Runsc(runtime::runsc::Runsc),
-    Containerd(runtime::containerd::Containerd),
-}
-
-impl Runtime {
-    fn new(config: &RuntimeConfig, state_dir: &Path) -> Result<Runtime> {
-        Ok(match config {
-            RuntimeConfig::Runsc(c) => Runtime::Runsc(runtime::runsc::Runsc::new(c, state_dir)?),
-            RuntimeConfig::Containerd(c) => {
-                Runtime::Containerd(runtime::containerd::Containerd::new(c)?)
-            }
-        })
-    }
-
-    pub(crate) fn kind(&self) -> &'static str {
-        match self {
-            Runtime::Runsc(_) => "runsc",
-            Runtime::Containerd(_) => "containerd",
-        }
-    }
-
-    fn flavor(&self) -> bundle::Flavor {
-        match self {
-            Runtime::Runsc(_) => bundle::Flavor::Runsc,
-            Runtime::Containerd(_) => bundle::Flavor::Containerd,
-        }
-    }
-
-    fn host_network(&self) -> bool {
-        match self {
-            Runtime::Runsc(r) => r.host_network(),
-            Runtime::Containerd(_) => false,
-        }
-    }
-
-    fn facts(&self) -> RuntimeFacts {
-        match self {
-            Runtime::Runsc(r) => r.facts(),
-            Runtime::Containerd(c) => c.facts(),
-        }
-    }
-
-    fn run(&self, ctx: &RunCtx<'_>) -> Result<RawOutcome> {
-        match self {
-            Runtime::Runsc(r) => r.run(ctx),
-            Runtime::Containerd(c) => c.run(ctx),
-        }
-    }
-
-    pub(crate) fn remove(&self, container_id: &str) -> Vec<String> {
-        match self {
-            Runtime::Runsc(r) => r.remove(container_id),
-            Runtime::Containerd(c) => c.remove(container_id),
-        }
-    }
-
-    pub(crate) fn listed(&self, container_id: &str) -> Result<bool> {
-        match self {
-            Runtime::Runsc(r) => r.listed(container_id),
-            Runtime::Containerd(c) => c.listed(container_id),
-        }
-    }
-
-    pub(crate) fn list(&self) -> Result<Vec<String>> {
-        match self {
-            Runtime::Runsc(r) => r.list(),
-            Runtime::Containerd(c) => c.list(),
-        }
-    }
-
-    pub(crate) fn state_files(&self, container_id: &str) -> Vec<PathBuf> {
-        match self {
-            Runtime::Runsc(r) => r.state_files(container_id),
-            // containerd keeps its bundles under its own state directory, which the
-            // list check covers: a deleted container has none.
-            Runtime::Containerd(_) => Vec::new(),
-        }
-    }
-}
-
 /// Launches admitted capsules.
 #[derive(Debug)]
 pub struct Launcher {
     config: LauncherConfig,
-    runtime: Runtime,
+    runtime: Box<dyn Runtime>,
     stale: Vec<StaleReport>,
 }
 
@@ -247,19 +161,19 @@ impl Launcher {
             .recursive(true)
             .mode(0o700)
             .create(state.join("runs"))
-            .map_err(|e| LaunchError::io("create state directory", state, e))?;
+            .map_err(|e| LaunchError::setup("create state directory", state, e))?;
         let state_dir = state
             .canonicalize()
-            .map_err(|e| LaunchError::io("resolve state directory", state, e))?;
+            .map_err(|e| LaunchError::setup("resolve state directory", state, e))?;
         if !config.probe.path.is_file() {
-            return Err(LaunchError::io(
+            return Err(LaunchError::setup(
                 "find egress probe",
                 &config.probe.path,
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             ));
         }
-        let runtime = Runtime::new(&config.runtime, &state_dir)?;
-        let stale = teardown::recover_stale(&runtime, &state_dir)?;
+        let runtime = runtime::open(&config.runtime, &state_dir)?;
+        let stale = teardown::recover_stale(&*runtime, &state_dir)?;
         Ok(Launcher {
             config: LauncherConfig {
                 state_dir,
@@ -303,7 +217,7 @@ impl Launcher {
         cancel: &AtomicBool,
     ) -> Result<RunReport> {
         let run_id = run_id.as_str().to_string();
-        let container_id = teardown::container_id(&run_id);
+        let container_id = host::container_id(&run_id);
         let run_dir = self.config.state_dir.join("runs").join(&run_id);
         // The run directory and its lock appear together, under runs.lock, so that a
         // concurrent start-up never takes a run in the making for a stale one.
@@ -319,7 +233,7 @@ impl Launcher {
         match result {
             Ok(mut report) => {
                 report.teardown = teardown::teardown(
-                    &self.runtime,
+                    &*self.runtime,
                     &run_id,
                     &container_id,
                     &run_dir,
@@ -344,8 +258,13 @@ impl Launcher {
             }
             Err(e) => {
                 // Nothing may outlive a failed start either.
-                let t =
-                    teardown::teardown(&self.runtime, &run_id, &container_id, &run_dir, Vec::new());
+                let t = teardown::teardown(
+                    &*self.runtime,
+                    &run_id,
+                    &container_id,
+                    &run_dir,
+                    Vec::new(),
+                );
                 drop(lock);
                 if !t.ok {
                     return Err(LaunchError::TeardownFailed {
@@ -373,7 +292,7 @@ impl Launcher {
         let listener = probe::HostListener::open()
             .map_err(|e| LaunchError::io("open egress listener", "127.0.0.1", e))?;
         let bundle_dir = run_dir.join("bundle");
-        let cgroups_path = teardown::cgroups_path(container_id);
+        let cgroups_path = host::cgroups_path(container_id);
         let input = bundle::BundleInput {
             manifest,
             rootfs: &self.config.rootfs,
@@ -403,7 +322,7 @@ impl Launcher {
             cancel,
             output_cap: self.config.output_cap_bytes,
         };
-        let raw = self.runtime.run(&ctx)?;
+        let raw = runtime::supervise(&*self.runtime, &ctx)?;
         let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
 
         let (probe_report, rest) = probe::split_report(&raw.stdout.bytes);
@@ -478,9 +397,7 @@ impl RunId {
         let mut bytes = [0u8; 16];
         verify_core::crypto::default_backend()
             .random(&mut bytes)
-            .map_err(|e| {
-                LaunchError::io("random run id", "", std::io::Error::other(format!("{e:?}")))
-            })?;
+            .map_err(|source| LaunchError::RunId { source })?;
         Ok(RunId(bytes.iter().map(|b| format!("{b:02x}")).collect()))
     }
 

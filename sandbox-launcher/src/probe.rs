@@ -206,24 +206,43 @@ struct Args<'a> {
 
 const USAGE: &str = "usage: --connect ADDR [--env NAME=VALUE]... -- ENTRYPOINT [ARG...]";
 
-fn parse_args(args: &[OsString]) -> Result<Args<'_>, String> {
+/// Why the probe refused its arguments (it prints this and exits [`EXIT_USAGE`]).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum ArgsError {
+    #[error("{USAGE}")]
+    Usage,
+    #[error("bad address {0:?}")]
+    BadAddress(OsString),
+    #[error("no entrypoint after `--`")]
+    NoEntrypoint,
+    #[error("an env entry is not UTF-8")]
+    EnvNotUtf8,
+    #[error("env entry `{0}` is not NAME=VALUE")]
+    EnvNotPair(String),
+    #[error("env name `{0}` is not [A-Za-z_][A-Za-z0-9_]*")]
+    EnvBadName(String),
+    #[error("env name `{0}` given twice")]
+    EnvTwice(String),
+}
+
+fn parse_args(args: &[OsString]) -> Result<Args<'_>, ArgsError> {
     let [flag, addr, rest @ ..] = args else {
-        return Err(USAGE.into());
+        return Err(ArgsError::Usage);
     };
     if flag != "--connect" {
-        return Err(USAGE.into());
+        return Err(ArgsError::Usage);
     }
     let target = addr
         .to_str()
         .and_then(|a| a.parse().ok())
-        .ok_or_else(|| format!("bad address {addr:?}"))?;
+        .ok_or_else(|| ArgsError::BadAddress(addr.clone()))?;
     let mut env = Vec::new();
     let mut rest = rest;
     loop {
         match rest {
             [sep, entrypoint @ ..] if sep == "--" => {
                 if entrypoint.is_empty() {
-                    return Err("no entrypoint after `--`".into());
+                    return Err(ArgsError::NoEntrypoint);
                 }
                 return Ok(Args {
                     target,
@@ -232,20 +251,20 @@ fn parse_args(args: &[OsString]) -> Result<Args<'_>, String> {
                 });
             }
             [env_flag, pair, more @ ..] if env_flag == "--env" => {
-                let pair = pair.to_str().ok_or("an env entry is not UTF-8")?;
+                let pair = pair.to_str().ok_or(ArgsError::EnvNotUtf8)?;
                 let (name, value) = pair
                     .split_once('=')
-                    .ok_or_else(|| format!("env entry `{pair}` is not NAME=VALUE"))?;
+                    .ok_or_else(|| ArgsError::EnvNotPair(pair.to_string()))?;
                 if !valid_env_name(name) {
-                    return Err(format!("env name `{name}` is not [A-Za-z_][A-Za-z0-9_]*"));
+                    return Err(ArgsError::EnvBadName(name.to_string()));
                 }
                 if env.iter().any(|(k, _)| *k == name) {
-                    return Err(format!("env name `{name}` given twice"));
+                    return Err(ArgsError::EnvTwice(name.to_string()));
                 }
                 env.push((name, value));
                 rest = more;
             }
-            _ => return Err(USAGE.into()),
+            _ => return Err(ArgsError::Usage),
         }
     }
 }
@@ -388,41 +407,43 @@ mod tests {
         assert_eq!(parsed.entrypoint, &ok[7..]);
         let none = os(&["--connect", "127.0.0.1:1", "--", "/bin/true"]);
         assert!(parse_args(&none).expect("valid").env.is_empty());
-        for bad in [
-            &["--connect", "127.0.0.1:1", "--"][..],
-            &["--connect", "nope", "--", "/bin/true"],
-            &["--connect", "127.0.0.1:1", "--env", "A", "--", "/bin/true"],
-            &["--connect", "127.0.0.1:1", "--env", "=A", "--", "/bin/true"],
-            &[
-                "--connect",
-                "127.0.0.1:1",
-                "--env",
-                "1A=b",
-                "--",
-                "/bin/true",
-            ],
-            &[
-                "--connect",
-                "127.0.0.1:1",
-                "--env",
-                "A=1",
-                "--env",
-                "A=2",
-                "--",
-                "/bin/true",
-            ],
-            &["--connect", "127.0.0.1:1", "--env", "A=1", "/bin/true"],
-            &[
-                "--connect",
-                "127.0.0.1:1",
-                "--only-env",
-                "A",
-                "--",
-                "/bin/true",
-            ],
-            &["/bin/true"],
-        ] {
-            assert!(parse_args(&os(bad)).is_err(), "{bad:?}");
+        // Each refusal names its one reason.
+        let c = ["--connect", "127.0.0.1:1"];
+        let cases: Vec<(Vec<&str>, ArgsError)> = vec![
+            ([&c[..], &["--"]].concat(), ArgsError::NoEntrypoint),
+            (
+                vec!["--connect", "nope", "--", "/bin/true"],
+                ArgsError::BadAddress("nope".into()),
+            ),
+            (
+                [&c[..], &["--env", "A", "--", "/bin/true"]].concat(),
+                ArgsError::EnvNotPair("A".into()),
+            ),
+            (
+                [&c[..], &["--env", "=A", "--", "/bin/true"]].concat(),
+                ArgsError::EnvBadName(String::new()),
+            ),
+            (
+                [&c[..], &["--env", "1A=b", "--", "/bin/true"]].concat(),
+                ArgsError::EnvBadName("1A".into()),
+            ),
+            (
+                [&c[..], &["--env", "A=1", "--env", "A=2", "--", "/bin/true"]].concat(),
+                ArgsError::EnvTwice("A".into()),
+            ),
+            (
+                [&c[..], &["--env", "A=1", "/bin/true"]].concat(),
+                ArgsError::Usage,
+            ),
+            (
+                [&c[..], &["--only-env", "A", "--", "/bin/true"]].concat(),
+                ArgsError::Usage,
+            ),
+            (vec!["/bin/true"], ArgsError::Usage),
+        ];
+        for (bad, why) in cases {
+            assert_eq!(parse_args(&os(&bad)).err(), Some(why), "{bad:?}");
         }
+        assert_eq!(ArgsError::Usage.to_string(), USAGE);
     }
 }

@@ -25,18 +25,16 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::fs::FlockOperation;
 use serde::Serialize;
 
 use crate::error::{LaunchError, Result};
-use crate::Runtime;
-
-/// Prefix of every container id the launcher creates.
-pub const CONTAINER_PREFIX: &str = "capsule-";
-/// Parent of every run's cgroup.
-pub const CGROUP_PARENT: &str = "capsule-gateway";
+use crate::host::{self, cgroup_dirs, processes_of, Signal};
+// Where they were before `host` existed: part of this module's public API.
+pub use crate::host::{cgroups_path, container_id, CGROUP_PARENT, CONTAINER_PREFIX};
+use crate::runtime::Runtime;
 
 /// One check of the teardown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -75,19 +73,9 @@ pub struct StaleReport {
     pub teardown: TeardownReport,
 }
 
-/// The container id of a run.
-pub fn container_id(run_id: &str) -> String {
-    format!("{CONTAINER_PREFIX}{run_id}")
-}
-
-/// The cgroup path of a run's container (relative to each hierarchy's root).
-pub fn cgroups_path(container_id: &str) -> String {
-    format!("/{CGROUP_PARENT}/{container_id}")
-}
-
 /// Removes everything of one run and verifies that it is gone.
 pub(crate) fn teardown(
-    runtime: &Runtime,
+    runtime: &dyn Runtime,
     run_id: &str,
     container_id: &str,
     run_dir: &Path,
@@ -98,7 +86,7 @@ pub(crate) fn teardown(
     // 2. Processes the runtime left: SIGKILL by pid, then wait for them to go.
     let left = wait_gone(run_id, Duration::from_secs(2));
     for (pid, what) in &left {
-        crate::runtime::kill_pid(*pid);
+        host::signal(*pid, Signal::KILL);
         actions.push(format!("killed leftover process {pid} ({what})"));
     }
     if !left.is_empty() {
@@ -127,7 +115,7 @@ pub(crate) fn teardown(
 
 /// The checks alone, from the outside.
 pub(crate) fn verify(
-    runtime: &Runtime,
+    runtime: &dyn Runtime,
     run_id: &str,
     container_id: &str,
     run_dir: &Path,
@@ -152,47 +140,26 @@ pub(crate) fn verify(
         },
     });
     let procs = processes_of(run_id);
-    checks.push(Check {
-        name: "processes",
-        ok: procs.is_empty(),
-        detail: if procs.is_empty() {
-            "no host process names the run or is in its cgroup".into()
-        } else {
-            procs
-                .iter()
-                .map(|(pid, what)| format!("{pid} ({what})"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        },
-    });
-    let cgroups = cgroup_dirs(container_id);
-    checks.push(Check {
-        name: "cgroups",
-        ok: cgroups.is_empty(),
-        detail: if cgroups.is_empty() {
-            "no cgroup of the container is left".into()
-        } else {
-            cgroups
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        },
-    });
-    let state = runtime.state_files(container_id);
-    checks.push(Check {
-        name: "runtime_state",
-        ok: state.is_empty(),
-        detail: if state.is_empty() {
-            "no runtime state file of the container is left".into()
-        } else {
-            state
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        },
-    });
+    checks.push(nothing_left(
+        "processes",
+        procs.iter().map(|(pid, what)| format!("{pid} ({what})")),
+        "no host process names the run or is in its cgroup",
+    ));
+    checks.push(nothing_left(
+        "cgroups",
+        cgroup_dirs(container_id)
+            .iter()
+            .map(|d| d.display().to_string()),
+        "no cgroup of the container is left",
+    ));
+    checks.push(nothing_left(
+        "runtime_state",
+        runtime
+            .state_files(container_id)
+            .iter()
+            .map(|d| d.display().to_string()),
+        "no runtime state file of the container is left",
+    ));
     let dir_gone = !run_dir.exists();
     checks.push(Check {
         name: "run_directory",
@@ -207,6 +174,20 @@ pub(crate) fn verify(
         ok: checks.iter().all(|c| c.ok),
         checks,
         actions,
+    }
+}
+
+/// A check that passes when nothing is `left`; it fails naming each thing left.
+fn nothing_left(name: &'static str, left: impl Iterator<Item = String>, none_left: &str) -> Check {
+    let left: Vec<String> = left.collect();
+    Check {
+        name,
+        ok: left.is_empty(),
+        detail: if left.is_empty() {
+            none_left.into()
+        } else {
+            left.join(", ")
+        },
     }
 }
 
@@ -235,77 +216,14 @@ fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// A process's command line, `None` if it is gone (or a zombie, which has none).
-pub(crate) fn cmdline(pid: u32) -> Option<Vec<String>> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    if raw.is_empty() {
-        return None;
-    }
-    Some(
-        raw.split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect(),
-    )
-}
-
-/// Host processes of a run: named by it on their command line, or in its cgroup.
-pub fn processes_of(run_id: &str) -> Vec<(u32, String)> {
-    let me = std::process::id();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let args = cmdline(pid);
-        let named = args
-            .as_ref()
-            .is_some_and(|a| a.iter().any(|x| x.contains(run_id)));
-        let in_cgroup =
-            fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(run_id));
-        // A zombie has no command line and holds nothing but its pid.
-        if (named || in_cgroup) && args.is_some() {
-            let what = args
-                .map(|a| a.iter().take(3).cloned().collect::<Vec<_>>().join(" "))
-                .unwrap_or_default();
-            out.push((pid, what.chars().take(160).collect()));
-        }
-    }
-    out
-}
-
 /// Polls until no process of the run is left or `limit` passes; returns what is left.
 fn wait_gone(run_id: &str, limit: Duration) -> Vec<(u32, String)> {
-    let end = Instant::now() + limit;
-    loop {
-        let left = processes_of(run_id);
-        if left.is_empty() || Instant::now() >= end {
-            return left;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Existing cgroup directories of a container, in every mounted hierarchy (cgroup v1
-/// controllers under `/sys/fs/cgroup/<controller>`, or the v2 unified tree).
-pub fn cgroup_dirs(container_id: &str) -> Vec<PathBuf> {
-    let base = Path::new("/sys/fs/cgroup");
-    let mut candidates = vec![base.join(CGROUP_PARENT).join(container_id)];
-    if let Ok(rd) = fs::read_dir(base) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                candidates.push(e.path().join(CGROUP_PARENT).join(container_id));
-            }
-        }
-    }
-    candidates.retain(|p| p.exists());
-    candidates
+    let mut left = Vec::new();
+    host::poll_until(limit, || {
+        left = processes_of(run_id);
+        left.is_empty()
+    });
+    left
 }
 
 /// An exclusive `flock`, held as long as the file is open.
@@ -345,7 +263,7 @@ impl Lock {
 }
 
 /// Finds and removes every sandbox of this launcher whose run is not live.
-pub(crate) fn recover_stale(runtime: &Runtime, state_dir: &Path) -> Result<Vec<StaleReport>> {
+pub(crate) fn recover_stale(runtime: &dyn Runtime, state_dir: &Path) -> Result<Vec<StaleReport>> {
     let runs = state_dir.join("runs");
     let _guard = Lock::acquire(&state_dir.join("runs.lock"))?;
     let mut stale: Vec<(String, Option<Lock>)> = Vec::new();
@@ -400,8 +318,9 @@ mod tests {
     #[test]
     fn a_process_the_runtime_left_behind_is_found_killed_and_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let runtime = Runtime::new(&RuntimeConfig::Runsc(RunscConfig::default()), dir.path())
-            .unwrap_or_else(|e| panic!("runsc (Debian package `runsc`): {e}"));
+        let runtime =
+            crate::runtime::open(&RuntimeConfig::Runsc(RunscConfig::default()), dir.path())
+                .unwrap_or_else(|e| panic!("runsc (Debian package `runsc`): {e}"));
         let run_id = RunId::new().expect("run id");
         let run_id = run_id.as_str();
         let container = container_id(run_id);
@@ -414,10 +333,12 @@ mod tests {
             .spawn()
             .expect("bash (Debian package `bash`)");
         let pid = stray.id();
-        let seen = wait_until(|| processes_of(run_id).iter().any(|(p, _)| *p == pid));
+        let seen = host::poll_until(Duration::from_secs(5), || {
+            processes_of(run_id).iter().any(|(p, _)| *p == pid)
+        });
         assert!(seen, "the stray process never showed up in /proc");
 
-        let before = verify(&runtime, run_id, &container, &run_dir, Vec::new());
+        let before = verify(&*runtime, run_id, &container, &run_dir, Vec::new());
         assert!(!before.ok, "{before:?}");
         let procs = before
             .checks
@@ -429,7 +350,7 @@ mod tests {
             "{procs:?}"
         );
 
-        let after = teardown(&runtime, run_id, &container, &run_dir, Vec::new());
+        let after = teardown(&*runtime, run_id, &container, &run_dir, Vec::new());
         assert!(after.ok, "{}", after.failures());
         assert!(
             after
@@ -442,16 +363,5 @@ mod tests {
         let status = stray.wait().expect("reap");
         assert_eq!(status.signal(), Some(9), "{status:?}");
         assert!(!run_dir.exists());
-    }
-
-    fn wait_until(mut f: impl FnMut() -> bool) -> bool {
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            if f() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
     }
 }

@@ -147,9 +147,15 @@ fn kata_is_the_production_runtime_type_and_its_absence_is_named() {
         probe(),
     ));
     match result {
-        Err(LaunchError::ShimMissing { shim, .. }) => {
-            assert!(!kata_installed);
-            assert_eq!(shim, "containerd-shim-kata-v2");
+        Err(e) if !kata_installed => {
+            assert!(
+                matches!(&e, LaunchError::ShimMissing { shim, .. } if shim == "containerd-shim-kata-v2"),
+                "{e:?}"
+            );
+            assert!(
+                e.is_config(),
+                "a missing shim is a configuration error: {e}"
+            );
         }
         // With Kata installed the launcher gets as far as asking containerd, which is
         // not running at that socket.

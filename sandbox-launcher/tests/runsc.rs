@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use capsule_tests::World;
 use common::*;
 use sandbox_launcher::{
-    LaunchError, Launcher, LauncherConfig, RunReport, RunscConfig, RuntimeConfig,
+    ErrorKind, LaunchError, Launcher, LauncherConfig, ProbeBinary, Rootfs, RunReport, RunscConfig,
+    RuntimeConfig,
 };
 
 fn runsc() -> RuntimeConfig {
@@ -241,7 +242,11 @@ fn a_file_changed_after_admission_never_reaches_the_sandbox() {
         let capsule = script_capsule(&w, &format!("capsule-{i}"), script, LIMITS, &[]);
         let admitted = admit(&w, &capsule);
         swap(&capsule.join("files/run.sh"), &w, evil);
-        match launcher.launch(&admitted) {
+        let result = launcher.launch(&admitted);
+        if let Err(e) = &result {
+            assert_eq!(e.kind(), ErrorKind::Run, "{how}: {e}");
+        }
+        match result {
             Err(LaunchError::ChangedAfterAdmission { path, .. }) => {
                 assert_eq!(path, "run.sh", "{how}")
             }
@@ -342,6 +347,11 @@ fn the_egress_probe_fails_the_run_when_egress_is_open() {
         .expect_err("open egress must fail the run");
     let report = err.report().unwrap_or_else(|| panic!("no report: {err}"));
     assert!(err.to_string().contains("egress is open"), "{err}");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Run,
+        "a failed run is no configuration error"
+    );
     assert!(!report.egress.blocked);
     assert!(report.egress.listener_accepted, "{:?}", report.egress);
     assert!(report.egress.probe.as_ref().is_some_and(|p| p.connected));
@@ -437,6 +447,54 @@ fn a_missing_runsc_is_an_error_naming_the_debian_package() {
         "{err}"
     );
     assert!(err.to_string().contains("Debian package `runsc`"), "{err}");
+    assert!(
+        err.is_config(),
+        "a missing runtime is a configuration error: {err}"
+    );
+}
+
+/// A probe binary that is not there is the launcher's configuration, found before
+/// any runtime is asked: a configuration error naming the path.
+#[test]
+fn a_missing_probe_is_a_configuration_error() {
+    let w = World::new();
+    let probe = ProbeBinary {
+        path: w.path("no-such-probe"),
+        args: Vec::new(),
+    };
+    let err =
+        Launcher::new(LauncherConfig::new(w.path("l"), runsc(), probe)).expect_err("no probe");
+    assert!(
+        matches!(&err, LaunchError::Setup { op: "find egress probe", path, .. } if path == &w.path("no-such-probe")),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+}
+
+/// A relative host bind in the root file system is a bad setting, refused before a
+/// sandbox exists, and torn down like any failed start.
+#[test]
+fn a_relative_host_bind_is_a_configuration_error() {
+    let w = World::new();
+    let capsule = script_capsule(&w, "capsule", "echo hi", LIMITS, &[]);
+    let admitted = admit(&w, &capsule);
+    let state = w.path("launcher");
+    let mut config = LauncherConfig::new(&state, runsc(), probe());
+    config.rootfs = Rootfs::HostBinds(vec!["usr".into()]);
+    let launcher = Launcher::new(config).unwrap_or_else(|e| panic!("launcher: {e}"));
+    let err = launcher.launch(&admitted).expect_err("relative bind");
+    assert!(
+        matches!(
+            &err,
+            LaunchError::Bundle(sandbox_launcher::BundleError::NotAbsolute(p)) if p.as_os_str() == "usr"
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_config(), "{err}");
+    let runs: Vec<_> = std::fs::read_dir(state.join("runs"))
+        .expect("runs")
+        .collect();
+    assert!(runs.is_empty(), "the failed start left {runs:?}");
 }
 
 /// The staged copy is what the sandbox reads: read-only, owned by the launcher,

@@ -15,21 +15,23 @@
 //! `io.katacontainers.*` annotations, which this launcher does not set: Kata sizes
 //! the VM from `linux.resources`).
 //!
-//! Timeout: `ctr task kill --all -s SIGKILL <id>`, then `ctr run` is given a moment
-//! to return; the teardown then runs `ctr task delete --force` and `ctr container
-//! delete` for whatever is left, and verifies.
+//! Timeout (`supervise`): `ctr task kill --all -s SIGKILL <id>`, then `ctr run` is
+//! given a moment to return; the teardown then runs `ctr task delete --force` and
+//! `ctr container delete` for whatever is left, and verifies.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{
-    capture, exit_code, find_program, join_capture, require, run_bounded, RuntimeFacts, Version,
-    Waited, Waiter,
+use super::process::{
+    find_program, housekeep, list_ids, require, run_bounded, Ran, RuntimeCommand, Version, Waiter,
+    HOUSEKEEPING,
 };
+use super::{RunCtx, Runtime, RuntimeFacts};
+use crate::bundle::Flavor;
 use crate::error::{LaunchError, Result};
-use crate::{RawOutcome, RunCtx};
+use crate::host::{self, Signal};
 
 /// The production runtime type: Kata Containers.
 pub const KATA: &str = "io.containerd.kata.v2";
@@ -81,9 +83,6 @@ fn shim_binary(runtime_type: &str) -> String {
     }
 }
 
-const HOUSEKEEPING: Duration = Duration::from_secs(30);
-const AFTER_KILL: Duration = Duration::from_secs(5);
-
 #[derive(Debug)]
 pub(crate) struct Containerd {
     ctr: PathBuf,
@@ -125,149 +124,19 @@ impl Containerd {
         c
     }
 
-    pub(crate) fn facts(&self) -> RuntimeFacts {
-        RuntimeFacts {
-            kind: "containerd",
-            platform: None,
-            runtime_type: Some(self.config.runtime_type.clone()),
-            version: self.version.get(),
-            network: "none",
-        }
-    }
-
-    pub(crate) fn run(&self, ctx: &RunCtx<'_>) -> Result<RawOutcome> {
-        let config = ctx.bundle_dir.join("config.json");
-        let mut cmd = self.cmd();
-        cmd.arg("run")
-            .arg("--rm")
-            .arg("--config")
-            .arg(&config)
-            .arg("--runtime")
-            .arg(&self.config.runtime_type)
-            .arg(ctx.container_id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| LaunchError::io("spawn", &self.ctr, e))?;
-        let out = child.stdout.take().map(|o| capture(o, ctx.output_cap));
-        let err = child.stderr.take().map(|e| capture(e, ctx.output_cap));
-        let mut waiter = Waiter::new(child);
-        let mut notes = Vec::new();
-        let (status, timed_out, interrupted) = match waiter.wait(ctx.deadline, ctx.cancel) {
-            Waited::Exited(s) => (Some(s), false, false),
-            Waited::Lost => (None, false, false),
-            why @ (Waited::TimedOut | Waited::Interrupted) => {
-                match run_bounded(
-                    self.cmd()
-                        .args(["task", "kill", "--all", "--signal", "SIGKILL"])
-                        .arg(ctx.container_id),
-                    HOUSEKEEPING,
-                ) {
-                    Ok(r) if r.ok => {}
-                    Ok(r) => notes.push(format!("ctr task kill: {}", r.stderr.trim())),
-                    Err(e) => notes.push(format!("ctr task kill: {e}")),
-                }
-                let status = waiter.finish(AFTER_KILL);
-                if status.is_none() {
-                    notes.push(format!(
-                        "ctr run (pid {}) did not return after the kill and was SIGKILLed",
-                        waiter.pid()
-                    ));
-                }
-                (
-                    status,
-                    matches!(why, Waited::TimedOut),
-                    matches!(why, Waited::Interrupted),
-                )
-            }
-        };
-        // The container itself is removed (and that verified) by the teardown.
-        let grace = Duration::from_secs(5);
-        Ok(RawOutcome {
-            exit_code: if timed_out || interrupted {
-                None
-            } else {
-                status.and_then(exit_code)
-            },
-            timed_out,
-            interrupted,
-            stdout: out.map(|h| join_capture(h, grace)).unwrap_or_default(),
-            stderr: err.map(|h| join_capture(h, grace)).unwrap_or_default(),
-            notes,
-        })
-    }
-
-    /// Kills and deletes the task and the container; a missing one is not an error.
-    pub(crate) fn remove(&self, container_id: &str) -> Vec<String> {
-        let mut notes = Vec::new();
-        if self
-            .tasks()
-            .map(|t| t.iter().any(|c| c == container_id))
-            .unwrap_or(true)
-        {
-            let _ = run_bounded(
-                self.cmd()
-                    .args(["task", "kill", "--all", "--signal", "SIGKILL"])
-                    .arg(container_id),
-                HOUSEKEEPING,
-            );
-            // Give the shim a moment to reap before the forced delete.
-            let end = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < end && self.task_running(container_id).unwrap_or(false) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            match run_bounded(
-                self.cmd()
-                    .args(["task", "delete", "--force"])
-                    .arg(container_id),
-                HOUSEKEEPING,
-            ) {
-                Ok(r) if r.ok || r.stderr.contains("not found") => {}
-                Ok(r) => notes.push(format!("ctr task delete: {}", r.stderr.trim())),
-                Err(e) => notes.push(format!("ctr task delete: {e}")),
-            }
-        }
-        if self
-            .containers()
-            .map(|c| c.iter().any(|c| c == container_id))
-            .unwrap_or(true)
-        {
-            match run_bounded(
-                self.cmd().args(["container", "delete"]).arg(container_id),
-                HOUSEKEEPING,
-            ) {
-                Ok(r) if r.ok || r.stderr.contains("not found") => {}
-                Ok(r) => notes.push(format!("ctr container delete: {}", r.stderr.trim())),
-                Err(e) => notes.push(format!("ctr container delete: {e}")),
-            }
-        }
-        notes
-    }
-
     fn ids(&self, what: &str) -> Result<Vec<String>> {
-        let r = run_bounded(self.cmd().args([what, "list", "--quiet"]), HOUSEKEEPING)?;
-        if !r.ok {
-            return Err(LaunchError::Runtime {
-                runtime: "containerd",
-                op: format!("ctr {what} list"),
-                detail: r.stderr.trim().to_string(),
-            });
-        }
-        Ok(r.stdout
-            .lines()
-            .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
-            .filter(|l| !l.is_empty())
-            .collect())
+        list_ids(
+            "containerd",
+            &format!("ctr {what} list"),
+            self.cmd().args([what, "list", "--quiet"]),
+        )
     }
 
-    pub(crate) fn containers(&self) -> Result<Vec<String>> {
+    fn containers(&self) -> Result<Vec<String>> {
         self.ids("containers")
     }
 
-    pub(crate) fn tasks(&self) -> Result<Vec<String>> {
+    fn tasks(&self) -> Result<Vec<String>> {
         self.ids("tasks")
     }
 
@@ -279,14 +148,102 @@ impl Containerd {
         }))
     }
 
-    /// Whether the container or its task is still in containerd's lists.
-    pub(crate) fn listed(&self, container_id: &str) -> Result<bool> {
-        Ok(self.containers()?.iter().any(|c| c == container_id)
-            || self.tasks()?.iter().any(|c| c == container_id))
+    /// A `ctr` delete (`task delete --force`, `container delete`) of one container.
+    fn delete(&self, what: &'static str, args: &[&str], container_id: &str) -> RuntimeCommand {
+        let mut cmd = self.cmd();
+        cmd.args(args).arg(container_id);
+        RuntimeCommand::new(what, cmd)
+    }
+}
+
+/// A delete that finds nothing to delete did its job.
+fn deleted(r: &Ran) -> bool {
+    r.ok || r.stderr.contains("not found")
+}
+
+impl Runtime for Containerd {
+    fn kind(&self) -> &'static str {
+        "containerd"
+    }
+
+    fn flavor(&self) -> Flavor {
+        Flavor::Containerd
+    }
+
+    fn facts(&self) -> RuntimeFacts {
+        RuntimeFacts {
+            kind: "containerd",
+            platform: None,
+            runtime_type: Some(self.config.runtime_type.clone()),
+            version: self.version.get(),
+            network: "none",
+        }
+    }
+
+    /// `ctr run --rm`, attached: it relays the container's stdout and stderr and
+    /// exits with its status.
+    fn start(&self, ctx: &RunCtx<'_>) -> RuntimeCommand {
+        let config = ctx.bundle_dir.join("config.json");
+        let mut cmd = self.cmd();
+        cmd.arg("run")
+            .arg("--rm")
+            .arg("--config")
+            .arg(&config)
+            .arg("--runtime")
+            .arg(&self.config.runtime_type)
+            .arg(ctx.container_id);
+        RuntimeCommand::new("ctr run", cmd)
+    }
+
+    fn kill(&self, container_id: &str) -> RuntimeCommand {
+        let mut cmd = self.cmd();
+        cmd.args(["task", "kill", "--all", "--signal", "SIGKILL"])
+            .arg(container_id);
+        RuntimeCommand::new("ctr task kill", cmd)
+    }
+
+    /// Kills and deletes the task and the container; a missing one is not an error.
+    fn remove(&self, container_id: &str) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self
+            .tasks()
+            .map(|t| t.iter().any(|c| c == container_id))
+            .unwrap_or(true)
+        {
+            // A failed kill shows in the forced delete that follows.
+            let _ = housekeep(self.kill(container_id), |r| r.ok);
+            // Give the shim a moment to reap before the forced delete.
+            host::poll_until(Duration::from_secs(5), || {
+                !self.task_running(container_id).unwrap_or(false)
+            });
+            notes.extend(housekeep(
+                self.delete(
+                    "ctr task delete",
+                    &["task", "delete", "--force"],
+                    container_id,
+                ),
+                deleted,
+            ));
+        }
+        if self
+            .containers()
+            .map(|c| c.iter().any(|c| c == container_id))
+            .unwrap_or(true)
+        {
+            notes.extend(housekeep(
+                self.delete(
+                    "ctr container delete",
+                    &["container", "delete"],
+                    container_id,
+                ),
+                deleted,
+            ));
+        }
+        notes
     }
 
     /// Every container in the launcher's namespace.
-    pub(crate) fn list(&self) -> Result<Vec<String>> {
+    fn list(&self) -> Result<Vec<String>> {
         let mut all = self.containers()?;
         for t in self.tasks()? {
             if !all.contains(&t) {
@@ -294,6 +251,12 @@ impl Containerd {
             }
         }
         Ok(all)
+    }
+
+    /// Whether the container or its task is still in containerd's lists.
+    fn listed(&self, container_id: &str) -> Result<bool> {
+        Ok(self.containers()?.iter().any(|c| c == container_id)
+            || self.tasks()?.iter().any(|c| c == container_id))
     }
 }
 
@@ -316,21 +279,14 @@ const CONFIG_FILE: &str = "config.toml";
 impl PrivateContainerd {
     pub fn start(dir: &Path) -> Result<PrivateContainerd> {
         let binary = require(Path::new("containerd"), "containerd", "containerd")?;
-        std::fs::create_dir_all(dir).map_err(|e| LaunchError::io("create", dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| LaunchError::setup("create", dir, e))?;
         let dir = dir
             .canonicalize()
-            .map_err(|e| LaunchError::io("resolve", dir, e))?;
+            .map_err(|e| LaunchError::setup("resolve", dir, e))?;
         let address = dir.join("containerd.sock");
         // sun_path holds 108 bytes, and containerd adds `.ttrpc`.
         if address.as_os_str().len() > 100 {
-            return Err(LaunchError::Runtime {
-                runtime: "containerd",
-                op: "start".into(),
-                detail: format!(
-                    "socket path {} is too long for a unix socket",
-                    address.display()
-                ),
-            });
+            return Err(LaunchError::SocketPathTooLong { path: address });
         }
         let config_path = dir.join(CONFIG_FILE);
         stop_stale(&dir, &config_path);
@@ -358,15 +314,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             sock = address.display(),
         );
         let mut f = std::fs::File::create(&config_path)
-            .map_err(|e| LaunchError::io("write containerd config", &config_path, e))?;
+            .map_err(|e| LaunchError::setup("write containerd config", &config_path, e))?;
         f.write_all(config.as_bytes())
-            .map_err(|e| LaunchError::io("write containerd config", &config_path, e))?;
+            .map_err(|e| LaunchError::setup("write containerd config", &config_path, e))?;
         let log_path = dir.join("containerd.log");
         let log = std::fs::File::create(&log_path)
-            .map_err(|e| LaunchError::io("create containerd log", &log_path, e))?;
+            .map_err(|e| LaunchError::setup("create containerd log", &log_path, e))?;
         let log2 = log
             .try_clone()
-            .map_err(|e| LaunchError::io("create containerd log", &log_path, e))?;
+            .map_err(|e| LaunchError::setup("create containerd log", &log_path, e))?;
         let mut cmd = Command::new(&binary);
         cmd.arg("--config")
             .arg(&config_path)
@@ -450,7 +406,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 
     fn shutdown(&mut self) {
         if let Some(child) = self.child.take() {
-            terminate(child.id());
+            host::signal(child.id(), Signal::TERM);
             let mut waiter = Waiter::new(child);
             let _ = waiter.finish(Duration::from_secs(10));
         }
@@ -464,15 +420,6 @@ impl Drop for PrivateContainerd {
     }
 }
 
-fn terminate(pid: u32) {
-    if let Some(pid) = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    }
-}
-
 /// Stops a containerd left running by an earlier owner of `dir`: the pid file names
 /// it, and its command line must name this directory's config (a recycled pid is
 /// left alone).
@@ -483,18 +430,14 @@ fn stop_stale(dir: &Path, config_path: &Path) {
     let Ok(pid) = pid.trim().parse::<u32>() else {
         return;
     };
-    let ours = crate::teardown::cmdline(pid)
+    let ours = host::cmdline(pid)
         .is_some_and(|args| args.iter().any(|a| a == &config_path.to_string_lossy()));
     if !ours {
         return;
     }
-    terminate(pid);
-    let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end && crate::teardown::cmdline(pid).is_some() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if crate::teardown::cmdline(pid).is_some() {
-        super::kill_pid(pid);
+    host::signal(pid, Signal::TERM);
+    if !host::poll_until(Duration::from_secs(10), || host::cmdline(pid).is_none()) {
+        host::signal(pid, Signal::KILL);
     }
 }
 

@@ -6,21 +6,19 @@
 //! pipes given to it and its exit status is `runsc run`'s. `runsc run` starts the
 //! sandbox and gofer with a parent-death signal, so killing it takes them down too.
 //!
-//! The hard timeout covers the whole sandbox lifetime, boot included (a platform
-//! that hangs while booting, like `kvm` in a nested VM, times out the same way):
-//! on expiry `runsc kill <id> KILL`, then `runsc run` is given a moment to return
-//! and is SIGKILLed if it does not; the teardown then deletes what is left
+//! The hard timeout (`supervise`) covers the whole sandbox lifetime, boot included
+//! (a platform that hangs while booting, like `kvm` in a nested VM, times out the
+//! same way): on expiry `runsc kill <id> KILL`, then `runsc run` is given a moment
+//! to return and is SIGKILLed if it does not; the teardown then deletes what is left
 //! (`runsc delete --force <id>`) and verifies.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use super::{
-    capture, exit_code, join_capture, require, run_bounded, RuntimeFacts, Version, Waited, Waiter,
-};
+use super::process::{housekeep, list_ids, require, RuntimeCommand, Version};
+use super::{RunCtx, Runtime, RuntimeFacts};
+use crate::bundle::Flavor;
 use crate::error::{LaunchError, Result};
-use crate::{RawOutcome, RunCtx};
 
 /// How runsc is invoked.
 #[derive(Debug, Clone)]
@@ -48,11 +46,6 @@ impl Default for RunscConfig {
     }
 }
 
-/// How long a runtime housekeeping command (`kill`, `delete`, `list`) may take.
-const HOUSEKEEPING: Duration = Duration::from_secs(30);
-/// How long `runsc run` gets to return after its container was killed.
-const AFTER_KILL: Duration = Duration::from_secs(5);
-
 #[derive(Debug)]
 pub(crate) struct Runsc {
     binary: PathBuf,
@@ -67,7 +60,7 @@ impl Runsc {
         let binary = require(&config.binary, "runsc", "runsc")?;
         let root = state_dir.join("runsc");
         std::fs::create_dir_all(&root)
-            .map_err(|e| LaunchError::io("create runsc root", &root, e))?;
+            .map_err(|e| LaunchError::setup("create runsc root", &root, e))?;
         Ok(Runsc {
             version: Version::ask(&binary, "--version"),
             binary,
@@ -76,17 +69,27 @@ impl Runsc {
         })
     }
 
-    pub(crate) fn host_network(&self) -> bool {
-        self.config.host_network
-    }
-
     fn cmd(&self) -> Command {
         let mut c = Command::new(&self.binary);
         c.arg(format!("--root={}", self.root.display()));
         c
     }
+}
 
-    pub(crate) fn facts(&self) -> RuntimeFacts {
+impl Runtime for Runsc {
+    fn kind(&self) -> &'static str {
+        "runsc"
+    }
+
+    fn flavor(&self) -> Flavor {
+        Flavor::Runsc
+    }
+
+    fn host_network(&self) -> bool {
+        self.config.host_network
+    }
+
+    fn facts(&self) -> RuntimeFacts {
         RuntimeFacts {
             kind: "runsc",
             platform: Some(self.config.platform.clone()),
@@ -100,9 +103,9 @@ impl Runsc {
         }
     }
 
-    /// Runs the container to its end, the deadline, or cancellation; always tries
-    /// to delete it afterwards.
-    pub(crate) fn run(&self, ctx: &RunCtx<'_>) -> Result<RawOutcome> {
+    /// `runsc run`, attached: its stdout and stderr are the container's and its exit
+    /// status is the container's.
+    fn start(&self, ctx: &RunCtx<'_>) -> RuntimeCommand {
         let mut cmd = self.cmd();
         cmd.arg(if self.config.host_network {
             "--network=host"
@@ -116,110 +119,39 @@ impl Runsc {
         }
         cmd.arg("run")
             .arg(format!("--bundle={}", ctx.bundle_dir.display()))
-            .arg(ctx.container_id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // Its own process group: a Ctrl-C meant for the gateway reaches the launcher,
-        // which tears the sandbox down in order, not runsc directly.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| LaunchError::io("spawn", &self.binary, e))?;
-        let out = child.stdout.take().map(|o| capture(o, ctx.output_cap));
-        let err = child.stderr.take().map(|e| capture(e, ctx.output_cap));
-        let mut waiter = Waiter::new(child);
-        let mut notes = Vec::new();
-        let (status, timed_out, interrupted) = match waiter.wait(ctx.deadline, ctx.cancel) {
-            Waited::Exited(s) => (Some(s), false, false),
-            Waited::Lost => (None, false, false),
-            why @ (Waited::TimedOut | Waited::Interrupted) => {
-                match run_bounded(
-                    self.cmd().args(["kill", ctx.container_id, "KILL"]),
-                    HOUSEKEEPING,
-                ) {
-                    Ok(r) if r.ok => {}
-                    // Not created yet (still booting): killing `runsc run` below
-                    // takes the sandbox down through its parent-death signal.
-                    Ok(r) => notes.push(format!("runsc kill: {}", r.stderr.trim())),
-                    Err(e) => notes.push(format!("runsc kill: {e}")),
-                }
-                let status = waiter.finish(AFTER_KILL);
-                if status.is_none() {
-                    notes.push(format!(
-                        "runsc run (pid {}) did not return after the kill and was SIGKILLed",
-                        waiter.pid()
-                    ));
-                }
-                (
-                    status,
-                    matches!(why, Waited::TimedOut),
-                    matches!(why, Waited::Interrupted),
-                )
-            }
-        };
-        // The container itself is removed (and that verified) by the teardown.
-        let grace = Duration::from_secs(5);
-        Ok(RawOutcome {
-            exit_code: if timed_out || interrupted {
-                None
-            } else {
-                status.and_then(exit_code)
-            },
-            timed_out,
-            interrupted,
-            stdout: out.map(|h| join_capture(h, grace)).unwrap_or_default(),
-            stderr: err.map(|h| join_capture(h, grace)).unwrap_or_default(),
-            notes,
-        })
+            .arg(ctx.container_id);
+        RuntimeCommand::new("runsc run", cmd)
+    }
+
+    fn kill(&self, container_id: &str) -> RuntimeCommand {
+        let mut cmd = self.cmd();
+        cmd.args(["kill", container_id, "KILL"]);
+        RuntimeCommand::new("runsc kill", cmd)
     }
 
     /// `runsc kill` and `runsc delete --force`; returns what went wrong, if anything
     /// (a container that is already gone is not an error).
-    pub(crate) fn remove(&self, container_id: &str) -> Vec<String> {
-        let mut notes = Vec::new();
+    fn remove(&self, container_id: &str) -> Vec<String> {
         if !self.listed(container_id).unwrap_or(true) {
-            return notes;
+            return Vec::new();
         }
-        let _ = run_bounded(
-            self.cmd().args(["kill", container_id, "KILL"]),
-            HOUSEKEEPING,
-        );
-        match run_bounded(
-            self.cmd().args(["delete", "--force", container_id]),
-            HOUSEKEEPING,
-        ) {
-            Ok(r) if r.ok => {}
-            Ok(r) => notes.push(format!("runsc delete: {}", r.stderr.trim())),
-            Err(e) => notes.push(format!("runsc delete: {e}")),
-        }
-        notes
+        // A failed kill shows in the delete that follows.
+        let _ = housekeep(self.kill(container_id), |r| r.ok);
+        let mut delete = self.cmd();
+        delete.args(["delete", "--force", container_id]);
+        housekeep(RuntimeCommand::new("runsc delete", delete), |r| r.ok)
+            .into_iter()
+            .collect()
     }
 
     /// Container ids in this launcher's runsc root.
-    pub(crate) fn list(&self) -> Result<Vec<String>> {
-        let r = run_bounded(self.cmd().args(["list", "--quiet"]), HOUSEKEEPING)?;
-        if !r.ok {
-            return Err(LaunchError::Runtime {
-                runtime: "runsc",
-                op: "list".into(),
-                detail: r.stderr.trim().to_string(),
-            });
-        }
-        Ok(r.stdout
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect())
-    }
-
-    pub(crate) fn listed(&self, container_id: &str) -> Result<bool> {
-        Ok(self.list()?.iter().any(|c| c == container_id))
+    fn list(&self) -> Result<Vec<String>> {
+        list_ids("runsc", "list", self.cmd().args(["list", "--quiet"]))
     }
 
     /// Files runsc keeps for a container in its root (state file, locks). A
     /// container killed while booting leaves its lock files behind.
-    pub(crate) fn state_files(&self, container_id: &str) -> Vec<PathBuf> {
+    fn state_files(&self, container_id: &str) -> Vec<PathBuf> {
         std::fs::read_dir(&self.root)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
