@@ -3,10 +3,12 @@
 //! This crate does not re-implement checks: verify-core decides, the gateway reads
 //! configuration, records admissions durably and prints results.
 
+pub mod admission;
 pub mod cli;
 pub mod error;
 pub mod evidence;
 pub mod output;
+pub mod sealed;
 pub mod serve;
 pub mod state;
 

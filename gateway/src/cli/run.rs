@@ -24,7 +24,7 @@ use sandbox_launcher::{
 use serde_json::{json, Value};
 use verify_core::{Admitted, Decision};
 
-use super::verify::Admission;
+use crate::admission::Admission;
 use super::{HashModeArg, EXIT_DENIED};
 use crate::output::decision_json;
 use crate::GatewayError;
