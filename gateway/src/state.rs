@@ -545,7 +545,9 @@ impl StateDir {
                 )));
             }
             let last_known = read_last_known(&txn, &state.path)?;
-            state.last_known.store(last_known.unwrap_or(0), Ordering::Release);
+            state
+                .last_known
+                .store(last_known.unwrap_or(0), Ordering::Release);
             Ok(())
         })?;
         Ok(state)
@@ -955,9 +957,7 @@ impl State {
                 .into_iter()
                 .zip(verdicts)
                 .map(|(item, denied)| match (item, denied) {
-                    (Ok(a), Some((reason, why))) => {
-                        Err(a.into_decision().into_denied(reason, why))
-                    }
+                    (Ok(a), Some((reason, why))) => Err(a.into_decision().into_denied(reason, why)),
                     (item, _) => item,
                 })
                 .collect()),

@@ -64,7 +64,10 @@ pub enum EntrypointError {
     #[error("/capsule/{path}: more than {MAX_INTERPRETER_DEPTH} nested `#!` interpreters")]
     TooDeep { path: ArtifactPath },
     #[error("/capsule/{path}: {why}")]
-    Shebang { path: ArtifactPath, why: ShebangError },
+    Shebang {
+        path: ArtifactPath,
+        why: ShebangError,
+    },
     #[error("/capsule/{path} starts with `#!{interpreter}`: {why}")]
     Interpreter {
         path: ArtifactPath,
@@ -121,13 +124,12 @@ pub fn check_interpreters(
                 why,
             }
         })?;
-        current = resolve(&interpreter, files, tenant).map_err(|why| {
-            EntrypointError::Interpreter {
+        current =
+            resolve(&interpreter, files, tenant).map_err(|why| EntrypointError::Interpreter {
                 path: path.clone(),
                 interpreter: show(&interpreter),
                 why,
-            }
-        })?;
+            })?;
     }
     Ok(executed)
 }

@@ -523,6 +523,31 @@ mod tests {
         }
     }
 
+    /// The key decides the alg: a hand-made `ParsedJwk` whose alg is not its
+    /// material's never becomes a trusted key, and a kid is trusted once.
+    #[test]
+    fn the_store_takes_the_alg_from_the_key_material() {
+        let backend = crate::crypto::default_backend();
+        let mut hs = ParsedJwk::generate("hs", Alg::Hs256, backend).unwrap();
+        hs.alg = Alg::Es256;
+        let mut store = KeyStore::default();
+        assert_eq!(
+            store.insert(hs, backend).unwrap_err(),
+            KeyError::AlgMaterialMismatch {
+                alg: Alg::Es256,
+                material: Alg::Hs256
+            }
+        );
+        assert!(store.is_empty());
+        let hs = ParsedJwk::generate("hs", Alg::Hs256, backend).unwrap();
+        assert_eq!(store.insert(hs, backend).unwrap().alg(), Alg::Hs256);
+        let again = ParsedJwk::generate("hs", Alg::Hs256, backend).unwrap();
+        assert_eq!(
+            store.insert(again, backend).unwrap_err(),
+            KeyError::DuplicateKid("hs".into())
+        );
+    }
+
     #[test]
     fn generated_keys_round_trip_through_json() {
         for alg in [Alg::Es256, Alg::Hs256] {

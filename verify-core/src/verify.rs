@@ -89,12 +89,10 @@ pub fn check_rollback(
             version,
             highest: l.version,
         }),
-        Some(l) if version == l.version && digest != l.digest => {
-            Err(RollbackError::Equivocation {
-                version,
-                admitted: l.digest,
-            })
-        }
+        Some(l) if version == l.version && digest != l.digest => Err(RollbackError::Equivocation {
+            version,
+            admitted: l.digest,
+        }),
         _ => Ok(()),
     }
 }
