@@ -17,6 +17,11 @@
 //! (by [`State::verify_log`], and before every append). Signed checkpoints, which
 //! also catch a rewrite of the whole log and its head, are a later step.
 //!
+//! The `clock` table holds the last-known time (as tough keeps its datastore time):
+//! the latest clock reading a commit trusted, raised in the commit's transaction and
+//! never lowered. A clock that reads earlier, beyond the policy's skew, is refused
+//! (`clock_rollback`) on verification and again inside the recording transaction.
+//!
 //! redb holds an exclusive lock on the file while a `Database` is open. The CLI
 //! therefore opens it only for bounded moments ([`StateDir`]): a read snapshot when
 //! the first capsule reaches the rollback check, and a write transaction for the
