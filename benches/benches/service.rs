@@ -10,6 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capsule_gateway::admission::{system_clock, Admission};
 use capsule_gateway::serve::batcher::{Admissions, Batcher};
 use capsule_gateway::serve::blobs::BlobStore;
 use capsule_gateway::serve::config::BatchConfig;
@@ -33,16 +34,16 @@ fn pipeline(c: &mut Criterion) {
     upload.write(RUN_SH).expect("write");
     upload.finish().expect("stored");
 
+    let clock = system_clock();
+    let state = State::open(&dir.path().join("state"), true, clock.as_ref())
+        .expect("state")
+        .expect("created");
     let admissions = Arc::new(Admissions {
-        policy: env.world.policy(),
-        state: State::open(&dir.path().join("state"), true)
-            .expect("state")
-            .expect("created"),
+        admission: Admission::new(env.world.policy(), clock, HashMode::Auto).with_open_state(state),
         pool: rayon::ThreadPoolBuilder::new()
             .num_threads(2)
             .build()
             .expect("pool"),
-        hash_mode: HashMode::Auto,
     });
     let config = BatchConfig {
         queue: ADMISSIONS,

@@ -17,6 +17,11 @@
 //! (by [`State::verify_log`], and before every append). Signed checkpoints, which
 //! also catch a rewrite of the whole log and its head, are a later step.
 //!
+//! The `clock` table holds the last-known time (as tough keeps its datastore time):
+//! the latest clock reading a commit trusted, raised in the commit's transaction and
+//! never lowered. A clock that reads earlier, beyond the policy's skew, is refused
+//! (`clock_rollback`) on verification and again inside the recording transaction.
+//!
 //! redb holds an exclusive lock on the file while a `Database` is open. The CLI
 //! therefore opens it only for bounded moments ([`StateDir`]): a read snapshot when
 //! the first capsule reaches the rollback check, and a write transaction for the
@@ -33,14 +38,15 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use verify_core::digest::{open_regular_nofollow, Access, OpenError};
 use verify_core::{
-    check_rollback, Admitted, AdmittedVersion, Decision, Reason, RollbackView, Sha256Digest,
+    check_clock, check_rollback, Admitted, AdmittedVersion, Clock, Decision, Policy, Reason,
+    RollbackView, Sha256Digest, StateReadError,
 };
 
 /// (tenant, capsule_id) → (highest admitted version, digest of its JWS).
@@ -51,6 +57,10 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("admission_log");
 const HEAD: TableDefinition<&str, (u64, [u8; 32])> = TableDefinition::new("log_head");
 /// `STATE_ID_KEY` → the state id the marker names.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// `LAST_KNOWN_KEY` → the latest time (Unix seconds) this state has trusted: the
+/// clock of every commit, never lowered (docs/state.md, "Last-known time").
+pub const CLOCK: TableDefinition<&str, u64> = TableDefinition::new("clock");
+pub const LAST_KNOWN_KEY: &str = "last_known";
 const HEAD_KEY: &str = "head";
 const STATE_ID_KEY: &str = "state_id";
 
@@ -319,7 +329,12 @@ impl StateDir {
     /// `Ok(None)`, or with `create` a new, empty state is created ([`StateDir::created`]).
     /// A database whose creation was interrupted before its marker was written is
     /// finished (`create`) or read as it is.
-    pub fn locate(dir: &Path, create: bool) -> Result<Option<StateDir>, crate::GatewayError> {
+    /// `clock` dates a state created now (its marker and first last-known time).
+    pub fn locate(
+        dir: &Path,
+        create: bool,
+        clock: &dyn Clock,
+    ) -> Result<Option<StateDir>, crate::GatewayError> {
         let db = dir.join(STATE_FILE);
         let marker_path = dir.join(MARKER_FILE);
         let marker = read_marker(&marker_path)?;
@@ -333,9 +348,9 @@ impl StateDir {
         };
         match (found, &state.marker) {
             (Found::Absent, None) if create => {
-                state.create()?;
+                state.create(clock)?;
                 // Re-read: a concurrent creator may have won; its state is the one.
-                let mut again = StateDir::locate(dir, false)?
+                let mut again = StateDir::locate(dir, false, clock)?
                     .ok_or_else(|| err(&db, "the state vanished while it was created"))?;
                 again.created = state.created;
                 if again.marker.is_none() {
@@ -364,7 +379,7 @@ impl StateDir {
             )),
             (Found::File(..), Some(_)) => Ok(Some(state)),
             (Found::File(..), None) if create => {
-                state.finish()?;
+                state.finish(clock)?;
                 Ok(Some(state))
             }
             (Found::File(..), None) => Ok(Some(state)),
@@ -393,7 +408,7 @@ impl StateDir {
     /// A new, empty state: the database under a temporary name (tables and state id
     /// committed, so fsynced), linked into place, then the marker (temporary file,
     /// fsync, link) and a directory fsync. Neither is ever replaced.
-    fn create(&mut self) -> Result<(), crate::GatewayError> {
+    fn create(&mut self, clock: &dyn Clock) -> Result<(), crate::GatewayError> {
         let dir = self.dir.clone();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -426,6 +441,9 @@ impl StateDir {
                 let mut head = txn.open_table(HEAD).map_err(|e| err(&tmp, e))?;
                 head.insert(HEAD_KEY, (0, [0u8; 32]))
                     .map_err(|e| err(&tmp, e))?;
+                let mut time = txn.open_table(CLOCK).map_err(|e| err(&tmp, e))?;
+                time.insert(LAST_KNOWN_KEY, clock.now_unix())
+                    .map_err(|e| err(&tmp, e))?;
             }
             txn.commit().map_err(|e| err(&tmp, e))
         });
@@ -437,14 +455,14 @@ impl StateDir {
             self.created = true;
         }
         // Whoever linked the database, the marker must name the state now in place.
-        self.finish()
+        self.finish(clock)
     }
 
     /// A database without a marker: the creation was interrupted after the database
     /// was linked (its `meta` names the state), or the state predates markers (no
     /// `meta`: its whole log is checked, then the head and a state id are written).
     /// Then the marker is written.
-    fn finish(&mut self) -> Result<(), crate::GatewayError> {
+    fn finish(&mut self, clock: &dyn Clock) -> Result<(), crate::GatewayError> {
         let path = self.db.clone();
         let db = open_db(&path)?;
         let state_id = guarded(&path, || {
@@ -483,7 +501,7 @@ impl StateDir {
         drop(db);
         let marker = Marker {
             format: FORMAT,
-            created_at: verify_core::Clock::now_unix(&verify_core::SystemClock),
+            created_at: clock.now_unix(),
             state_id,
         };
         write_marker(&self.dir, &marker)?;
@@ -499,6 +517,7 @@ impl StateDir {
             db,
             path: self.db.clone(),
             broken: AtomicBool::new(false),
+            last_known: AtomicU64::new(0),
         };
         state.guard(|| {
             let txn = state.db.begin_read().map_err(|e| state.err(e))?;
@@ -530,6 +549,10 @@ impl StateDir {
                     head.count
                 )));
             }
+            let last_known = read_last_known(&txn, &state.path)?;
+            state
+                .last_known
+                .store(last_known.unwrap_or(0), Ordering::Release);
             Ok(())
         })?;
         Ok(state)
@@ -559,7 +582,10 @@ impl StateDir {
             }
             Ok(out)
         })?;
-        Ok(Snapshot { versions })
+        Ok(Snapshot {
+            versions,
+            last_known: state.last_known_time_now(),
+        })
     }
 
     /// Opens the database, records the admissions ([`State::record`]) and closes it.
@@ -568,7 +594,8 @@ impl StateDir {
     pub fn record(
         &self,
         results: Vec<Result<Admitted, Decision>>,
-        policy_version: &str,
+        policy: &Policy,
+        clock: &dyn Clock,
     ) -> Vec<Result<Admitted, Decision>> {
         if !results.iter().any(Result::is_ok) {
             return results;
@@ -577,7 +604,7 @@ impl StateDir {
             Ok(s) => s,
             Err(e) => return deny_unavailable(results, &e.to_string()),
         };
-        match state.record_or_return(results, policy_version) {
+        match state.record_or_return(results, policy, clock) {
             Ok(out) => out,
             Err((results, e)) => deny_unavailable(results, &e.to_string()),
         }
@@ -642,6 +669,21 @@ fn read_state_id(
         .get(STATE_ID_KEY)
         .map_err(|e| err(path, e))?
         .map(|g| g.value().to_string()))
+}
+
+/// The stored last-known time; `None` in a state made before it was kept (its first
+/// commit starts it).
+fn read_last_known(
+    txn: &redb::ReadTransaction,
+    path: &Path,
+) -> Result<Option<u64>, crate::GatewayError> {
+    let Some(table) = open_read_table(txn, CLOCK, path)? else {
+        return Ok(None);
+    };
+    Ok(table
+        .get(LAST_KNOWN_KEY)
+        .map_err(|e| err(path, e))?
+        .map(|g| g.value()))
 }
 
 fn read_head(txn: &redb::ReadTransaction, path: &Path) -> Result<LogHead, crate::GatewayError> {
@@ -742,6 +784,9 @@ pub struct State {
     path: PathBuf,
     /// redb panicked during an operation: nothing further is trusted.
     broken: AtomicBool,
+    /// The stored last-known time (0: none yet), read at open and raised by each
+    /// commit of this process, which holds the database's lock while it is open.
+    last_known: AtomicU64,
 }
 
 /// What [`State::record_or_return`] hands back when nothing was recorded.
@@ -750,8 +795,12 @@ type NotRecorded = (Vec<Result<Admitted, Decision>>, crate::GatewayError);
 impl State {
     /// Locates (creating if asked, see [`StateDir::locate`]) and opens `DIR`'s state,
     /// kept open until dropped (`serve`, tests). `Ok(None)`: no state there.
-    pub fn open(dir: &Path, create: bool) -> Result<Option<State>, crate::GatewayError> {
-        match StateDir::locate(dir, create)? {
+    pub fn open(
+        dir: &Path,
+        create: bool,
+        clock: &dyn Clock,
+    ) -> Result<Option<State>, crate::GatewayError> {
+        match StateDir::locate(dir, create, clock)? {
             Some(s) => s.open().map(Some),
             None => Ok(None),
         }
@@ -759,6 +808,14 @@ impl State {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The latest time this state has trusted, if it has recorded one.
+    pub fn last_known_time_now(&self) -> Option<u64> {
+        match self.last_known.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(t),
+        }
     }
 
     fn err(&self, e: impl std::fmt::Display) -> crate::GatewayError {
@@ -788,22 +845,31 @@ impl State {
     /// was verified); one that no longer passes is returned as a `rollback` denial.
     /// Before anything is appended, the last record must hash to the stored log head;
     /// each record chains from that head, which is updated in the same transaction.
+    /// The clock is checked again against the stored last-known time (another process
+    /// may have raised it since); a clock stepped back beyond the policy's skew denies
+    /// every capsule of the batch `clock_rollback`. Otherwise the last-known time is
+    /// raised to the clock in the same transaction.
     /// Nothing is acknowledged unless the commit succeeds. The admitted capsules are
     /// handed back (for `run`), in order.
     pub fn record(
         &self,
         admitted: Vec<Result<Admitted, Decision>>,
-        policy_version: &str,
+        policy: &Policy,
+        clock: &dyn Clock,
     ) -> Result<Vec<Result<Admitted, Decision>>, crate::GatewayError> {
-        self.record_or_return(admitted, policy_version)
+        self.record_or_return(admitted, policy, clock)
             .map_err(|(_, e)| e)
     }
 
     fn record_or_return(
         &self,
         admitted: Vec<Result<Admitted, Decision>>,
-        policy_version: &str,
+        policy: &Policy,
+        clock: &dyn Clock,
     ) -> Result<Vec<Result<Admitted, Decision>>, NotRecorded> {
+        let policy_version = policy.policy_version.as_str();
+        let now = clock.now_unix();
+        let mut raised = None;
         // The transaction only reads `admitted` until it commits: on any failure the
         // results are returned untouched, for the caller to deny.
         let outcome = self.guard(|| {
@@ -823,12 +889,22 @@ impl State {
                     )));
                 };
                 check_head(&log, LogHead { count, last }, &self.path)?;
+                let mut time = txn.open_table(CLOCK).map_err(|e| self.err(e))?;
+                let last_known = time
+                    .get(LAST_KNOWN_KEY)
+                    .map_err(|e| self.err(e))?
+                    .map(|g| g.value());
+                let stepped_back = check_clock(now, last_known, policy.clock_skew_s).err();
                 let (mut seq, mut prev) = (count, Sha256Digest(last));
                 for item in &admitted {
                     let Ok(a) = item else {
                         verdicts.push(None);
                         continue;
                     };
+                    if let Some(why) = stepped_back {
+                        verdicts.push(Some((Reason::ClockRollback, why.to_string())));
+                        continue;
+                    }
                     let m = a.manifest();
                     let key = (m.tenant.as_str(), m.capsule_id.as_str());
                     let latest = versions.get(key).map_err(|e| self.err(e))?.map(|g| {
@@ -839,7 +915,7 @@ impl State {
                         }
                     });
                     if let Err(why) = check_rollback(latest, m.version, a.digest()) {
-                        verdicts.push(Some(why));
+                        verdicts.push(Some((Reason::Rollback, why.to_string())));
                         continue;
                     }
                     versions
@@ -855,7 +931,7 @@ impl State {
                         "kid": a.decision().kid,
                         "policy_version": policy_version,
                         "approvers": m.approvals.iter().map(|x| x.approver.as_str()).collect::<Vec<_>>(),
-                        "admitted_at": verify_core::Clock::now_unix(&verify_core::SystemClock),
+                        "admitted_at": now,
                     });
                     let bytes = serde_json::to_vec(&record).map_err(|e| self.err(e))?;
                     log.insert(seq, bytes.as_slice())
@@ -867,16 +943,26 @@ impl State {
                 heads
                     .insert(HEAD_KEY, (seq, prev.0))
                     .map_err(|e| self.err(e))?;
+                // The last-known time only moves forward, in the transaction that
+                // records what was admitted by it.
+                if stepped_back.is_none() && last_known.is_none_or(|t| now > t) {
+                    time.insert(LAST_KNOWN_KEY, now)
+                        .map_err(|e| self.err(e))?;
+                    raised = Some(now);
+                }
             }
             txn.commit().map_err(|e| self.err(e))?;
             Ok(verdicts)
         });
+        if let (Ok(_), Some(now)) = (&outcome, raised) {
+            self.last_known.fetch_max(now, Ordering::AcqRel);
+        }
         match outcome {
             Ok(verdicts) => Ok(admitted
                 .into_iter()
                 .zip(verdicts)
-                .map(|(item, rollback)| match (item, rollback) {
-                    (Ok(a), Some(why)) => Err(a.into_decision().into_denied(Reason::Rollback, why)),
+                .map(|(item, denied)| match (item, denied) {
+                    (Ok(a), Some((reason, why))) => Err(a.into_decision().into_denied(reason, why)),
                     (item, _) => item,
                 })
                 .collect()),
@@ -917,7 +1003,15 @@ impl State {
 }
 
 impl RollbackView for State {
-    fn latest(&self, tenant: &str, capsule_id: &str) -> Result<Option<AdmittedVersion>, String> {
+    fn last_known_time(&self) -> Result<Option<u64>, StateReadError> {
+        Ok(self.last_known_time_now())
+    }
+
+    fn latest(
+        &self,
+        tenant: &str,
+        capsule_id: &str,
+    ) -> Result<Option<AdmittedVersion>, StateReadError> {
         self.guard(|| {
             let txn = self.db.begin_read().map_err(|e| self.err(e))?;
             let Some(table) = open_read_table(&txn, VERSIONS, &self.path)? else {
@@ -932,7 +1026,7 @@ impl RollbackView for State {
                 }
             }))
         })
-        .map_err(|e| e.to_string())
+        .map_err(StateReadError::new)
     }
 }
 
@@ -940,10 +1034,19 @@ impl RollbackView for State {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     versions: HashMap<(String, String), AdmittedVersion>,
+    last_known: Option<u64>,
 }
 
 impl RollbackView for Snapshot {
-    fn latest(&self, tenant: &str, capsule_id: &str) -> Result<Option<AdmittedVersion>, String> {
+    fn last_known_time(&self) -> Result<Option<u64>, StateReadError> {
+        Ok(self.last_known)
+    }
+
+    fn latest(
+        &self,
+        tenant: &str,
+        capsule_id: &str,
+    ) -> Result<Option<AdmittedVersion>, StateReadError> {
         Ok(self
             .versions
             .get(&(tenant.to_string(), capsule_id.to_string()))
@@ -952,12 +1055,13 @@ impl RollbackView for Snapshot {
 }
 
 /// The rollback view of the CLI: the snapshot is taken when the first capsule reaches
-/// the rollback check (after its signature and policy checks, before any artifact is
-/// hashed), once for the whole batch; the database is closed again right after.
+/// the state (the clock check, after its signature, manifest, tenant and policy
+/// checks, before any artifact is hashed), once for the whole batch; the database is
+/// closed again right after.
 #[derive(Debug)]
 pub struct LazySnapshot<'a> {
     dir: &'a StateDir,
-    loaded: OnceLock<Result<Snapshot, String>>,
+    loaded: OnceLock<Result<Snapshot, StateReadError>>,
 }
 
 impl<'a> LazySnapshot<'a> {
@@ -969,25 +1073,46 @@ impl<'a> LazySnapshot<'a> {
     }
 }
 
+impl LazySnapshot<'_> {
+    fn loaded(&self) -> Result<&Snapshot, StateReadError> {
+        self.loaded
+            .get_or_init(|| self.dir.snapshot().map_err(StateReadError::new))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
 impl RollbackView for LazySnapshot<'_> {
-    fn latest(&self, tenant: &str, capsule_id: &str) -> Result<Option<AdmittedVersion>, String> {
-        match self
-            .loaded
-            .get_or_init(|| self.dir.snapshot().map_err(|e| e.to_string()))
-        {
-            Ok(s) => s.latest(tenant, capsule_id),
-            Err(e) => Err(e.clone()),
-        }
+    fn last_known_time(&self) -> Result<Option<u64>, StateReadError> {
+        self.loaded()?.last_known_time()
+    }
+
+    fn latest(
+        &self,
+        tenant: &str,
+        capsule_id: &str,
+    ) -> Result<Option<AdmittedVersion>, StateReadError> {
+        self.loaded()?.latest(tenant, capsule_id)
     }
 }
 
 /// A state that cannot be read: every lookup fails, so every capsule is denied
 /// `state_unavailable` (deny by default) instead of being admitted without history.
-#[derive(Debug)]
-pub struct Unavailable(pub String);
+#[derive(Debug, Clone)]
+pub struct Unavailable(StateReadError);
+
+impl Unavailable {
+    pub fn new(why: crate::GatewayError) -> Unavailable {
+        Unavailable(StateReadError::new(why))
+    }
+}
 
 impl RollbackView for Unavailable {
-    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, String> {
+    fn last_known_time(&self) -> Result<Option<u64>, StateReadError> {
+        Err(self.0.clone())
+    }
+
+    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, StateReadError> {
         Err(self.0.clone())
     }
 }

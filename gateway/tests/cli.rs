@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use capsule_gateway::state::State;
 use capsule_tests::negative::{
     host_secret, mkfifo, truncate_while, BlockedWriter, Prior, CASES, HOST_SECRET,
 };
@@ -79,21 +80,35 @@ fn every_negative_fixture_is_denied_with_its_reason_by_the_cli() {
         let setup = (case.build)(&w, case.name);
         let state = w.path(&format!("{}-state", case.name));
         let capsule = setup.capsule.as_path();
+        // Both commands consult the recorded state: `verify`, then `admit`.
+        let verify_then_admit = || {
+            let (code, lines) = check("verify", &w, setup.runner, Some(&state), &[capsule]);
+            assert_eq!(
+                reason(&lines[0]),
+                Some(case.reason),
+                "{}: verify",
+                case.name
+            );
+            assert_eq!(code, 1);
+            check("admit", &w, setup.runner, Some(&state), &[capsule])
+        };
         let (code, lines) = match &setup.prior {
             Prior::Nothing => check("verify", &w, setup.runner, None, &[capsule]),
             Prior::Admitted(prior) => {
                 let (code, first) = check("admit", &w, setup.runner, Some(&state), &[prior]);
                 assert_eq!(code, 0, "{}: prior admitted: {first:?}", case.name);
-                // Both commands consult the recorded state.
-                let (code, lines) = check("verify", &w, setup.runner, Some(&state), &[capsule]);
-                assert_eq!(
-                    reason(&lines[0]),
-                    Some(case.reason),
-                    "{}: verify",
-                    case.name
+                verify_then_admit()
+            }
+            Prior::ClockAhead(ahead) => {
+                // A state whose last-known time is ahead of this host's clock: made
+                // through the library by a clock that read that time.
+                let ahead = verify_core::FixedClock(w.now + ahead);
+                drop(
+                    State::open(&state, true, &ahead)
+                        .expect("state")
+                        .expect("created"),
                 );
-                assert_eq!(code, 1);
-                check("admit", &w, setup.runner, Some(&state), &[capsule])
+                verify_then_admit()
             }
             Prior::CorruptState => {
                 std::fs::create_dir_all(&state).expect("mkdir");

@@ -503,7 +503,7 @@ fn a_full_queue_sheds_with_503_while_admitted_requests_complete() {
     });
     server.shutdown();
     // Every 200 is a durable record; no 503 left one.
-    let state = State::open(&f.state_dir(), false)
+    let state = State::open(&f.state_dir(), false, &verify_core::SystemClock)
         .expect("open state")
         .expect("state exists");
     assert_eq!(
@@ -647,7 +647,7 @@ fn kill_9_under_load_loses_no_acknowledged_admission() {
     });
     assert!(gateway.terminate().success(), "{}", gateway.stderr());
 
-    let state = State::open(&f.state_dir(), false)
+    let state = State::open(&f.state_dir(), false, &verify_core::SystemClock)
         .expect("open state")
         .expect("state exists");
     let records = state.verify_log().expect("an intact hash chain");
@@ -799,7 +799,7 @@ fn concurrent_rising_and_falling_versions_leave_the_highest_recorded() {
         }
     }
 
-    let state = State::open(&f.state_dir(), false)
+    let state = State::open(&f.state_dir(), false, &verify_core::SystemClock)
         .expect("open state")
         .expect("state exists");
     let records = state.verify_log().expect("an intact hash chain");
@@ -934,7 +934,9 @@ fn the_embedded_default_admits_a_dev_capsule_through_the_binary() {
         assert_eq!(r.status, 200, "the same capsule again: {r:?}");
     });
     assert!(gateway.terminate().success(), "{}", gateway.stderr());
-    let state = State::open(&state, false).expect("open").expect("state");
+    let state = State::open(&state, false, &verify_core::SystemClock)
+        .expect("open")
+        .expect("state");
     assert_eq!(state.verify_log().expect("intact chain"), 2);
 }
 

@@ -14,11 +14,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use capsule_gateway::admission::Admission;
 use capsule_gateway::state::{State, MARKER_FILE, STATE_FILE};
 use capsule_tests::{Signer, World, RUNNER};
 use common::{versioned_manifest, Fixture};
 use redb::{ReadableTable, TableDefinition};
 use serde_json::{json, Value};
+use verify_core::{Capsule, FixedClock, HashMode, Reason, SpiffeId};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("admission_log");
 const HEAD: TableDefinition<&str, (u64, [u8; 32])> = TableDefinition::new("log_head");
@@ -190,7 +194,9 @@ fn concurrent_first_admits_create_one_state() {
         })
         .count();
     assert_eq!(created, 1, "{verdicts:?}");
-    let st = State::open(&state, false).expect("open").expect("exists");
+    let st = State::open(&state, false, &verify_core::SystemClock)
+        .expect("open")
+        .expect("exists");
     assert_eq!(st.verify_log().expect("intact"), 4);
     drop(st);
     let mut names: Vec<String> = fs::read_dir(&state)
@@ -466,7 +472,9 @@ fn the_library_reads_a_cli_made_state_and_its_log_head() {
     let w = World::new();
     let (state, _, v3) = seeded(&w, "state");
     assert_eq!(admit(&w, &state, &[&v3]).code, 0);
-    let st = State::open(&state, false).expect("open").expect("exists");
+    let st = State::open(&state, false, &verify_core::SystemClock)
+        .expect("open")
+        .expect("exists");
     assert_eq!(st.verify_log().expect("intact"), 3);
 }
 
@@ -477,7 +485,7 @@ fn the_library_refuses_an_edited_emptied_or_deleted_state_and_does_not_recreate_
     let w = World::new();
     let (state, _, _) = seeded(&w, "state");
     let refused = |what: &str, detail: &str| {
-        let e = State::open(&state, true).expect_err(what);
+        let e = State::open(&state, true, &verify_core::SystemClock).expect_err(what);
         assert!(e.to_string().contains(detail), "{what}: {e}");
     };
     let good = fs::read(state.join(STATE_FILE)).expect("read");
@@ -485,7 +493,7 @@ fn the_library_refuses_an_edited_emptied_or_deleted_state_and_does_not_recreate_
     refused("last record edited", "record 1 (the last) was changed");
     fs::write(state.join(STATE_FILE), &good).expect("restore");
     assert_eq!(
-        State::open(&state, false)
+        State::open(&state, false, &verify_core::SystemClock)
             .expect("intact")
             .expect("exists")
             .verify_log()
@@ -529,7 +537,9 @@ fn a_state_from_before_markers_is_adopted_with_its_history() {
     );
     assert!(state.join(MARKER_FILE).exists());
     assert_eq!(admit(&w, &state, &[&v3]).code, 0);
-    let st = State::open(&state, false).expect("open").expect("exists");
+    let st = State::open(&state, false, &verify_core::SystemClock)
+        .expect("open")
+        .expect("exists");
     assert_eq!(st.verify_log().expect("intact"), 3);
 }
 
@@ -635,7 +645,9 @@ fn admit_succeeds_while_a_run_on_the_same_state_is_in_its_sandbox() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let st = State::open(&state, false).expect("open").expect("exists");
+    let st = State::open(&state, false, &verify_core::SystemClock)
+        .expect("open")
+        .expect("exists");
     assert_eq!(st.verify_log().expect("intact"), 2);
 }
 
@@ -705,4 +717,124 @@ fn admits_succeed_while_a_batch_verify_on_the_same_state_hashes() {
         during >= 1,
         "no admission completed while the batch was still running"
     );
+}
+
+/// The state's last-known time, as docs/state.md documents it: table `clock`, key
+/// `last_known`, Unix seconds.
+const CLOCK: TableDefinition<&str, u64> = TableDefinition::new("clock");
+
+fn last_known(state: &Path) -> Option<u64> {
+    let st = State::open(state, false, &verify_core::SystemClock)
+        .expect("open")
+        .expect("exists");
+    st.last_known_time_now()
+}
+
+fn now() -> u64 {
+    verify_core::Clock::now_unix(&verify_core::SystemClock)
+}
+
+/// An admission through the library on a set clock (`admit`'s, without the binary).
+fn admission_at(w: &World, state: &Path, t: u64) -> Admission {
+    Admission::new(w.policy(), Arc::new(FixedClock(t)), HashMode::Auto)
+        .with_runner(Some(SpiffeId::parse(RUNNER).expect("runner")))
+        .with_state_dir(Some(state), true)
+        .expect("admission")
+}
+
+/// A clock stepped back behind what the state trusted re-opens nothing: the library
+/// denies `clock_rollback` beyond the policy's skew (60 s in the fixture), on verify
+/// and again inside the recording transaction, and admits within it. A forward clock
+/// raises the last-known time; a clock within the skew never lowers it.
+#[test]
+fn clock_stepped_back_beyond_the_skew_is_clock_rollback_through_the_library() {
+    let w = World::new();
+    let state = w.path("state");
+    let t = w.now;
+    let v1 = versioned(&w, "v1", "tok", 1);
+    let v2 = versioned(&w, "v2", "tok", 2);
+    let v3 = versioned(&w, "v3", "tok", 3);
+
+    let at = |t: u64, c: &PathBuf| {
+        admission_at(&w, &state, t)
+            .admit(std::slice::from_ref(c), true)
+            .expect("admit")
+            .remove(0)
+    };
+    assert!(at(t + 100, &v1).is_ok());
+    assert_eq!(last_known(&state), Some(t + 100), "raised by the commit");
+
+    // 61 s back: beyond the skew. Nothing is admitted and nothing moves.
+    let denied = at(t + 39, &v2).expect_err("stepped back");
+    assert_eq!(denied.reason, Some(Reason::ClockRollback), "{denied:?}");
+    assert!(
+        denied.detail.contains("stepped back") && denied.detail.contains(&(t + 100).to_string()),
+        "{}",
+        denied.detail
+    );
+    assert_eq!(last_known(&state), Some(t + 100));
+
+    // 60 s back: within the skew, admitted; the last-known time is not lowered.
+    assert!(at(t + 40, &v2).is_ok());
+    assert_eq!(last_known(&state), Some(t + 100));
+
+    // The recording transaction checks again: a state raised by another process
+    // after this batch was verified still refuses it.
+    let admission = admission_at(&w, &state, t + 100);
+    let runner = SpiffeId::parse(RUNNER).expect("runner");
+    let capsule = Capsule::from_dir(&v3, 1 << 20);
+    let verified = admission.verify(&capsule, &runner);
+    assert!(verified.is_ok(), "{verified:?}");
+    tamper(&state, |txn| {
+        let mut clock = txn.open_table(CLOCK).expect("clock");
+        clock.insert("last_known", t + 1000).expect("insert");
+    });
+    let denied = admission
+        .record(vec![verified])
+        .expect("recorded")
+        .remove(0)
+        .expect_err("raised meanwhile");
+    assert_eq!(denied.reason, Some(Reason::ClockRollback), "{denied:?}");
+    assert_eq!(last_known(&state), Some(t + 1000));
+}
+
+/// Through the binary: `admit` on a normal, forward clock raises the last-known time
+/// to the host's clock; a state whose last-known time (written as docs/state.md
+/// documents it) lies ahead of the host's clock beyond the skew denies every capsule
+/// `clock_rollback`, exit 1, on `verify` and `admit`; within the skew they pass.
+#[test]
+fn clock_behind_the_persisted_last_known_time_is_clock_rollback_through_the_cli() {
+    let w = World::new();
+    let state = w.path("state");
+    let v1 = versioned(&w, "v1", "tok", 1);
+    let v2 = versioned(&w, "v2", "tok", 2);
+    let before = now();
+    let v = admit(&w, &state, &[&v1]);
+    assert_eq!(v.code, 0, "{v:?}");
+    let first = last_known(&state).expect("a last-known time");
+    assert!(
+        first >= before && first <= now(),
+        "{first} not in [{before}, now]"
+    );
+
+    let set = |t: u64| {
+        tamper(&state, |txn| {
+            let mut clock = txn.open_table(CLOCK).expect("clock");
+            clock.insert("last_known", t).expect("insert");
+        });
+    };
+    set(now() + 3600);
+    for v in [verify(&w, &state, &[&v2]), admit(&w, &state, &[&v2])] {
+        assert_eq!((v.code, v.reason(0)), (1, Some("clock_rollback")), "{v:?}");
+    }
+    // An older last-known time is raised by the next admission.
+    set(before - 3600);
+    let v = admit(&w, &state, &[&v2]);
+    assert_eq!(v.code, 0, "{v:?}");
+    assert!(last_known(&state).expect("time") >= before);
+    // Within the skew (60 s in the fixture policy): admitted.
+    let v3 = versioned(&w, "v3", "tok", 3);
+    set(now() + 30);
+    let v = admit(&w, &state, &[&v3]);
+    assert_eq!(v.code, 0, "{v:?}");
 }

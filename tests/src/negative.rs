@@ -19,6 +19,9 @@ pub enum Prior {
     Admitted(PathBuf),
     /// The anti-rollback state is unreadable.
     CorruptState,
+    /// The anti-rollback state's last-known time is this many seconds ahead of the
+    /// clock (the clock was stepped back after the state trusted a later time).
+    ClockAhead(u64),
     /// `file` (an artifact of the capsule, relative to it) is truncated while it is hashed.
     TruncatedWhileHashing(PathBuf),
 }
@@ -1023,6 +1026,15 @@ pub const CASES: &[Case] = &[
             let p = w.path(n);
             mkfifo(&p);
             plain(p)
+        },
+    },
+    Case {
+        name: "clock-stepped-back-behind-the-last-known-time",
+        reason: Reason::ClockRollback,
+        build: |w, n| Setup {
+            // A day: far beyond the fixture policy's clock_skew_s.
+            prior: Prior::ClockAhead(86_400),
+            ..plain(w.good_capsule(n, Signer::Es256))
         },
     },
     Case {

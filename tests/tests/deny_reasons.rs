@@ -10,20 +10,33 @@ use capsule_tests::{Signer, World, RUNNER};
 use verify_core::crypto::{all_backends, Backend};
 use verify_core::{
     AdmittedVersion, Capsule, Decision, FixedClock, HashMode, NoHistory, Reason, RollbackView,
-    SpiffeId, Verifier,
+    SpiffeId, StateReadError, Verifier,
 };
 
 struct Remembered(Option<AdmittedVersion>);
 impl RollbackView for Remembered {
-    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, String> {
+    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, StateReadError> {
         Ok(self.0)
     }
 }
 
 struct Broken;
 impl RollbackView for Broken {
-    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, String> {
-        Err("state database is corrupt".into())
+    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, StateReadError> {
+        Err(StateReadError::new(std::io::Error::other(
+            "state database is corrupt",
+        )))
+    }
+}
+
+/// A state that last trusted the time `.0` and has no versions.
+struct LastKnown(u64);
+impl RollbackView for LastKnown {
+    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, StateReadError> {
+        Ok(None)
+    }
+    fn last_known_time(&self) -> Result<Option<u64>, StateReadError> {
+        Ok(Some(self.0))
     }
 }
 
@@ -110,6 +123,10 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
                 Prior::CorruptState => vec![
                     verify(&w, backend, &setup.capsule, runner, &Broken, HashMode::Read).reason,
                 ],
+                Prior::ClockAhead(ahead) => {
+                    let view = LastKnown(w.now + ahead);
+                    vec![verify(&w, backend, &setup.capsule, runner, &view, HashMode::Read).reason]
+                }
                 Prior::TruncatedWhileHashing(rel) => {
                     let file = setup.capsule.join(rel);
                     let mut all = Vec::new();

@@ -18,6 +18,9 @@ pub enum Reason {
     TenantUnknown,
     TenantKeyMismatch,
     PolicyMismatch,
+    /// The clock reads earlier than the anti-rollback state's last-known time, by more
+    /// than the policy's clock skew: it was stepped back, and expiry cannot be judged.
+    ClockRollback,
     NotYetValid,
     Expired,
     RunnerNotAllowed,
@@ -41,7 +44,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in pipeline order. Tests use it to prove each has a fixture.
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 27] = [
         Reason::MalformedJws,
         Reason::MalformedHeader,
         Reason::HeaderForbidden,
@@ -53,6 +56,7 @@ impl Reason {
         Reason::TenantUnknown,
         Reason::TenantKeyMismatch,
         Reason::PolicyMismatch,
+        Reason::ClockRollback,
         Reason::NotYetValid,
         Reason::Expired,
         Reason::RunnerNotAllowed,
@@ -83,6 +87,7 @@ impl Reason {
             Reason::TenantUnknown => "tenant_unknown",
             Reason::TenantKeyMismatch => "tenant_key_mismatch",
             Reason::PolicyMismatch => "policy_mismatch",
+            Reason::ClockRollback => "clock_rollback",
             Reason::NotYetValid => "not_yet_valid",
             Reason::Expired => "expired",
             Reason::RunnerNotAllowed => "runner_not_allowed",

@@ -26,15 +26,68 @@ const MAX_INTERPRETER_DEPTH: usize = 4;
 /// The first bytes of one file as they were hashed.
 pub type Head = Arc<Mutex<Vec<u8>>>;
 
+/// Why a program (the entrypoint or a `#!` interpreter) may not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProgramError {
+    #[error("names no artifact or tool of the manifest")]
+    NotStaged,
+    #[error("is not an absolute path")]
+    NotAbsolute,
+    #[error(
+        "is neither a staged file (/capsule/...) nor one of the host_programs of tenant `{tenant}`"
+    )]
+    NotAllowed { tenant: String },
+}
+
+/// Why a `#!` line names no usable interpreter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShebangError {
+    #[error("its `#!` line is longer than {HEAD_BYTES} bytes")]
+    TooLong,
+    #[error("its `#!` line names no interpreter")]
+    Empty,
+    #[error("its `#!` interpreter is not UTF-8")]
+    NotUtf8,
+}
+
+/// Why what the sandbox would execute is refused (`tool_not_authorized`). Program
+/// names are shown escaped and cut to 64 characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntrypointError {
+    #[error("entrypoint `{program}`: {why}")]
+    Program { program: String, why: ProgramError },
+    #[error("/capsule/{path}: its `#!` interpreters form a loop")]
+    InterpreterLoop { path: ArtifactPath },
+    #[error("/capsule/{path}: more than {MAX_INTERPRETER_DEPTH} nested `#!` interpreters")]
+    TooDeep { path: ArtifactPath },
+    #[error("/capsule/{path}: {why}")]
+    Shebang {
+        path: ArtifactPath,
+        why: ShebangError,
+    },
+    #[error("/capsule/{path} starts with `#!{interpreter}`: {why}")]
+    Interpreter {
+        path: ArtifactPath,
+        interpreter: String,
+        why: ProgramError,
+    },
+}
+
 /// Checks `entrypoint[0]` against the manifest and the tenant's policy, before any
 /// file is read. Returns the index in `files` of the staged file it names, if any.
 pub fn check_program(
     m: &Manifest,
     files: &[FileEntry],
     tenant: &Tenant,
-) -> Result<Option<usize>, String> {
+) -> Result<Option<usize>, EntrypointError> {
     let program = m.entrypoint.first().map(String::as_str).unwrap_or_default();
-    resolve(program, files, tenant).map_err(|why| format!("entrypoint `{}`: {why}", show(program)))
+    resolve(program, files, tenant).map_err(|why| EntrypointError::Program {
+        program: show(program),
+        why,
+    })
 }
 
 /// After every file was verified: follows the `#!` line of the staged entrypoint
@@ -46,20 +99,16 @@ pub fn check_interpreters(
     files: &[FileEntry],
     heads: &[Head],
     tenant: &Tenant,
-) -> Result<Vec<ArtifactPath>, String> {
+) -> Result<Vec<ArtifactPath>, EntrypointError> {
     let mut executed = Vec::new();
     let mut current = staged;
     while let Some(i) = current {
         let path = &files[i].path;
         if executed.contains(path) {
-            return Err(format!(
-                "/capsule/{path}: its `#!` interpreters form a loop"
-            ));
+            return Err(EntrypointError::InterpreterLoop { path: path.clone() });
         }
         if executed.len() > MAX_INTERPRETER_DEPTH {
-            return Err(format!(
-                "/capsule/{path}: more than {MAX_INTERPRETER_DEPTH} nested `#!` interpreters"
-            ));
+            return Err(EntrypointError::TooDeep { path: path.clone() });
         }
         executed.push(path.clone());
         let head = heads
@@ -69,20 +118,28 @@ pub fn check_interpreters(
         let Some(line) = head.strip_prefix(b"#!") else {
             break;
         };
-        let interpreter = interpreter(line, head.len() as u64 == files[i].size)
-            .map_err(|why| format!("/capsule/{path}: {why}"))?;
-        current = resolve(&interpreter, files, tenant).map_err(|why| {
-            format!(
-                "/capsule/{path} starts with `#!{}`: {why}",
-                show(&interpreter)
-            )
+        let interpreter = interpreter(line, head.len() as u64 == files[i].size).map_err(|why| {
+            EntrypointError::Shebang {
+                path: path.clone(),
+                why,
+            }
         })?;
+        current =
+            resolve(&interpreter, files, tenant).map_err(|why| EntrypointError::Interpreter {
+                path: path.clone(),
+                interpreter: show(&interpreter),
+                why,
+            })?;
     }
     Ok(executed)
 }
 
 /// A staged file (its index) or an allowed host program (`None`).
-fn resolve(program: &str, files: &[FileEntry], tenant: &Tenant) -> Result<Option<usize>, String> {
+fn resolve(
+    program: &str,
+    files: &[FileEntry],
+    tenant: &Tenant,
+) -> Result<Option<usize>, ProgramError> {
     if let Some(rel) = program
         .strip_prefix(CAPSULE_DIR)
         .and_then(|r| r.strip_prefix('/'))
@@ -92,24 +149,23 @@ fn resolve(program: &str, files: &[FileEntry], tenant: &Tenant) -> Result<Option
             .and_then(|p| files.iter().position(|f| f.path == p));
         return match found {
             Some(i) => Ok(Some(i)),
-            None => Err("names no artifact or tool of the manifest".into()),
+            None => Err(ProgramError::NotStaged),
         };
     }
     if !program.starts_with('/') {
-        return Err("is not an absolute path".into());
+        return Err(ProgramError::NotAbsolute);
     }
     if tenant.host_programs.contains(program) {
         return Ok(None);
     }
-    Err(format!(
-        "is neither a staged file (/capsule/...) nor one of the host_programs of tenant `{}`",
-        tenant.name
-    ))
+    Err(ProgramError::NotAllowed {
+        tenant: tenant.name.clone(),
+    })
 }
 
 /// The interpreter of a `#!` line, as the kernel reads it: after spaces and tabs, up
 /// to a space, tab, NUL or newline. `complete` says the head is the whole file.
-fn interpreter(line: &[u8], complete: bool) -> Result<String, String> {
+fn interpreter(line: &[u8], complete: bool) -> Result<String, ShebangError> {
     let start = line
         .iter()
         .position(|&b| b != b' ' && b != b'\t')
@@ -121,12 +177,12 @@ fn interpreter(line: &[u8], complete: bool) -> Result<String, String> {
     let name = match end {
         Some(end) => &rest[..end],
         None if complete => rest,
-        None => return Err(format!("its `#!` line is longer than {HEAD_BYTES} bytes")),
+        None => return Err(ShebangError::TooLong),
     };
     if name.is_empty() {
-        return Err("its `#!` line names no interpreter".into());
+        return Err(ShebangError::Empty);
     }
-    String::from_utf8(name.to_vec()).map_err(|_| "its `#!` interpreter is not UTF-8".into())
+    String::from_utf8(name.to_vec()).map_err(|_| ShebangError::NotUtf8)
 }
 
 fn show(s: &str) -> String {

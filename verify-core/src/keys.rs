@@ -9,7 +9,7 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::b64;
-use crate::crypto::{Backend, Es256Signer, Es256Verifier, Hs256Key};
+use crate::crypto::{Backend, Es256Signer, Es256Verifier, Hs256Key, KeyRejected};
 use crate::decision::Alg;
 use crate::error::ConfigError;
 
@@ -205,12 +205,82 @@ impl fmt::Debug for Verifier {
     }
 }
 
-/// One trusted key: its kid, its one alg, and a prepared verifier.
+/// Why a key was refused by the trust store or could not be made or used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// A trust store holds public keys: a leaked one must not be a signing key.
+    #[error("private EC key in a trust store (remove `d`)")]
+    PrivateInTrustStore,
+    #[error("duplicate kid `{0}`")]
+    DuplicateKid(String),
+    /// The JWK's `alg` names another algorithm than its key material is for.
+    #[error("alg {alg} does not fit the key material ({material})", alg = .alg.as_str(), material = .material.as_str())]
+    AlgMaterialMismatch { alg: Alg, material: Alg },
+    #[error("an EC public key cannot sign (the JWK has no `d`)")]
+    PublicKeyCannotSign,
+    /// The crypto backend refused the key or the operation.
+    #[error(transparent)]
+    Backend(#[from] KeyRejected),
+}
+
+/// One trusted key: its kid, its one alg, and a prepared verifier. Only a
+/// [`KeyStore`] builds one, and it takes the alg from the key material, so the key
+/// alone decides how a token signed with it is checked.
 #[derive(Debug)]
 pub struct TrustedKey {
-    pub kid: String,
-    pub alg: Alg,
-    pub verifier: Verifier,
+    kid: String,
+    alg: Alg,
+    verifier: Verifier,
+}
+
+impl TrustedKey {
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The one alg tokens signed with this key may name.
+    pub fn alg(&self) -> Alg {
+        self.alg
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    /// Prepares a verifier; the alg is the material's, and a JWK naming another is
+    /// refused (`Jwk::parse` already matched them; a `ParsedJwk` built by hand may not).
+    fn prepare(jwk: ParsedJwk, backend: &'static dyn Backend) -> Result<TrustedKey, KeyError> {
+        let material = jwk.material.alg();
+        if jwk.alg != material {
+            return Err(KeyError::AlgMaterialMismatch {
+                alg: jwk.alg,
+                material,
+            });
+        }
+        let verifier = match &jwk.material {
+            KeyMaterial::Es256 { d: Some(_), .. } => return Err(KeyError::PrivateInTrustStore),
+            KeyMaterial::Es256 { point, d: None } => {
+                Verifier::Es256(backend.es256_verifier(point)?)
+            }
+            KeyMaterial::Hs256 { secret } => Verifier::Hs256(backend.hs256_key(secret)),
+        };
+        Ok(TrustedKey {
+            kid: jwk.kid,
+            alg: material,
+            verifier,
+        })
+    }
+}
+
+impl KeyMaterial {
+    /// The alg this material is for: the key type decides it.
+    pub fn alg(&self) -> Alg {
+        match self {
+            KeyMaterial::Es256 { .. } => Alg::Es256,
+            KeyMaterial::Hs256 { .. } => Alg::Hs256,
+        }
+    }
 }
 
 /// The trust store: keys found only by `kid`.
@@ -264,48 +334,28 @@ impl KeyStore {
             let parsed = jwk.parse().map_err(|e| {
                 ConfigError::invalid(origin, format!("keys[{i}].{}", e.field), e.message)
             })?;
-            let key = TrustedKey::prepare(parsed, backend)
-                .map_err(|message| ConfigError::invalid(origin, format!("keys[{i}]"), message))?;
-            if store.keys.contains_key(&key.kid) {
-                return Err(ConfigError::invalid(
-                    origin,
-                    format!("keys[{i}].kid"),
-                    format!("duplicate kid `{}`", key.kid),
-                ));
-            }
-            store.keys.insert(key.kid.clone(), key);
+            store.insert(parsed, backend).map_err(|e| match e {
+                KeyError::DuplicateKid(_) => {
+                    ConfigError::invalid(origin, format!("keys[{i}].kid"), e.to_string())
+                }
+                e => ConfigError::invalid(origin, format!("keys[{i}]"), e.to_string()),
+            })?;
         }
         Ok(store)
     }
 
-    /// Adds a key from another source (for example a TPM-sealed HS256 key).
-    pub fn insert(&mut self, key: TrustedKey) -> Result<(), String> {
-        if self.keys.contains_key(&key.kid) {
-            return Err(format!("duplicate kid `{}`", key.kid));
+    /// Adds a key from another source (for example a TPM-sealed HS256 key), its alg
+    /// fixed by its material. A kid already in the store is refused.
+    pub fn insert(
+        &mut self,
+        jwk: ParsedJwk,
+        backend: &'static dyn Backend,
+    ) -> Result<&TrustedKey, KeyError> {
+        if self.keys.contains_key(&jwk.kid) {
+            return Err(KeyError::DuplicateKid(jwk.kid));
         }
-        self.keys.insert(key.kid.clone(), key);
-        Ok(())
-    }
-}
-
-impl TrustedKey {
-    /// Prepares a verifier. A trust store holds public keys; an EC private scalar in it
-    /// is refused, because a leaked trust store must not be a signing key.
-    pub fn prepare(jwk: ParsedJwk, backend: &'static dyn Backend) -> Result<TrustedKey, String> {
-        let verifier = match &jwk.material {
-            KeyMaterial::Es256 { d: Some(_), .. } => {
-                return Err("private EC key in a trust store (remove `d`)".to_string())
-            }
-            KeyMaterial::Es256 { point, d: None } => {
-                Verifier::Es256(backend.es256_verifier(point).map_err(|e| e.to_string())?)
-            }
-            KeyMaterial::Hs256 { secret } => Verifier::Hs256(backend.hs256_key(secret)),
-        };
-        Ok(TrustedKey {
-            kid: jwk.kid,
-            alg: jwk.alg,
-            verifier,
-        })
+        let key = TrustedKey::prepare(jwk, backend)?;
+        Ok(self.keys.entry(key.kid.clone()).or_insert(key))
     }
 }
 
@@ -325,24 +375,30 @@ impl fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
-    pub fn from_jwk(jwk: &ParsedJwk, backend: &'static dyn Backend) -> Result<SigningKey, String> {
+    pub fn from_jwk(
+        jwk: &ParsedJwk,
+        backend: &'static dyn Backend,
+    ) -> Result<SigningKey, KeyError> {
         match &jwk.material {
-            KeyMaterial::Es256 { point, d: Some(d) } => Ok(SigningKey::Es256(
-                backend.es256_signer(d, point).map_err(|e| e.to_string())?,
-            )),
-            KeyMaterial::Es256 { d: None, .. } => {
-                Err("an EC public key cannot sign (the JWK has no `d`)".to_string())
+            KeyMaterial::Es256 { point, d: Some(d) } => {
+                Ok(SigningKey::Es256(backend.es256_signer(d, point)?))
             }
+            KeyMaterial::Es256 { d: None, .. } => Err(KeyError::PublicKeyCannotSign),
             KeyMaterial::Hs256 { secret } => Ok(SigningKey::Hs256(backend.hs256_key(secret))),
         }
     }
 
-    pub fn sign(&self, signing_input: &[u8]) -> Result<Vec<u8>, String> {
+    /// The alg this key signs with.
+    pub fn alg(&self) -> Alg {
         match self {
-            SigningKey::Es256(s) => s
-                .sign(signing_input)
-                .map(|s| s.to_vec())
-                .map_err(|e| e.to_string()),
+            SigningKey::Es256(_) => Alg::Es256,
+            SigningKey::Hs256(_) => Alg::Hs256,
+        }
+    }
+
+    pub fn sign(&self, signing_input: &[u8]) -> Result<Vec<u8>, KeyError> {
+        match self {
+            SigningKey::Es256(s) => Ok(s.sign(signing_input)?.to_vec()),
             SigningKey::Hs256(k) => Ok(k.sign(signing_input).to_vec()),
         }
     }
@@ -354,15 +410,15 @@ impl ParsedJwk {
         kid: &str,
         alg: Alg,
         backend: &'static dyn Backend,
-    ) -> Result<ParsedJwk, String> {
+    ) -> Result<ParsedJwk, KeyError> {
         let material = match alg {
             Alg::Es256 => {
-                let (d, point) = backend.es256_generate().map_err(|e| e.to_string())?;
+                let (d, point) = backend.es256_generate()?;
                 KeyMaterial::Es256 { point, d: Some(d) }
             }
             Alg::Hs256 => {
                 let mut secret = Zeroizing::new(vec![0u8; MIN_HS256_KEY_BYTES]);
-                backend.random(&mut secret).map_err(|e| e.to_string())?;
+                backend.random(&mut secret)?;
                 KeyMaterial::Hs256 { secret }
             }
         };
@@ -440,7 +496,7 @@ mod tests {
             let hs = ParsedJwk::generate("hs", Alg::Hs256, backend).unwrap();
             let ok = store(&[es.to_json(false), hs.to_json(true)], backend).unwrap();
             assert_eq!(ok.len(), 2);
-            assert_eq!(ok.get("es").unwrap().alg, Alg::Es256);
+            assert_eq!(ok.get("es").unwrap().alg(), Alg::Es256);
 
             // A private EC key does not belong in a trust store.
             assert_eq!(
@@ -465,6 +521,31 @@ mod tests {
             off_curve["y"] = crate::b64::encode(&[1u8; 32]).into();
             assert_eq!(field(store(&[off_curve], backend).unwrap_err()), "keys[0]");
         }
+    }
+
+    /// The key decides the alg: a hand-made `ParsedJwk` whose alg is not its
+    /// material's never becomes a trusted key, and a kid is trusted once.
+    #[test]
+    fn the_store_takes_the_alg_from_the_key_material() {
+        let backend = crate::crypto::default_backend();
+        let mut hs = ParsedJwk::generate("hs", Alg::Hs256, backend).unwrap();
+        hs.alg = Alg::Es256;
+        let mut store = KeyStore::default();
+        assert_eq!(
+            store.insert(hs, backend).unwrap_err(),
+            KeyError::AlgMaterialMismatch {
+                alg: Alg::Es256,
+                material: Alg::Hs256
+            }
+        );
+        assert!(store.is_empty());
+        let hs = ParsedJwk::generate("hs", Alg::Hs256, backend).unwrap();
+        assert_eq!(store.insert(hs, backend).unwrap().alg(), Alg::Hs256);
+        let again = ParsedJwk::generate("hs", Alg::Hs256, backend).unwrap();
+        assert_eq!(
+            store.insert(again, backend).unwrap_err(),
+            KeyError::DuplicateKid("hs".into())
+        );
     }
 
     #[test]

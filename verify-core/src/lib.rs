@@ -34,6 +34,6 @@ pub use policy::Policy;
 pub use runner::{RunnerPattern, SpiffeId};
 pub use time::{Clock, FixedClock, SystemClock};
 pub use verify::{
-    check_rollback, check_shape, Admitted, AdmittedVersion, Capsule, NoHistory, RollbackView,
-    Verifier,
+    check_clock, check_rollback, check_shape, Admitted, AdmittedVersion, Capsule, ClockRollback,
+    NoHistory, RollbackError, RollbackView, ShapeError, StateReadError, Verifier,
 };

@@ -11,7 +11,7 @@ use crate::crypto::Backend;
 use crate::decision::Alg;
 use crate::decision::Sha256Digest;
 use crate::error::ConfigError;
-use crate::keys::{KeyStore, ParsedJwk, TrustedKey};
+use crate::keys::{KeyStore, ParsedJwk};
 use crate::limits::Limits;
 use crate::runner::RunnerPattern;
 
@@ -183,8 +183,8 @@ impl Policy {
             if jwk.alg != Alg::Hs256 {
                 return Err(bad(field, "a sealed key must be HS256".into()));
             }
-            let key = TrustedKey::prepare(jwk, backend).map_err(|m| bad(field.clone(), m))?;
-            keys.insert(key).map_err(|m| bad(field, m))?;
+            keys.insert(jwk, backend)
+                .map_err(|e| bad(field, e.to_string()))?;
         }
         if file.tenants.is_empty() {
             return Err(bad(

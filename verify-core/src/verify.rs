@@ -26,9 +26,31 @@ pub struct AdmittedVersion {
     pub digest: Sha256Digest,
 }
 
+/// Why the anti-rollback state could not be read (`state_unavailable`); the
+/// implementation's own error, shared so that one failure can deny a whole batch.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(transparent)]
+pub struct StateReadError(Arc<dyn std::error::Error + Send + Sync>);
+
+impl StateReadError {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> StateReadError {
+        StateReadError(Arc::new(e))
+    }
+}
+
 /// Read access to the anti-rollback state (the gateway keeps it durably).
 pub trait RollbackView: Sync {
-    fn latest(&self, tenant: &str, capsule_id: &str) -> Result<Option<AdmittedVersion>, String>;
+    fn latest(
+        &self,
+        tenant: &str,
+        capsule_id: &str,
+    ) -> Result<Option<AdmittedVersion>, StateReadError>;
+
+    /// The latest time (Unix seconds) this state has trusted, if it keeps one: a
+    /// clock reading earlier than it, beyond the skew, was stepped back.
+    fn last_known_time(&self) -> Result<Option<u64>, StateReadError> {
+        Ok(None)
+    }
 }
 
 /// No history: every version is new (for `verify` without `--state`).
@@ -36,9 +58,22 @@ pub trait RollbackView: Sync {
 pub struct NoHistory;
 
 impl RollbackView for NoHistory {
-    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, String> {
+    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, StateReadError> {
         Ok(None)
     }
+}
+
+/// Why a version may not be admitted (`rollback`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RollbackError {
+    #[error("version {version} is below the highest admitted version {highest}")]
+    Below { version: u64, highest: u64 },
+    #[error("version {version} was already admitted with other bytes ({admitted})")]
+    Equivocation {
+        version: u64,
+        admitted: Sha256Digest,
+    },
 }
 
 /// The anti-rollback rule. A lower version than the highest admitted is a rollback.
@@ -48,16 +83,44 @@ pub fn check_rollback(
     latest: Option<AdmittedVersion>,
     version: u64,
     digest: Sha256Digest,
-) -> Result<(), String> {
+) -> Result<(), RollbackError> {
     match latest {
-        Some(l) if version < l.version => Err(format!(
-            "version {version} is below the highest admitted version {}",
-            l.version
-        )),
-        Some(l) if version == l.version && digest != l.digest => Err(format!(
-            "version {version} was already admitted with other bytes ({})",
-            l.digest
-        )),
+        Some(l) if version < l.version => Err(RollbackError::Below {
+            version,
+            highest: l.version,
+        }),
+        Some(l) if version == l.version && digest != l.digest => Err(RollbackError::Equivocation {
+            version,
+            admitted: l.digest,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The clock reads earlier than the state's last-known time, beyond the skew
+/// (`clock_rollback`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the clock reads {now}, {behind} s before the last-known time {last_known} this state \
+     recorded (clock_skew_s {skew}): the clock was stepped back",
+    behind = .last_known - .now
+)]
+pub struct ClockRollback {
+    pub now: u64,
+    pub last_known: u64,
+    pub skew: u64,
+}
+
+/// The last-known-time rule (as tough keeps its datastore time): a clock that reads
+/// earlier than the latest time the state trusted, less the skew, would re-open
+/// capsules that have expired, so nothing is admitted by it.
+pub fn check_clock(now: u64, last_known: Option<u64>, skew: u64) -> Result<(), ClockRollback> {
+    match last_known {
+        Some(last_known) if now.saturating_add(skew) < last_known => Err(ClockRollback {
+            now,
+            last_known,
+            skew,
+        }),
         _ => Ok(()),
     }
 }
@@ -249,6 +312,8 @@ fn strip_newline(bytes: &[u8]) -> &[u8] {
 #[derive(Debug, Clone)]
 pub struct Admitted {
     decision: Decision,
+    /// The sha256 of `jws`, computed once when it was read.
+    digest: Sha256Digest,
     manifest: Arc<Manifest>,
     jws: Arc<[u8]>,
     files: Arc<[FileEntry]>,
@@ -268,9 +333,9 @@ impl Admitted {
     pub fn jws(&self) -> &[u8] {
         &self.jws
     }
+    /// The sha256 of the exact JWS bytes that were verified.
     pub fn digest(&self) -> Sha256Digest {
-        // An admitted decision always carries the digest it was verified under.
-        self.decision.digest.unwrap_or(Sha256Digest([0; 32]))
+        self.digest
     }
     /// Every artifact and tool, with the digest it was verified against.
     pub fn files(&self) -> &[FileEntry] {
@@ -373,8 +438,9 @@ impl Verifier<'_> {
                 Err((reason, detail)) => return Err(Decision::deny_unread(reason, detail)),
             },
         };
+        let digest = Sha256Digest(policy.backend.sha256_oneshot(&jws));
         let mut facts = Facts {
-            digest: Some(Sha256Digest(policy.backend.sha256_oneshot(&jws))),
+            digest: Some(digest),
             capsule_id: None,
             version: None,
             tenant: None,
@@ -400,7 +466,7 @@ impl Verifier<'_> {
         facts.capsule_id = Some(manifest.capsule_id.clone());
         facts.version = Some(manifest.version);
         facts.tenant = Some(manifest.tenant.clone());
-        check_shape(&manifest).map_err(|e| facts.deny(Reason::MalformedManifest, e))?;
+        check_shape(&manifest).map_err(|e| facts.deny(Reason::MalformedManifest, e.to_string()))?;
         let files = self
             .check_files(&manifest)
             .map_err(|(r, e)| facts.deny(r, e))?;
@@ -431,9 +497,17 @@ impl Verifier<'_> {
             ));
         }
 
-        // 4. Validity window, with the policy's clock skew either way.
+        // 4. The clock, then the validity window, with the policy's clock skew either way.
         let now = self.clock.now_unix();
         let skew = policy.clock_skew_s;
+        // A clock stepped back behind what the state has trusted would re-open capsules
+        // that expired: nothing is judged by it.
+        let last_known = self
+            .rollback
+            .last_known_time()
+            .map_err(|e| facts.deny(Reason::StateUnavailable, e.to_string()))?;
+        check_clock(now, last_known, skew)
+            .map_err(|e| facts.deny(Reason::ClockRollback, e.to_string()))?;
         if manifest.not_before > now.saturating_add(skew)
             || manifest.issued_at > now.saturating_add(skew)
         {
@@ -454,22 +528,23 @@ impl Verifier<'_> {
 
         // 5. Runner, scope, tools, approvals.
         self.check_runner(&manifest, tenant)
-            .map_err(|e| facts.deny(Reason::RunnerNotAllowed, e))?;
-        check_scope(&manifest, tenant).map_err(|e| facts.deny(Reason::ScopeViolation, e))?;
-        check_tools(&files, tenant).map_err(|e| facts.deny(Reason::ToolNotAuthorized, e))?;
+            .map_err(|e| facts.deny(Reason::RunnerNotAllowed, e.to_string()))?;
+        check_scope(&manifest, tenant)
+            .map_err(|e| facts.deny(Reason::ScopeViolation, e.to_string()))?;
+        check_tools(&files, tenant)
+            .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e.to_string()))?;
         let program = entrypoint::check_program(&manifest, &files, tenant)
-            .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e))?;
+            .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e.to_string()))?;
         check_approvals(&manifest, tenant, now, skew)
-            .map_err(|e| facts.deny(Reason::ApprovalInsufficient, e))?;
+            .map_err(|e| facts.deny(Reason::ApprovalInsufficient, e.to_string()))?;
 
         // 6. Anti-rollback against the highest admitted version.
-        let digest = facts.digest.unwrap_or(Sha256Digest([0; 32]));
         let latest = self
             .rollback
             .latest(&manifest.tenant, &manifest.capsule_id)
-            .map_err(|e| facts.deny(Reason::StateUnavailable, e))?;
+            .map_err(|e| facts.deny(Reason::StateUnavailable, e.to_string()))?;
         check_rollback(latest, manifest.version, digest)
-            .map_err(|e| facts.deny(Reason::Rollback, e))?;
+            .map_err(|e| facts.deny(Reason::Rollback, e.to_string()))?;
 
         // 7. Every artifact and tool, hashed in parallel: the expensive step goes last.
         let heads = self
@@ -477,7 +552,7 @@ impl Verifier<'_> {
             .map_err(|(r, e)| facts.deny(r, e))?;
         // The `#!` lines, from the bytes that were just verified.
         let executed = entrypoint::check_interpreters(program, &files, &heads, tenant)
-            .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e))?;
+            .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e.to_string()))?;
 
         let detail = format!(
             "signed by {} ({}), {} file(s) verified",
@@ -487,6 +562,7 @@ impl Verifier<'_> {
         );
         Ok(Admitted {
             decision: facts.decision(Verdict::Admit, None, detail),
+            digest,
             manifest: Arc::new(manifest),
             jws,
             files: files.into(),
@@ -584,18 +660,17 @@ impl Verifier<'_> {
         Ok(files)
     }
 
-    fn check_runner(&self, m: &Manifest, tenant: &Tenant) -> Result<(), String> {
+    fn check_runner(&self, m: &Manifest, tenant: &Tenant) -> Result<(), RunnerError> {
         let Some(runner) = self.runner else {
             // Without an identity nothing can match a restriction: the tenant's runners
             // apply whatever the manifest says (an empty or missing `runners` included).
             if !tenant.runners.is_empty() {
-                return Err(format!(
-                    "tenant `{}` allows only named runners and this runner has no SPIFFE ID",
-                    tenant.name
-                ));
+                return Err(RunnerError::TenantNeedsIdentity {
+                    tenant: tenant.name.clone(),
+                });
             }
             if !m.runners.is_empty() {
-                return Err("the manifest names runners and this runner has no SPIFFE ID".into());
+                return Err(RunnerError::ManifestNeedsIdentity);
             }
             return Ok(());
         };
@@ -607,13 +682,15 @@ impl Verifier<'_> {
                 .filter_map(|r| RunnerPattern::parse(r).ok())
                 .any(|p| p.matches(runner));
         if !manifest_ok {
-            return Err(format!("runner {runner} is not named by the manifest"));
+            return Err(RunnerError::NotInManifest {
+                runner: runner.clone(),
+            });
         }
         if !tenant.runners.is_empty() && !tenant.runners.iter().any(|p| p.matches(runner)) {
-            return Err(format!(
-                "runner {runner} is not allowed for tenant `{}`",
-                tenant.name
-            ));
+            return Err(RunnerError::NotForTenant {
+                runner: runner.clone(),
+                tenant: tenant.name.clone(),
+            });
         }
         Ok(())
     }
@@ -681,46 +758,78 @@ fn open_root(source: &ArtifactSource) -> Result<Root, (Reason, String)> {
     })
 }
 
+/// Why a manifest breaks a structural rule of manifest v1 (`malformed_manifest`).
+/// Names and values from the manifest are cut to 64 characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShapeError {
+    #[error("schema must be `{SCHEMA_V1}`")]
+    Schema,
+    #[error("capsule_id must be 1 to 128 of [A-Za-z0-9._-]")]
+    CapsuleId,
+    #[error("tenant must be 1 to 128 of [A-Za-z0-9._-]")]
+    Tenant,
+    #[error("version starts at 1")]
+    VersionZero,
+    #[error("parent is required after version 1")]
+    ParentMissing,
+    #[error("parent: {NOT_A_DIGEST}")]
+    ParentNotADigest,
+    #[error("expires_at must be after not_before")]
+    Window,
+    #[error("entrypoint must name a program")]
+    NoEntrypoint,
+    #[error("limits must be positive")]
+    Limits,
+    #[error("env name `{0}` is not [A-Za-z_][A-Za-z0-9_]*")]
+    EnvName(String),
+    #[error("NUL in env or entrypoint")]
+    Nul,
+    #[error("runner `{pattern}`: {why}")]
+    Runner { pattern: String, why: String },
+    #[error("author: {0}")]
+    Author(String),
+    #[error("approvals[{index}].approver: {why}")]
+    Approver { index: usize, why: String },
+    #[error("tool name must not be empty")]
+    ToolName,
+}
+
 /// Structural rules of manifest v1 that serde alone does not express (also used by
 /// `pack`, so that nothing is signed that the verifier would call malformed).
-pub fn check_shape(m: &Manifest) -> Result<(), String> {
+pub fn check_shape(m: &Manifest) -> Result<(), ShapeError> {
     if m.schema != SCHEMA_V1 {
-        return Err(format!("schema must be `{SCHEMA_V1}`"));
+        return Err(ShapeError::Schema);
     }
     if !valid_name(&m.capsule_id) {
-        return Err("capsule_id must be 1 to 128 of [A-Za-z0-9._-]".into());
+        return Err(ShapeError::CapsuleId);
     }
     if !valid_name(&m.tenant) {
-        return Err("tenant must be 1 to 128 of [A-Za-z0-9._-]".into());
+        return Err(ShapeError::Tenant);
     }
     if m.version == 0 {
-        return Err("version starts at 1".into());
+        return Err(ShapeError::VersionZero);
     }
     match &m.parent {
-        None if m.version > 1 => return Err("parent is required after version 1".into()),
-        Some(p) if Sha256Digest::parse(p).is_none() => {
-            return Err(format!("parent: {NOT_A_DIGEST}"))
-        }
+        None if m.version > 1 => return Err(ShapeError::ParentMissing),
+        Some(p) if Sha256Digest::parse(p).is_none() => return Err(ShapeError::ParentNotADigest),
         _ => {}
     }
     if m.expires_at <= m.not_before {
-        return Err("expires_at must be after not_before".into());
+        return Err(ShapeError::Window);
     }
     if m.entrypoint.is_empty() || m.entrypoint[0].is_empty() {
-        return Err("entrypoint must name a program".into());
+        return Err(ShapeError::NoEntrypoint);
     }
     if m.limits.timeout_ms == 0 || m.limits.memory_mib == 0 || m.limits.pids == 0 {
-        return Err("limits must be positive".into());
+        return Err(ShapeError::Limits);
     }
     for key in m.env.0.keys() {
         let ok = !key.is_empty()
             && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
             && !key.as_bytes()[0].is_ascii_digit();
         if !ok {
-            return Err(format!(
-                "env name `{}` is not [A-Za-z_][A-Za-z0-9_]*",
-                truncate(key)
-            ));
+            return Err(ShapeError::EnvName(truncate(key)));
         }
     }
     if m.env
@@ -729,19 +838,23 @@ pub fn check_shape(m: &Manifest) -> Result<(), String> {
         .chain(m.entrypoint.iter())
         .any(|v| v.contains('\0'))
     {
-        return Err("NUL in env or entrypoint".into());
+        return Err(ShapeError::Nul);
     }
     for r in &m.runners {
-        RunnerPattern::parse(r).map_err(|e| format!("runner `{}`: {e}", truncate(r)))?;
+        RunnerPattern::parse(r).map_err(|e| ShapeError::Runner {
+            pattern: truncate(r),
+            why: e.to_string(),
+        })?;
     }
-    ApproverId::parse(&m.author).map_err(|e| format!("author: {e}"))?;
+    ApproverId::parse(&m.author).map_err(|e| ShapeError::Author(e.to_string()))?;
     for (i, a) in m.approvals.iter().enumerate() {
-        ApproverId::parse(&a.approver).map_err(|e| format!("approvals[{i}].approver: {e}"))?;
+        ApproverId::parse(&a.approver).map_err(|e| ShapeError::Approver {
+            index: i,
+            why: e.to_string(),
+        })?;
     }
-    for t in &m.tools {
-        if t.name.is_empty() {
-            return Err("tool name must not be empty".into());
-        }
+    if m.tools.iter().any(|t| t.name.is_empty()) {
+        return Err(ShapeError::ToolName);
     }
     Ok(())
 }
@@ -753,40 +866,84 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-fn check_scope(m: &Manifest, tenant: &Tenant) -> Result<(), String> {
+/// Why this runner may not run the capsule (`runner_not_allowed`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunnerError {
+    #[error("tenant `{tenant}` allows only named runners and this runner has no SPIFFE ID")]
+    TenantNeedsIdentity { tenant: String },
+    #[error("the manifest names runners and this runner has no SPIFFE ID")]
+    ManifestNeedsIdentity,
+    #[error("runner {runner} is not named by the manifest")]
+    NotInManifest { runner: SpiffeId },
+    #[error("runner {runner} is not allowed for tenant `{tenant}`")]
+    NotForTenant { runner: SpiffeId, tenant: String },
+}
+
+/// Why the requested scope is refused (`scope_violation`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScopeError {
+    #[error("environment `{environment}` is not allowed for tenant `{tenant}`")]
+    Environment { environment: String, tenant: String },
+    #[error("network `{0}` requested; only `none` is allowed")]
+    Network(String),
+}
+
+fn check_scope(m: &Manifest, tenant: &Tenant) -> Result<(), ScopeError> {
     if !tenant.environments.contains(&m.scope.environment) {
-        return Err(format!(
-            "environment `{}` is not allowed for tenant `{}`",
-            truncate(&m.scope.environment),
-            tenant.name
-        ));
+        return Err(ScopeError::Environment {
+            environment: truncate(&m.scope.environment),
+            tenant: tenant.name.clone(),
+        });
     }
     if m.scope.network != "none" {
-        return Err(format!(
-            "network `{}` requested; only `none` is allowed",
-            truncate(&m.scope.network)
-        ));
+        return Err(ScopeError::Network(truncate(&m.scope.network)));
     }
     Ok(())
 }
 
-fn check_tools(files: &[FileEntry], tenant: &Tenant) -> Result<(), String> {
+/// A file labelled as a tool whose digest is not in the tenant's armory
+/// (`tool_not_authorized`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tool `{path}` ({digest}) is not in the armory of `{tenant}`")]
+pub struct ToolError {
+    pub path: ArtifactPath,
+    pub digest: Sha256Digest,
+    pub tenant: String,
+}
+
+fn check_tools(files: &[FileEntry], tenant: &Tenant) -> Result<(), ToolError> {
     match files
         .iter()
         .find(|f| f.is_tool && !tenant.armory.contains(&f.sha256))
     {
-        Some(f) => Err(format!(
-            "tool `{}` ({}) is not in the armory of `{}`",
-            f.path, f.sha256, tenant.name
-        )),
+        Some(f) => Err(ToolError {
+            path: f.path.clone(),
+            digest: f.sha256,
+            tenant: tenant.name.clone(),
+        }),
         None => Ok(()),
     }
+}
+
+/// Too few distinct approvals (`approval_insufficient`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{found} distinct approval(s) other than the author's, {required} required")]
+pub struct ApprovalError {
+    pub found: usize,
+    pub required: usize,
 }
 
 /// Distinct approvers, none of them the author, none approving from the future.
 /// `check_shape` has made every identity canonical (`ApproverId`), so they compare
 /// byte for byte: one person has one spelling.
-fn check_approvals(m: &Manifest, tenant: &Tenant, now: u64, skew: u64) -> Result<(), String> {
+fn check_approvals(
+    m: &Manifest,
+    tenant: &Tenant,
+    now: u64,
+    skew: u64,
+) -> Result<(), ApprovalError> {
     let distinct: HashSet<&str> = m
         .approvals
         .iter()
@@ -796,10 +953,10 @@ fn check_approvals(m: &Manifest, tenant: &Tenant, now: u64, skew: u64) -> Result
         .collect();
     let need = tenant.min_approvals as usize;
     if distinct.len() < need {
-        return Err(format!(
-            "{} distinct approval(s) other than the author's, {need} required",
-            distinct.len()
-        ));
+        return Err(ApprovalError {
+            found: distinct.len(),
+            required: need,
+        });
     }
     Ok(())
 }

@@ -20,10 +20,11 @@ use ::attest::tpm::{
 use ::attest::{b64, hex, AttestError};
 use clap::Subcommand;
 use serde_json::json;
-use verify_core::keys::{parse_jwk, KeyMaterial, ParsedJwk};
-use verify_core::{Alg, SpiffeId};
+use verify_core::keys::{parse_jwk, KeyMaterial};
+use verify_core::SpiffeId;
 
 use super::{usage, EXIT_DENIED};
+use crate::sealed::SealedKeys;
 use crate::GatewayError;
 
 /// Where this runner's identity comes from (for `verify`/`admit`).
@@ -77,40 +78,14 @@ impl IdentityArgs {
         }
     }
 
-    /// An unsealer for `trust.sealed`: opens the TPM on first use, then unseals each file.
-    pub(crate) fn unsealer(&self) -> impl FnMut(&Path) -> Result<ParsedJwk, String> + '_ {
-        let mut tpm: Option<Tpm> = None;
-        move |file: &Path| {
-            if tpm.is_none() {
-                let opened = Tcti::from_config_or_env(self.tcti.as_deref())
-                    .and_then(|t| Tpm::open(&t))
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
-                warn_if_software(&opened);
-                tpm = Some(opened);
-            }
-            let Some(t) = tpm.as_mut() else {
-                return Err("no TPM".into());
-            };
-            unseal_with(t, file)
-        }
+    /// The sealed keys of `trust.sealed`, through the TPM of `--tcti` (else `$TCTI`,
+    /// else the device), opened on the first sealed key.
+    pub(crate) fn sealed_keys(&self) -> SealedKeys {
+        SealedKeys::lazy(self.tcti.as_deref())
     }
 }
 
-/// Unseals one `trust.sealed` file into an HS256 key.
-pub(crate) fn unseal_with(tpm: &mut Tpm, file: &Path) -> Result<ParsedJwk, String> {
-    let sealed = SealedKey::load(file).map_err(|e| e.to_string())?;
-    let key = tpm.unseal(&sealed, file).map_err(|e| e.to_string())?;
-    let kid = key.kid.clone();
-    Ok(ParsedJwk {
-        kid,
-        alg: Alg::Hs256,
-        material: KeyMaterial::Hs256 {
-            secret: key.into_secret(),
-        },
-    })
-}
-
-fn warn_if_software(tpm: &Tpm) {
+pub(crate) fn warn_if_software(tpm: &Tpm) {
     if tpm.info().software {
         eprintln!(
             "capsule-gateway: warning: software TPM (`{}` `{}`) at {}: its keys are not hardware-protected",

@@ -224,8 +224,8 @@ pub fn run() -> ExitCode {
     }
 }
 
-fn usage(message: impl Into<String>) -> GatewayError {
-    GatewayError::Usage(message.into())
+fn usage(message: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Usage(message.to_string())
 }
 
 /// `completions SHELL`: generated from the parser's own definitions.

@@ -24,8 +24,8 @@ use sandbox_launcher::{
 use serde_json::{json, Value};
 use verify_core::{Admitted, Decision};
 
-use super::verify::Admission;
 use super::{HashModeArg, EXIT_DENIED};
+use crate::admission::Admission;
 use crate::output::decision_json;
 use crate::GatewayError;
 

@@ -1,18 +1,14 @@
 //! `verify` and `admit`: a batch of capsules in parallel, one line each, in order.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
-use verify_core::crypto::default_backend;
-use verify_core::{
-    Admitted, Capsule, Decision, HashMode, NoHistory, Policy, RollbackView, SpiffeId, SystemClock,
-    Verifier,
-};
+use verify_core::{Admitted, Decision, HashMode, SpiffeId};
 
-use super::attest::IdentityArgs;
+use super::attest::{warn_if_software, IdentityArgs};
 use super::{usage, HashModeArg, VerifyArgs, EXIT_DENIED};
+use crate::admission::{load_policy, system_clock, Admission};
 use crate::output::{decision_json, decision_line, print_stdout};
-use crate::state::{LazySnapshot, StateDir, Unavailable};
 use crate::GatewayError;
 
 pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
@@ -53,24 +49,11 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
     })
 }
 
-/// Policy, runner and anti-rollback state, set up once; shared by `verify`, `admit`
-/// and `run`, so that `run` admits exactly as `admit` does.
-pub(crate) struct Admission {
-    pub policy: Policy,
-    runner: Option<SpiffeId>,
-    /// The state's directory, checked; its database is opened only for the snapshot
-    /// and the commit (`StateDir`), never across hashing or a sandbox run.
-    state: Option<StateDir>,
-    unavailable: Option<Unavailable>,
-    hash_mode: HashMode,
-}
-
 impl Admission {
-    /// Loads the policy (with the TPM that unseals its sealed keys: a key that cannot
-    /// be unsealed stops start-up, naming the PCRs that changed) and checks the state
-    /// directory (creating an empty state there if `record` and there is none; it says
-    /// so on stderr). A state that exists but cannot be read denies everything (deny
-    /// by default); recording without a state is refused.
+    /// The admission of `verify`, `admit` and `run`, from their flags: the policy
+    /// (its sealed keys unsealed through the TPM of `--tcti`, opened on first use),
+    /// the runner, the state directory and the hash mode, on the system clock. Shared
+    /// by the three commands, so that `run` admits exactly as `admit` does.
     pub(crate) fn open_with(
         policy: &Path,
         runner: Option<&str>,
@@ -79,75 +62,23 @@ impl Admission {
         record: bool,
         hash_mode: HashModeArg,
     ) -> Result<Admission, GatewayError> {
-        let mut unseal = identity.unsealer();
-        let policy = Policy::load_with_sealed(policy, default_backend(), Some(&mut unseal))?;
+        let mut sealed = identity.sealed_keys();
+        let policy = load_policy(policy, &mut sealed);
+        if let Some(tpm) = sealed.tpm() {
+            warn_if_software(tpm);
+        }
+        let policy = policy?;
         let runner = match runner {
             Some(r) => Some(SpiffeId::parse(r).map_err(|e| usage(format!("--runner `{r}`: {e}")))?),
             None => None,
         };
-        let mut unavailable = None;
-        let state = match state {
-            Some(dir) => match StateDir::locate(dir, record) {
-                Ok(s) => {
-                    if let Some(s) = &s {
-                        crate::state::announce(s);
-                    }
-                    s
-                }
-                Err(e) => {
-                    unavailable = Some(Unavailable(e.to_string()));
-                    None
-                }
-            },
-            None if record => return Err(usage("admit needs --state DIR to record admissions")),
-            None => None,
+        let hash_mode = match hash_mode {
+            HashModeArg::Auto => HashMode::Auto,
+            HashModeArg::Read => HashMode::Read,
+            HashModeArg::Mmap => HashMode::Mmap,
         };
-        Ok(Admission {
-            policy,
-            runner,
-            state,
-            unavailable,
-            hash_mode: match hash_mode {
-                HashModeArg::Auto => HashMode::Auto,
-                HashModeArg::Read => HashMode::Read,
-                HashModeArg::Mmap => HashMode::Mmap,
-            },
-        })
-    }
-
-    /// Verifies the capsules in parallel and, if `record`, records the admissions
-    /// durably before returning; results come back in input order. A state that
-    /// cannot be written denies every admitted capsule `state_unavailable`.
-    pub(crate) fn admit(
-        &self,
-        dirs: &[PathBuf],
-        record: bool,
-    ) -> Result<Vec<Result<Admitted, Decision>>, GatewayError> {
-        let snapshot;
-        let rollback: &dyn RollbackView = match (&self.state, &self.unavailable) {
-            (_, Some(u)) => u,
-            (Some(s), None) => {
-                snapshot = LazySnapshot::new(s);
-                &snapshot
-            }
-            (None, None) => &NoHistory,
-        };
-        let verifier = Verifier {
-            policy: &self.policy,
-            clock: &SystemClock,
-            rollback,
-            runner: self.runner.as_ref(),
-            hash_mode: self.hash_mode,
-        };
-        let capsules: Vec<Capsule> = dirs
-            .iter()
-            .map(|dir| Capsule::from_dir(dir, self.policy.limits.max_jws_bytes))
-            .collect();
-        let results = verifier.verify_batch(&capsules);
-        match (&self.state, &self.unavailable, record) {
-            // The verdicts are given out only after the state is durable.
-            (Some(s), None, true) => Ok(s.record(results, &self.policy.policy_version)),
-            _ => Ok(results),
-        }
+        Admission::new(policy, system_clock(), hash_mode)
+            .with_runner(runner)
+            .with_state_dir(state, record)
     }
 }

@@ -23,23 +23,34 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use tokio::sync::oneshot;
-use verify_core::{Admitted, Capsule, Decision, HashMode, Policy, SpiffeId, SystemClock, Verifier};
+use verify_core::{Admitted, Capsule, Decision, Policy, SpiffeId};
 
 use super::config::BatchConfig;
 use super::metrics::Metrics;
-use crate::state::State;
+use crate::admission::Admission;
+use crate::GatewayError;
 
-/// The answer to one admission: a decision, or the reason nothing could be decided
-/// durably (the state could not be written; nothing was acknowledged).
-pub type Outcome = Result<Result<Admitted, Decision>, String>;
+/// Nothing could be decided durably: the state could not be written, so nothing of
+/// the batch was acknowledged. Shared by every admission of the failed commit.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(transparent)]
+pub struct NotRecorded(Arc<GatewayError>);
 
-/// What every batch needs: the policy, the durable state and the verification pool.
+/// The answer to one admission: a decision, or why nothing was recorded.
+pub type Outcome = Result<Result<Admitted, Decision>, NotRecorded>;
+
+/// What every batch needs: the admission (policy, clock, the durable state kept open)
+/// and the verification pool.
 #[derive(Debug)]
 pub struct Admissions {
-    pub policy: Policy,
-    pub state: State,
+    pub admission: Admission,
     pub pool: rayon::ThreadPool,
-    pub hash_mode: HashMode,
+}
+
+impl Admissions {
+    pub fn policy(&self) -> &Policy {
+        self.admission.policy()
+    }
 }
 
 struct Job {
@@ -190,18 +201,9 @@ fn verify_loop(
             let started = Instant::now();
             let results: Vec<Result<Admitted, Decision>> = batch
                 .par_iter()
-                .map(|job| {
-                    Verifier {
-                        policy: &a.policy,
-                        clock: &SystemClock,
-                        rollback: &a.state,
-                        // The authenticated peer is the runner: the tenant's `runners`
-                        // patterns (and the manifest's) are checked against it.
-                        runner: Some(&job.runner),
-                        hash_mode: a.hash_mode,
-                    }
-                    .verify(&job.capsule)
-                })
+                // The authenticated peer is the runner: the tenant's `runners` patterns
+                // (and the manifest's) are checked against it.
+                .map(|job| a.admission.verify(&job.capsule, &job.runner))
                 .collect();
             metrics.stage(false, started.elapsed());
             let paired = results
@@ -230,7 +232,7 @@ fn commit_loop(a: &Admissions, verified: &Receiver<Verified>, metrics: &Metrics)
             continue;
         }
         let started = Instant::now();
-        let recorded = a.state.record(results, &a.policy.policy_version);
+        let recorded = a.admission.record(results);
         metrics.stage(true, started.elapsed());
         match recorded {
             Ok(recorded) => {
@@ -240,9 +242,9 @@ fn commit_loop(a: &Admissions, verified: &Receiver<Verified>, metrics: &Metrics)
                 }
             }
             Err(e) => {
-                let message = e.to_string();
+                let e = NotRecorded(Arc::new(e));
                 for reply in replies {
-                    let _ = reply.send(Err(message.clone()));
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }

@@ -295,7 +295,7 @@ async fn admit(
     req: Request<Tracked>,
 ) -> Result<(verify_core::Admitted, Value), Reply> {
     // One byte over the JWS limit for a trailing newline, as the CLI tolerates.
-    let limit = svc.admissions.policy.limits.max_jws_bytes + 1;
+    let limit = svc.admissions.policy().limits.max_jws_bytes + 1;
     // Admission bodies are held in memory until their decision is durable: the bytes
     // that may be held at once are bounded across all connections and streams (the
     // declared length, else the limit, is reserved before reading). None left: shed.

@@ -41,7 +41,6 @@ use attest::tpm::{Tcti, Tpm};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use verify_core::crypto::default_backend;
 use verify_core::{HashMode, Policy, RunnerPattern};
 
 use self::batcher::{Admissions, Batcher};
@@ -51,6 +50,8 @@ use self::idle::IdleTimeout;
 use self::metrics::{HandshakeFailure, Metrics};
 use self::pending::{PendingPool, PendingSlot};
 use self::runs::Runs;
+use crate::admission::{load_policy, system_clock, Admission};
+use crate::sealed::SealedKeys;
 use crate::state::StateDir;
 use crate::GatewayError;
 
@@ -76,6 +77,26 @@ pub struct Service {
     body_budget: Arc<Semaphore>,
 }
 
+/// Why `/readyz` answers 503.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotReady {
+    #[error("SVID: {0}")]
+    Svid(#[source] attest::AttestError),
+    #[error("the gateway's SVID has expired")]
+    SvidExpired,
+    #[error("no trusted keys")]
+    NoKeys,
+    #[error("TPM lock poisoned")]
+    TpmPoisoned,
+    #[error("TPM: {0}")]
+    Tpm(#[source] attest::AttestError),
+    #[error("TPM probe: {0}")]
+    TpmProbe(#[source] tokio::task::JoinError),
+    #[error("the TPM did not answer in time")]
+    TpmTimeout,
+}
+
 impl Service {
     /// Reserves room for a request body of `bytes`; `None` when the budget is spent.
     pub fn reserve_body(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
@@ -85,30 +106,33 @@ impl Service {
 
     /// Ready when the trust material is loaded (the SVID is current) and, if a TPM is
     /// configured, it answers.
-    pub async fn readiness(&self) -> Result<(), String> {
-        let svid = self.identity.current().map_err(|e| format!("SVID: {e}"))?;
-        let now = chrono::Utc::now().timestamp();
-        if svid.svid.not_after() <= now {
-            return Err("the gateway's SVID has expired".into());
+    pub async fn readiness(&self) -> Result<(), NotReady> {
+        let svid = self.identity.current().map_err(NotReady::Svid)?;
+        if svid.svid.not_after() <= self.now() {
+            return Err(NotReady::SvidExpired);
         }
-        if self.admissions.policy.keys.is_empty() {
-            return Err("no trusted keys".into());
+        if self.admissions.policy().keys.is_empty() {
+            return Err(NotReady::NoKeys);
         }
         if let Some(tpm) = &self.tpm {
             let tpm = tpm.clone();
             let probe = tokio::task::spawn_blocking(move || {
-                let mut t = tpm.lock().map_err(|_| "TPM lock poisoned".to_string())?;
-                t.loaded_transient_objects()
-                    .map_err(|e| format!("TPM: {e}"))
+                let mut t = tpm.lock().map_err(|_| NotReady::TpmPoisoned)?;
+                t.loaded_transient_objects().map_err(NotReady::Tpm)
             });
             match tokio::time::timeout(TPM_PROBE_TIMEOUT, probe).await {
                 Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(e))) => return Err(e),
-                Ok(Err(e)) => return Err(format!("TPM probe: {e}")),
-                Err(_) => return Err("the TPM did not answer in time".into()),
+                Ok(Err(e)) => return Err(NotReady::TpmProbe(e)),
+                Err(_) => return Err(NotReady::TpmTimeout),
             }
         }
         Ok(())
+    }
+
+    /// Now, in Unix seconds, by the admission's clock.
+    fn now(&self) -> i64 {
+        i64::try_from(self.admissions.admission.clock().now_unix()).unwrap_or(i64::MAX)
     }
 
     /// `/metrics`: the counters, with the SVID's remaining lifetime read now.
@@ -117,7 +141,7 @@ impl Service {
             .identity
             .current()
             .ok()
-            .map(|svid| svid.svid.not_after() - chrono::Utc::now().timestamp());
+            .map(|svid| svid.svid.not_after() - self.now());
         self.metrics.render(left)
     }
 }
@@ -142,8 +166,9 @@ impl Server {
                 (None, Some(ep)) => Arc::new(WorkloadApiSource::connect(ep, WORKLOAD_API_TIMEOUT)?),
                 (None, None) => return Err(GatewayError::Usage("tls: no SVID source".into())),
             };
+        let clock = system_clock();
         let (policy, tpm) =
-            load_policy(&config.policy, config.tpm.as_ref().map(|t| t.tcti.as_str()))?;
+            open_policy(&config.policy, config.tpm.as_ref().map(|t| t.tcti.as_str()))?;
         let allowed = allowed_peers(config, &policy)?;
         let resolver = Arc::new(SvidCertResolver::new(identity.clone(), None)?);
         let mut tls = attest::tls::server_config(
@@ -155,7 +180,7 @@ impl Server {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
         // One process: the service keeps the database open (and locked) while it runs.
-        let state_dir = StateDir::locate(&config.state_dir, true)?
+        let state_dir = StateDir::locate(&config.state_dir, true, clock.as_ref())?
             .ok_or_else(|| GatewayError::Usage("state: not created".into()))?;
         crate::state::announce(&state_dir);
         let state = state_dir.open()?;
@@ -169,10 +194,8 @@ impl Server {
             .map_err(|e| GatewayError::Usage(format!("verification pool: {e}")))?;
         let metrics = Arc::new(Metrics::new());
         let admissions = Arc::new(Admissions {
-            policy,
-            state,
+            admission: Admission::new(policy, clock, HashMode::Auto).with_open_state(state),
             pool,
-            hash_mode: HashMode::Auto,
         });
         let batcher = Batcher::start(admissions.clone(), &config.batch, metrics.clone())
             .map_err(|e| GatewayError::io("<batch threads>", e))?;
@@ -251,19 +274,14 @@ impl Server {
 
 /// The policy, with sealed keys unsealed through the configured TPM, which is kept
 /// open for `/readyz`.
-fn load_policy(path: &Path, tcti: Option<&str>) -> Result<(Policy, Option<Tpm>), GatewayError> {
-    let mut tpm = match tcti {
+fn open_policy(path: &Path, tcti: Option<&str>) -> Result<(Policy, Option<Tpm>), GatewayError> {
+    let tpm = match tcti {
         Some(t) => Some(Tpm::open(&Tcti::parse(t)?)?),
         None => None,
     };
-    let mut unseal = |file: &Path| -> Result<verify_core::keys::ParsedJwk, String> {
-        let t = tpm
-            .as_mut()
-            .ok_or_else(|| format!("{}: sealed key, but no [tpm] is configured", file.display()))?;
-        crate::cli::attest::unseal_with(t, file)
-    };
-    let policy = Policy::load_with_sealed(path, default_backend(), Some(&mut unseal))?;
-    Ok((policy, tpm))
+    let mut sealed = SealedKeys::with_tpm(tpm);
+    let policy = load_policy(path, &mut sealed)?;
+    Ok((policy, sealed.into_tpm()))
 }
 
 /// Who may connect: the configured patterns, else every tenant's runners.

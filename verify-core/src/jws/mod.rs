@@ -8,7 +8,7 @@ mod header;
 mod sign;
 
 pub use header::{parse_header, Header, HeaderError, CAPSULE_TYP, FORBIDDEN_MEMBERS};
-pub use sign::sign_compact;
+pub use sign::{sign_compact, SignError};
 
 use crate::b64;
 use crate::decision::{Alg, Reason};
@@ -109,14 +109,14 @@ pub fn verify(bytes: &[u8], keys: &KeyStore, max_bytes: usize) -> Result<Verifie
             format!("no trusted key has kid `{}`", header.kid),
         )
     })?;
-    if key.alg != header.alg {
+    if key.alg() != header.alg {
         return Err(with_header(
             Reason::AlgKeyMismatch,
             format!(
                 "header alg {} but key `{}` is {}",
                 header.alg.as_str(),
-                key.kid,
-                key.alg.as_str()
+                key.kid(),
+                key.alg().as_str()
             ),
         ));
     }
@@ -125,7 +125,7 @@ pub fn verify(bytes: &[u8], keys: &KeyStore, max_bytes: usize) -> Result<Verifie
     b64::check(parts.payload)
         .map_err(|e| with_header(Reason::MalformedJws, format!("payload: {e}")))?;
     let bad_sig = |e: b64::B64Error| with_header(Reason::MalformedJws, format!("signature: {e}"));
-    let verified = match &key.verifier {
+    let verified = match key.verifier() {
         Verifier::Es256(v) => {
             // Exactly 64 bytes r||s; a DER signature or any other length never verifies.
             let sig = b64::decode_exact::<64>(parts.signature).map_err(bad_sig)?;
@@ -151,7 +151,7 @@ pub fn verify(bytes: &[u8], keys: &KeyStore, max_bytes: usize) -> Result<Verifie
     if !verified {
         return Err(with_header(
             Reason::SignatureInvalid,
-            format!("signature does not verify under key `{}`", key.kid),
+            format!("signature does not verify under key `{}`", key.kid()),
         ));
     }
     let payload = b64::decode(parts.payload)
