@@ -4,9 +4,14 @@
 //! configuration, records admissions durably and prints results.
 
 pub mod cli;
+pub mod durable;
 pub mod error;
 pub mod evidence;
+pub mod keygen;
+pub mod launch;
+pub mod layout;
 pub mod output;
+pub mod pack;
 pub mod serve;
 pub mod state;
 

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::fs::FlockOperation;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{LaunchError, Result};
 use crate::Runtime;
@@ -39,15 +39,17 @@ pub const CONTAINER_PREFIX: &str = "capsule-";
 pub const CGROUP_PARENT: &str = "capsule-gateway";
 
 /// One check of the teardown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Check {
-    pub name: &'static str,
+    pub name: String,
     pub ok: bool,
     pub detail: String,
 }
 
 /// The verified teardown of one run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TeardownReport {
     /// Every check passed.
     pub ok: bool,
@@ -68,7 +70,8 @@ impl TeardownReport {
 }
 
 /// A stale sandbox found and removed at start-up.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StaleReport {
     pub run_id: String,
     pub container_id: String,
@@ -136,24 +139,24 @@ pub(crate) fn verify(
     let mut checks = Vec::new();
     checks.push(match runtime.listed(container_id) {
         Ok(false) => Check {
-            name: "runtime_list",
+            name: "runtime_list".into(),
             ok: true,
             detail: format!("{container_id} is not in the {} list", runtime.kind()),
         },
         Ok(true) => Check {
-            name: "runtime_list",
+            name: "runtime_list".into(),
             ok: false,
             detail: format!("{container_id} is still in the {} list", runtime.kind()),
         },
         Err(e) => Check {
-            name: "runtime_list",
+            name: "runtime_list".into(),
             ok: false,
             detail: format!("cannot list containers: {e}"),
         },
     });
     let procs = processes_of(run_id);
     checks.push(Check {
-        name: "processes",
+        name: "processes".into(),
         ok: procs.is_empty(),
         detail: if procs.is_empty() {
             "no host process names the run or is in its cgroup".into()
@@ -167,7 +170,7 @@ pub(crate) fn verify(
     });
     let cgroups = cgroup_dirs(container_id);
     checks.push(Check {
-        name: "cgroups",
+        name: "cgroups".into(),
         ok: cgroups.is_empty(),
         detail: if cgroups.is_empty() {
             "no cgroup of the container is left".into()
@@ -181,7 +184,7 @@ pub(crate) fn verify(
     });
     let state = runtime.state_files(container_id);
     checks.push(Check {
-        name: "runtime_state",
+        name: "runtime_state".into(),
         ok: state.is_empty(),
         detail: if state.is_empty() {
             "no runtime state file of the container is left".into()
@@ -195,7 +198,7 @@ pub(crate) fn verify(
     });
     let dir_gone = !run_dir.exists();
     checks.push(Check {
-        name: "run_directory",
+        name: "run_directory".into(),
         ok: dir_gone,
         detail: format!(
             "{} {}",

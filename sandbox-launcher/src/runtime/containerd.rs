@@ -127,11 +127,11 @@ impl Containerd {
 
     pub(crate) fn facts(&self) -> RuntimeFacts {
         RuntimeFacts {
-            kind: "containerd",
+            kind: "containerd".into(),
             platform: None,
             runtime_type: Some(self.config.runtime_type.clone()),
             version: self.version.get(),
-            network: "none",
+            network: "none".into(),
         }
     }
 

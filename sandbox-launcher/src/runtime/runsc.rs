@@ -88,7 +88,7 @@ impl Runsc {
 
     pub(crate) fn facts(&self) -> RuntimeFacts {
         RuntimeFacts {
-            kind: "runsc",
+            kind: "runsc".into(),
             platform: Some(self.config.platform.clone()),
             runtime_type: None,
             version: self.version.get(),
@@ -96,7 +96,8 @@ impl Runsc {
                 "host"
             } else {
                 "none"
-            },
+            }
+            .into(),
         }
     }
 
