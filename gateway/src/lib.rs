@@ -2,6 +2,13 @@
 //!
 //! This crate does not re-implement checks: verify-core decides, the gateway reads
 //! configuration, records admissions durably and prints results.
+//!
+//! `cli` and `serve` sit on top of the library rooms and neither reaches into the
+//! other: [`evidence`] (one schema for the run event and bundle, its writer, readers
+//! and chain-of-custody check), [`launch`] (the sandbox, set up and run the same way
+//! for both), [`layout`] (where state lives), [`durable`] (temp file, fsync, rename,
+//! fsync the parent — every durable write), [`keygen`] and [`pack`] (keys and
+//! capsules), [`error`] (which failures are usage, exit 2, and which runtime, exit 4).
 
 pub mod cli;
 pub mod durable;
