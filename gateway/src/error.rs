@@ -1,6 +1,19 @@
-//! Errors that end a command with exit code 2 (usage or configuration).
+//! Errors that end a command, and which exit code each gets: a usage or
+//! configuration error (exit 2: the operator can fix the command line or a file it
+//! names) or a runtime failure (exit 4: the command was sound, and doing it failed —
+//! the sandbox, a write of state, keys or evidence, a TPM command).
 
 use std::path::PathBuf;
+
+/// What kind of failure an error is, for the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Bad flags, or a file the operator named that is missing, malformed or unsafe;
+    /// a sandbox runtime that is not installed.
+    Usage,
+    /// The work itself failed.
+    Runtime,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -9,6 +22,7 @@ pub enum GatewayError {
     Config(#[from] verify_core::ConfigError),
     #[error("{0}")]
     Usage(String),
+    /// Reading a file or directory the operator named.
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -20,6 +34,31 @@ pub enum GatewayError {
     /// TPM, SVID or binding (the message names the TCTI, file or check).
     #[error(transparent)]
     Attest(#[from] attest::AttestError),
+    /// The sandbox cannot be set up: its runtime or the probe is missing (the
+    /// message names the Debian package).
+    #[error("sandbox: {0}")]
+    SandboxSetup(#[source] sandbox_launcher::LaunchError),
+    /// The sandbox failed while in use.
+    #[error("sandbox: {0}")]
+    Sandbox(#[source] sandbox_launcher::LaunchError),
+    /// An evidence bundle could not be written.
+    #[error(transparent)]
+    Evidence(#[from] crate::evidence::EvidenceError),
+    /// A durable write (keys, capsules, certificates) failed, or would have replaced
+    /// an existing file.
+    #[error(transparent)]
+    Write(#[from] crate::durable::DurableError),
+    #[error(transparent)]
+    Keygen(#[from] crate::keygen::KeygenError),
+    #[error(transparent)]
+    Pack(#[from] crate::pack::PackError),
+    /// A resource of this process (a thread, a signal handler) was refused.
+    #[error("{what}: {source}")]
+    Process {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl GatewayError {
@@ -27,6 +66,34 @@ impl GatewayError {
         GatewayError::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// Usage or runtime, by what failed.
+    pub fn class(&self) -> ErrorClass {
+        use crate::durable::DurableError;
+        use crate::keygen::KeygenError;
+        match self {
+            GatewayError::Config(_)
+            | GatewayError::Usage(_)
+            | GatewayError::Io { .. }
+            | GatewayError::State { .. }
+            | GatewayError::SandboxSetup(_) => ErrorClass::Usage,
+            GatewayError::Pack(e) => e.class(),
+            // A TPM that answers but fails a command fails at run time; an
+            // unreachable TPM, a bad TCTI, changed PCRs or a bad file are
+            // configuration.
+            GatewayError::Attest(attest::AttestError::Tpm { .. }) => ErrorClass::Runtime,
+            GatewayError::Attest(_) => ErrorClass::Usage,
+            // An existing file is the operator's to move; nothing was replaced.
+            GatewayError::Write(DurableError::Exists { .. })
+            | GatewayError::Keygen(KeygenError::Write(DurableError::Exists { .. }))
+            | GatewayError::Keygen(KeygenError::Kid) => ErrorClass::Usage,
+            GatewayError::Write(_)
+            | GatewayError::Keygen(_)
+            | GatewayError::Sandbox(_)
+            | GatewayError::Evidence(_)
+            | GatewayError::Process { .. } => ErrorClass::Runtime,
         }
     }
 }

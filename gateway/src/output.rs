@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use verify_core::Decision;
 
 use crate::GatewayError;
@@ -30,20 +30,11 @@ pub fn quiet_pipe(result: io::Result<()>) -> Result<(), GatewayError> {
     }
 }
 
-/// The `--json` line of DESIGN.md; `capsule` is the argument as given.
+/// The `--json` line of DESIGN.md; `capsule` is the argument as given. The same
+/// record as an evidence bundle's `decision.json`.
 pub fn decision_json(capsule: &str, d: &Decision) -> Value {
-    json!({
-        "capsule": capsule,
-        "verdict": d.verdict.as_str(),
-        "reason": d.reason.map(|r| r.as_str()),
-        "detail": d.detail,
-        "digest": d.digest.map(|x| x.to_string()),
-        "capsule_id": d.capsule_id,
-        "version": d.version,
-        "tenant": d.tenant,
-        "kid": d.kid,
-        "alg": d.alg.map(|a| a.as_str()),
-    })
+    // A struct of strings and numbers: serialising cannot fail.
+    serde_json::to_value(crate::evidence::DecisionRecord::new(capsule, d)).unwrap_or(Value::Null)
 }
 
 pub fn decision_line(capsule: &str, d: &Decision) -> String {

@@ -848,3 +848,43 @@ fn run_denied_event_holds_neither_a_symlinked_trust_store_nor_presented_bytes() 
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("PRESENTED-BYTES"));
 }
+
+/// `keygen`: a kid that is not a plain file name and an existing key file are the
+/// operator's to fix (exit 2); an output directory that cannot be created (its
+/// parent is a regular file) is a failure at run time (exit 4), naming the path.
+#[test]
+fn keygen_exits_2_for_usage_errors_and_4_for_a_failed_write() {
+    let w = World::new();
+    let keys = w.path("exit-keys");
+    let out = run(&[
+        "keygen",
+        "--alg",
+        "ES256",
+        "--kid",
+        ".hidden",
+        "--out",
+        s(&keys),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = run(&["keygen", "--alg", "ES256", "--kid", "k1", "--out", s(&keys)]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = run(&["keygen", "--alg", "ES256", "--kid", "k1", "--out", s(&keys)]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+
+    let file = w.path("exit-plain-file");
+    std::fs::write(&file, b"x").expect("write");
+    let under_file = file.join("keys");
+    let out = run(&[
+        "keygen",
+        "--alg",
+        "ES256",
+        "--kid",
+        "k1",
+        "--out",
+        s(&under_file),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains(s(&under_file)), "{stderr}");
+}

@@ -252,3 +252,36 @@ fn a_denied_event_parses_and_vouches_for_no_run() {
     let printed: Value = serde_json::from_str(&line).expect("json");
     assert_eq!(event.to_json(), printed);
 }
+
+/// The events `run` writes from its typed schema are CloudEvents to an independent
+/// reader, the cloudevents SDK: the envelope attributes and the data it finds are
+/// ours, for a completed run and for a denial.
+#[test]
+fn the_written_events_are_cloudevents_to_the_sdk() {
+    use cloudevents::AttributesReader;
+    let w = World::new();
+    let state = w.path("state");
+    let good = script_capsule(&w, "good", "echo sdk");
+    let denied = script_capsule(&w, "denied", "echo SHOULD-NOT-RUN");
+    std::fs::write(denied.join("files/run.sh"), "echo tampered!!!!!!").expect("tamper");
+    for (capsule, code, kind) in [
+        (&good, 0, "dev.capsule-gateway.run.completed"),
+        (&denied, 1, "dev.capsule-gateway.run.denied"),
+    ] {
+        let (got, line) = run(&w, &state, capsule);
+        assert_eq!(got, code, "{line}");
+        let sdk: cloudevents::Event = serde_json::from_str(&line).expect("the SDK reads it");
+        let ours = Event::parse(line.as_bytes()).expect("we read it");
+        assert_eq!(sdk.id(), ours.id);
+        assert_eq!(sdk.ty(), kind);
+        assert_eq!(sdk.source().to_string(), RUNNER);
+        assert_eq!(sdk.subject(), ours.subject.as_deref());
+        assert_eq!(sdk.datacontenttype(), Some("application/json"));
+        let printed: Value = serde_json::from_str(&line).expect("json");
+        let data: Value = match sdk.data() {
+            Some(cloudevents::Data::Json(v)) => v.clone(),
+            other => panic!("JSON data, got {other:?}"),
+        };
+        assert_eq!(data, printed["data"]);
+    }
+}

@@ -431,3 +431,37 @@ fn kata_without_its_shim_is_a_configuration_error_naming_it() {
         processes_naming(s(&config))
     );
 }
+
+/// Exit codes tell the operator's mistakes from failures at run time: a usage error
+/// is 2 before anything is admitted, while an evidence directory that cannot be
+/// written (its parent is a regular file) is a runtime failure, 4, with no event
+/// printed (nothing vouches for the run), and the sandbox is still torn down.
+#[test]
+fn an_unwritable_evidence_dir_is_a_runtime_failure_exit_4_and_a_usage_error_is_2() {
+    let w = World::new();
+    let state = w.path("state");
+    let c = capsule(&w, "capsule", "auth-token-issuance", "echo hi", 20_000);
+
+    let out = run_cmd(&w, &state, &c)
+        .args(["--output-cap", "many"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stdout.is_empty());
+
+    let not_a_dir = w.path("plain-file");
+    std::fs::write(&not_a_dir, b"not a directory\n").expect("write");
+    let evidence = not_a_dir.join("evidence");
+    let out = run_cmd(&w, &state, &c)
+        .args(["--evidence", s(&evidence)])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(out.stdout.is_empty(), "no event for a run without evidence");
+    assert!(
+        stderr.contains("evidence bundle") && stderr.contains(s(&evidence)),
+        "{stderr}"
+    );
+    assert!(runsc_list(&state).is_empty(), "{:?}", runsc_list(&state));
+}

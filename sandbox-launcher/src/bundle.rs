@@ -20,7 +20,7 @@ use oci_spec::runtime::{
     PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
     UserBuilder,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use verify_core::Manifest;
 
 use crate::error::{BundleError, LaunchError, Result};
@@ -93,7 +93,8 @@ pub struct BundleInput<'a> {
 }
 
 /// Facts about the bundle that go into the evidence.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BundleFacts {
     /// `sha256:<hex>` of the exact `config.json` bytes given to the runtime.
     pub oci_config_sha256: String,
@@ -103,11 +104,19 @@ pub struct BundleFacts {
     pub tmp_size_mib: u64,
     pub memory_limit_bytes: i64,
     pub pids_limit: u64,
-    pub network: &'static str,
+    pub network: String,
+}
+
+/// A bundle as written: the facts for the evidence and the exact `config.json`
+/// text, kept in memory so that the evidence never reads back what it wrote.
+#[derive(Debug, Clone)]
+pub struct WrittenBundle {
+    pub facts: BundleFacts,
+    pub config: String,
 }
 
 /// Writes `dir/config.json` (and `dir/rootfs` for [`Rootfs::HostBinds`]).
-pub fn write(dir: &Path, input: &BundleInput<'_>) -> Result<BundleFacts> {
+pub fn write(dir: &Path, input: &BundleInput<'_>) -> Result<WrittenBundle> {
     fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
@@ -120,12 +129,12 @@ pub fn write(dir: &Path, input: &BundleInput<'_>) -> Result<BundleFacts> {
         Rootfs::Dir(base) => (base.clone(), Vec::new()),
     };
     let spec = build_spec(input, &root, &binds)?;
-    let bytes = serde_json::to_vec_pretty(&spec).map_err(BundleError::from)?;
+    let config = serde_json::to_string_pretty(&spec).map_err(BundleError::from)?;
     let path = dir.join("config.json");
-    fs::write(&path, &bytes).map_err(|e| LaunchError::io("write OCI config", &path, e))?;
-    let digest = verify_core::crypto::default_backend().sha256_oneshot(&bytes);
+    fs::write(&path, &config).map_err(|e| LaunchError::io("write OCI config", &path, e))?;
+    let digest = verify_core::crypto::default_backend().sha256_oneshot(config.as_bytes());
     let limits = &input.manifest.limits;
-    Ok(BundleFacts {
+    let facts = BundleFacts {
         oci_config_sha256: verify_core::Sha256Digest(digest).to_string(),
         root_readonly: true,
         uid: SANDBOX_UID,
@@ -137,8 +146,10 @@ pub fn write(dir: &Path, input: &BundleInput<'_>) -> Result<BundleFacts> {
             "host"
         } else {
             "none"
-        },
-    })
+        }
+        .into(),
+    };
+    Ok(WrittenBundle { facts, config })
 }
 
 /// Makes the per-run root: mount points and merged-`/usr` symlinks only, no files

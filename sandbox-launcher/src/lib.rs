@@ -57,7 +57,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use verify_core::Admitted;
 
 use runtime::{RunCtx, Runtime};
@@ -110,8 +110,19 @@ impl LauncherConfig {
     }
 }
 
-/// Everything the evidence needs about one run.
-#[derive(Debug, Clone, Serialize)]
+/// A member that must be present and may be `null` (serde's derive would take a
+/// missing `Option` member for `null`): the report types are read back as evidence,
+/// and a reader must not fill in what a bundle left out.
+pub(crate) fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> std::result::Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)
+}
+
+/// Everything the evidence needs about one run. Serialize and Deserialize: the
+/// gateway writes its evidence from these types and reads it back into them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RunReport {
     pub run_id: String,
     pub container_id: String,
@@ -125,6 +136,7 @@ pub struct RunReport {
     pub duration_ms: u64,
     /// The capsule's exit code (128 + signal when killed); `None` when it was
     /// timed out or interrupted.
+    #[serde(deserialize_with = "nullable")]
     pub exit_code: Option<i32>,
     pub timed_out: bool,
     /// The launcher was asked to stop (SIGINT/SIGTERM) during the run.
@@ -135,7 +147,8 @@ pub struct RunReport {
     pub egress: EgressReport,
     pub teardown: TeardownReport,
     pub bundle: BundleFacts,
-    /// The exact `config.json` given to the runtime (its digest is in `bundle`).
+    /// The exact `config.json` given to the runtime (its digest is in `bundle`);
+    /// written to the evidence as a file of its own.
     #[serde(skip)]
     pub oci_config: String,
     pub staged: Vec<StagedFile>,
@@ -305,9 +318,10 @@ impl Launcher {
             flavor: self.runtime.flavor(),
             share_host_network: self.runtime.host_network(),
         };
-        let bundle = bundle::write(&bundle_dir, &input)?;
-        let oci_config = std::fs::read_to_string(bundle_dir.join("config.json"))
-            .map_err(|e| LaunchError::io("read OCI config", &bundle_dir, e))?;
+        let bundle::WrittenBundle {
+            facts: bundle,
+            config: oci_config,
+        } = bundle::write(&bundle_dir, &input)?;
         let facts = self.runtime.facts();
 
         let started_at_ms = SystemTime::now()

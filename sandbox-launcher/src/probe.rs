@@ -64,11 +64,13 @@ pub struct Interface {
 }
 
 /// The egress verdict of one run, from both sides.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EgressReport {
     /// The host listener (loopback) the probe had to fail to reach.
     pub target: String,
     /// The probe's own report; `None` when it never ran or printed nothing.
+    #[serde(deserialize_with = "crate::nullable")]
     pub probe: Option<ProbeReport>,
     /// Whether the host listener accepted any connection during the run.
     pub listener_accepted: bool,

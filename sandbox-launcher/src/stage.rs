@@ -27,7 +27,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use verify_core::digest::open_beneath_regular;
 use verify_core::manifest::{ArtifactPath, FileEntry};
 use verify_core::{Admitted, ArtifactSource, Sha256Digest};
@@ -35,7 +35,8 @@ use verify_core::{Admitted, ArtifactSource, Sha256Digest};
 use crate::error::{LaunchError, Result};
 
 /// One file as it was staged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StagedFile {
     /// Its path beneath `/capsule`.
     pub path: String,

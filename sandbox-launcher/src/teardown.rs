@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustix::fs::FlockOperation;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{LaunchError, Result};
 use crate::host::{self, cgroup_dirs, processes_of, Signal};
@@ -37,15 +37,17 @@ pub use crate::host::{cgroups_path, container_id, CGROUP_PARENT, CONTAINER_PREFI
 use crate::runtime::Runtime;
 
 /// One check of the teardown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Check {
-    pub name: &'static str,
+    pub name: String,
     pub ok: bool,
     pub detail: String,
 }
 
 /// The verified teardown of one run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TeardownReport {
     /// Every check passed.
     pub ok: bool,
@@ -66,7 +68,8 @@ impl TeardownReport {
 }
 
 /// A stale sandbox found and removed at start-up.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StaleReport {
     pub run_id: String,
     pub container_id: String,
@@ -124,17 +127,17 @@ pub(crate) fn verify(
     let mut checks = Vec::new();
     checks.push(match runtime.listed(container_id) {
         Ok(false) => Check {
-            name: "runtime_list",
+            name: "runtime_list".into(),
             ok: true,
             detail: format!("{container_id} is not in the {} list", runtime.kind()),
         },
         Ok(true) => Check {
-            name: "runtime_list",
+            name: "runtime_list".into(),
             ok: false,
             detail: format!("{container_id} is still in the {} list", runtime.kind()),
         },
         Err(e) => Check {
-            name: "runtime_list",
+            name: "runtime_list".into(),
             ok: false,
             detail: format!("cannot list containers: {e}"),
         },
@@ -162,7 +165,7 @@ pub(crate) fn verify(
     ));
     let dir_gone = !run_dir.exists();
     checks.push(Check {
-        name: "run_directory",
+        name: "run_directory".into(),
         ok: dir_gone,
         detail: format!(
             "{} {}",
@@ -181,7 +184,7 @@ pub(crate) fn verify(
 fn nothing_left(name: &'static str, left: impl Iterator<Item = String>, none_left: &str) -> Check {
     let left: Vec<String> = left.collect();
     Check {
-        name,
+        name: name.into(),
         ok: left.is_empty(),
         detail: if left.is_empty() {
             none_left.into()

@@ -5,8 +5,6 @@
 //! `device:/dev/tpmrm0`. Exit codes: 0 success (or valid), 1 a quote, binding or sealed
 //! key was refused, 2 usage or configuration error.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -306,17 +304,9 @@ fn read(path: &Path) -> Result<Vec<u8>, GatewayError> {
     std::fs::read(path).map_err(|e| GatewayError::io(path, e))
 }
 
-/// Writes a new file (never overwrites) with `mode`.
+/// Writes a new file (never overwrites) with `mode`, durably.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), GatewayError> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| GatewayError::io(path, e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| GatewayError::io(path, e))
+    Ok(crate::durable::write_new(path, bytes, mode)?)
 }
 
 fn print(text: &str) -> Result<(), GatewayError> {

@@ -2,7 +2,7 @@
 //! each command returns an exit code.
 
 pub(crate) mod attest;
-pub(crate) mod keygen;
+mod keygen;
 mod loadgen;
 pub mod logging;
 mod pack;
@@ -16,12 +16,17 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
+use crate::error::ErrorClass;
 use crate::GatewayError;
 
 /// Exit code for usage and configuration errors.
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit code when at least one capsule was denied.
 pub const EXIT_DENIED: u8 = 1;
+/// Exit code for a runtime failure: the command was sound and doing it failed (the
+/// sandbox, a write of state, keys or evidence, a TPM command). `run` also ends
+/// with it when the run cannot be vouched for (its `.failed` event says why).
+pub const EXIT_RUNTIME: u8 = 4;
 
 /// `--version`: the crate version and the commit it was built from (`unknown` outside
 /// a git checkout; see build.rs).
@@ -41,7 +46,11 @@ pub const VERSION: &str = concat!(
     about = "Verify signed test capsules and admit only what was approved.",
     long_about = "Verify signed test capsules and admit only what was approved.\n\n\
         Exit codes: 0 every capsule admitted (or the command succeeded), \
-        1 at least one capsule denied, 2 usage or configuration error."
+        1 at least one capsule denied, 2 usage or configuration error (bad flags; \
+        a file named that is missing, malformed or unsafe; a sandbox runtime that \
+        is not installed), 3 `run` only: the capsule exited non-zero or timed out, \
+        4 runtime failure (the sandbox failed, writing state, keys or evidence \
+        failed, a TPM command failed; `run`: the run cannot be vouched for)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -144,7 +153,7 @@ pub enum Command {
     /// evidence bundle, print one CloudEvent. Exit 0 the capsule exited 0, 1 denied,
     /// 2 usage or configuration error, 3 it exited non-zero or timed out, 4 the run
     /// failed (sandbox did not start, egress not proven blocked, teardown incomplete,
-    /// interrupted).
+    /// interrupted, the evidence could not be written).
     Run(run::RunArgs),
     /// The admission service: mTLS (TLS 1.3, SPIFFE peers), micro-batched verification,
     /// durable state. Without --config, a development trust domain under --state.
@@ -219,13 +228,21 @@ pub fn run() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("capsule-gateway: error: {e}");
-            ExitCode::from(EXIT_CONFIG)
+            ExitCode::from(exit_code(&e))
         }
     }
 }
 
-fn usage(message: impl std::fmt::Display) -> GatewayError {
-    GatewayError::Usage(message.to_string())
+/// The exit code of a command that ended with `e`.
+pub fn exit_code(e: &GatewayError) -> u8 {
+    match e.class() {
+        ErrorClass::Usage => EXIT_CONFIG,
+        ErrorClass::Runtime => EXIT_RUNTIME,
+    }
+}
+
+fn usage(message: impl Into<String>) -> GatewayError {
+    GatewayError::Usage(message.into())
 }
 
 /// `completions SHELL`: generated from the parser's own definitions.

@@ -245,11 +245,11 @@ impl ServeConfig {
     }
 
     pub fn blob_dir(&self) -> PathBuf {
-        self.state_dir.join("blobs")
+        crate::layout::StateLayout::new(&self.state_dir).blobs()
     }
 
     pub fn evidence_dir(&self) -> PathBuf {
-        self.state_dir.join("evidence")
+        crate::layout::StateLayout::new(&self.state_dir).evidence()
     }
 }
 

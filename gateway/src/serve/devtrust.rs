@@ -13,6 +13,7 @@ use attest::spiffe::SpiffeId;
 use verify_core::Alg;
 
 use super::config::ServeConfig;
+use crate::durable::{self, StagedDir};
 use crate::GatewayError;
 
 pub const TRUST_DOMAIN: &str = "capsule-gateway.dev";
@@ -36,25 +37,18 @@ pub struct DevTrust {
 /// Creates the development trust domain under `state/dev` unless it is there, and
 /// returns where everything is.
 pub fn ensure(state: &Path, listen: &str) -> Result<DevTrust, GatewayError> {
-    let dir = state.join("dev");
+    let dir = crate::layout::StateLayout::new(state).dev();
     let created = !dir.join("gateway.toml").exists();
     if created {
         // The state directory is the gateway's alone (keys, evidence, history).
-        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-            .create(state)
-            .map_err(|e| GatewayError::io(state, e))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".dev-")
-            .tempdir_in(state)
-            .map_err(|e| GatewayError::io(state, e))?;
-        make(tmp.path(), listen)?;
+        durable::create_dirs(state, 0o700)?;
+        let staged = StagedDir::new(&dir, ".dev-", 0o700)?;
+        make(&staged, listen)?;
         // A half-made directory from a crash before this rename is replaced.
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| GatewayError::io(&dir, e))?;
         }
-        let made = tmp.keep();
-        std::fs::rename(&made, &dir).map_err(|e| GatewayError::io(&dir, e))?;
-        sync_dir(state)?;
+        staged.commit()?;
     }
     Ok(DevTrust {
         config: dir.join("gateway.toml"),
@@ -68,7 +62,8 @@ pub fn ensure(state: &Path, listen: &str) -> Result<DevTrust, GatewayError> {
     })
 }
 
-fn make(dir: &Path, listen: &str) -> Result<(), GatewayError> {
+fn make(staged: &StagedDir, listen: &str) -> Result<(), GatewayError> {
+    let dir = staged.path();
     let ca = DevCa::generate(TRUST_DOMAIN)?;
     ca.save(&dir.join("ca"))?;
     for (id, sub) in [(GATEWAY_ID, "gateway"), (CLIENT_ID, "client")] {
@@ -85,7 +80,7 @@ fn make(dir: &Path, listen: &str) -> Result<(), GatewayError> {
             ca.issue_software_svid_dir(&id, SVID_TTL, &dir.join(sub))?;
         }
     }
-    crate::cli::keygen::generate(Alg::Es256, SIGNING_KID, &dir.join("keys"))?;
+    crate::keygen::generate(Alg::Es256, SIGNING_KID, &dir.join("keys"))?;
     let policy = format!(
         r#"# Development policy made by `capsule-gateway serve` (embedded default).
 policy_version = "dev-1"
@@ -109,7 +104,7 @@ host_programs = ["/bin/sh"]
 min_approvals = 1
 "#
     );
-    write(dir, "policy.toml", &policy)?;
+    write(staged, "policy.toml", &policy)?;
     let config = format!(
         r#"# Made by `capsule-gateway serve` (embedded default): a development trust domain
 # with software keys on disk. NOT FOR PRODUCTION.
@@ -121,28 +116,13 @@ policy = "policy.toml"
 svid_dir = "gateway"
 "#
     );
-    write(dir, "gateway.toml", &config)
+    write(staged, "gateway.toml", &config)
 }
 
 /// Writes a trust file readable and writable by this user only, whatever the umask
 /// (the policy and the config are refused when others could write them).
-fn write(dir: &Path, name: &str, text: &str) -> Result<(), GatewayError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let p = dir.join(name);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&p)
-        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
-        .map_err(|e| GatewayError::io(&p, e))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), GatewayError> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| GatewayError::io(dir, e))
+fn write(staged: &StagedDir, name: &str, text: &str) -> Result<(), GatewayError> {
+    Ok(staged.put(name, text.as_bytes(), 0o600)?)
 }
 
 /// Loads the development config, with the listen address given on the command line.

@@ -1,5 +1,5 @@
 //! `/v1/runs`: an admitted capsule is launched in the sandbox on a blocking thread,
-//! exactly as `capsule-gateway run` launches it (`cli::run::execute`), and its run id
+//! exactly as `capsule-gateway run` launches it ([`crate::launch::execute`]), and its run id
 //! is answered at once. While it runs its status lives in memory; once it is done the
 //! evidence bundle on disk (`STATE/evidence/<run id>/event.json`) is the status, so
 //! finished runs cost no memory and survive a restart.
@@ -9,23 +9,24 @@
 //! is told exactly what an unknown id gets.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sandbox_launcher::{Launcher, LauncherConfig, RunId, RunscConfig, RuntimeConfig};
+use sandbox_launcher::RunId;
 use serde_json::Value;
 use verify_core::{Admitted, SpiffeId};
 
 use super::config::{RunsConfig, RunsRuntime};
 use super::metrics::{Metrics, RunOutcome};
-use crate::cli::run::{execute, launch_config_error, probe_binary, TYPE_COMPLETED};
+use crate::evidence::{read_event_head, EventData, EventType};
+use crate::launch::{self, Runtime, Sandbox};
+use crate::layout::StateLayout;
 use crate::GatewayError;
 
 #[derive(Debug)]
 pub struct Runs {
-    launcher: Arc<Launcher>,
+    sandbox: Arc<Sandbox>,
     evidence: PathBuf,
     /// Runs under way, with the peer that started each.
     running: Arc<Mutex<HashMap<RunId, String>>>,
@@ -56,27 +57,21 @@ pub enum RunStatus {
     },
 }
 
-/// Largest `event.json` read back (stdout and stderr are bounded well below).
-const MAX_EVENT_BYTES: u64 = 64 << 20;
-
 impl Runs {
     pub fn start_launcher(
         config: &RunsConfig,
         state: &std::path::Path,
     ) -> Result<Runs, GatewayError> {
         let runtime = match config.runtime {
-            RunsRuntime::Runsc => {
-                let mut c = RunscConfig::default();
-                c.platform = config.platform.clone();
-                RuntimeConfig::Runsc(c)
-            }
+            RunsRuntime::Runsc => Runtime::Runsc {
+                platform: config.platform.clone(),
+            },
         };
-        let dir = state.join("sandbox").join("runsc");
-        let launcher = Launcher::new(LauncherConfig::new(dir, runtime, probe_binary()?))
-            .map_err(launch_config_error)?;
+        let layout = StateLayout::new(state);
+        let sandbox = Sandbox::start(&layout, &runtime, None)?;
         Ok(Runs {
-            launcher: Arc::new(launcher),
-            evidence: state.join("evidence"),
+            sandbox: Arc::new(sandbox),
+            evidence: layout.evidence(),
             running: Arc::default(),
             slots: Arc::default(),
             max: config.max_concurrent,
@@ -99,13 +94,13 @@ impl Runs {
         peer: &SpiffeId,
         metrics: Arc<Metrics>,
     ) -> Result<RunId, GatewayError> {
-        let id = RunId::new().map_err(launch_config_error)?;
+        let id = launch::new_run_id()?;
         self.running
             .lock()
             .map_err(|_| GatewayError::Usage("runs: lock poisoned".into()))?
             .insert(id.clone(), peer.to_string());
-        let (launcher, evidence, running, cancel) = (
-            self.launcher.clone(),
+        let (sandbox, evidence, running, cancel) = (
+            self.sandbox.clone(),
             self.evidence.clone(),
             self.running.clone(),
             self.cancel.clone(),
@@ -117,8 +112,8 @@ impl Runs {
             .spawn(move || {
                 let _slot = slot;
                 let started = std::time::Instant::now();
-                let outcome = match execute(
-                    &launcher,
+                let outcome = match launch::execute(
+                    sandbox.launcher(),
                     &run_id,
                     &admitted,
                     &source,
@@ -126,7 +121,9 @@ impl Runs {
                     &cancel,
                     Vec::new(),
                 ) {
-                    Ok((event, _)) if event["type"] == TYPE_COMPLETED => RunOutcome::Completed,
+                    Ok(event) if matches!(event.data, EventData::Run(EventType::Completed, _)) => {
+                        RunOutcome::Completed
+                    }
                     Ok(_) => RunOutcome::Failed,
                     Err(e) => {
                         tracing::error!(
@@ -143,7 +140,10 @@ impl Runs {
                     r.remove(&run_id);
                 }
             })
-            .map_err(|e| GatewayError::io("<run thread>", e))?;
+            .map_err(|source| GatewayError::Process {
+                what: "run thread",
+                source,
+            })?;
         Ok(id)
     }
 
@@ -165,8 +165,8 @@ impl Runs {
             None => {}
         }
         let dir = self.evidence.join(id.as_str());
-        let event = match read_event(&dir) {
-            Ok(Some(event)) => event,
+        let (head, event) = match read_event_head(&dir) {
+            Ok(Some(read)) => read,
             Ok(None) => return RunStatus::Unknown,
             Err(why) => {
                 // Whose run this is cannot be told: nobody's, and the reason goes to
@@ -174,21 +174,19 @@ impl Runs {
                 tracing::error!(
                     target: "capsule_gateway::runs",
                     bundle = %dir.display(),
-                    why,
+                    why = %why,
                     "unreadable evidence bundle"
                 );
                 return RunStatus::Unknown;
             }
         };
-        if event["source"].as_str() != Some(peer.as_str()) {
+        if head.source != peer {
             return RunStatus::Unknown;
         }
-        let status = if event["type"] == TYPE_COMPLETED {
-            "completed"
-        } else {
-            "failed"
-        };
-        RunStatus::Done { status, event }
+        RunStatus::Done {
+            status: head.kind.status(),
+            event,
+        }
     }
 
     /// Waits (up to `limit`) for running sandboxes to stop after `cancel` was raised.
@@ -201,31 +199,4 @@ impl Runs {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
-}
-
-/// `DIR/event.json`, or `None` when there is no such bundle. Neither the bundle
-/// directory nor the file may be a symlink; the file's type is checked on an `O_PATH`
-/// descriptor before it is opened for reading (a FIFO or device is never opened).
-fn read_event(dir: &std::path::Path) -> Result<Option<Value>, String> {
-    use verify_core::digest::{open_dir, open_regular_at, OpenError};
-    let dir_fd = match open_dir(dir) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("bundle directory: {e}")),
-    };
-    let (file, _) = match open_regular_at(&dir_fd, "event.json") {
-        Ok(x) => x,
-        Err(OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("event.json: {e}")),
-    };
-    let mut bytes = Vec::new();
-    file.take(MAX_EVENT_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("event.json: {e}"))?;
-    if bytes.len() as u64 > MAX_EVENT_BYTES {
-        return Err(format!("event.json: larger than {MAX_EVENT_BYTES} bytes"));
-    }
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| format!("event.json: {e}"))
 }

@@ -172,11 +172,11 @@ impl Runtime for Containerd {
 
     fn facts(&self) -> RuntimeFacts {
         RuntimeFacts {
-            kind: "containerd",
+            kind: "containerd".into(),
             platform: None,
             runtime_type: Some(self.config.runtime_type.clone()),
             version: self.version.get(),
-            network: "none",
+            network: "none".into(),
         }
     }
 

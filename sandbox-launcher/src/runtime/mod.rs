@@ -20,7 +20,7 @@ pub(crate) mod supervise;
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bundle::Flavor;
 use crate::error::Result;
@@ -92,22 +92,25 @@ pub enum RuntimeConfig {
 }
 
 /// What the evidence says about the runtime of a run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuntimeFacts {
     /// `runsc` or `containerd`.
-    pub kind: &'static str,
+    pub kind: String,
     /// runsc: the platform (`ptrace`, `kvm`, ...).
+    #[serde(deserialize_with = "crate::nullable")]
     pub platform: Option<String>,
     /// containerd: the shim v2 runtime type.
+    #[serde(deserialize_with = "crate::nullable")]
     pub runtime_type: Option<String>,
     /// The runtime's `--version` first line.
     pub version: String,
-    pub network: &'static str,
+    pub network: String,
 }
 
 /// Output of the sandbox, at most `cap` bytes kept (the rest is read and counted,
 /// so that a chatty capsule never blocks on a full pipe).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Output {
     #[serde(skip)]
     pub bytes: Vec<u8>,

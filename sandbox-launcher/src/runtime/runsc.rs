@@ -91,7 +91,7 @@ impl Runtime for Runsc {
 
     fn facts(&self) -> RuntimeFacts {
         RuntimeFacts {
-            kind: "runsc",
+            kind: "runsc".into(),
             platform: Some(self.config.platform.clone()),
             runtime_type: None,
             version: self.version.get(),
@@ -99,7 +99,8 @@ impl Runtime for Runsc {
                 "host"
             } else {
                 "none"
-            },
+            }
+            .into(),
         }
     }
 

@@ -144,7 +144,12 @@ pub fn assert_host_clean(state: &Path, run_id: &str) {
 /// The launcher's own teardown verdict, check by check.
 pub fn assert_teardown_ok(report: &RunReport) {
     assert!(report.teardown.ok, "teardown: {:?}", report.teardown);
-    let names: Vec<_> = report.teardown.checks.iter().map(|c| c.name).collect();
+    let names: Vec<_> = report
+        .teardown
+        .checks
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
     for want in [
         "runtime_list",
         "processes",
