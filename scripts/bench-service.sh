@@ -18,8 +18,9 @@ duration=${DURATION:-15}
 conns=${CONNECTIONS:-16}
 sat_conns=${SAT_CONNECTIONS:-256}
 
-cargo build --release -q -p capsule-gateway
+cargo build --release -q -p capsule-gateway -p capsule-loadgen
 gw=$PWD/target/release/capsule-gateway
+loadgen=$PWD/target/release/capsule-loadgen
 work=$PWD/target/bench-service
 rm -rf "$work"
 mkdir -p "$work"
@@ -47,7 +48,7 @@ scripts/dev-capsule.sh "$gw" "$work/state" "$work/capsule"
 client=$work/state/dev/client
 
 lg() {
-  "$gw" loadgen --url "https://$addr" --svid "$client" --capsule "$work/capsule" \
+  "$loadgen" --url "https://$addr" --svid "$client" --capsule "$work/capsule" \
     --duration "$duration" --json "$@"
 }
 # GET /metrics over mTLS with Python's standard library (the chain is verified against

@@ -13,8 +13,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "demo: running as root: installing what running needs (scripts/install-run-deps.sh), then building"
 bash scripts/install-run-deps.sh
-cargo build --release -q -p capsule-gateway
+cargo build --release -q -p capsule-gateway -p capsule-loadgen
 gw=target/release/capsule-gateway
+loadgen=target/release/capsule-loadgen
 work=target/demo
 rm -rf "$work"
 mkdir -p "$work"
@@ -80,7 +81,7 @@ addr=$(grep -o 'serving on https://[0-9.:]*' "$work/serve.log" | sed 's#serving 
 [ -n "$addr" ] || { echo "demo: serve did not start; see $work/serve.log" >&2; exit 1; }
 step serve "mTLS service on https://$addr, development trust domain in $work/serve/dev/  (log: $work/serve.log)"
 scripts/dev-capsule.sh "$gw" "$work/serve" "$work/dev-capsule" >"$out/dev-capsule.txt"
-"$gw" loadgen --url "https://$addr" --svid "$work/serve/dev/client" \
+"$loadgen" --url "https://$addr" --svid "$work/serve/dev/client" \
   --capsule "$work/dev-capsule" --connections 2 --rate 50 --duration 2 --json >"$out/loadgen.json" 2>"$out/loadgen.log"
 summary=$(python3 - "$out/loadgen.json" <<'PY'
 import json, sys

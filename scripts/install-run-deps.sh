@@ -3,6 +3,7 @@
 # idempotently (the demo needs only this; scripts/install-test-deps.sh adds what the
 # tests need). Debian packages come from apt-get. Needs root when something is missing.
 set -euo pipefail
+here="$(dirname "$0")"
 
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -33,7 +34,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 
-if ! have cargo; then
-  echo "install-run-deps: cargo not found; this project needs a Rust toolchain >= 1.88 (rustup's stable)." >&2
+# The Rust version is the workspace's `rust-version` (Cargo.toml), read from there so
+# that this check and the manifest cannot disagree.
+msrv=$(sed -n 's/^rust-version = "\([0-9.]*\)"$/\1/p' "$here/../Cargo.toml")
+if ! have cargo || ! have rustc; then
+  echo "install-run-deps: cargo not found; this project needs a Rust toolchain >= $msrv (rustup's stable)." >&2
+  exit 2
+fi
+have_rust=$(rustc --version | awk '{print $2}')
+if [ "$(printf '%s\n%s\n' "$msrv" "$have_rust" | sort -V | head -1)" != "$msrv" ]; then
+  echo "install-run-deps: rustc $have_rust is older than the workspace's rust-version $msrv; run: rustup update stable" >&2
   exit 2
 fi

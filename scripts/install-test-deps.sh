@@ -26,6 +26,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 
+# The test command checks the dependency tree with cargo-deny (deny.toml). It compiles
+# for a few minutes, once.
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "install-test-deps: cargo install --locked cargo-deny"
+  cargo install --locked cargo-deny
+fi
 # The fuzz smoke run needs cargo-fuzz (crates.io) and the machine's nightly toolchain.
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "install-test-deps: cargo install cargo-fuzz"

@@ -7,8 +7,12 @@ bash scripts/install-deps.sh
 
 echo "== format"
 cargo fmt --all -- --check
-echo "== clippy (--all-targets also compiles the benches)"
+echo "== clippy (--all-targets also compiles the benches; incompatible_msrv holds rust-version)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== rust-version (every member and every locked dependency)"
+bash scripts/check-msrv.sh
+echo "== cargo deny (bans, licenses, sources: deny.toml; advisories need the network)"
+cargo deny check bans licenses sources
 echo "== tests (both crypto backends)"
 cargo test --workspace --all-features
 echo "== tests (default features: aws-lc-rs only)"

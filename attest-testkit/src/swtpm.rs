@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::error::{SwtpmStart, TestkitError};
+
 /// A running swtpm with a TCP server port N and its control port N+1 (the layout the
 /// libtss2 `swtpm` TCTI expects).
 #[derive(Debug)]
@@ -19,12 +21,6 @@ pub struct Swtpm {
     child: Option<Child>,
     port: u16,
     state: tempfile::TempDir,
-}
-
-fn missing_binary() -> String {
-    "swtpm is not installed: install the Debian packages `swtpm` and `swtpm-tools` \
-     (scripts/install-deps.sh does)"
-        .to_string()
 }
 
 /// Two consecutive free ports on 127.0.0.1 (N for commands, N+1 for control).
@@ -46,11 +42,11 @@ fn free_port_pair() -> std::io::Result<u16> {
 
 impl Swtpm {
     /// Starts a fresh swtpm (empty state: a new endorsement and owner seed).
-    pub fn start() -> Result<Swtpm, String> {
+    pub fn start() -> Result<Swtpm, TestkitError> {
         let state = tempfile::Builder::new()
             .prefix("swtpm-state-")
             .tempdir()
-            .map_err(|e| format!("swtpm state directory: {e}"))?;
+            .map_err(TestkitError::SwtpmState)?;
         let mut tpm = Swtpm {
             child: None,
             port: 0,
@@ -76,7 +72,7 @@ impl Swtpm {
     /// Stops the process (SIGKILL, as a crash would) and starts it again on the same
     /// state, on new ports: persistent objects and the seeds survive, PCRs and transient
     /// objects do not.
-    pub fn restart(&mut self) -> Result<(), String> {
+    pub fn restart(&mut self) -> Result<(), TestkitError> {
         self.kill();
         self.spawn()
     }
@@ -88,11 +84,13 @@ impl Swtpm {
         }
     }
 
-    fn spawn(&mut self) -> Result<(), String> {
-        let mut last_error = String::new();
+    fn spawn(&mut self) -> Result<(), TestkitError> {
         // A port found free may be taken before swtpm binds it; try a few pairs.
-        for _ in 0..5 {
-            let port = free_port_pair().map_err(|e| format!("swtpm ports: {e}"))?;
+        const ATTEMPTS: usize = 5;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = free_port_pair().map_err(TestkitError::SwtpmPorts)?;
             let log = self.state.path().join("swtpm.log");
             let mut child = match Command::new("swtpm")
                 .arg("socket")
@@ -113,8 +111,10 @@ impl Swtpm {
                 .spawn()
             {
                 Ok(child) => child,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing_binary()),
-                Err(e) => return Err(format!("cannot start swtpm: {e}")),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(TestkitError::SwtpmMissing)
+                }
+                Err(e) => return Err(TestkitError::SwtpmSpawn(e)),
             };
             match wait_ready(&mut child, port) {
                 Ok(()) => {
@@ -125,23 +125,27 @@ impl Swtpm {
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    last_error = e;
+                    if attempt == ATTEMPTS {
+                        return Err(TestkitError::SwtpmNotStarted(e));
+                    }
                 }
             }
         }
-        Err(format!("swtpm did not start: {last_error}"))
     }
 }
 
-fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
+fn wait_ready(child: &mut Child, port: u16) -> Result<(), SwtpmStart> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+        if let Some(status) = child.try_wait().map_err(SwtpmStart::Wait)? {
             let mut stderr = String::new();
             if let Some(mut s) = child.stderr.take() {
                 let _ = s.read_to_string(&mut stderr);
             }
-            return Err(format!("swtpm exited with {status}: {}", stderr.trim()));
+            return Err(SwtpmStart::Exited {
+                status,
+                stderr: stderr.trim().to_string(),
+            });
         }
         if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
             && TcpStream::connect((Ipv4Addr::LOCALHOST, port + 1)).is_ok()
@@ -149,7 +153,7 @@ fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("swtpm not listening on port {port} after 10 s"));
+            return Err(SwtpmStart::NotListening(port));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -162,12 +166,13 @@ impl Drop for Swtpm {
 }
 
 /// Path of a tool that tests need, or an error naming the Debian package.
-pub fn require_tool(tool: &str, package: &str) -> Result<PathBuf, String> {
+pub fn require_tool(tool: &str, package: &'static str) -> Result<PathBuf, TestkitError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|dir| dir.join(tool))
         .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            format!("`{tool}` is not installed: install the Debian package `{package}` (scripts/install-deps.sh does)")
+        .ok_or_else(|| TestkitError::MissingTool {
+            tool: tool.to_string(),
+            package,
         })
 }

@@ -15,6 +15,8 @@ use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::error::TestkitError;
+
 /// The code generated from `proto/workload.proto`.
 #[allow(clippy::all, missing_debug_implementations, unreachable_pub)]
 pub mod pb {
@@ -119,15 +121,15 @@ pub struct WorkloadApiServer {
 
 impl WorkloadApiServer {
     /// Serves `initial` on a fresh Unix socket in a temporary directory.
-    pub fn start(initial: SvidMaterial) -> Result<WorkloadApiServer, String> {
+    pub fn start(initial: SvidMaterial) -> Result<WorkloadApiServer, TestkitError> {
         let dir = tempfile::Builder::new()
             .prefix("wapi-")
             .tempdir()
-            .map_err(|e| e.to_string())?;
+            .map_err(TestkitError::WorkloadApi)?;
         let socket = dir.path().join("agent.sock");
         let (update, current) = watch::channel(initial);
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), TestkitError>>();
         let path = socket.clone();
         let thread = std::thread::Builder::new()
             .name("workload-api".into())
@@ -138,7 +140,7 @@ impl WorkloadApiServer {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
+                        let _ = ready_tx.send(Err(TestkitError::WorkloadApi(e)));
                         return;
                     }
                 };
@@ -146,7 +148,10 @@ impl WorkloadApiServer {
                     let listener = match tokio::net::UnixListener::bind(&path) {
                         Ok(l) => l,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(format!("{}: {e}", path.display())));
+                            let _ = ready_tx.send(Err(TestkitError::WorkloadApiSocket {
+                                path: path.clone(),
+                                source: e,
+                            }));
                             return;
                         }
                     };
@@ -159,10 +164,10 @@ impl WorkloadApiServer {
                         .await;
                 });
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(TestkitError::WorkloadApi)?;
         ready_rx
             .recv()
-            .map_err(|_| "workload API server thread died".to_string())??;
+            .map_err(|_| TestkitError::WorkloadApiThread)??;
         Ok(WorkloadApiServer {
             socket,
             update: Some(update),

@@ -93,10 +93,9 @@ pub struct Expectations<'a> {
     pub allow_software_tpm: bool,
 }
 
+/// SHA-256 through verify-core's crypto provider, the one way the workspace hashes.
 fn sha256(data: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref());
-    out
+    verify_core::crypto::default_backend().sha256_oneshot(data)
 }
 
 fn fail(f: BindingFailure) -> AttestError {

@@ -19,7 +19,7 @@ use rustls::pki_types::CertificateSigningRequestDer;
 use time::OffsetDateTime;
 
 use crate::error::{AttestError, Result};
-use crate::spiffe::SpiffeId;
+use crate::spiffe::{CertIdError, SpiffeId};
 use crate::tls::ecdsa_der;
 use crate::tpm::{IdentityKey, Tpm};
 
@@ -126,7 +126,7 @@ impl DevCa {
                 // A CA's URI SAN is the bare trust domain; read it directly.
                 ca_trust_domain(&der)
             })
-            .map_err(AttestError::Certificate)?;
+            .map_err(|e| AttestError::Certificate(e.to_string()))?;
         Ok(DevCa {
             trust_domain: id.trust_domain().to_string(),
             cert_der: der.to_vec(),
@@ -288,18 +288,21 @@ fn write_new(dir: &Path, name: &str, text: &str, mode: u32) -> Result<()> {
         .map_err(|e| AttestError::io(&p, e))
 }
 
-fn ca_trust_domain(der: &[u8]) -> std::result::Result<SpiffeId, String> {
+fn ca_trust_domain(der: &[u8]) -> std::result::Result<SpiffeId, CertIdError> {
     use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(CertIdError::NotX509)?;
     let san = cert
         .subject_alternative_name()
-        .map_err(|e| e.to_string())?
-        .ok_or("the CA certificate has no URI SAN naming its trust domain")?;
+        .map_err(CertIdError::SubjectAltName)?
+        .ok_or(CertIdError::NoTrustDomainSan)?;
     for n in &san.value.general_names {
         if let GeneralName::URI(u) = n {
-            return SpiffeId::parse(u).map_err(str::to_string);
+            return SpiffeId::parse(u).map_err(|reason| CertIdError::InvalidUri {
+                uri: u.chars().take(120).collect(),
+                reason,
+            });
         }
     }
-    Err("the CA certificate has no URI SAN naming its trust domain".into())
+    Err(CertIdError::NoTrustDomainSan)
 }

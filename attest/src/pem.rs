@@ -15,10 +15,9 @@ pub fn encode(label: &str, der: &[u8]) -> String {
     out
 }
 
-/// The DER of a PEM `CERTIFICATE REQUEST`.
-pub fn csr_der(pem: &[u8]) -> Result<Vec<u8>, String> {
+/// The DER of a PEM `CERTIFICATE REQUEST`; the error is the strict parser's own.
+pub fn csr_der(pem: &[u8]) -> Result<Vec<u8>, rustls::pki_types::pem::Error> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem)
         .map(|d| d.as_ref().to_vec())
-        .map_err(|e| e.to_string())
 }

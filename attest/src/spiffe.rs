@@ -4,6 +4,7 @@
 //! path (section 3). IDs from the `spiffe` crate or the Workload API are re-parsed with
 //! the strict parser before they are believed.
 
+use x509_parser::error::X509Error;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -29,23 +30,51 @@ pub fn has_path(id: &SpiffeId) -> bool {
     id.as_str().len() > "spiffe://".len() + id.trust_domain().len()
 }
 
+/// Why a certificate does not carry a usable SPIFFE ID (X.509-SVID spec, sections 2
+/// and 3). Untrusted input (a peer's or a file's certificate) causes all of them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertIdError {
+    #[error("not an X.509 certificate: {0}")]
+    NotX509(#[source] x509_parser::nom::Err<X509Error>),
+    #[error("trailing bytes after the certificate")]
+    TrailingBytes,
+    #[error("subjectAltName: {0}")]
+    SubjectAltName(#[source] X509Error),
+    #[error("no subjectAltName extension (an SVID has exactly one URI SAN)")]
+    NoSubjectAltName,
+    #[error("no URI SAN (an SVID has exactly one)")]
+    NoUriSan,
+    #[error("{0} URI SANs (an SVID has exactly one)")]
+    ManyUriSans(usize),
+    /// The URI SAN (its first 120 characters) fails the strict parser.
+    #[error("URI SAN `{uri}`: {reason}")]
+    InvalidUri { uri: String, reason: &'static str },
+    #[error("URI SAN `{0}` names a trust domain, not a workload")]
+    TrustDomainOnly(SpiffeId),
+    /// A CA certificate, whose URI SAN is its bare trust domain, has none.
+    #[error("the CA certificate has no URI SAN naming its trust domain")]
+    NoTrustDomainSan,
+}
+
 /// The SPIFFE ID of a leaf certificate: exactly one URI SAN, and it is a valid
 /// `spiffe://` ID with a path. Anything else (no URI SAN, two, another scheme, a
 /// malformed or bare trust-domain ID) is refused with the reason.
-pub fn id_from_leaf(der: &[u8]) -> std::result::Result<SpiffeId, String> {
-    let (rest, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+pub fn id_from_leaf(der: &[u8]) -> std::result::Result<SpiffeId, CertIdError> {
+    let (rest, cert) = X509Certificate::from_der(der).map_err(CertIdError::NotX509)?;
     if !rest.is_empty() {
-        return Err("trailing bytes after the certificate".into());
+        return Err(CertIdError::TrailingBytes);
     }
     id_from_parsed(&cert)
 }
 
-pub(crate) fn id_from_parsed(cert: &X509Certificate<'_>) -> std::result::Result<SpiffeId, String> {
+pub(crate) fn id_from_parsed(
+    cert: &X509Certificate<'_>,
+) -> std::result::Result<SpiffeId, CertIdError> {
     let san = cert
         .subject_alternative_name()
-        .map_err(|e| format!("subjectAltName: {e}"))?
-        .ok_or("no subjectAltName extension (an SVID has exactly one URI SAN)")?;
+        .map_err(CertIdError::SubjectAltName)?
+        .ok_or(CertIdError::NoSubjectAltName)?;
     let uris: Vec<&str> = san
         .value
         .general_names
@@ -57,19 +86,15 @@ pub(crate) fn id_from_parsed(cert: &X509Certificate<'_>) -> std::result::Result<
         .collect();
     let uri = match uris.as_slice() {
         [one] => *one,
-        [] => return Err("no URI SAN (an SVID has exactly one)".into()),
-        many => return Err(format!("{} URI SANs (an SVID has exactly one)", many.len())),
+        [] => return Err(CertIdError::NoUriSan),
+        many => return Err(CertIdError::ManyUriSans(many.len())),
     };
-    let id = SpiffeId::parse(uri).map_err(|m| {
-        format!(
-            "URI SAN `{}`: {m}",
-            uri.chars().take(120).collect::<String>()
-        )
+    let id = SpiffeId::parse(uri).map_err(|reason| CertIdError::InvalidUri {
+        uri: uri.chars().take(120).collect(),
+        reason,
     })?;
     if !has_path(&id) {
-        return Err(format!(
-            "URI SAN `{id}` names a trust domain, not a workload"
-        ));
+        return Err(CertIdError::TrustDomainOnly(id));
     }
     Ok(id)
 }

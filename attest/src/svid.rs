@@ -25,7 +25,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::Zeroizing;
 
 use crate::error::{AttestError, Result};
-use crate::spiffe::{id_from_parsed, SpiffeId};
+use crate::spiffe::{id_from_parsed, CertIdError, SpiffeId};
 
 /// Where our SVID's private key is.
 #[derive(Clone)]
@@ -164,47 +164,67 @@ pub(crate) fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-fn sha256(data: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref());
-    out
+/// Why a leaf certificate is not a usable X.509-SVID (spec sections 2 to 4) at the
+/// time it is checked. Untrusted input (an SVID file, the Workload API) causes all.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeafError {
+    #[error("not an X.509 certificate: {0}")]
+    NotX509(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("trailing bytes after the leaf certificate")]
+    TrailingBytes,
+    #[error(transparent)]
+    Id(#[from] CertIdError),
+    #[error("the leaf is a CA certificate")]
+    IsCa,
+    #[error("keyUsage: {0}")]
+    KeyUsage(#[source] x509_parser::error::X509Error),
+    #[error("keyUsage lacks digitalSignature")]
+    NoDigitalSignature,
+    #[error("keyUsage of a leaf has keyCertSign or cRLSign")]
+    CaKeyUsage,
+    #[error("no keyUsage extension (X.509-SVID 4.3 requires one)")]
+    NoKeyUsage,
+    #[error("not valid before {not_before} (now {now})")]
+    NotYetValid { not_before: i64, now: i64 },
+    #[error("expired at {not_after} (now {now})")]
+    Expired { not_after: i64, now: i64 },
 }
 
 /// Checks one leaf as an X.509-SVID at time `now`; returns its ID, notAfter and SPKI.
 pub(crate) fn check_leaf(
     der: &[u8],
     now: i64,
-) -> std::result::Result<(SpiffeId, i64, Vec<u8>), String> {
-    let (rest, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+) -> std::result::Result<(SpiffeId, i64, Vec<u8>), LeafError> {
+    let (rest, cert) = X509Certificate::from_der(der).map_err(LeafError::NotX509)?;
     if !rest.is_empty() {
-        return Err("trailing bytes after the leaf certificate".into());
+        return Err(LeafError::TrailingBytes);
     }
     let id = id_from_parsed(&cert)?;
     // X.509-SVID 4.1 and 4.3.
     if let Ok(Some(bc)) = cert.basic_constraints() {
         if bc.value.ca {
-            return Err("the leaf is a CA certificate".into());
+            return Err(LeafError::IsCa);
         }
     }
-    match cert.key_usage().map_err(|e| format!("keyUsage: {e}"))? {
+    match cert.key_usage().map_err(LeafError::KeyUsage)? {
         Some(ku) => {
             if !ku.value.digital_signature() {
-                return Err("keyUsage lacks digitalSignature".into());
+                return Err(LeafError::NoDigitalSignature);
             }
             if ku.value.key_cert_sign() || ku.value.crl_sign() {
-                return Err("keyUsage of a leaf has keyCertSign or cRLSign".into());
+                return Err(LeafError::CaKeyUsage);
             }
         }
-        None => return Err("no keyUsage extension (X.509-SVID 4.3 requires one)".into()),
+        None => return Err(LeafError::NoKeyUsage),
     }
     let not_before = cert.validity().not_before.timestamp();
     let not_after = cert.validity().not_after.timestamp();
     if now < not_before {
-        return Err(format!("not valid before {not_before} (now {now})"));
+        return Err(LeafError::NotYetValid { not_before, now });
     }
     if now > not_after {
-        return Err(format!("expired at {not_after} (now {now})"));
+        return Err(LeafError::Expired { not_after, now });
     }
     Ok((id, not_after, cert.public_key().raw.to_vec()))
 }
@@ -263,7 +283,7 @@ impl X509Material {
             let concat: Vec<u8> = chain.iter().flat_map(|c| c.iter().copied()).collect();
             spiffe::X509Svid::parse_from_der(&concat, k).map_err(|e| bad(e.to_string()))?;
         }
-        let (id, not_after, spki) = check_leaf(&chain[0], now).map_err(bad)?;
+        let (id, not_after, spki) = check_leaf(&chain[0], now).map_err(|e| bad(e.to_string()))?;
         let roots = bundles.roots(id.trust_domain()).ok_or_else(|| {
             bad(format!(
                 "no trust bundle for its trust domain `{}`",
@@ -292,7 +312,7 @@ impl X509Material {
                 ));
             }
         }
-        let leaf_sha256 = sha256(&chain[0]);
+        let leaf_sha256 = verify_core::crypto::default_backend().sha256_oneshot(&chain[0]);
         Ok(X509Material {
             svid: Svid {
                 id,
@@ -414,12 +434,14 @@ impl FileSource {
         let td = check_leaf(&chain[0], unix_now())
             .map(|(id, _, _)| id.trust_domain().to_string())
             .or_else(|_| {
+                // Expired or otherwise unusable: its trust domain still names the bundle,
+                // and the material's own check below says what is wrong with it.
                 X509Certificate::from_der(&chain[0])
-                    .map_err(|e| e.to_string())
-                    .and_then(|(_, c)| id_from_parsed(&c))
+                    .map_err(LeafError::NotX509)
+                    .and_then(|(_, c)| Ok(id_from_parsed(&c)?))
                     .map(|id| id.trust_domain().to_string())
             })
-            .map_err(|m| bad(SVID_FILE, m))?;
+            .map_err(|e| bad(SVID_FILE, e.to_string()))?;
         let mut bundles = TrustBundles::new();
         bundles
             .insert(&td, roots)

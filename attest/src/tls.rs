@@ -97,7 +97,7 @@ fn check_peer(
     now: UnixTime,
     usage: webpki::KeyUsage,
 ) -> std::result::Result<SpiffeId, PeerError> {
-    let id = id_from_leaf(end_entity).map_err(PeerError::Other)?;
+    let id = id_from_leaf(end_entity).map_err(|e| PeerError::Other(e.to_string()))?;
     let td = id.trust_domain();
     let roots = bundles.roots(td).ok_or_else(|| {
         PeerError::Other(format!(
@@ -148,7 +148,7 @@ pub fn peer_id(conn: &rustls::CommonState) -> Result<SpiffeId> {
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or_else(|| AttestError::Peer("the peer presented no certificate".into()))?;
-    id_from_leaf(leaf).map_err(AttestError::Peer)
+    id_from_leaf(leaf).map_err(|e| AttestError::Peer(e.to_string()))
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {

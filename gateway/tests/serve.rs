@@ -1309,7 +1309,7 @@ fn anonymous_sockets_cannot_crowd_out_a_runner() {
         // More anonymous sockets than pending places (and than connection places).
         let mut flood = Vec::new();
         for i in 0..PENDING + 4 {
-            let bytes = if i % 2 == 0 {
+            let bytes = if i.is_multiple_of(2) {
                 &[][..]
             } else {
                 PARTIAL_CLIENT_HELLO

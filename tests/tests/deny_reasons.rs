@@ -167,7 +167,7 @@ fn a_batch_keeps_order_and_no_capsule_affects_another() {
         let setup = (case.build)(&w, &format!("batch-{}", case.name));
         if setup.prior == Prior::Nothing && setup.runner == Some(RUNNER) {
             dirs.push((setup.capsule, Some(case.reason)));
-            let signer = if i % 2 == 0 {
+            let signer = if i.is_multiple_of(2) {
                 Signer::Es256
             } else {
                 Signer::Hs256

@@ -67,7 +67,7 @@ fn tc_id(test: &Value) -> u64 {
 }
 
 fn hex(text: &str) -> Vec<u8> {
-    assert!(text.len() % 2 == 0, "odd-length hex `{text}`");
+    assert!(text.len().is_multiple_of(2), "odd-length hex `{text}`");
     (0..text.len())
         .step_by(2)
         .map(|i| {

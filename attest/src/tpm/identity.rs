@@ -45,15 +45,14 @@ impl TpmKeyPublic {
     /// Parses a marshalled TPMT_PUBLIC and checks it is an identity key.
     pub fn from_area(area: &[u8]) -> Result<TpmKeyPublic> {
         let p = parse_ecc_public(area)?;
-        check_identity_area(&p).map_err(|m| AttestError::malformed("TPM identity key", m))?;
+        check_identity_area(&p)
+            .map_err(|e| AttestError::malformed("TPM identity key", e.to_string()))?;
         let mut point = [0u8; 65];
         point[0] = 0x04;
         point[1..33].copy_from_slice(&p.x);
         point[33..].copy_from_slice(&p.y);
         let mut name = TPM_ALG_SHA256.to_be_bytes().to_vec();
-        name.extend_from_slice(
-            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, area).as_ref(),
-        );
+        name.extend_from_slice(&verify_core::crypto::default_backend().sha256_oneshot(area));
         Ok(TpmKeyPublic {
             area: area.to_vec(),
             point,
@@ -94,9 +93,7 @@ impl TpmKeyPublic {
             b64::encode(&self.point[1..33]),
             b64::encode(&self.point[33..])
         );
-        b64::encode(
-            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes()).as_ref(),
-        )
+        b64::encode(&verify_core::crypto::default_backend().sha256_oneshot(canonical.as_bytes()))
     }
 
     /// The public key as an ES256 JWK whose `kid` is the thumbprint.
@@ -123,15 +120,34 @@ impl TpmKeyPublic {
     }
 }
 
-fn check_identity_area(p: &EccPublicArea) -> std::result::Result<(), String> {
+/// Why a TPMT_PUBLIC is not an identity key made by attest (restricted, non-exportable
+/// ECDSA P-256 with SHA-256). A public area read from a file causes all of them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityAreaError {
+    #[error("name algorithm {0:#06x} is not SHA-256")]
+    NameAlg(u16),
+    #[error("curve {0:#06x} is not NIST P-256")]
+    Curve(u16),
+    #[error("the signing scheme is not ECDSA with SHA-256")]
+    Scheme,
+    #[error("attribute {0} is not set")]
+    MissingAttribute(&'static str),
+    #[error("attribute decrypt is set")]
+    Decrypt,
+    #[error("the point is not 32+32 bytes")]
+    PointSize,
+}
+
+fn check_identity_area(p: &EccPublicArea) -> std::result::Result<(), IdentityAreaError> {
     if p.name_alg != TPM_ALG_SHA256 {
-        return Err(format!("name algorithm {:#06x} is not SHA-256", p.name_alg));
+        return Err(IdentityAreaError::NameAlg(p.name_alg));
     }
     if p.curve != TPM_ECC_NIST_P256 {
-        return Err(format!("curve {:#06x} is not NIST P-256", p.curve));
+        return Err(IdentityAreaError::Curve(p.curve));
     }
     if p.scheme != TPM_ALG_ECDSA || p.scheme_hash != Some(TPM_ALG_SHA256) {
-        return Err("the signing scheme is not ECDSA with SHA-256".into());
+        return Err(IdentityAreaError::Scheme);
     }
     let must = [
         (attr::FIXED_TPM, "fixedTPM"),
@@ -142,14 +158,14 @@ fn check_identity_area(p: &EccPublicArea) -> std::result::Result<(), String> {
     ];
     for (bit, label) in must {
         if p.attributes & bit == 0 {
-            return Err(format!("attribute {label} is not set"));
+            return Err(IdentityAreaError::MissingAttribute(label));
         }
     }
     if p.attributes & attr::DECRYPT != 0 {
-        return Err("attribute decrypt is set".into());
+        return Err(IdentityAreaError::Decrypt);
     }
     if p.x.len() != 32 || p.y.len() != 32 {
-        return Err("the point is not 32+32 bytes".into());
+        return Err(IdentityAreaError::PointSize);
     }
     Ok(())
 }

@@ -91,17 +91,37 @@ impl std::fmt::Display for Tcti {
     }
 }
 
+/// Why no TPM is reachable at a TCTI, found before libtss2 is asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UnreachableTpm {
+    #[error("{0} does not exist (no TPM, or its driver is not loaded)")]
+    NoDevice(String),
+    #[error("{addr}: {source}")]
+    Resolve {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: no address")]
+    NoAddress(String),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// libtss2 reports a missing device or a refused connection only as an unrecognized
 /// response code; look first, to say what is wrong.
-fn precheck(tcti: &Tcti) -> std::result::Result<(), String> {
+fn precheck(tcti: &Tcti) -> std::result::Result<(), UnreachableTpm> {
     let (kind, conf) = tcti.as_str().split_once(':').unwrap_or((tcti.as_str(), ""));
     match kind {
         "device" => {
             let path = if conf.is_empty() { "/dev/tpmrm0" } else { conf };
             if !std::path::Path::new(path).exists() {
-                return Err(format!(
-                    "{path} does not exist (no TPM, or its driver is not loaded)"
-                ));
+                return Err(UnreachableTpm::NoDevice(path.to_string()));
             }
         }
         "swtpm" | "mssim" => {
@@ -113,11 +133,14 @@ fn precheck(tcti: &Tcti) -> std::result::Result<(), String> {
             let port = field("port").unwrap_or("2321");
             let addr = format!("{host}:{port}");
             let resolved = std::net::ToSocketAddrs::to_socket_addrs(&addr)
-                .map_err(|e| format!("{addr}: {e}"))?
+                .map_err(|source| UnreachableTpm::Resolve {
+                    addr: addr.clone(),
+                    source,
+                })?
                 .next()
-                .ok_or_else(|| format!("{addr}: no address"))?;
+                .ok_or_else(|| UnreachableTpm::NoAddress(addr.clone()))?;
             std::net::TcpStream::connect_timeout(&resolved, std::time::Duration::from_secs(3))
-                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+                .map_err(|source| UnreachableTpm::Connect { addr, source })?;
         }
         _ => {}
     }
@@ -178,9 +201,9 @@ impl Tpm {
             tcti: tcti.to_string(),
             message: "not a TCTI configuration".into(),
         })?;
-        precheck(tcti).map_err(|message| AttestError::TpmUnreachable {
+        precheck(tcti).map_err(|e| AttestError::TpmUnreachable {
             tcti: tcti.to_string(),
-            message,
+            message: e.to_string(),
         })?;
         let mut ctx = Context::new(conf).map_err(|e| AttestError::TpmUnreachable {
             tcti: tcti.to_string(),

@@ -240,13 +240,11 @@ impl PcrValues {
     /// The PCR digest a quote and a PolicyPCR use: the bank's hash over the
     /// concatenated values in selection order (Part 3, 18.4 and 23.7).
     pub fn digest(&self) -> [u8; 32] {
-        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        let mut ctx = verify_core::crypto::default_backend().sha256();
         for v in &self.values {
             ctx.update(v);
         }
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.finish().as_ref());
-        out
+        ctx.finish()
     }
 
     /// Names (`sha256:7`) of the PCRs whose value differs from `other`; PCRs missing on

@@ -96,20 +96,18 @@ impl fmt::Debug for UnsealedKey {
 /// TPM2_PolicyPCR on a fresh session (Part 3, 23.7):
 /// SHA-256(0^32 || TPM_CC_PolicyPCR || TPML_PCR_SELECTION || pcrDigest).
 pub(crate) fn policy_pcr_digest(values: &PcrValues) -> [u8; 32] {
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut ctx = verify_core::crypto::default_backend().sha256();
     ctx.update(&[0u8; 32]);
     ctx.update(&TPM_CC_POLICY_PCR.to_be_bytes());
     ctx.update(&values.selection().marshal());
     ctx.update(&values.digest());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    out
+    ctx.finish()
 }
 
 fn kid_tag(kid: &str) -> [u8; KID_TAG_BYTES] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, kid.as_bytes());
+    let d = verify_core::crypto::default_backend().sha256_oneshot(kid.as_bytes());
     let mut out = [0u8; KID_TAG_BYTES];
-    out.copy_from_slice(&d.as_ref()[..KID_TAG_BYTES]);
+    out.copy_from_slice(&d[..KID_TAG_BYTES]);
     out
 }
 

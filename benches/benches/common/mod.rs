@@ -112,7 +112,7 @@ pub fn paired<A, B>(
     time_block(false);
     let (mut ta, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        let (x, y) = if round % 2 == 0 {
+        let (x, y) = if round.is_multiple_of(2) {
             let x = time_block(true);
             (x, time_block(false))
         } else {

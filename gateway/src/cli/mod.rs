@@ -3,7 +3,6 @@
 
 pub(crate) mod attest;
 mod keygen;
-mod loadgen;
 pub mod logging;
 mod pack;
 pub(crate) mod run;
@@ -158,9 +157,6 @@ pub enum Command {
     /// The admission service: mTLS (TLS 1.3, SPIFFE peers), micro-batched verification,
     /// durable state. Without --config, a development trust domain under --state.
     Serve(serve::ServeArgs),
-    /// Load generator for `serve`: N mTLS connections, admissions at a fixed rate or
-    /// as fast as possible, throughput and latency percentiles.
-    Loadgen(loadgen::LoadgenArgs),
     /// TPM identity key, sealed keys, quotes, and the SVID-to-TPM binding.
     Attest {
         #[command(subcommand)]
@@ -218,7 +214,6 @@ pub fn run() -> ExitCode {
         Command::Admit(args) => verify::run(&args, true),
         Command::Run(args) => run::run(&args),
         Command::Serve(args) => serve::run(&args),
-        Command::Loadgen(args) => loadgen::run(&args),
         Command::Attest { command } => self::attest::run(command),
         Command::Completions { shell } => completions(shell),
         Command::Man { out, command } => man(out.as_deref(), &command),

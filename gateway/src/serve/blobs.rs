@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aws_lc_rs::digest;
+use verify_core::crypto::{default_backend, Sha256};
 use verify_core::digest::{ArtifactSource, Root};
 use verify_core::Sha256Digest;
 
@@ -83,7 +83,9 @@ impl BlobStore {
         let file = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))?;
         Ok(Upload {
             file,
-            hash: digest::Context::new(&digest::SHA256),
+            // The verifier's SHA-256 (its crypto provider): the digest that admissions
+            // resolve the blob by is computed the one way the workspace computes it.
+            hash: default_backend().sha256(),
             len: 0,
             limit,
             expected,
@@ -97,7 +99,7 @@ impl BlobStore {
 /// temporary file.
 pub struct Upload {
     file: tempfile::NamedTempFile,
-    hash: digest::Context,
+    hash: Box<dyn Sha256>,
     len: u64,
     limit: u64,
     expected: Sha256Digest,
@@ -131,10 +133,7 @@ impl Upload {
     /// Checks the digest and, if it matches, makes the blob durable under its name.
     /// Blocking (two fsyncs): call it off the async workers.
     pub fn finish(self) -> Result<Stored, UploadError> {
-        let got = self.hash.finish();
-        let mut got_bytes = [0u8; 32];
-        got_bytes.copy_from_slice(got.as_ref());
-        let got = Sha256Digest(got_bytes);
+        let got = Sha256Digest(self.hash.finish());
         if got != self.expected {
             return Err(UploadError::DigestMismatch {
                 expected: self.expected,
@@ -163,7 +162,9 @@ pub struct Stored {
 mod tests {
     use super::*;
 
+    /// An independent SHA-256 (aws-lc-rs directly, not the provider under test).
     fn sha(bytes: &[u8]) -> Sha256Digest {
+        use aws_lc_rs::digest;
         let mut d = [0u8; 32];
         d.copy_from_slice(digest::digest(&digest::SHA256, bytes).as_ref());
         Sha256Digest(d)

@@ -180,6 +180,30 @@ fn default_concurrent_runs() -> usize {
     2
 }
 
+/// A setting that parses but cannot work; the message names the field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidSetting {
+    #[error("tls: give svid_dir or workload_api, not both")]
+    TlsBoth,
+    #[error("tls: give svid_dir or workload_api")]
+    TlsNeither,
+    #[error("batch: max_size and queue must be at least 1")]
+    BatchEmpty,
+    #[error("batch.max_wait_us: at most 1000000 (one second)")]
+    BatchWait,
+    #[error("limits.max_connections: at least 1")]
+    NoConnections,
+    #[error("limits.max_pending_handshakes and max_pending_per_source: at least 1")]
+    NoPendingHandshakes,
+    #[error("limits.max_buffered_bytes: at least 1048576")]
+    BufferedBytes,
+    #[error("limits: timeouts must be positive")]
+    ZeroTimeout,
+    #[error("runs.max_concurrent: at least 1")]
+    NoRuns,
+}
+
 impl ServeConfig {
     /// Reads and checks `path` (a trust file: see `verify_core::trust_file`); relative
     /// paths in it are resolved against its directory.
@@ -203,42 +227,40 @@ impl ServeConfig {
         }
         config
             .check()
-            .map_err(|m| GatewayError::Usage(format!("{}: {m}", path.display())))?;
+            .map_err(|e| GatewayError::Usage(format!("{}: {e}", path.display())))?;
         Ok(config)
     }
 
     /// Settings that parse but cannot work.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), InvalidSetting> {
         match (&self.tls.svid_dir, &self.tls.workload_api) {
-            (Some(_), Some(_)) => return Err("tls: give svid_dir or workload_api, not both".into()),
-            (None, None) => return Err("tls: give svid_dir or workload_api".into()),
+            (Some(_), Some(_)) => return Err(InvalidSetting::TlsBoth),
+            (None, None) => return Err(InvalidSetting::TlsNeither),
             _ => {}
         }
         let b = &self.batch;
         if b.max_size == 0 || b.queue == 0 {
-            return Err("batch: max_size and queue must be at least 1".into());
+            return Err(InvalidSetting::BatchEmpty);
         }
         if b.max_wait_us > 1_000_000 {
-            return Err("batch.max_wait_us: at most 1000000 (one second)".into());
+            return Err(InvalidSetting::BatchWait);
         }
         let l = &self.limits;
         if l.max_connections == 0 {
-            return Err("limits.max_connections: at least 1".into());
+            return Err(InvalidSetting::NoConnections);
         }
         if l.max_pending_handshakes == 0 || l.max_pending_per_source == 0 {
-            return Err(
-                "limits.max_pending_handshakes and max_pending_per_source: at least 1".into(),
-            );
+            return Err(InvalidSetting::NoPendingHandshakes);
         }
         if l.max_buffered_bytes < 1 << 20 {
-            return Err("limits.max_buffered_bytes: at least 1048576".into());
+            return Err(InvalidSetting::BufferedBytes);
         }
         if l.handshake_timeout_ms == 0 || l.idle_timeout_ms == 0 || l.body_timeout_ms == 0 {
-            return Err("limits: timeouts must be positive".into());
+            return Err(InvalidSetting::ZeroTimeout);
         }
         if let Some(r) = &self.runs {
             if r.max_concurrent == 0 {
-                return Err("runs.max_concurrent: at least 1".into());
+                return Err(InvalidSetting::NoRuns);
             }
         }
         Ok(())

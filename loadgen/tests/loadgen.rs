@@ -1,26 +1,32 @@
-//! `capsule-gateway loadgen` against the real `serve` binary with its embedded
-//! development default: the dev client SVID, the dev capsule packed with the dev key,
-//! blobs uploaded by loadgen itself, then admissions over mTLS in closed and open loop
-//! (HTTP/1.1 and HTTP/2), and configuration errors that must end with exit code 2.
-
-mod common;
+//! `capsule-loadgen` against the real service with its embedded development default
+//! (the trust domain, config and policy `capsule-gateway serve` makes without
+//! `--config`, started in this process through the gateway's library exactly as the
+//! `serve` command starts it): the dev client SVID, the dev capsule signed with the dev
+//! key, blobs uploaded by the load generator itself, then admissions over mTLS in
+//! closed and open loop (HTTP/1.1 and HTTP/2), and configuration errors that must end
+//! with exit code 2. The load generator runs as its own binary, a child process.
 
 use std::ffi::OsStr;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::Gateway;
+use capsule_gateway::serve::{devtrust, Server};
 use serde_json::Value;
+use verify_core::crypto::default_backend;
+use verify_core::keys::{parse_jwk, SigningKey};
 
-const GATEWAY_ID: &str = "spiffe://capsule-gateway.dev/gateway";
+const GATEWAY_ID: &str = devtrust::GATEWAY_ID;
 
 fn s(p: &Path) -> &OsStr {
     p.as_os_str()
 }
 
-/// `serve` on a free port, and the dev capsule packed as scripts/dev-capsule.sh does.
+/// The service on a free loopback port, and the dev capsule signed as
+/// scripts/dev-capsule.sh packs it.
 struct Setup {
-    gateway: Gateway,
+    _server: Server,
+    addr: SocketAddr,
     client_svid: PathBuf,
     capsule: PathBuf,
     _tmp: tempfile::TempDir,
@@ -29,31 +35,53 @@ struct Setup {
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().expect("tempdir");
     let state = tmp.path().join("state");
-    let gateway = Gateway::serve(&[
-        OsStr::new("--state-dir"),
-        s(&state),
-        OsStr::new("--listen"),
-        OsStr::new("127.0.0.1:0"),
-    ]);
-    let dev = state.join("dev");
-    let capsule = common::pack_dev_capsule(&state, tmp.path());
+    let trust = devtrust::ensure(&state, "127.0.0.1:0").expect("development trust domain");
+    let config =
+        devtrust::config(&trust, "127.0.0.1:0".parse().expect("address")).expect("dev config");
+    let server = Server::start(&config).expect("start the service");
+    let capsule = dev_capsule(&trust.signing_key, tmp.path());
     Setup {
-        gateway,
-        client_svid: dev.join("client"),
+        addr: server.local_addr(),
+        _server: server,
+        client_svid: trust.client_svid,
         capsule,
         _tmp: tmp,
     }
 }
 
+/// `examples/dev-capsule` (version 1, valid for an hour) signed with the development
+/// key: its one artifact's size and digest filled in, as `pack` fills them.
+fn dev_capsule(key: &Path, work: &Path) -> PathBuf {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/dev-capsule");
+    let now = capsule_tests::now();
+    let text = std::fs::read_to_string(example.join("manifest.template.json"))
+        .expect("template")
+        .replace("@VERSION@", "1")
+        .replace("@NOW@", &(now - 60).to_string())
+        .replace("@EXPIRES@", &(now + 3600).to_string());
+    let mut manifest: Value = serde_json::from_str(&text).expect("manifest JSON");
+    let run_sh = std::fs::read(example.join("files/run.sh")).expect("run.sh");
+    manifest["artifacts"][0]["size"] = run_sh.len().into();
+    manifest["artifacts"][0]["sha256"] = capsule_tests::sha256_hex(&run_sh).into();
+    let jwk = parse_jwk(&std::fs::read(key).expect("dev key")).expect("dev JWK");
+    let signer = SigningKey::from_jwk(&jwk, default_backend()).expect("signing key");
+    let payload = serde_json::to_vec(&manifest).expect("payload");
+    let jws = verify_core::jws::sign_compact(&jwk.kid, jwk.alg, &payload, &signer).expect("sign");
+    let capsule = work.join("capsule");
+    std::fs::create_dir_all(capsule.join("files")).expect("mkdir");
+    std::fs::write(capsule.join("files/run.sh"), &run_sh).expect("write run.sh");
+    std::fs::write(capsule.join("capsule.jws"), jws).expect("write capsule.jws");
+    capsule
+}
+
 fn loadgen(url: &str, svid: &Path, capsule: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
-        .arg("loadgen")
+    Command::new(env!("CARGO_BIN_EXE_capsule-loadgen"))
         .args([OsStr::new("--url"), OsStr::new(url)])
         .args([OsStr::new("--svid"), s(svid)])
         .args([OsStr::new("--capsule"), s(capsule)])
         .args(extra)
         .output()
-        .expect("run loadgen")
+        .expect("run capsule-loadgen")
 }
 
 fn report(out: &Output) -> Value {
@@ -73,7 +101,7 @@ fn count(v: &Value) -> u64 {
 #[test]
 fn loadgen_admits_through_serve_in_closed_and_open_loop() {
     let t = setup();
-    let url = format!("https://{}", t.gateway.addr);
+    let url = format!("https://{}", t.addr);
 
     // Closed loop over HTTP/1.1, uploading the capsule's files first.
     let out = loadgen(
@@ -178,7 +206,7 @@ fn loadgen_admits_through_serve_in_closed_and_open_loop() {
 #[test]
 fn configuration_errors_exit_2() {
     let t = setup();
-    let url = format!("https://{}", t.gateway.addr);
+    let url = format!("https://{}", t.addr);
     let quick = ["--no-upload", "--duration", "0.2", "--warmup", "0"];
     let cases: [(&str, String, PathBuf, Vec<&str>, &str); 4] = [
         (
@@ -208,7 +236,7 @@ fn configuration_errors_exit_2() {
         (
             "nobody listening",
             // The gateway's port on another loopback address: refused.
-            format!("https://127.0.0.2:{}", t.gateway.addr.port()),
+            format!("https://127.0.0.2:{}", t.addr.port()),
             t.client_svid.clone(),
             vec![],
             "connect",
