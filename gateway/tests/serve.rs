@@ -1647,3 +1647,39 @@ fn another_peers_run_and_a_planted_bundle_read_as_unknown() {
     });
     server.shutdown();
 }
+
+/// A service whose state last trusted a time a day ahead of the host's clock (the
+/// clock was stepped back since) admits nothing: 403 `clock_rollback`, and nothing is
+/// recorded.
+#[test]
+fn a_clock_stepped_back_behind_the_state_is_clock_rollback_through_the_service() {
+    let f = Fixture::new();
+    let now = verify_core::Clock::now_unix(&verify_core::SystemClock);
+    let ahead = verify_core::FixedClock(now + 86_400);
+    drop(
+        State::open(&f.state_dir(), true, &ahead)
+            .expect("state")
+            .expect("created"),
+    );
+    let good = read_jws(&f.world.good_capsule("good", Signer::Es256));
+    let server = start(&f.config());
+    let client = f.client_svid_dir(RUNNER);
+    runtime().block_on(async {
+        let mut c = Client::connect(
+            server.local_addr(),
+            client_config(&client, GATEWAY_ID, false),
+        )
+        .await
+        .expect("connect");
+        c.upload_world_files().await;
+        let r = c.admit(good).await.expect("admission");
+        assert_eq!(r.status, 403, "{r:?}");
+        assert_eq!(r.json()["reason"], "clock_rollback", "{r:?}");
+    });
+    server.shutdown();
+    let state = State::open(&f.state_dir(), false, &verify_core::SystemClock)
+        .expect("open state")
+        .expect("state exists");
+    assert_eq!(state.verify_log().expect("intact chain"), 0);
+    assert_eq!(state.last_known_time_now(), Some(now + 86_400));
+}
