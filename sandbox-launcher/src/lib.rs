@@ -26,6 +26,11 @@
 //!
 //! A run that happened but cannot be vouched for (egress not proven blocked,
 //! teardown incomplete) is an error carrying its [`RunReport`].
+//!
+//! [`RunReport`] and the types in it are the evidence's own schema: owned values,
+//! `Serialize` and `Deserialize` (unknown members refused, nullable members
+//! required), so the gateway writes and reads them back as they are. The OCI config
+//! text is handed over in memory ([`bundle::WrittenBundle`]), never read back.
 
 #![deny(unsafe_code)]
 
