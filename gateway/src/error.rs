@@ -81,9 +81,13 @@ impl GatewayError {
             | GatewayError::SandboxSetup(_) => ErrorClass::Usage,
             GatewayError::Pack(e) => e.class(),
             // A TPM that answers but fails a command fails at run time; an
-            // unreachable TPM, a bad TCTI, changed PCRs or a bad file are
-            // configuration.
-            GatewayError::Attest(attest::AttestError::Tpm { .. }) => ErrorClass::Runtime,
+            // unreachable TPM, a bad TCTI, changed PCRs, a bad file or a missing
+            // (or misplaced) identity key are configuration.
+            GatewayError::Attest(attest::AttestError::Tpm { command, .. })
+                if *command != "identity key" =>
+            {
+                ErrorClass::Runtime
+            }
             GatewayError::Attest(_) => ErrorClass::Usage,
             // An existing file is the operator's to move; nothing was replaced.
             GatewayError::Write(DurableError::Exists { .. })
@@ -95,5 +99,39 @@ impl GatewayError {
             | GatewayError::Evidence(_)
             | GatewayError::Process { .. } => ErrorClass::Runtime,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::durable::DurableError;
+
+    fn tpm(command: &'static str) -> GatewayError {
+        GatewayError::Attest(attest::AttestError::Tpm {
+            command,
+            tcti: "swtpm:port=1".into(),
+            message: "failed".into(),
+        })
+    }
+
+    #[test]
+    fn failures_at_run_time_are_runtime_and_the_operators_mistakes_usage() {
+        assert_eq!(tpm("TPM2_Quote").class(), ErrorClass::Runtime);
+        assert_eq!(tpm("identity key").class(), ErrorClass::Usage);
+        let unreachable = GatewayError::Attest(attest::AttestError::TpmUnreachable {
+            tcti: "swtpm:port=1".into(),
+            message: "refused".into(),
+        });
+        assert_eq!(unreachable.class(), ErrorClass::Usage);
+        let exists = GatewayError::Write(DurableError::Exists { path: "k".into() });
+        assert_eq!(exists.class(), ErrorClass::Usage);
+        let failed = GatewayError::Write(DurableError::Io {
+            op: "write",
+            path: "k".into(),
+            source: std::io::Error::other("disk full"),
+        });
+        assert_eq!(failed.class(), ErrorClass::Runtime);
+        assert_eq!(GatewayError::Usage("x".into()).class(), ErrorClass::Usage);
     }
 }

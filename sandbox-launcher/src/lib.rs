@@ -41,6 +41,11 @@
 //!
 //! All but `host` use [`error`]; [`error`] refers back to this file only for the
 //! [`RunReport`] a failed run's error carries, as data.
+//!
+//! [`RunReport`] and the types in it are the evidence's own schema: owned values,
+//! `Serialize` and `Deserialize` (unknown members refused, nullable members
+//! required), so the gateway writes and reads them back as they are. The OCI config
+//! text is handed over in memory ([`bundle::WrittenBundle`]), never read back.
 
 #![deny(unsafe_code)]
 
