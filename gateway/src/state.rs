@@ -51,6 +51,8 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("admission_log");
 const HEAD: TableDefinition<&str, (u64, [u8; 32])> = TableDefinition::new("log_head");
 /// `STATE_ID_KEY` → the state id the marker names.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// tenant -> the highest tenant-index version accepted (fleet freshness, issue 13).
+const INDEX_VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("index_versions");
 const HEAD_KEY: &str = "head";
 const STATE_ID_KEY: &str = "state_id";
 
@@ -559,7 +561,39 @@ impl StateDir {
             }
             Ok(out)
         })?;
-        Ok(Snapshot { versions })
+        let index_versions = state.index_versions()?;
+        Ok(Snapshot {
+            versions,
+            index_versions,
+        })
+    }
+
+    /// Raises the highest tenant-index version recorded for each tenant (never lowers
+    /// one), in one durable transaction: done before the admissions that used these
+    /// indexes are acknowledged, so a crash can only leave the state stricter.
+    pub fn record_index_versions(&self, seen: &[(String, u64)]) -> Result<(), crate::GatewayError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let state = self.open()?;
+        state.guard(|| {
+            let txn = state.db.begin_write().map_err(|e| state.err(e))?;
+            {
+                let mut table = txn.open_table(INDEX_VERSIONS).map_err(|e| state.err(e))?;
+                for (tenant, version) in seen {
+                    let known = table
+                        .get(tenant.as_str())
+                        .map_err(|e| state.err(e))?
+                        .map(|g| g.value());
+                    if known.map_or(true, |k| k < *version) {
+                        table
+                            .insert(tenant.as_str(), *version)
+                            .map_err(|e| state.err(e))?;
+                    }
+                }
+            }
+            txn.commit().map_err(|e| state.err(e))
+        })
     }
 
     /// Opens the database, records the admissions ([`State::record`]) and closes it.
@@ -916,7 +950,30 @@ impl State {
     }
 }
 
+impl State {
+    /// Every tenant's highest accepted tenant-index version.
+    fn index_versions(&self) -> Result<HashMap<String, u64>, crate::GatewayError> {
+        self.guard(|| {
+            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let mut out = HashMap::new();
+            if let Some(table) = open_read_table(&txn, INDEX_VERSIONS, &self.path)? {
+                for row in table.iter().map_err(|e| self.err(e))? {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    out.insert(k.value().to_string(), v.value());
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
 impl RollbackView for State {
+    fn highest_index_version(&self, tenant: &str) -> Result<Option<u64>, String> {
+        self.index_versions()
+            .map(|m| m.get(tenant).copied())
+            .map_err(|e| e.to_string())
+    }
+
     fn latest(&self, tenant: &str, capsule_id: &str) -> Result<Option<AdmittedVersion>, String> {
         self.guard(|| {
             let txn = self.db.begin_read().map_err(|e| self.err(e))?;
@@ -940,6 +997,7 @@ impl RollbackView for State {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     versions: HashMap<(String, String), AdmittedVersion>,
+    index_versions: HashMap<String, u64>,
 }
 
 impl RollbackView for Snapshot {
@@ -948,6 +1006,10 @@ impl RollbackView for Snapshot {
             .versions
             .get(&(tenant.to_string(), capsule_id.to_string()))
             .copied())
+    }
+
+    fn highest_index_version(&self, tenant: &str) -> Result<Option<u64>, String> {
+        Ok(self.index_versions.get(tenant).copied())
     }
 }
 
@@ -979,6 +1041,16 @@ impl RollbackView for LazySnapshot<'_> {
             Err(e) => Err(e.clone()),
         }
     }
+
+    fn highest_index_version(&self, tenant: &str) -> Result<Option<u64>, String> {
+        match self
+            .loaded
+            .get_or_init(|| self.dir.snapshot().map_err(|e| e.to_string()))
+        {
+            Ok(s) => s.highest_index_version(tenant),
+            Err(e) => Err(e.clone()),
+        }
+    }
 }
 
 /// A state that cannot be read: every lookup fails, so every capsule is denied
@@ -988,6 +1060,10 @@ pub struct Unavailable(pub String);
 
 impl RollbackView for Unavailable {
     fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, String> {
+        Err(self.0.clone())
+    }
+
+    fn highest_index_version(&self, _: &str) -> Result<Option<u64>, String> {
         Err(self.0.clone())
     }
 }

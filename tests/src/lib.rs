@@ -13,6 +13,7 @@ use verify_core::crypto::{default_backend, Backend};
 use verify_core::keys::{ParsedJwk, SigningKey};
 use verify_core::{Alg, Policy, Sha256Digest};
 
+pub mod governance;
 pub mod negative;
 pub mod trust_attacks;
 
@@ -38,6 +39,10 @@ pub struct World {
     pub es: ParsedJwk,
     pub hs: ParsedJwk,
     pub other: ParsedJwk,
+    /// The tenant-index key (`k-index`, in `trusted.jwks.json`).
+    pub index_key: ParsedJwk,
+    /// Approvers' keys by identity (see [`governance::APPROVERS`]).
+    pub approvers: Vec<(&'static str, ParsedJwk)>,
     /// The time every fixture manifest is built around (taken once, at creation).
     pub now: u64,
     pub backend: &'static dyn Backend,
@@ -69,15 +74,36 @@ impl World {
         let es = ParsedJwk::generate(ES_KID, Alg::Es256, backend).expect("es key");
         let hs = ParsedJwk::generate(HS_KID, Alg::Hs256, backend).expect("hs key");
         let other = ParsedJwk::generate(OTHER_KID, Alg::Es256, backend).expect("other key");
+        let index_key =
+            ParsedJwk::generate(governance::INDEX_KID, Alg::Es256, backend).expect("index key");
+        let approvers = governance::APPROVERS
+            .iter()
+            .map(|a| {
+                let key = ParsedJwk::generate(a.kid, Alg::Es256, backend).expect("approver key");
+                (a.id, key)
+            })
+            .collect();
         let world = World {
             dir,
             es,
             hs,
             other,
+            index_key,
+            approvers,
             now: now(),
             backend,
         };
-        let jwks = json!({ "keys": [world.es.to_json(false), world.hs.to_json(true), world.other.to_json(false)] });
+        let jwks = json!({ "keys": [world.es.to_json(false), world.hs.to_json(true), world.other.to_json(false), world.index_key.to_json(false)] });
+        let approvers: Vec<Value> = world
+            .approvers
+            .iter()
+            .map(|(_, k)| k.to_json(false))
+            .collect();
+        world.write_mode(
+            "approvers.jwks.json",
+            json!({ "keys": approvers }).to_string().as_bytes(),
+            0o644,
+        );
         // The JWKS holds the HS256 secret: a trust file readable by its owner only.
         world.write_mode("trusted.jwks.json", jwks.to_string().as_bytes(), 0o600);
         world.write_mode(
@@ -123,10 +149,12 @@ clock_skew_s = 60
 
 [trust]
 jwks = "trusted.jwks.json"
+approvers_jwks = "approvers.jwks.json"
 
 [limits]
 max_jws_bytes = 65536
 max_artifacts = 16
+{approvers}
 
 [[tenants]]
 name = "{TENANT}"
@@ -136,8 +164,10 @@ runners = ["spiffe://acme.example/runner/*"]
 armory = ["sha256:{}"]
 host_programs = ["/bin/sh", "/bin/true"]
 min_approvals = 1
-"#,
-            sha256_hex(TOOL_BYTES)
+{governed}"#,
+            sha256_hex(TOOL_BYTES),
+            approvers = governance::approvers_toml(),
+            governed = governance::tenants_toml(),
         )
     }
 

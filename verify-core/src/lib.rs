@@ -8,18 +8,21 @@
 //! Errors untrusted input can cause are denials with a [`Reason`], never panics;
 //! configuration problems are [`ConfigError`]s naming the file and field.
 
+pub mod approvals;
 pub mod b64;
 pub mod crypto;
 pub mod decision;
 pub mod digest;
 pub mod entrypoint;
 pub mod error;
+pub mod index;
 pub mod json;
 pub mod jws;
 pub mod keys;
 pub mod limits;
 pub mod manifest;
 pub mod policy;
+pub mod rules;
 pub mod runner;
 pub mod time;
 pub mod trust_file;
@@ -28,12 +31,14 @@ pub mod verify;
 pub use decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
 pub use digest::{ArtifactSource, HashMode};
 pub use error::ConfigError;
+pub use index::TenantIndex;
 pub use limits::Limits;
 pub use manifest::{ApproverId, Manifest};
 pub use policy::Policy;
+pub use rules::Tier;
 pub use runner::{RunnerPattern, SpiffeId};
 pub use time::{Clock, FixedClock, SystemClock};
 pub use verify::{
-    check_rollback, check_shape, Admitted, AdmittedVersion, Capsule, NoHistory, RollbackView,
-    Verifier,
+    check_rollback, check_shape, Admitted, AdmittedVersion, Capsule, Governance, NoHistory,
+    RollbackView, Verifier,
 };

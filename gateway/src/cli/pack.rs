@@ -24,6 +24,7 @@ pub fn run(
     files: &Path,
     key: &Path,
     out: &Path,
+    approvals: Option<&Path>,
 ) -> Result<ExitCode, GatewayError> {
     let backend = default_backend();
     let limit = Limits::default().max_jws_bytes;
@@ -72,6 +73,10 @@ pub fn run(
     let jws =
         verify_core::jws::sign_compact(&jwk.kid, jwk.alg, &payload, &signer).map_err(usage)?;
 
+    if let Some(dir) = approvals {
+        let digest = Sha256Digest(backend.sha256_oneshot(&payload));
+        keep_approvals(dir, &parsed, digest, staging.path())?;
+    }
     let jws_path = staging.path().join("capsule.jws");
     write_synced(&jws_path, jws.as_bytes())?;
     sync_dir(staging.path())?;
@@ -83,6 +88,54 @@ pub fn run(
     sync_dir(parent)?;
     crate::output::println_stdout(out.display())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Copies the approvals in `dir` that name this manifest into the staged capsule's
+/// `approvals/`. One that names other manifest bytes (the manifest changed since it
+/// was approved) is refused: a capsule is never packed with an approval the verifier
+/// would call `approval_invalid`. Signatures are the verifier's to check.
+fn keep_approvals(
+    dir: &Path,
+    manifest: &Manifest,
+    digest: Sha256Digest,
+    staging: &Path,
+) -> Result<(), GatewayError> {
+    use verify_core::approvals::{ApprovalPayload, APPROVALS_DIR, MAX_APPROVAL_BYTES};
+    let mut names: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| GatewayError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "jws")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    names.sort();
+    let target = staging.join(APPROVALS_DIR);
+    fs::create_dir_all(&target).map_err(|e| GatewayError::io(&target, e))?;
+    for path in names {
+        let bytes = read_bounded(&path, MAX_APPROVAL_BYTES + 1)?;
+        let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        let stale = |why: String| usage(format!("{}: {why}", path.display()));
+        let parts = verify_core::jws::split(bytes).map_err(|e| stale(e.into()))?;
+        let body = verify_core::b64::decode(parts.payload).map_err(|e| stale(e.to_string()))?;
+        let p: ApprovalPayload =
+            verify_core::json::from_slice_strict(&body).map_err(|e| stale(e.to_string()))?;
+        let names_this = Sha256Digest::parse(&p.manifest_sha256) == Some(digest)
+            && p.capsule_id == manifest.capsule_id
+            && p.version == manifest.version
+            && p.tenant == manifest.tenant;
+        if !names_this {
+            return Err(stale(format!(
+                "stale approval: it approves manifest {}, the manifest packed is {digest}",
+                p.manifest_sha256.escape_debug()
+            )));
+        }
+        let name = path.file_name().unwrap_or_default();
+        write_synced(&target.join(name), bytes)?;
+    }
+    sync_dir(&target)
 }
 
 /// Copies one file into the staged capsule while hashing it, then fills in or checks
@@ -298,7 +351,7 @@ fn copy_hashing(
 }
 
 /// Reads an operator-named file, a regular file only (a FIFO would hang `pack`).
-fn read_bounded(path: &Path, limit: usize) -> Result<Vec<u8>, GatewayError> {
+pub(super) fn read_bounded(path: &Path, limit: usize) -> Result<Vec<u8>, GatewayError> {
     let (file, _) = open_regular_path(path).map_err(|e| GatewayError::io(path, e.into()))?;
     let mut bytes = Vec::new();
     file.take(limit as u64 + 1)
@@ -313,7 +366,7 @@ fn read_bounded(path: &Path, limit: usize) -> Result<Vec<u8>, GatewayError> {
     Ok(bytes)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), GatewayError> {
+pub(super) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), GatewayError> {
     let mut f = File::options()
         .write(true)
         .create_new(true)
@@ -325,7 +378,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), GatewayError> {
 }
 
 /// fsync a directory so that the names in it (the rename) are durable too.
-fn sync_dir(dir: &Path) -> Result<(), GatewayError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), GatewayError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| GatewayError::io(dir, e))

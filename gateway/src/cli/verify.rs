@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use verify_core::crypto::default_backend;
 use verify_core::{
-    Admitted, Capsule, Decision, HashMode, NoHistory, Policy, RollbackView, SpiffeId, SystemClock,
-    Verifier,
+    Admitted, Capsule, Decision, Governance, HashMode, NoHistory, Policy, RollbackView, SpiffeId,
+    SystemClock, TenantIndex, Tier, Verifier,
 };
 
 use super::attest::IdentityArgs;
@@ -24,7 +24,8 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
         args.state.as_deref(),
         record,
         args.hash_mode,
-    )?;
+    )?
+    .with_governance(&args.index, super::index::VERIFY_HOST_TIERS)?;
     let decisions: Vec<Decision> = admission
         .admit(&args.capsules, record)?
         .into_iter()
@@ -63,6 +64,10 @@ pub(crate) struct Admission {
     state: Option<StateDir>,
     unavailable: Option<Unavailable>,
     hash_mode: HashMode,
+    /// Tenant indexes given with `--index` (signatures checked) and the sandbox tiers
+    /// of this host (issue 13).
+    indexes: Vec<TenantIndex>,
+    host_tiers: Vec<Tier>,
 }
 
 impl Admission {
@@ -112,7 +117,21 @@ impl Admission {
                 HashModeArg::Read => HashMode::Read,
                 HashModeArg::Mmap => HashMode::Mmap,
             },
+            indexes: Vec::new(),
+            host_tiers: Vec::new(),
         })
+    }
+
+    /// Adds the tenant indexes (`--index`, each verified now: one that does not verify
+    /// is a usage error naming the file) and the host's sandbox tiers.
+    pub(crate) fn with_governance(
+        mut self,
+        indexes: &[PathBuf],
+        host_tiers: &[Tier],
+    ) -> Result<Admission, GatewayError> {
+        self.indexes = super::index::load_all(indexes, &self.policy)?;
+        self.host_tiers = host_tiers.to_vec();
+        Ok(self)
     }
 
     /// Verifies the capsules in parallel and, if `record`, records the admissions
@@ -138,6 +157,10 @@ impl Admission {
             rollback,
             runner: self.runner.as_ref(),
             hash_mode: self.hash_mode,
+            governance: Governance {
+                indexes: &self.indexes,
+                host_tiers: &self.host_tiers,
+            },
         };
         let capsules: Vec<Capsule> = dirs
             .iter()
@@ -146,7 +169,14 @@ impl Admission {
         let results = verifier.verify_batch(&capsules);
         match (&self.state, &self.unavailable, record) {
             // The verdicts are given out only after the state is durable.
-            (Some(s), None, true) => Ok(s.record(results, &self.policy.policy_version)),
+            (Some(s), None, true) => {
+                // The index versions first: a crash in between leaves the state stricter.
+                let seen = super::index::versions_used(&self.indexes, &results);
+                if let Err(e) = s.record_index_versions(&seen) {
+                    return Ok(crate::state::deny_unavailable(results, &e.to_string()));
+                }
+                Ok(s.record(results, &self.policy.policy_version))
+            }
             _ => Ok(results),
         }
     }

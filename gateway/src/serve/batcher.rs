@@ -199,6 +199,7 @@ fn verify_loop(
                         // patterns (and the manifest's) are checked against it.
                         runner: Some(&job.runner),
                         hash_mode: a.hash_mode,
+                        governance: Default::default(),
                     }
                     .verify(&job.capsule)
                 })
