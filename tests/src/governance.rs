@@ -19,6 +19,10 @@ use verify_core::{Alg, Manifest, Sha256Digest};
 
 use crate::{read_jws, sha256_hex, Signer, World, ES_KID, HS_KID, TOOL_BYTES};
 
+/// The governance policy: the fixture policy (`policy.toml`) plus approvers and the
+/// governed tenants. A file of its own, so that tests rewriting `policy.toml`'s text
+/// are not affected by it.
+pub const POLICY_FILE: &str = "governance.toml";
 pub const GOVERNED: &str = "acme-governed";
 pub const INDEXED: &str = "acme-indexed";
 pub const INDEX_KID: &str = "k-index";
@@ -126,6 +130,36 @@ index = {{ keys = ["{INDEX_KID}"], required = true }}
 }
 
 impl World {
+    pub fn governance_policy_toml(&self) -> String {
+        let base = self.policy_toml().replacen(
+            "jwks = \"trusted.jwks.json\"\n",
+            "jwks = \"trusted.jwks.json\"\napprovers_jwks = \"approvers.jwks.json\"\n",
+            1,
+        );
+        // `[[approvers]]` before the tenants: after them TOML would nest nothing, but
+        // the reader sees the identities first.
+        let at = base.find("[[tenants]]").expect("a tenant");
+        format!(
+            "{}{}\n{}{}",
+            &base[..at],
+            approvers_toml(),
+            &base[at..],
+            tenants_toml()
+        )
+    }
+
+    pub fn governance_policy_path(&self) -> PathBuf {
+        self.path(POLICY_FILE)
+    }
+
+    pub fn governance_policy_with(
+        &self,
+        backend: &'static dyn verify_core::crypto::Backend,
+    ) -> verify_core::Policy {
+        verify_core::Policy::load(&self.governance_policy_path(), backend)
+            .expect("governance policy loads")
+    }
+
     /// A manifest of `acme-governed` in `environment` (otherwise [`World::manifest`]),
     /// with no unsigned approvals unless the environment has no rule.
     pub fn governed_manifest(&self, environment: &str) -> Value {

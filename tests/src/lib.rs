@@ -117,6 +117,11 @@ impl World {
             0o600,
         );
         world.write_mode("policy.toml", world.policy_toml().as_bytes(), 0o644);
+        world.write_mode(
+            governance::POLICY_FILE,
+            world.governance_policy_toml().as_bytes(),
+            0o644,
+        );
         world
     }
 
@@ -149,12 +154,10 @@ clock_skew_s = 60
 
 [trust]
 jwks = "trusted.jwks.json"
-approvers_jwks = "approvers.jwks.json"
 
 [limits]
 max_jws_bytes = 65536
 max_artifacts = 16
-{approvers}
 
 [[tenants]]
 name = "{TENANT}"
@@ -164,10 +167,8 @@ runners = ["spiffe://acme.example/runner/*"]
 armory = ["sha256:{}"]
 host_programs = ["/bin/sh", "/bin/true"]
 min_approvals = 1
-{governed}"#,
-            sha256_hex(TOOL_BYTES),
-            approvers = governance::approvers_toml(),
-            governed = governance::tenants_toml(),
+"#,
+            sha256_hex(TOOL_BYTES)
         )
     }
 

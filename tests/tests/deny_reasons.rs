@@ -59,7 +59,7 @@ fn verify(
     view: &dyn RollbackView,
     mode: HashMode,
 ) -> Decision {
-    verify_with(w, backend, capsule, runner, view, mode, None)
+    verify_with(w, backend, capsule, runner, view, mode, None, None)
 }
 
 /// The tiers of a host that runs gVisor: what `verify` and `admit` assume.
@@ -74,8 +74,12 @@ fn verify_with(
     view: &dyn RollbackView,
     mode: HashMode,
     index: Option<&std::path::Path>,
+    policy: Option<&std::path::Path>,
 ) -> Decision {
-    let policy = w.policy_with(backend);
+    let policy = match policy {
+        Some(p) => verify_core::Policy::load(p, backend).expect("policy"),
+        None => w.policy_with(backend),
+    };
     let runner = runner.map(|r| SpiffeId::parse(r).expect("runner id"));
     let clock = FixedClock(w.now);
     let indexes: Vec<TenantIndex> = index
@@ -143,6 +147,7 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
                         &NoHistory,
                         HashMode::Read,
                         setup.index.as_deref(),
+                        setup.policy.as_deref(),
                     )
                     .reason,
                 ],
@@ -156,13 +161,14 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
                         &NoHistory,
                         HashMode::Read,
                         prior_index,
+                        setup.policy.as_deref(),
                     );
                     assert!(
                         first.is_admit(),
                         "{name}: prior capsule admitted: {first:?}"
                     );
                     let seen = prior_index.map(|p| {
-                        let policy = w.policy_with(backend);
+                        let policy = w.governance_policy_with(backend);
                         let bytes = std::fs::read(p).expect("index");
                         TenantIndex::verify(&bytes, &policy).expect("index").version
                     });
@@ -176,6 +182,7 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
                             &view,
                             HashMode::Read,
                             setup.index.as_deref(),
+                            setup.policy.as_deref(),
                         )
                         .reason,
                     ]
@@ -221,7 +228,11 @@ fn a_batch_keeps_order_and_no_capsule_affects_another() {
     let mut dirs = Vec::new();
     for (i, case) in CASES.iter().enumerate() {
         let setup = (case.build)(&w, &format!("batch-{}", case.name));
-        if setup.prior == Prior::Nothing && setup.runner == Some(RUNNER) && setup.index.is_none() {
+        if setup.prior == Prior::Nothing
+            && setup.runner == Some(RUNNER)
+            && setup.index.is_none()
+            && setup.policy.is_none()
+        {
             dirs.push((setup.capsule, Some(case.reason)));
             let signer = if i % 2 == 0 {
                 Signer::Es256

@@ -20,7 +20,7 @@ fn verify(
     index: Option<&Path>,
     tiers: &[Tier],
 ) -> Decision {
-    let policy = w.policy_with(backend);
+    let policy = w.governance_policy_with(backend);
     let runner = SpiffeId::parse(RUNNER).expect("runner");
     let clock = FixedClock(w.now);
     let indexes: Vec<TenantIndex> = index
@@ -140,14 +140,14 @@ fn an_index_by_a_key_the_tenant_does_not_name_is_refused() {
     let w = World::new();
     let payload = serde_json::to_vec(&w.index_payload(GOVERNED, 1, w.now + 60, &[])).expect("json");
     let jws = w.sign(&payload, Signer::Es256);
-    let policy = w.policy();
+    let policy = w.governance_policy_with(w.backend);
     let e =
         TenantIndex::verify(jws.as_bytes(), &policy).expect_err("k-es-2025 signs capsules only");
     assert!(e.to_string().contains("index.keys"), "{e}");
 }
 
 fn policy_error(w: &World, from: &str, to: &str) -> String {
-    let text = w.policy_toml();
+    let text = w.governance_policy_toml();
     assert!(text.contains(from), "{from}");
     let path = w.write_mode("edited.toml", text.replacen(from, to, 1).as_bytes(), 0o644);
     Policy::load(&path, w.backend)

@@ -25,6 +25,8 @@ pub(super) const VERIFY_HOST_TIERS: &[Tier] = &[Tier::Gvisor];
 #[derive(Debug, clap::Subcommand)]
 pub enum IndexCommand {
     /// Sign a tenant index listing the given capsules (their id, version and digest).
+    // `--version` is the index's: the program's own is on the top-level command.
+    #[command(disable_version_flag = true)]
     Sign {
         /// The tenant's index key: a private ES256 JWK whose kid is in the tenant's
         /// `index.keys`.
