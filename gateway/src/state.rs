@@ -585,7 +585,7 @@ impl StateDir {
                         .get(tenant.as_str())
                         .map_err(|e| state.err(e))?
                         .map(|g| g.value());
-                    if known.map_or(true, |k| k < *version) {
+                    if known.is_none_or(|k| k < *version) {
                         table
                             .insert(tenant.as_str(), *version)
                             .map_err(|e| state.err(e))?;

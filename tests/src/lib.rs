@@ -45,6 +45,9 @@ pub struct World {
     pub approvers: Vec<(&'static str, ParsedJwk)>,
     /// The time every fixture manifest is built around (taken once, at creation).
     pub now: u64,
+    /// (capsule_id, version) -> `sha256:` of the last capsule JWS signed for it, so
+    /// that a later version can name it as `parent` (lineage, issue 13).
+    signed: std::sync::Mutex<std::collections::HashMap<(String, u64), String>>,
     pub backend: &'static dyn Backend,
 }
 
@@ -91,6 +94,7 @@ impl World {
             index_key,
             approvers,
             now: now(),
+            signed: Default::default(),
             backend,
         };
         let jwks = json!({ "keys": [world.es.to_json(false), world.hs.to_json(true), world.other.to_json(false), world.index_key.to_json(false)] });
@@ -223,7 +227,27 @@ min_approvals = 1
     /// Signs arbitrary payload bytes with a fixture key.
     pub fn sign(&self, payload: &[u8], signer: Signer) -> String {
         let (jwk, key) = self.signing_key(signer);
-        verify_core::jws::sign_compact(&jwk.kid, jwk.alg, payload, &key).expect("sign")
+        let jws = verify_core::jws::sign_compact(&jwk.kid, jwk.alg, payload, &key).expect("sign");
+        if let Ok(m) = serde_json::from_slice::<Value>(payload) {
+            if let (Some(id), Some(v)) = (m["capsule_id"].as_str(), m["version"].as_u64()) {
+                let digest = format!("sha256:{}", sha256_hex(jws.as_bytes()));
+                self.signed
+                    .lock()
+                    .expect("lock")
+                    .insert((id.to_string(), v), digest);
+            }
+        }
+        jws
+    }
+
+    /// `sha256:` of the last capsule signed for `capsule_id` at `version`: the
+    /// `parent` the next version names.
+    pub fn signed_digest(&self, capsule_id: &str, version: u64) -> Option<String> {
+        self.signed
+            .lock()
+            .expect("lock")
+            .get(&(capsule_id.to_string(), version))
+            .cloned()
     }
 
     /// Writes a capsule directory `name` with the standard files and `jws`.

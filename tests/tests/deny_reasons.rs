@@ -59,13 +59,21 @@ fn verify(
     view: &dyn RollbackView,
     mode: HashMode,
 ) -> Decision {
-    verify_with(w, backend, capsule, runner, view, mode, None, None)
+    verify_with(w, backend, capsule, runner, view, mode, Inputs::default())
 }
 
 /// The tiers of a host that runs gVisor: what `verify` and `admit` assume.
 const HOST_TIERS: &[Tier] = &[Tier::Gvisor];
 
-/// [`verify`] with a tenant index, as the CLI's `--index` passes it.
+/// What a case verifies with besides the capsule: a tenant index (as `--index`
+/// passes it) and a policy (`None`: the fixture policy).
+#[derive(Default, Clone, Copy)]
+struct Inputs<'a> {
+    index: Option<&'a std::path::Path>,
+    policy: Option<&'a std::path::Path>,
+}
+
+/// [`verify`] with [`Inputs`].
 fn verify_with(
     w: &World,
     backend: &'static dyn Backend,
@@ -73,9 +81,9 @@ fn verify_with(
     runner: Option<&str>,
     view: &dyn RollbackView,
     mode: HashMode,
-    index: Option<&std::path::Path>,
-    policy: Option<&std::path::Path>,
+    inputs: Inputs<'_>,
 ) -> Decision {
+    let Inputs { index, policy } = inputs;
     let policy = match policy {
         Some(p) => verify_core::Policy::load(p, backend).expect("policy"),
         None => w.policy_with(backend),
@@ -146,8 +154,10 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
                         runner,
                         &NoHistory,
                         HashMode::Read,
-                        setup.index.as_deref(),
-                        setup.policy.as_deref(),
+                        Inputs {
+                            index: setup.index.as_deref(),
+                            policy: setup.policy.as_deref(),
+                        },
                     )
                     .reason,
                 ],
@@ -160,8 +170,10 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
                         runner,
                         &NoHistory,
                         HashMode::Read,
-                        prior_index,
-                        setup.policy.as_deref(),
+                        Inputs {
+                            index: prior_index,
+                            policy: setup.policy.as_deref(),
+                        },
                     );
                     assert!(
                         first.is_admit(),
@@ -181,8 +193,10 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
                             runner,
                             &view,
                             HashMode::Read,
-                            setup.index.as_deref(),
-                            setup.policy.as_deref(),
+                            Inputs {
+                                index: setup.index.as_deref(),
+                                policy: setup.policy.as_deref(),
+                            },
                         )
                         .reason,
                     ]

@@ -69,6 +69,9 @@ pub struct ApprovalFile {
     pub jws: Arc<[u8]>,
 }
 
+/// The approval files of a capsule as read, or why they could not be (the denial).
+pub type ReadApprovals = Result<Arc<[ApprovalFile]>, (Reason, String)>;
+
 /// An approval that verified: the approver as policy names them and the role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedApproval {
@@ -336,7 +339,7 @@ fn unmatched_role<'a>(
                 continue;
             }
             seen[i] = true;
-            if owner[i].map_or(true, |r| augment(r, roles, approvers, owner, seen)) {
+            if owner[i].is_none_or(|r| augment(r, roles, approvers, owner, seen)) {
                 owner[i] = Some(role);
                 return true;
             }

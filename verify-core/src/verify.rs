@@ -97,7 +97,7 @@ pub struct Capsule {
     root: Option<Result<Arc<Root>, (Reason, String)>>,
     /// Signed approvals (`approvals/*.jws`), read when the capsule was pinned or
     /// handed over (`None`: read from the capsule directory at verification).
-    approvals: Option<Result<Arc<[ApprovalFile]>, (Reason, String)>>,
+    approvals: Option<approvals::ReadApprovals>,
 }
 
 #[derive(Debug, Clone)]
