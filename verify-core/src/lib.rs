@@ -5,6 +5,10 @@
 //! [`Decision`]; a capsule that passes becomes an [`Admitted`], which only this crate
 //! can build. No network, no processes, no async runtime.
 //!
+//! Governance: signed approvals (`approvals`), rules per tenant and environment
+//! (`rules`, loaded by `policy`), lineage and the tenant index (`index`), all checked in
+//! `verify`'s one sequence.
+//!
 //! Errors untrusted input can cause are denials with a [`Reason`], never panics;
 //! configuration problems are [`ConfigError`]s naming the file and field.
 
