@@ -38,6 +38,17 @@ pub struct Setup {
     pub policy: Option<PathBuf>,
 }
 
+/// A production capsule of the governed tenant, `edit`ed, properly approved (alice as
+/// sre-lead, bob as security): whatever is denied is denied for the edit.
+fn approved_production_with(w: &World, n: &str, edit: impl FnOnce(&mut Value)) -> Setup {
+    let mut m = w.governed_manifest("production");
+    edit(&mut m);
+    let dir = w.capsule(n, &m, Signer::Es256);
+    w.approve(&dir, ALICE, "sre-lead");
+    w.approve(&dir, BOB, "security");
+    plain(dir)
+}
+
 /// A governance case: verified under the governance policy.
 fn governed(w: &World, setup: Setup) -> Setup {
     Setup {
@@ -1208,28 +1219,24 @@ pub const CASES: &[Case] = &[
         name: "scope-target-outside-the-production-rule",
         reason: Reason::ScopeViolation,
         build: |w, n| {
-            governed(w, {
-                let mut m = w.governed_manifest("production");
-                m["scope"]["targets"] = json!(["https://auth.prod.acme.example.evil/token"]);
-                let dir = w.capsule(n, &m, Signer::Es256);
-                w.approve(&dir, ALICE, "sre-lead");
-                w.approve(&dir, BOB, "security");
-                plain(dir)
-            })
+            governed(
+                w,
+                approved_production_with(w, n, |m| {
+                    m["scope"]["targets"] = json!(["https://auth.prod.acme.example.evil/token"])
+                }),
+            )
         },
     },
     Case {
         name: "scope-action-outside-the-production-rule",
         reason: Reason::ScopeViolation,
         build: |w, n| {
-            governed(w, {
-                let mut m = w.governed_manifest("production");
-                m["scope"]["actions"] = json!(["http.post", "db.drop"]);
-                let dir = w.capsule(n, &m, Signer::Es256);
-                w.approve(&dir, ALICE, "sre-lead");
-                w.approve(&dir, BOB, "security");
-                plain(dir)
-            })
+            governed(
+                w,
+                approved_production_with(w, n, |m| {
+                    m["scope"]["actions"] = json!(["http.post", "db.drop"])
+                }),
+            )
         },
     },
     Case {
