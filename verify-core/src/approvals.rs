@@ -12,7 +12,6 @@ use std::io::Read;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::decision::{Alg, Reason, Sha256Digest};
@@ -205,10 +204,13 @@ pub fn verify_approval(
     })
 }
 
-/// Verifies every approval file (in parallel when there are several; the capsule's
-/// own signature is already checked, on the same pool). One invalid approval denies
-/// the capsule: a forged or stale approval in a capsule is an attack, not noise. So
-/// is one approver twice.
+/// Verifies every approval file, in order, on the thread that verifies the capsule:
+/// in a batch that is the capsule's rayon task, so approvals run in the batch's
+/// parallelism beside the other capsules' signatures. A fan-out of its own was slower
+/// (benches `governance`, 3 approvals: 289 µs parallel from outside a pool, 219 µs in
+/// order; an approval-free admission 62 µs). One invalid approval denies the
+/// capsule: a forged or stale approval in a capsule is an attack, not noise. So is
+/// one approver twice.
 pub fn verify_all(
     files: &[ApprovalFile],
     policy: &Policy,
@@ -216,20 +218,10 @@ pub fn verify_all(
     manifest_sha256: Sha256Digest,
     now: u64,
 ) -> Result<Vec<VerifiedApproval>, String> {
-    let verified: Vec<VerifiedApproval> = match files {
-        [] => Vec::new(),
-        [one] => vec![verify_approval(
-            one,
-            policy,
-            manifest,
-            manifest_sha256,
-            now,
-        )?],
-        many => many
-            .par_iter()
-            .map(|f| verify_approval(f, policy, manifest, manifest_sha256, now))
-            .collect::<Result<_, _>>()?,
-    };
+    let verified: Vec<VerifiedApproval> = files
+        .iter()
+        .map(|f| verify_approval(f, policy, manifest, manifest_sha256, now))
+        .collect::<Result<_, _>>()?;
     let mut seen = HashSet::new();
     if let Some(dup) = verified.iter().find(|a| !seen.insert(&a.approver)) {
         return Err(format!(
