@@ -29,6 +29,11 @@
 //! on the calling thread and rayon `find_map_first`), called from the bench thread
 //! (outside any pool) and from inside a 2-thread pool.
 //!
+//! `governance` (issue 13): under the governance fixture policy, a `production` capsule
+//! of `acme-governed` with 3 signed approvals (alice, bob, carol: three more ES256
+//! verifications, one `approvals/` listing, three file reads) against the same tenant's
+//! approval-free `staging` capsule (one failed `openat` of `approvals/`).
+//!
 //! After the criterion groups, `paired` lines give the ratios of the key pairs measured
 //! in alternating blocks (see `paired`): on a shared VM they are steadier than the
 //! ratio of two medians taken a minute apart.
@@ -375,5 +380,41 @@ fn admission(c: &mut Criterion) {
     components(c, &env, &es, &fixture);
 }
 
-criterion_group!(benches, admission);
+/// Admission with 3 signed approvals against an approval-free capsule (same tenant,
+/// same files), with the verifier the CLI builds (`gvisor` provided).
+fn governance(c: &mut Criterion) {
+    use capsule_tests::governance::{ALICE, BOB, CAROL};
+    let env = Env::new();
+    let w = &env.world;
+    let policy = w.governance_policy_with(w.backend);
+    let tiers = [verify_core::Tier::Gvisor];
+    let v = verify_core::Verifier {
+        policy: &policy,
+        governance: verify_core::Governance {
+            host_tiers: &tiers,
+            ..Default::default()
+        },
+        ..env.verifier(HashMode::Auto)
+    };
+    let free = w.capsule("gov-free", &w.governed_manifest("staging"), Signer::Es256);
+    let approved = w.capsule("gov-3", &w.governed_manifest("production"), Signer::Es256);
+    w.approve(&approved, ALICE, "sre-lead");
+    w.approve(&approved, BOB, "security");
+    w.approve(&approved, CAROL, "sre-lead");
+    let limit = policy.limits.max_jws_bytes;
+    let free = verify_core::Capsule::from_dir(&free, limit);
+    let approved = verify_core::Capsule::from_dir(&approved, limit);
+    assert!(v.verify(&free).is_ok() && v.verify(&approved).is_ok());
+    let mut group = c.benchmark_group("governance");
+    configure(&mut group);
+    group.bench_function("approval-free", |b| {
+        b.iter(|| v.verify(black_box(&free)).is_ok())
+    });
+    group.bench_function("3-signed-approvals", |b| {
+        b.iter(|| v.verify(black_box(&approved)).is_ok())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, admission, governance);
 criterion_main!(benches);

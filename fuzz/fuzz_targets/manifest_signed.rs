@@ -46,6 +46,7 @@ fuzz_target!(|payload: &[u8]| {
         rollback: &NoHistory,
         runner: Some(&runner),
         hash_mode: HashMode::Read,
+        governance: Default::default(),
     };
     let _ = v.verify(&capsule);
 });

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use verify_core::crypto::default_backend;
 use verify_core::{
-    Admitted, Capsule, Clock, Decision, HashMode, NoHistory, Policy, RollbackView, SpiffeId,
-    SystemClock, Verifier,
+    Admitted, Capsule, Clock, Decision, Governance, HashMode, NoHistory, Policy, RollbackView,
+    SpiffeId, SystemClock, TenantIndex, Tier, Verifier,
 };
 
 use crate::sealed::SealedKeys;
@@ -55,6 +55,10 @@ pub struct Admission {
     hash_mode: HashMode,
     runner: Option<SpiffeId>,
     store: Store,
+    /// Tenant indexes (`--index`, signatures already checked) and this host's
+    /// sandbox tiers, for the governance rules.
+    indexes: Vec<TenantIndex>,
+    host_tiers: Vec<Tier>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -77,7 +81,17 @@ impl Admission {
             hash_mode,
             runner: None,
             store: Store::None,
+            indexes: Vec::new(),
+            host_tiers: Vec::new(),
         }
+    }
+
+    /// The tenant indexes capsules are judged against (verified by
+    /// [`crate::tenant_index::load_all`]) and the sandbox tiers this host provides.
+    pub fn with_governance(mut self, indexes: Vec<TenantIndex>, host_tiers: &[Tier]) -> Admission {
+        self.indexes = indexes;
+        self.host_tiers = host_tiers.to_vec();
+        self
     }
 
     /// The runner identity capsules are checked against (`None`: a manifest or
@@ -140,6 +154,10 @@ impl Admission {
             rollback,
             runner,
             hash_mode: self.hash_mode,
+            governance: Governance {
+                indexes: &self.indexes,
+                host_tiers: &self.host_tiers,
+            },
         }
     }
 
@@ -170,7 +188,14 @@ impl Admission {
         }
         // The verdicts are given out only after the state is durable.
         match &self.store {
-            Store::Dir(d) => Ok(d.record(results, &self.policy, self.clock.as_ref())),
+            Store::Dir(d) => {
+                // The index versions first: a crash in between leaves the state stricter.
+                let seen = crate::tenant_index::versions_used(&self.indexes, &results);
+                if let Err(e) = d.record_index_versions(&seen) {
+                    return Ok(crate::state::deny_unavailable(results, &e.to_string()));
+                }
+                Ok(d.record(results, &self.policy, self.clock.as_ref()))
+            }
             Store::Open(s) => s.record(results, &self.policy, self.clock.as_ref()),
             Store::None | Store::Unavailable(_) => Ok(results),
         }

@@ -30,5 +30,6 @@ pub mod pack;
 pub mod sealed;
 pub mod serve;
 pub mod state;
+pub mod tenant_index;
 
 pub use error::GatewayError;

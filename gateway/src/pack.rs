@@ -59,6 +59,10 @@ pub enum PackError {
     Sign(String),
     #[error("{}: already exists", path.display())]
     Exists { path: PathBuf },
+    /// An approval given to `pack --approvals` that does not name the manifest packed
+    /// (or does not parse as one).
+    #[error("{}: {detail}", path.display())]
+    StaleApproval { path: PathBuf, detail: String },
     /// Creating the output directory's parent.
     #[error("{}: {source}", path.display())]
     CreateParent {
@@ -138,7 +142,15 @@ pub enum EntryError {
 
 /// Packs the manifest `manifest` with the files under `files`, signed with the
 /// private JWK `key`, into the new capsule directory `out`.
-pub fn pack(manifest: &Path, files: &Path, key: &Path, out: &Path) -> Result<PathBuf, PackError> {
+/// With `approvals`, the approvals in that directory that name this manifest go into
+/// the capsule's `approvals/`; a stale one is refused ([`PackError::StaleApproval`]).
+pub fn pack(
+    manifest: &Path,
+    files: &Path,
+    key: &Path,
+    out: &Path,
+    approvals: Option<&Path>,
+) -> Result<PathBuf, PackError> {
     let backend = default_backend();
     let limit = Limits::default().max_jws_bytes;
     let bad_manifest = |detail: String| PackError::Manifest {
@@ -198,8 +210,67 @@ pub fn pack(manifest: &Path, files: &Path, key: &Path, out: &Path) -> Result<Pat
     let jws = verify_core::jws::sign_compact(&jwk.kid, jwk.alg, &payload, &signer)
         .map_err(|e| PackError::Sign(e.to_string()))?;
 
+    if let Some(dir) = approvals {
+        let digest = Sha256Digest(backend.sha256_oneshot(&payload));
+        keep_approvals(dir, &parsed, digest, &staging)?;
+    }
     staging.put("capsule.jws", jws.as_bytes(), 0o644)?;
     Ok(staging.commit()?)
+}
+
+/// Copies the approvals in `dir` that name this manifest into the staged capsule's
+/// `approvals/`. One that names other manifest bytes (the manifest changed since it
+/// was approved) is refused: a capsule is never packed with an approval the verifier
+/// would call `approval_invalid`. Signatures are the verifier's to check.
+fn keep_approvals(
+    dir: &Path,
+    manifest: &Manifest,
+    digest: Sha256Digest,
+    staging: &StagedDir,
+) -> Result<(), PackError> {
+    use verify_core::approvals::{ApprovalPayload, APPROVALS_DIR, MAX_APPROVAL_BYTES};
+    let read_dir = |source| PackError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut names: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(read_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "jws")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    names.sort();
+    crate::durable::create_dirs(&staging.path().join(APPROVALS_DIR), 0o755)?;
+    for path in names {
+        let bytes = read_bounded(&path, MAX_APPROVAL_BYTES + 1)?;
+        let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        let stale = |detail: String| PackError::StaleApproval {
+            path: path.clone(),
+            detail,
+        };
+        let parts = verify_core::jws::split(bytes).map_err(|e| stale(e.into()))?;
+        let body = verify_core::b64::decode(parts.payload).map_err(|e| stale(e.to_string()))?;
+        let p: ApprovalPayload =
+            verify_core::json::from_slice_strict(&body).map_err(|e| stale(e.to_string()))?;
+        let names_this = Sha256Digest::parse(&p.manifest_sha256) == Some(digest)
+            && p.capsule_id == manifest.capsule_id
+            && p.version == manifest.version
+            && p.tenant == manifest.tenant;
+        if !names_this {
+            return Err(stale(format!(
+                "stale approval: it approves manifest {}, the manifest packed is {digest}",
+                p.manifest_sha256.escape_debug()
+            )));
+        }
+        let name = path.file_name().unwrap_or_default();
+        staging.put(Path::new(APPROVALS_DIR).join(name), bytes, 0o644)?;
+    }
+    crate::durable::sync_dir(&staging.path().join(APPROVALS_DIR))?;
+    Ok(())
 }
 
 /// Copies one file into the staged capsule while hashing it, then fills in or checks
@@ -439,7 +510,7 @@ fn copy_hashing(
 }
 
 /// Reads an operator-named file, a regular file only (a FIFO would hang `pack`).
-fn read_bounded(path: &Path, limit: usize) -> Result<Vec<u8>, PackError> {
+pub fn read_bounded(path: &Path, limit: usize) -> Result<Vec<u8>, PackError> {
     let read_error = |source: io::Error| PackError::Read {
         path: path.to_path_buf(),
         source,

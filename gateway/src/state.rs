@@ -61,6 +61,8 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// clock of every commit, never lowered (docs/state.md, "Last-known time").
 pub const CLOCK: TableDefinition<&str, u64> = TableDefinition::new("clock");
 pub const LAST_KNOWN_KEY: &str = "last_known";
+/// tenant -> the highest tenant-index version accepted (fleet freshness, issue 13).
+const INDEX_VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("index_versions");
 const HEAD_KEY: &str = "head";
 const STATE_ID_KEY: &str = "state_id";
 
@@ -582,9 +584,39 @@ impl StateDir {
             }
             Ok(out)
         })?;
+        let index_versions = state.index_versions()?;
         Ok(Snapshot {
             versions,
             last_known: state.last_known_time_now(),
+            index_versions,
+        })
+    }
+
+    /// Raises the highest tenant-index version recorded for each tenant (never lowers
+    /// one), in one durable transaction: done before the admissions that used these
+    /// indexes are acknowledged, so a crash can only leave the state stricter.
+    pub fn record_index_versions(&self, seen: &[(String, u64)]) -> Result<(), crate::GatewayError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let state = self.open()?;
+        state.guard(|| {
+            let txn = state.db.begin_write().map_err(|e| state.err(e))?;
+            {
+                let mut table = txn.open_table(INDEX_VERSIONS).map_err(|e| state.err(e))?;
+                for (tenant, version) in seen {
+                    let known = table
+                        .get(tenant.as_str())
+                        .map_err(|e| state.err(e))?
+                        .map(|g| g.value());
+                    if known.is_none_or(|k| k < *version) {
+                        table
+                            .insert(tenant.as_str(), *version)
+                            .map_err(|e| state.err(e))?;
+                    }
+                }
+            }
+            txn.commit().map_err(|e| state.err(e))
         })
     }
 
@@ -1002,7 +1034,30 @@ impl State {
     }
 }
 
+impl State {
+    /// Every tenant's highest accepted tenant-index version.
+    fn index_versions(&self) -> Result<HashMap<String, u64>, crate::GatewayError> {
+        self.guard(|| {
+            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+            let mut out = HashMap::new();
+            if let Some(table) = open_read_table(&txn, INDEX_VERSIONS, &self.path)? {
+                for row in table.iter().map_err(|e| self.err(e))? {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    out.insert(k.value().to_string(), v.value());
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
 impl RollbackView for State {
+    fn highest_index_version(&self, tenant: &str) -> Result<Option<u64>, StateReadError> {
+        self.index_versions()
+            .map(|m| m.get(tenant).copied())
+            .map_err(StateReadError::new)
+    }
+
     fn last_known_time(&self) -> Result<Option<u64>, StateReadError> {
         Ok(self.last_known_time_now())
     }
@@ -1035,6 +1090,7 @@ impl RollbackView for State {
 pub struct Snapshot {
     versions: HashMap<(String, String), AdmittedVersion>,
     last_known: Option<u64>,
+    index_versions: HashMap<String, u64>,
 }
 
 impl RollbackView for Snapshot {
@@ -1051,6 +1107,10 @@ impl RollbackView for Snapshot {
             .versions
             .get(&(tenant.to_string(), capsule_id.to_string()))
             .copied())
+    }
+
+    fn highest_index_version(&self, tenant: &str) -> Result<Option<u64>, StateReadError> {
+        Ok(self.index_versions.get(tenant).copied())
     }
 }
 
@@ -1094,6 +1154,10 @@ impl RollbackView for LazySnapshot<'_> {
     ) -> Result<Option<AdmittedVersion>, StateReadError> {
         self.loaded()?.latest(tenant, capsule_id)
     }
+
+    fn highest_index_version(&self, tenant: &str) -> Result<Option<u64>, StateReadError> {
+        self.loaded()?.highest_index_version(tenant)
+    }
 }
 
 /// A state that cannot be read: every lookup fails, so every capsule is denied
@@ -1113,6 +1177,10 @@ impl RollbackView for Unavailable {
     }
 
     fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, StateReadError> {
+        Err(self.0.clone())
+    }
+
+    fn highest_index_version(&self, _: &str) -> Result<Option<u64>, StateReadError> {
         Err(self.0.clone())
     }
 }

@@ -33,8 +33,24 @@ fn check(
     state: Option<&Path>,
     capsules: &[&Path],
 ) -> (i32, Vec<Value>) {
-    let policy = w.policy_path();
+    check_with(cmd, w, runner, state, capsules, None, None)
+}
+
+/// [`check`] with `--index FILE`.
+fn check_with(
+    cmd: &str,
+    w: &World,
+    runner: Option<&str>,
+    state: Option<&Path>,
+    capsules: &[&Path],
+    index: Option<&Path>,
+    policy: Option<&Path>,
+) -> (i32, Vec<Value>) {
+    let policy = policy.map_or_else(|| w.policy_path(), Path::to_path_buf);
     let mut args = vec![cmd, "--policy", s(&policy), "--json"];
+    if let Some(i) = index {
+        args.extend(["--index", s(i)]);
+    }
     if let Some(r) = runner {
         args.extend(["--runner", r]);
     }
@@ -81,8 +97,17 @@ fn every_negative_fixture_is_denied_with_its_reason_by_the_cli() {
         let state = w.path(&format!("{}-state", case.name));
         let capsule = setup.capsule.as_path();
         // Both commands consult the recorded state: `verify`, then `admit`.
+        let (index, policy) = (setup.index.as_deref(), setup.policy.as_deref());
         let verify_then_admit = || {
-            let (code, lines) = check("verify", &w, setup.runner, Some(&state), &[capsule]);
+            let (code, lines) = check_with(
+                "verify",
+                &w,
+                setup.runner,
+                Some(&state),
+                &[capsule],
+                index,
+                policy,
+            );
             assert_eq!(
                 reason(&lines[0]),
                 Some(case.reason),
@@ -90,12 +115,36 @@ fn every_negative_fixture_is_denied_with_its_reason_by_the_cli() {
                 case.name
             );
             assert_eq!(code, 1);
-            check("admit", &w, setup.runner, Some(&state), &[capsule])
+            check_with(
+                "admit",
+                &w,
+                setup.runner,
+                Some(&state),
+                &[capsule],
+                index,
+                policy,
+            )
         };
         let (code, lines) = match &setup.prior {
-            Prior::Nothing => check("verify", &w, setup.runner, None, &[capsule]),
+            Prior::Nothing => check_with(
+                "verify",
+                &w,
+                setup.runner,
+                None,
+                &[capsule],
+                setup.index.as_deref(),
+                setup.policy.as_deref(),
+            ),
             Prior::Admitted(prior) => {
-                let (code, first) = check("admit", &w, setup.runner, Some(&state), &[prior]);
+                let (code, first) = check_with(
+                    "admit",
+                    &w,
+                    setup.runner,
+                    Some(&state),
+                    &[prior],
+                    setup.prior_index.as_deref(),
+                    setup.policy.as_deref(),
+                );
                 assert_eq!(code, 0, "{}: prior admitted: {first:?}", case.name);
                 verify_then_admit()
             }
@@ -215,6 +264,8 @@ fn admit_records_versions_durably_and_refuses_rollback() {
     let mut m = w.manifest();
     let v7 = w.capsule("v7", &m, Signer::Es256);
     m["version"] = json!(8);
+    // Lineage (issue 13): once v7 is admitted, v8 must name it as its parent.
+    m["parent"] = json!(capsule_tests::sha256_hex(read_jws(&v7).as_bytes()));
     let v8 = w.capsule("v8", &m, Signer::Es256);
     // verify records nothing.
     let (code, _) = check("verify", &w, Some(RUNNER), Some(&state), &[&v8]);
@@ -887,4 +938,252 @@ fn keygen_exits_2_for_usage_errors_and_4_for_a_failed_write() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains(s(&under_file)), "{stderr}");
+}
+
+/// Issue 13's "done when", through the binary: a production capsule needing two roles
+/// is denied when one approval is the author's or made with a key that is not the
+/// approver's, and admitted when properly approved; `pack → approve → verify` round
+/// trips, `pack --approvals` keeps matching approvals and refuses stale ones.
+#[test]
+fn pack_approve_verify_round_trips_and_bad_approvals_are_denied_by_the_cli() {
+    use capsule_tests::governance::{ALICE, BOB, PLANNER};
+    let w = World::new();
+    let policy = w.governance_policy_path();
+    let verify = |capsule: &Path| -> (i32, Value) {
+        let (code, lines) = check_with(
+            "verify",
+            &w,
+            Some(RUNNER),
+            None,
+            &[capsule],
+            None,
+            Some(&policy),
+        );
+        (code, lines[0].clone())
+    };
+    let key_of = |who: &str| {
+        w.write_mode(
+            &format!("{who}.private.jwk.json"),
+            w.approver_key(who).to_json(true).to_string().as_bytes(),
+            0o600,
+        )
+    };
+    // pack, from a manifest without sizes or digests.
+    let mut m = w.governed_manifest("production");
+    for list in ["artifacts", "tools"] {
+        for e in m[list].as_array_mut().expect("list") {
+            e.as_object_mut().expect("entry").remove("sha256");
+            e.as_object_mut().expect("entry").remove("size");
+        }
+    }
+    let manifest = w.write("prod.manifest.json", m.to_string().as_bytes());
+    w.write("prod-files/run.sh", capsule_tests::RUN_SH);
+    w.write("prod-files/tools/busybox", capsule_tests::TOOL_BYTES);
+    let packed = w.path("prod");
+    let es_key = w.path("es.private.jwk.json");
+    let files = w.path("prod-files");
+    let pack = |out: &Path, approvals: Option<&Path>| {
+        let mut args = vec![
+            "pack",
+            "--manifest",
+            s(&manifest),
+            "--files",
+            s(&files),
+            "--key",
+            s(&es_key),
+            "--out",
+            s(out),
+        ];
+        if let Some(a) = approvals {
+            args.extend(["--approvals", s(a)]);
+        }
+        run(&args)
+    };
+    assert!(pack(&packed, None).status.success());
+    let approve = |who: &str, role: &str, capsule: &Path, name: &str| {
+        let out = capsule.join(format!("approvals/{name}.jws"));
+        let o = run(&[
+            "approve",
+            "--key",
+            s(&key_of(who)),
+            "--role",
+            role,
+            "--out",
+            s(&out),
+            s(capsule),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let (code, line) = verify(&packed);
+    assert_eq!(
+        (code, line["reason"].as_str()),
+        (1, Some("approval_insufficient")),
+        "{line}"
+    );
+    approve(ALICE, "sre-lead", &packed, "alice");
+    // The author's own approval does not count.
+    let by_author = approve(PLANNER, "security", &packed, "planner");
+    let (code, line) = verify(&packed);
+    assert_eq!(
+        (code, line["reason"].as_str()),
+        (1, Some("approval_insufficient")),
+        "{line}"
+    );
+    std::fs::remove_file(&by_author).expect("rm");
+    // bob's role, signed with alice's key: the key decides who approved, and alice is
+    // not `security`.
+    let forged = approve(ALICE, "security", &packed, "bob");
+    let (code, line) = verify(&packed);
+    assert_eq!(
+        (code, line["reason"].as_str()),
+        (1, Some("approval_invalid")),
+        "{line}"
+    );
+    std::fs::remove_file(&forged).expect("rm");
+    approve(BOB, "security", &packed, "bob");
+    let (code, line) = verify(&packed);
+    assert_eq!(
+        (code, line["verdict"].as_str()),
+        (0, Some("admit")),
+        "{line}"
+    );
+    // An existing approval file is never overwritten.
+    let again = run(&[
+        "approve",
+        "--key",
+        s(&key_of(BOB)),
+        "--role",
+        "security",
+        "--out",
+        s(&packed.join("approvals/bob.jws")),
+        s(&packed),
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+
+    // Re-packing the same manifest keeps the approvals (they name the same bytes).
+    let repacked = w.path("prod-again");
+    let o = pack(&repacked, Some(&packed.join("approvals")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(verify(&repacked).1["verdict"], "admit");
+    // A changed manifest makes them stale: pack refuses, and writes nothing.
+    m["limits"]["timeout_ms"] = json!(20000);
+    std::fs::write(&manifest, m.to_string()).expect("write");
+    let stale = w.path("prod-stale");
+    let o = pack(&stale, Some(&packed.join("approvals")));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stale approval"),
+        "{o:?}"
+    );
+    assert!(!stale.exists());
+}
+
+/// A fresh state directory refuses a version the tenant index supersedes; an index
+/// older than one the state has seen is `index_stale`; `index sign` makes the index.
+#[test]
+fn index_sign_and_a_fresh_state_refuses_a_superseded_version() {
+    use capsule_tests::governance::GOVERNED;
+    let w = World::new();
+    let policy = w.governance_policy_path();
+    let index_key = w.write_mode(
+        "index.private.jwk.json",
+        w.index_key.to_json(true).to_string().as_bytes(),
+        0o600,
+    );
+    let v7 = w.capsule("v7", &w.governed_manifest("staging"), Signer::Es256);
+    let mut m = w.governed_manifest("staging");
+    m["version"] = json!(8);
+    m["parent"] = json!(w.digest_of(&v7));
+    let v8 = w.capsule("v8", &m, Signer::Es256);
+    let sign = |version: &str, out: &str, capsule: &Path| {
+        let out = w.path(out);
+        let o = run(&[
+            "index",
+            "sign",
+            "--key",
+            s(&index_key),
+            "--tenant",
+            GOVERNED,
+            "--version",
+            version,
+            "--expires-in",
+            "1h",
+            "--out",
+            s(&out),
+            s(capsule),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let index2 = sign("2", "index-2.jws", &v8);
+    let index1 = sign("1", "index-1.jws", &v7);
+    let state = w.path("fresh-state");
+    let (code, lines) = check_with(
+        "admit",
+        &w,
+        Some(RUNNER),
+        Some(&state),
+        &[&v7],
+        Some(&index2),
+        Some(&policy),
+    );
+    assert_eq!(
+        (code, lines[0]["reason"].as_str()),
+        (1, Some("superseded")),
+        "{}",
+        lines[0]
+    );
+    let (code, lines) = check_with(
+        "admit",
+        &w,
+        Some(RUNNER),
+        Some(&state),
+        &[&v8],
+        Some(&index2),
+        Some(&policy),
+    );
+    assert_eq!(code, 0, "{}", lines[0]);
+    // The state now knows index version 2: version 1 is stale, even for v7's own entry.
+    let other = w.path("other-state");
+    let (code, _) = check_with(
+        "verify",
+        &w,
+        Some(RUNNER),
+        Some(&other),
+        &[&v7],
+        Some(&index1),
+        Some(&policy),
+    );
+    assert_eq!(code, 0, "a state that saw no index accepts version 1");
+    let (code, lines) = check_with(
+        "verify",
+        &w,
+        Some(RUNNER),
+        Some(&state),
+        &[&v8],
+        Some(&index1),
+        Some(&policy),
+    );
+    assert_eq!(
+        (code, lines[0]["reason"].as_str()),
+        (1, Some("index_stale")),
+        "{}",
+        lines[0]
+    );
+    // An index that does not verify is a usage error naming the file.
+    let forged = w.write("forged-index.jws", w.sign(b"{}", Signer::Es256).as_bytes());
+    let o = run(&[
+        "verify",
+        "--policy",
+        s(&policy),
+        "--index",
+        s(&forged),
+        s(&v8),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("forged-index.jws"),
+        "{o:?}"
+    );
 }

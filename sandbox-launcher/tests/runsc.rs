@@ -307,6 +307,7 @@ fn a_blob_replaced_after_admission_never_reaches_the_sandbox() {
             rollback: &verify_core::NoHistory,
             runner: Some(&runner),
             hash_mode: verify_core::HashMode::Read,
+            governance: Default::default(),
         }
         .verify(&capsule)
         .unwrap_or_else(|d| panic!("blob capsule denied: {d:?}"));

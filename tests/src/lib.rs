@@ -13,6 +13,7 @@ use verify_core::crypto::{default_backend, Backend};
 use verify_core::keys::{ParsedJwk, SigningKey};
 use verify_core::{Alg, Policy, Sha256Digest};
 
+pub mod governance;
 pub mod negative;
 pub mod trust_attacks;
 
@@ -38,8 +39,15 @@ pub struct World {
     pub es: ParsedJwk,
     pub hs: ParsedJwk,
     pub other: ParsedJwk,
+    /// The tenant-index key (`k-index`, in `trusted.jwks.json`).
+    pub index_key: ParsedJwk,
+    /// Approvers' keys by identity (see [`governance::APPROVERS`]).
+    pub approvers: Vec<(&'static str, ParsedJwk)>,
     /// The time every fixture manifest is built around (taken once, at creation).
     pub now: u64,
+    /// (capsule_id, version) -> `sha256:` of the last capsule JWS signed for it, so
+    /// that a later version can name it as `parent` (lineage, issue 13).
+    signed: std::sync::Mutex<std::collections::HashMap<(String, u64), String>>,
     pub backend: &'static dyn Backend,
 }
 
@@ -69,15 +77,37 @@ impl World {
         let es = ParsedJwk::generate(ES_KID, Alg::Es256, backend).expect("es key");
         let hs = ParsedJwk::generate(HS_KID, Alg::Hs256, backend).expect("hs key");
         let other = ParsedJwk::generate(OTHER_KID, Alg::Es256, backend).expect("other key");
+        let index_key =
+            ParsedJwk::generate(governance::INDEX_KID, Alg::Es256, backend).expect("index key");
+        let approvers = governance::APPROVERS
+            .iter()
+            .map(|a| {
+                let key = ParsedJwk::generate(a.kid, Alg::Es256, backend).expect("approver key");
+                (a.id, key)
+            })
+            .collect();
         let world = World {
             dir,
             es,
             hs,
             other,
+            index_key,
+            approvers,
             now: now(),
+            signed: Default::default(),
             backend,
         };
-        let jwks = json!({ "keys": [world.es.to_json(false), world.hs.to_json(true), world.other.to_json(false)] });
+        let jwks = json!({ "keys": [world.es.to_json(false), world.hs.to_json(true), world.other.to_json(false), world.index_key.to_json(false)] });
+        let approvers: Vec<Value> = world
+            .approvers
+            .iter()
+            .map(|(_, k)| k.to_json(false))
+            .collect();
+        world.write_mode(
+            "approvers.jwks.json",
+            json!({ "keys": approvers }).to_string().as_bytes(),
+            0o644,
+        );
         // The JWKS holds the HS256 secret: a trust file readable by its owner only.
         world.write_mode("trusted.jwks.json", jwks.to_string().as_bytes(), 0o600);
         world.write_mode(
@@ -91,6 +121,11 @@ impl World {
             0o600,
         );
         world.write_mode("policy.toml", world.policy_toml().as_bytes(), 0o644);
+        world.write_mode(
+            governance::POLICY_FILE,
+            world.governance_policy_toml().as_bytes(),
+            0o644,
+        );
         world
     }
 
@@ -192,7 +227,27 @@ min_approvals = 1
     /// Signs arbitrary payload bytes with a fixture key.
     pub fn sign(&self, payload: &[u8], signer: Signer) -> String {
         let (jwk, key) = self.signing_key(signer);
-        verify_core::jws::sign_compact(&jwk.kid, jwk.alg, payload, &key).expect("sign")
+        let jws = verify_core::jws::sign_compact(&jwk.kid, jwk.alg, payload, &key).expect("sign");
+        if let Ok(m) = serde_json::from_slice::<Value>(payload) {
+            if let (Some(id), Some(v)) = (m["capsule_id"].as_str(), m["version"].as_u64()) {
+                let digest = format!("sha256:{}", sha256_hex(jws.as_bytes()));
+                self.signed
+                    .lock()
+                    .expect("lock")
+                    .insert((id.to_string(), v), digest);
+            }
+        }
+        jws
+    }
+
+    /// `sha256:` of the last capsule signed for `capsule_id` at `version`: the
+    /// `parent` the next version names.
+    pub fn signed_digest(&self, capsule_id: &str, version: u64) -> Option<String> {
+        self.signed
+            .lock()
+            .expect("lock")
+            .get(&(capsule_id.to_string(), version))
+            .cloned()
     }
 
     /// Writes a capsule directory `name` with the standard files and `jws`.

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 use verify_core::Reason;
 
+use crate::governance::{ALICE, BOB, CAROL, GOVERNED, INDEXED, PLANNER, REL};
 use crate::{b64_json, sha256_hex, Signer, World, ES_KID, HS_KID, RUNNER};
 
 /// What a case needs besides its capsule.
@@ -32,6 +33,31 @@ pub struct Setup {
     /// The runner identity to verify as (`None`: no identity).
     pub runner: Option<&'static str>,
     pub prior: Prior,
+    /// The tenant index to verify with (`--index`).
+    pub index: Option<PathBuf>,
+    /// The tenant index the prior capsule is admitted with.
+    pub prior_index: Option<PathBuf>,
+    /// The policy to verify under (`None`: the fixture policy, `policy.toml`).
+    pub policy: Option<PathBuf>,
+}
+
+/// A production capsule of the governed tenant, `edit`ed, properly approved (alice as
+/// sre-lead, bob as security): whatever is denied is denied for the edit.
+fn approved_production_with(w: &World, n: &str, edit: impl FnOnce(&mut Value)) -> Setup {
+    let mut m = w.governed_manifest("production");
+    edit(&mut m);
+    let dir = w.capsule(n, &m, Signer::Es256);
+    w.approve(&dir, ALICE, "sre-lead");
+    w.approve(&dir, BOB, "security");
+    plain(dir)
+}
+
+/// A governance case: verified under the governance policy.
+fn governed(w: &World, setup: Setup) -> Setup {
+    Setup {
+        policy: Some(w.governance_policy_path()),
+        ..setup
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +72,9 @@ fn plain(capsule: PathBuf) -> Setup {
         capsule,
         runner: Some(RUNNER),
         prior: Prior::Nothing,
+        index: None,
+        prior_index: None,
+        policy: None,
     }
 }
 
@@ -1043,6 +1072,288 @@ pub const CASES: &[Case] = &[
         build: |w, n| Setup {
             prior: Prior::CorruptState,
             ..plain(w.good_capsule(n, Signer::Es256))
+        },
+    },
+    // Governance (issue 13): signed approvals, rules per environment, lineage, index.
+    Case {
+        name: "approval-signed-by-another-approvers-key",
+        reason: Reason::ApprovalInvalid,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.approved_production_capsule(n);
+                // alice's kid in the header, bob's signature under it.
+                let payload =
+                    serde_json::to_vec(&w.approval_payload(&dir, "sre-lead")).expect("json");
+                let bob = verify_core::keys::SigningKey::from_jwk(w.approver_key(BOB), w.backend)
+                    .expect("bob's key");
+                let alice_kid = &w.approver_key(ALICE).kid;
+                let forged = verify_core::jws::sign_compact(
+                    alice_kid,
+                    verify_core::Alg::Es256,
+                    &payload,
+                    &bob,
+                )
+                .expect("sign");
+                w.put_approval(&dir, "alice-sre-lead", &forged);
+                plain(dir)
+            })
+        },
+    },
+    Case {
+        name: "approval-of-another-manifest",
+        reason: Reason::ApprovalInvalid,
+        build: |w, n| {
+            governed(w, {
+                let other = w.capsule(
+                    &format!("{n}-other"),
+                    &w.governed_manifest("staging"),
+                    Signer::Es256,
+                );
+                let dir = w.approved_production_capsule(n);
+                let stale =
+                    serde_json::to_vec(&w.approval_payload(&other, "security")).expect("json");
+                w.put_approval(
+                    &dir,
+                    "bob-security",
+                    &w.sign_es(w.approver_key(BOB), &stale),
+                );
+                plain(dir)
+            })
+        },
+    },
+    Case {
+        name: "approval-by-a-key-no-approver-holds",
+        reason: Reason::ApprovalInvalid,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.approved_production_capsule(n);
+                let payload =
+                    serde_json::to_vec(&w.approval_payload(&dir, "security")).expect("json");
+                w.put_approval(&dir, "bob-security", &w.sign_es(&w.other, &payload));
+                plain(dir)
+            })
+        },
+    },
+    Case {
+        name: "approval-in-a-role-the-approver-lacks",
+        reason: Reason::ApprovalInvalid,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.capsule(n, &w.governed_manifest("production"), Signer::Es256);
+                w.approve(&dir, ALICE, "security");
+                w.approve(&dir, BOB, "security");
+                plain(dir)
+            })
+        },
+    },
+    Case {
+        name: "approval-twice-by-one-approver",
+        reason: Reason::ApprovalInvalid,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.approved_production_capsule(n);
+                let payload =
+                    serde_json::to_vec(&w.approval_payload(&dir, "sre-lead")).expect("json");
+                w.put_approval(
+                    &dir,
+                    "alice-again",
+                    &w.sign_es(w.approver_key(ALICE), &payload),
+                );
+                plain(dir)
+            })
+        },
+    },
+    Case {
+        name: "approval-symlinked-in",
+        reason: Reason::ApprovalInvalid,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.approved_production_capsule(n);
+                let real = dir.join("approvals/bob-security.jws");
+                let moved = w.path(&format!("{n}-bob.jws"));
+                fs::rename(&real, &moved).expect("mv");
+                symlink(&moved, &real).expect("symlink");
+                plain(dir)
+            })
+        },
+    },
+    Case {
+        name: "approval-by-the-author-does-not-count",
+        reason: Reason::ApprovalInsufficient,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.capsule(n, &w.governed_manifest("production"), Signer::Es256);
+                w.approve(&dir, ALICE, "sre-lead");
+                w.approve(&dir, PLANNER, "security");
+                plain(dir)
+            })
+        },
+    },
+    Case {
+        name: "approval-by-the-capsule-signer-does-not-count",
+        reason: Reason::ApprovalInsufficient,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.capsule(n, &w.governed_manifest("production"), Signer::Es256);
+                w.approve(&dir, ALICE, "sre-lead");
+                w.approve(&dir, REL, "security");
+                plain(dir)
+            })
+        },
+    },
+    Case {
+        name: "approvals-missing-a-required-role",
+        reason: Reason::ApprovalInsufficient,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.capsule(n, &w.governed_manifest("production"), Signer::Es256);
+                w.approve(&dir, ALICE, "sre-lead");
+                w.approve(&dir, CAROL, "sre-lead");
+                plain(dir)
+            })
+        },
+    },
+    Case {
+        name: "unsigned-approvals-where-signed-are-required",
+        reason: Reason::ApprovalInsufficient,
+        build: |w, n| {
+            governed(w, {
+                let mut m = w.governed_manifest("production");
+                m["approvals"] = json!([
+                    {"approver": ALICE, "role": "sre-lead", "approved_at": w.now - 300},
+                    {"approver": BOB, "role": "security", "approved_at": w.now - 300},
+                ]);
+                plain(w.capsule(n, &m, Signer::Es256))
+            })
+        },
+    },
+    Case {
+        name: "scope-target-outside-the-production-rule",
+        reason: Reason::ScopeViolation,
+        build: |w, n| {
+            governed(
+                w,
+                approved_production_with(w, n, |m| {
+                    m["scope"]["targets"] = json!(["https://auth.prod.acme.example.evil/token"])
+                }),
+            )
+        },
+    },
+    Case {
+        name: "scope-action-outside-the-production-rule",
+        reason: Reason::ScopeViolation,
+        build: |w, n| {
+            governed(
+                w,
+                approved_production_with(w, n, |m| {
+                    m["scope"]["actions"] = json!(["http.post", "db.drop"])
+                }),
+            )
+        },
+    },
+    Case {
+        name: "tier-kata-required-on-a-gvisor-host",
+        reason: Reason::TierUnavailable,
+        build: |w, n| {
+            governed(
+                w,
+                plain(w.capsule(n, &w.governed_manifest("fortress"), Signer::Es256)),
+            )
+        },
+    },
+    Case {
+        name: "lineage-parent-is-not-the-admitted-predecessor",
+        reason: Reason::LineageBroken,
+        build: |w, n| {
+            governed(w, {
+                let mut v6 = w.manifest();
+                v6["version"] = json!(6);
+                let prior = w.capsule(&format!("{n}-prior"), &v6, Signer::Es256);
+                Setup {
+                    prior: Prior::Admitted(prior),
+                    ..plain(w.good_capsule(n, Signer::Es256))
+                }
+            })
+        },
+    },
+    Case {
+        name: "lineage-version-1-with-a-parent",
+        reason: Reason::LineageBroken,
+        build: |w, n| with_manifest(w, n, |m| m["version"] = json!(1)),
+    },
+    Case {
+        name: "index-expired",
+        reason: Reason::IndexStale,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.capsule(n, &w.governed_manifest("staging"), Signer::Es256);
+                let index = w.index(
+                    &format!("{n}.index.jws"),
+                    &w.index_payload(GOVERNED, 3, w.now - 3600, &[]),
+                );
+                Setup {
+                    index: Some(index),
+                    ..plain(dir)
+                }
+            })
+        },
+    },
+    Case {
+        name: "index-required-and-missing",
+        reason: Reason::IndexStale,
+        build: |w, n| governed(w, with_manifest(w, n, |m| m["tenant"] = json!(INDEXED))),
+    },
+    Case {
+        name: "index-older-than-one-already-seen",
+        reason: Reason::IndexStale,
+        build: |w, n| {
+            governed(w, {
+                let far = w.now + 86_400;
+                let prior = w.capsule(
+                    &format!("{n}-prior"),
+                    &w.governed_manifest("staging"),
+                    Signer::Es256,
+                );
+                let mut m = w.governed_manifest("staging");
+                m["capsule_id"] = json!("another-capsule");
+                let dir = w.capsule(n, &m, Signer::Es256);
+                let newer = w.index(
+                    &format!("{n}.v5.index.jws"),
+                    &w.index_payload(GOVERNED, 5, far, &[]),
+                );
+                let older = w.index(
+                    &format!("{n}.v4.index.jws"),
+                    &w.index_payload(GOVERNED, 4, far, &[]),
+                );
+                Setup {
+                    prior: Prior::Admitted(prior),
+                    prior_index: Some(newer),
+                    index: Some(older),
+                    ..plain(dir)
+                }
+            })
+        },
+    },
+    Case {
+        name: "superseded-by-the-tenant-index",
+        reason: Reason::Superseded,
+        build: |w, n| {
+            governed(w, {
+                let dir = w.capsule(n, &w.governed_manifest("staging"), Signer::Es256);
+                let entry = (
+                    "prod-token-rotation",
+                    8,
+                    format!("sha256:{}", "cd".repeat(32)),
+                );
+                let index = w.index(
+                    &format!("{n}.index.jws"),
+                    &w.index_payload(GOVERNED, 3, w.now + 3600, &[entry]),
+                );
+                Setup {
+                    index: Some(index),
+                    ..plain(dir)
+                }
+            })
         },
     },
 ];

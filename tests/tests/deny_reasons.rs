@@ -9,14 +9,38 @@ use capsule_tests::negative::{
 use capsule_tests::{Signer, World, RUNNER};
 use verify_core::crypto::{all_backends, Backend};
 use verify_core::{
-    AdmittedVersion, Capsule, Decision, FixedClock, HashMode, NoHistory, Reason, RollbackView,
-    SpiffeId, StateReadError, Verifier,
+    AdmittedVersion, Capsule, Decision, FixedClock, Governance, HashMode, NoHistory, Reason,
+    RollbackView, SpiffeId, StateReadError, TenantIndex, Tier, Verifier,
 };
 
-struct Remembered(Option<AdmittedVersion>);
+/// What a state remembers after admitting one capsule (its tenant and id, version and
+/// digest) and, with it, a tenant index version.
+struct Remembered {
+    tenant: String,
+    capsule_id: String,
+    admitted: AdmittedVersion,
+    index_version: Option<u64>,
+}
 impl RollbackView for Remembered {
-    fn latest(&self, _: &str, _: &str) -> Result<Option<AdmittedVersion>, StateReadError> {
-        Ok(self.0)
+    fn latest(&self, tenant: &str, id: &str) -> Result<Option<AdmittedVersion>, StateReadError> {
+        Ok((tenant == self.tenant && id == self.capsule_id).then_some(self.admitted))
+    }
+    fn highest_index_version(&self, tenant: &str) -> Result<Option<u64>, StateReadError> {
+        Ok(self.index_version.filter(|_| tenant == self.tenant))
+    }
+}
+
+impl Remembered {
+    fn after(first: &Decision, index_version: Option<u64>) -> Remembered {
+        Remembered {
+            tenant: first.tenant.clone().expect("tenant"),
+            capsule_id: first.capsule_id.clone().expect("capsule_id"),
+            admitted: AdmittedVersion {
+                version: first.version.expect("version"),
+                digest: first.digest.expect("digest"),
+            },
+            index_version,
+        }
     }
 }
 
@@ -48,15 +72,53 @@ fn verify(
     view: &dyn RollbackView,
     mode: HashMode,
 ) -> Decision {
-    let policy = w.policy_with(backend);
+    verify_with(w, backend, capsule, runner, view, mode, Inputs::default())
+}
+
+/// The tiers of a host that runs gVisor: what `verify` and `admit` assume.
+const HOST_TIERS: &[Tier] = &[Tier::Gvisor];
+
+/// What a case verifies with besides the capsule: a tenant index (as `--index`
+/// passes it) and a policy (`None`: the fixture policy).
+#[derive(Default, Clone, Copy)]
+struct Inputs<'a> {
+    index: Option<&'a std::path::Path>,
+    policy: Option<&'a std::path::Path>,
+}
+
+/// [`verify`] with [`Inputs`].
+fn verify_with(
+    w: &World,
+    backend: &'static dyn Backend,
+    capsule: &std::path::Path,
+    runner: Option<&str>,
+    view: &dyn RollbackView,
+    mode: HashMode,
+    inputs: Inputs<'_>,
+) -> Decision {
+    let Inputs { index, policy } = inputs;
+    let policy = match policy {
+        Some(p) => verify_core::Policy::load(p, backend).expect("policy"),
+        None => w.policy_with(backend),
+    };
     let runner = runner.map(|r| SpiffeId::parse(r).expect("runner id"));
     let clock = FixedClock(w.now);
+    let indexes: Vec<TenantIndex> = index
+        .map(|p| {
+            TenantIndex::verify(&std::fs::read(p).expect("index"), &policy).expect("index verifies")
+        })
+        .into_iter()
+        .collect();
     let v = Verifier {
         policy: &policy,
         clock: &clock,
         rollback: view,
         runner: runner.as_ref(),
         hash_mode: mode,
+        governance: Governance {
+            indexes: &indexes,
+            host_tiers: HOST_TIERS,
+        },
     };
     let c = Capsule::from_dir(capsule, policy.limits.max_jws_bytes);
     v.admit_batch(std::slice::from_ref(&c)).remove(0)
@@ -98,27 +160,59 @@ fn every_negative_fixture_is_denied_with_its_reason_by_every_backend() {
             let runner = setup.runner;
             let reasons: Vec<Option<Reason>> = match &setup.prior {
                 Prior::Nothing => vec![
-                    verify(
+                    verify_with(
                         &w,
                         backend,
                         &setup.capsule,
                         runner,
                         &NoHistory,
                         HashMode::Read,
+                        Inputs {
+                            index: setup.index.as_deref(),
+                            policy: setup.policy.as_deref(),
+                        },
                     )
                     .reason,
                 ],
                 Prior::Admitted(prior) => {
-                    let first = verify(&w, backend, prior, runner, &NoHistory, HashMode::Read);
+                    let prior_index = setup.prior_index.as_deref();
+                    let first = verify_with(
+                        &w,
+                        backend,
+                        prior,
+                        runner,
+                        &NoHistory,
+                        HashMode::Read,
+                        Inputs {
+                            index: prior_index,
+                            policy: setup.policy.as_deref(),
+                        },
+                    );
                     assert!(
                         first.is_admit(),
                         "{name}: prior capsule admitted: {first:?}"
                     );
-                    let view = Remembered(Some(AdmittedVersion {
-                        version: first.version.expect("version"),
-                        digest: first.digest.expect("digest"),
-                    }));
-                    vec![verify(&w, backend, &setup.capsule, runner, &view, HashMode::Read).reason]
+                    let seen = prior_index.map(|p| {
+                        let policy = w.governance_policy_with(backend);
+                        let bytes = std::fs::read(p).expect("index");
+                        TenantIndex::verify(&bytes, &policy).expect("index").version
+                    });
+                    let view = Remembered::after(&first, seen);
+                    vec![
+                        verify_with(
+                            &w,
+                            backend,
+                            &setup.capsule,
+                            runner,
+                            &view,
+                            HashMode::Read,
+                            Inputs {
+                                index: setup.index.as_deref(),
+                                policy: setup.policy.as_deref(),
+                            },
+                        )
+                        .reason,
+                    ]
                 }
                 Prior::CorruptState => vec![
                     verify(&w, backend, &setup.capsule, runner, &Broken, HashMode::Read).reason,
@@ -165,7 +259,11 @@ fn a_batch_keeps_order_and_no_capsule_affects_another() {
     let mut dirs = Vec::new();
     for (i, case) in CASES.iter().enumerate() {
         let setup = (case.build)(&w, &format!("batch-{}", case.name));
-        if setup.prior == Prior::Nothing && setup.runner == Some(RUNNER) {
+        if setup.prior == Prior::Nothing
+            && setup.runner == Some(RUNNER)
+            && setup.index.is_none()
+            && setup.policy.is_none()
+        {
             dirs.push((setup.capsule, Some(case.reason)));
             let signer = if i.is_multiple_of(2) {
                 Signer::Es256
@@ -185,6 +283,10 @@ fn a_batch_keeps_order_and_no_capsule_affects_another() {
         rollback: &NoHistory,
         runner: Some(&runner),
         hash_mode: HashMode::Read,
+        governance: Governance {
+            host_tiers: HOST_TIERS,
+            ..Default::default()
+        },
     };
     let capsules: Vec<Capsule> = dirs
         .iter()
@@ -221,6 +323,7 @@ fn a_pinned_root_is_the_directory_that_was_opened() {
         rollback: &NoHistory,
         runner: Some(&runner),
         hash_mode: HashMode::Read,
+        governance: Default::default(),
     };
     let pinned = Capsule::from_dir(&dir, policy.limits.max_jws_bytes).pinned();
     // Swap the files directory after loading: the pinned capsule still sees the
@@ -257,6 +360,7 @@ fn a_fifo_at_an_artifact_path_is_never_opened_for_reading() {
         rollback: &NoHistory,
         runner: Some(&runner),
         hash_mode: HashMode::Read,
+        governance: Default::default(),
     };
     for mode in [HashMode::Auto, HashMode::Read, HashMode::Mmap] {
         let v = Verifier {
@@ -292,6 +396,7 @@ fn a_fifo_capsule_jws_is_never_opened_and_the_batch_still_answers_everyone() {
         rollback: &NoHistory,
         runner: Some(&runner),
         hash_mode: HashMode::Read,
+        governance: Default::default(),
     };
     let capsules: Vec<Capsule> = [&good, &bad, &good]
         .iter()
@@ -375,6 +480,7 @@ fn a_hard_linked_artifact_does_not_report_its_size_or_sha256() {
         rollback: &NoHistory,
         runner: Some(&runner),
         hash_mode: HashMode::Read,
+        governance: Default::default(),
     };
     let run_sh = dir.join("files/run.sh");
     // Same size as run.sh, other bytes: a digest mismatch.
@@ -414,6 +520,7 @@ fn without_a_runner_identity_the_tenants_runners_still_apply() {
         rollback: &NoHistory,
         runner: None,
         hash_mode: HashMode::Read,
+        governance: Default::default(),
     };
     for (name, edit) in [
         (

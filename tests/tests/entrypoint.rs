@@ -16,6 +16,7 @@ fn verify(w: &World, capsule: &std::path::Path) -> Result<Admitted, verify_core:
         rollback: &NoHistory,
         runner: Some(&runner),
         hash_mode: verify_core::HashMode::Read,
+        governance: Default::default(),
     }
     .verify(&Capsule::from_dir(capsule, policy.limits.max_jws_bytes))
 }

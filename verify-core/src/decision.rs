@@ -40,11 +40,23 @@ pub enum Reason {
     /// not a regular file (a FIFO, a device, a directory), or `capsule.jws` has other
     /// hard links: nothing of it was read, so there is no digest.
     CapsuleUnreadable,
+    /// A signed approval that does not verify, does not name this manifest, is by a
+    /// key no approver holds, claims a role its approver lacks, or repeats an approver.
+    ApprovalInvalid,
+    /// The environment's required sandbox tier is not available on this host.
+    TierUnavailable,
+    /// `parent` is not the digest of the admitted predecessor.
+    LineageBroken,
+    /// The tenant index is expired, older than one already seen, or missing where
+    /// policy requires it.
+    IndexStale,
+    /// The tenant index lists a higher version of this capsule (or other bytes for it).
+    Superseded,
 }
 
 impl Reason {
     /// Every reason, in pipeline order. Tests use it to prove each has a fixture.
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 32] = [
         Reason::MalformedJws,
         Reason::MalformedHeader,
         Reason::HeaderForbidden,
@@ -72,6 +84,11 @@ impl Reason {
         Reason::LimitExceeded,
         Reason::StateUnavailable,
         Reason::CapsuleUnreadable,
+        Reason::ApprovalInvalid,
+        Reason::TierUnavailable,
+        Reason::LineageBroken,
+        Reason::IndexStale,
+        Reason::Superseded,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -103,6 +120,11 @@ impl Reason {
             Reason::LimitExceeded => "limit_exceeded",
             Reason::StateUnavailable => "state_unavailable",
             Reason::CapsuleUnreadable => "capsule_unreadable",
+            Reason::ApprovalInvalid => "approval_invalid",
+            Reason::TierUnavailable => "tier_unavailable",
+            Reason::LineageBroken => "lineage_broken",
+            Reason::IndexStale => "index_stale",
+            Reason::Superseded => "superseded",
         }
     }
 

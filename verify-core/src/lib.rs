@@ -5,21 +5,28 @@
 //! [`Decision`]; a capsule that passes becomes an [`Admitted`], which only this crate
 //! can build. No network, no processes, no async runtime.
 //!
+//! Governance: signed approvals (`approvals`), rules per tenant and environment
+//! (`rules`, loaded by `policy`), lineage and the tenant index (`index`), all checked in
+//! `verify`'s one sequence.
+//!
 //! Errors untrusted input can cause are denials with a [`Reason`], never panics;
 //! configuration problems are [`ConfigError`]s naming the file and field.
 
+pub mod approvals;
 pub mod b64;
 pub mod crypto;
 pub mod decision;
 pub mod digest;
 pub mod entrypoint;
 pub mod error;
+pub mod index;
 pub mod json;
 pub mod jws;
 pub mod keys;
 pub mod limits;
 pub mod manifest;
 pub mod policy;
+pub mod rules;
 pub mod runner;
 pub mod time;
 pub mod trust_file;
@@ -28,12 +35,14 @@ pub mod verify;
 pub use decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
 pub use digest::{ArtifactSource, HashMode};
 pub use error::ConfigError;
+pub use index::TenantIndex;
 pub use limits::Limits;
 pub use manifest::{ApproverId, Manifest};
 pub use policy::Policy;
+pub use rules::Tier;
 pub use runner::{RunnerPattern, SpiffeId};
 pub use time::{Clock, FixedClock, SystemClock};
 pub use verify::{
     check_clock, check_rollback, check_shape, Admitted, AdmittedVersion, Capsule, ClockRollback,
-    NoHistory, RollbackError, RollbackView, ShapeError, StateReadError, Verifier,
+    Governance, NoHistory, RollbackError, RollbackView, ShapeError, StateReadError, Verifier,
 };

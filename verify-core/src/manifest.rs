@@ -97,10 +97,19 @@ pub struct FileEntry {
     pub is_tool: bool,
 }
 
+/// Why manifest bytes are not a manifest v1 document (shown as the JSON error, which
+/// names the member and the position).
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct ManifestError {
+    #[source]
+    source: serde_json::Error,
+}
+
 impl Manifest {
     /// Parses manifest bytes strictly.
-    pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
-        crate::json::from_slice_strict(bytes).map_err(|e| e.to_string())
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        crate::json::from_slice_strict(bytes).map_err(|source| ManifestError { source })
     }
 }
 
@@ -166,6 +175,8 @@ pub struct ApproverId(String);
 pub const MAX_APPROVER_BYTES: usize = 254;
 
 impl ApproverId {
+    /// Parses a canonical identity; the error says which rule it breaks (callers add
+    /// the field: `author`, `approvals[0].approver`, `approvers[2].id`).
     pub fn parse(id: &str) -> Result<ApproverId, &'static str> {
         if id.is_empty() {
             return Err("empty identity");
@@ -220,6 +231,12 @@ impl ApproverId {
     }
 
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ApproverId {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }

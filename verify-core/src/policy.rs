@@ -13,6 +13,8 @@ use crate::decision::Sha256Digest;
 use crate::error::ConfigError;
 use crate::keys::{KeyStore, ParsedJwk};
 use crate::limits::Limits;
+use crate::manifest::ApproverId;
+use crate::rules::{Rule, TargetPattern, Tier, NETWORK_MODES};
 use crate::runner::RunnerPattern;
 
 #[derive(Deserialize)]
@@ -23,7 +25,51 @@ struct PolicyFile {
     trust: TrustFile,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    approvers: Vec<ApproverFile>,
     tenants: Vec<TenantFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproverFile {
+    id: String,
+    /// Approval keys (kids in `trust.approvers_jwks`).
+    kids: Vec<String>,
+    roles: Vec<String>,
+    /// Capsule-signing keys (kids in `trust.jwks`) this person holds: with
+    /// `signer_may_approve = false`, a capsule they signed does not count their approval.
+    #[serde(default)]
+    capsule_keys: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    environment: String,
+    min_approvals: Option<u32>,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    signed_approvals: bool,
+    #[serde(default = "yes")]
+    signer_may_approve: bool,
+    targets: Option<Vec<String>>,
+    actions: Option<Vec<String>>,
+    network: Option<Vec<String>>,
+    tier: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IndexFile {
+    keys: Vec<String>,
+    #[serde(default)]
+    required: bool,
 }
 
 #[derive(Deserialize)]
@@ -35,6 +81,8 @@ struct TrustFile {
     /// TPM code: the caller passes an [`Unsealer`].
     #[serde(default)]
     sealed: Vec<PathBuf>,
+    /// Approvers' public keys (ES256 only), relative to the policy file.
+    approvers_jwks: Option<PathBuf>,
 }
 
 /// Turns a sealed key file named in `trust.sealed` into a key (the gateway unseals it
@@ -54,6 +102,9 @@ struct TenantFile {
     #[serde(default)]
     host_programs: Vec<String>,
     min_approvals: u32,
+    index: Option<IndexFile>,
+    #[serde(default)]
+    rules: Vec<RuleFile>,
 }
 
 /// One tenant's rules.
@@ -71,6 +122,66 @@ pub struct Tenant {
     pub host_programs: HashSet<String>,
     /// Distinct approvers needed, none of them the author.
     pub min_approvals: u32,
+    /// Governance rules per environment; the first whose environment matches wins.
+    pub rules: Vec<Rule>,
+    /// The tenant index (fleet freshness): who signs it, whether it is required.
+    pub index: Option<IndexRule>,
+}
+
+impl Tenant {
+    /// The rule for `environment`: the first that names it, `None` for the v1 fields.
+    pub fn rule_for(&self, environment: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.environment == environment)
+    }
+}
+
+/// `[tenants.index]`: the kids (in `trust.jwks`) that sign this tenant's index.
+#[derive(Debug, Clone)]
+pub struct IndexRule {
+    pub keys: HashSet<String>,
+    /// A capsule verified without an index for its tenant is `index_stale`.
+    pub required: bool,
+}
+
+/// One approver from `[[approvers]]`: the identity and roles that policy, never an
+/// approval's payload, gives a key.
+#[derive(Debug, Clone)]
+pub struct Approver {
+    pub id: ApproverId,
+    pub roles: HashSet<String>,
+    pub capsule_keys: HashSet<String>,
+}
+
+/// Every approver, found by identity or by approval kid.
+#[derive(Debug, Default)]
+pub struct Approvers {
+    by_id: HashMap<ApproverId, Approver>,
+    by_kid: HashMap<String, ApproverId>,
+    by_capsule_key: HashMap<String, ApproverId>,
+    /// The approvers' public keys (`trust.approvers_jwks`), ES256 only.
+    pub keys: KeyStore,
+}
+
+impl Approvers {
+    pub fn get(&self, id: &str) -> Option<&Approver> {
+        self.by_id.get(id)
+    }
+
+    /// The approver an approval key belongs to.
+    pub fn by_kid(&self, kid: &str) -> Option<&Approver> {
+        self.by_kid.get(kid).and_then(|id| self.by_id.get(id))
+    }
+
+    /// The approver who holds capsule-signing key `kid`, if policy says.
+    pub fn holding_capsule_key(&self, kid: &str) -> Option<&Approver> {
+        self.by_capsule_key
+            .get(kid)
+            .and_then(|id| self.by_id.get(id))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
 }
 
 /// A loaded, validated policy with its trust store.
@@ -81,6 +192,8 @@ pub struct Policy {
     pub limits: Limits,
     pub tenants: HashMap<String, Tenant>,
     pub keys: KeyStore,
+    /// `[[approvers]]` and their keys.
+    pub approvers: Approvers,
     pub backend: &'static dyn Backend,
     /// Where the policy came from (for messages and evidence).
     pub source: PathBuf,
@@ -124,12 +237,13 @@ impl Policy {
         Policy::from_toml_with_sealed(file.text()?, path, backend, jwks_of, unseal)
     }
 
-    /// Parses policy text; `load_keys` resolves `trust.jwks` (tests pass keys in memory).
+    /// Parses policy text; `load_keys` resolves `trust.jwks` and `trust.approvers_jwks`
+    /// (tests pass keys in memory).
     pub fn from_toml(
         text: &str,
         origin: &Path,
         backend: &'static dyn Backend,
-        load_keys: impl FnOnce(&Path) -> Result<KeyStore, ConfigError>,
+        load_keys: impl FnMut(&Path) -> Result<KeyStore, ConfigError>,
     ) -> Result<Policy, ConfigError> {
         Policy::from_toml_with_sealed(text, origin, backend, load_keys, None)
     }
@@ -139,7 +253,7 @@ impl Policy {
         text: &str,
         origin: &Path,
         backend: &'static dyn Backend,
-        load_keys: impl FnOnce(&Path) -> Result<KeyStore, ConfigError>,
+        mut load_keys: impl FnMut(&Path) -> Result<KeyStore, ConfigError>,
         mut unseal: Option<Unsealer<'_>>,
     ) -> Result<Policy, ConfigError> {
         let de = toml::Deserializer::new(text);
@@ -160,13 +274,18 @@ impl Policy {
         }
         check_limits(&file.limits).map_err(|(f, m)| bad(format!("limits.{f}"), m.into()))?;
         // A JWKS that cannot be read is a fault of this policy's `trust.jwks`: say both.
-        let mut keys = load_keys(&file.trust.jwks).map_err(|e| match e {
+        let unreadable = |field: &str, e: ConfigError| match e {
             ConfigError::Read { file, source } => bad(
-                "trust.jwks".into(),
+                field.into(),
                 format!("{}: cannot read: {source}", file.display()),
             ),
             other => other,
-        })?;
+        };
+        let mut keys = load_keys(&file.trust.jwks).map_err(|e| unreadable("trust.jwks", e))?;
+        let approver_keys = match &file.trust.approvers_jwks {
+            Some(rel) => load_keys(rel).map_err(|e| unreadable("trust.approvers_jwks", e))?,
+            None => KeyStore::default(),
+        };
         for (i, rel) in file.trust.sealed.iter().enumerate() {
             let field = format!("trust.sealed[{i}]");
             let sealed = origin.parent().unwrap_or(Path::new(".")).join(rel);
@@ -192,6 +311,9 @@ impl Policy {
                 "at least one tenant is required".into(),
             ));
         }
+
+        let approvers =
+            load_approvers(file.approvers, approver_keys, &keys).map_err(|(f, m)| bad(f, m))?;
 
         let mut tenants = HashMap::new();
         for (i, t) in file.tenants.into_iter().enumerate() {
@@ -250,6 +372,32 @@ impl Policy {
                 // Zero would admit capsules nobody approved: say so explicitly instead.
                 return Err(bad(at("min_approvals"), "must be at least 1".into()));
             }
+            let mut rules = Vec::with_capacity(t.rules.len());
+            for (j, r) in t.rules.into_iter().enumerate() {
+                let rule = load_rule(r, &t.environments, &approvers)
+                    .map_err(|(f, m)| bad(at(&format!("rules[{j}].{f}")), m))?;
+                rules.push(rule);
+            }
+            let index = match t.index {
+                None => None,
+                Some(ix) => {
+                    if ix.keys.is_empty() {
+                        return Err(bad(at("index.keys"), "at least one kid is required".into()));
+                    }
+                    for (j, kid) in ix.keys.iter().enumerate() {
+                        if keys.get(kid).map(|k| k.alg()) != Some(Alg::Es256) {
+                            return Err(bad(
+                                at(&format!("index.keys[{j}]")),
+                                format!("kid `{kid}` is not an ES256 key in trust.jwks"),
+                            ));
+                        }
+                    }
+                    Some(IndexRule {
+                        keys: ix.keys.into_iter().collect(),
+                        required: ix.required,
+                    })
+                }
+            };
             tenants.insert(
                 t.name.clone(),
                 Tenant {
@@ -260,6 +408,8 @@ impl Policy {
                     armory,
                     host_programs,
                     min_approvals: t.min_approvals,
+                    rules,
+                    index,
                 },
             );
         }
@@ -269,10 +419,169 @@ impl Policy {
             limits: file.limits,
             tenants,
             keys,
+            approvers,
             backend,
             source: origin.to_path_buf(),
         })
     }
+}
+
+/// `[[approvers]]`: canonical identities (the same rule as the manifest's), each
+/// approval kid in `trust.approvers_jwks` and owned by one approver, each capsule key
+/// in `trust.jwks`. Errors are `(field, message)`.
+fn load_approvers(
+    files: Vec<ApproverFile>,
+    keys: KeyStore,
+    capsule_keys: &KeyStore,
+) -> Result<Approvers, (String, String)> {
+    if let Some(kid) = keys
+        .kids()
+        .find(|kid| keys.get(kid).map(|k| k.alg()) != Some(Alg::Es256))
+    {
+        return Err((
+            "trust.approvers_jwks".into(),
+            format!("key `{kid}` is not ES256 (approvals are ES256 only)"),
+        ));
+    }
+    let mut out = Approvers {
+        keys,
+        ..Approvers::default()
+    };
+    for (i, a) in files.into_iter().enumerate() {
+        let at = |f: &str| format!("approvers[{i}].{f}");
+        let id = ApproverId::parse(&a.id)
+            .map_err(|m| (at("id"), format!("`{}`: {m}", a.id.escape_debug())))?;
+        if out.by_id.contains_key(&id) {
+            return Err((at("id"), format!("duplicate approver `{id}`")));
+        }
+        if a.kids.is_empty() {
+            return Err((at("kids"), "at least one kid is required".into()));
+        }
+        for (j, kid) in a.kids.iter().enumerate() {
+            if out.keys.get(kid).is_none() {
+                return Err((
+                    at(&format!("kids[{j}]")),
+                    format!("kid `{kid}` is not in trust.approvers_jwks"),
+                ));
+            }
+            if let Some(other) = out.by_kid.insert(kid.clone(), id.clone()) {
+                return Err((
+                    at(&format!("kids[{j}]")),
+                    format!("kid `{kid}` already belongs to `{other}`"),
+                ));
+            }
+        }
+        for (j, kid) in a.capsule_keys.iter().enumerate() {
+            if capsule_keys.get(kid).is_none() {
+                return Err((
+                    at(&format!("capsule_keys[{j}]")),
+                    format!("kid `{kid}` is not in trust.jwks"),
+                ));
+            }
+            if let Some(other) = out.by_capsule_key.insert(kid.clone(), id.clone()) {
+                return Err((
+                    at(&format!("capsule_keys[{j}]")),
+                    format!("kid `{kid}` already belongs to `{other}`"),
+                ));
+            }
+        }
+        if let Some(j) = a.roles.iter().position(|r| r.is_empty()) {
+            return Err((at(&format!("roles[{j}]")), "must not be empty".into()));
+        }
+        out.by_id.insert(
+            id.clone(),
+            Approver {
+                id,
+                roles: a.roles.into_iter().collect(),
+                capsule_keys: a.capsule_keys.into_iter().collect(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// One `[[tenants.rules]]` entry, checked. Errors are `(field within the rule, message)`.
+fn load_rule(
+    r: RuleFile,
+    environments: &[String],
+    approvers: &Approvers,
+) -> Result<Rule, (String, String)> {
+    let err = |f: &str, m: String| (f.to_string(), m);
+    if !environments.contains(&r.environment) {
+        return Err(err(
+            "environment",
+            format!(
+                "`{}` is not one of the tenant's environments",
+                r.environment.escape_debug()
+            ),
+        ));
+    }
+    if r.min_approvals == Some(0) {
+        return Err(err("min_approvals", "must be at least 1".into()));
+    }
+    for (j, role) in r.roles.iter().enumerate() {
+        // A role nobody holds could never be satisfied: a typo, said at load time.
+        if !approvers.by_id.values().any(|a| a.roles.contains(role)) {
+            return Err(err(
+                &format!("roles[{j}]"),
+                format!(
+                    "no [[approvers]] entry holds role `{}`",
+                    role.escape_debug()
+                ),
+            ));
+        }
+    }
+    let targets = match r.targets {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    TargetPattern::parse(p).map_err(|m| {
+                        err(
+                            &format!("targets[{j}]"),
+                            format!("`{}`: {m}", p.escape_debug()),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let network = match r.network {
+        None => None,
+        Some(list) => {
+            if let Some(j) = list
+                .iter()
+                .position(|m| !NETWORK_MODES.contains(&m.as_str()))
+            {
+                return Err(err(
+                    &format!("network[{j}]"),
+                    format!("`{}`: not `none` or `targets`", list[j].escape_debug()),
+                ));
+            }
+            Some(list.into_iter().collect())
+        }
+    };
+    let tier = match r.tier {
+        None => None,
+        Some(t) => Some(Tier::from_name(&t).ok_or_else(|| {
+            err(
+                "tier",
+                format!("`{}`: not `gvisor` or `kata`", t.escape_debug()),
+            )
+        })?),
+    };
+    Ok(Rule {
+        environment: r.environment,
+        min_approvals: r.min_approvals,
+        roles: r.roles,
+        signed_approvals: r.signed_approvals,
+        signer_may_approve: r.signer_may_approve,
+        targets,
+        actions: r.actions.map(|a| a.into_iter().collect()),
+        network,
+        tier,
+    })
 }
 
 /// A host program is named by an absolute, normalised path: `/bin/sh`, never

@@ -10,12 +10,15 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::approvals::{self, ApprovalFile};
 use crate::decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
 use crate::digest::{open_dir, open_dir_at, open_regular_at, ArtifactSource, HashMode, Root};
 use crate::entrypoint::{self, Head, HeadKeeper};
+use crate::index::TenantIndex;
 use crate::jws;
 use crate::manifest::{ApproverId, ArtifactPath, FileEntry, Manifest, NOT_A_DIGEST, SCHEMA_V1};
 use crate::policy::{Policy, Tenant};
+use crate::rules::{Rule, Tier};
 use crate::runner::{RunnerPattern, SpiffeId};
 use crate::time::Clock;
 
@@ -49,6 +52,26 @@ pub trait RollbackView: Sync {
     /// The latest time (Unix seconds) this state has trusted, if it keeps one: a
     /// clock reading earlier than it, beyond the skew, was stepped back.
     fn last_known_time(&self) -> Result<Option<u64>, StateReadError> {
+        Ok(None)
+    }
+
+    /// The digest admitted for `version` of a capsule, when the state knows it (for
+    /// lineage). By default the highest admitted version is the one known: enough for
+    /// the rule, since anything below the highest is a rollback anyway.
+    fn admitted_digest(
+        &self,
+        tenant: &str,
+        capsule_id: &str,
+        version: u64,
+    ) -> Result<Option<Sha256Digest>, StateReadError> {
+        Ok(self
+            .latest(tenant, capsule_id)?
+            .filter(|l| l.version == version)
+            .map(|l| l.digest))
+    }
+
+    /// The highest tenant-index version this runner has accepted for `tenant`.
+    fn highest_index_version(&self, _tenant: &str) -> Result<Option<u64>, StateReadError> {
         Ok(None)
     }
 }
@@ -135,6 +158,9 @@ pub struct Capsule {
     /// verification). Pinning it means a later rename or swap of the directory
     /// cannot redirect what is verified.
     root: Option<Result<Arc<Root>, (Reason, String)>>,
+    /// Signed approvals (`approvals/*.jws`), read when the capsule was pinned or
+    /// handed over (`None`: read from the capsule directory at verification).
+    approvals: Option<approvals::ReadApprovals>,
 }
 
 #[derive(Debug, Clone)]
@@ -161,7 +187,14 @@ impl Capsule {
             jws: Jws::Bytes(Arc::from(strip_newline(jws))),
             source,
             root: None,
+            approvals: None,
         }
+    }
+
+    /// Hands over the capsule's signed approvals (a service receives them with the JWS).
+    pub fn with_approvals(mut self, approvals: Vec<ApprovalFile>) -> Capsule {
+        self.approvals = Some(Ok(approvals.into()));
+        self
     }
 
     /// Opens the artifact root now (a service pins its blob store once, a CLI pins
@@ -172,6 +205,7 @@ impl Capsule {
             match open_capsule(dir, *max_jws_bytes) {
                 Ok(opened) => {
                     self.jws = Jws::Bytes(opened.jws);
+                    self.approvals = Some(approvals::read_approvals_at(&opened.dir).map(Arc::from));
                     self.root = Some(open_files_at(opened.dir, &self.source).map(Arc::new));
                 }
                 Err(e) => self.jws = Jws::Failed(e),
@@ -200,6 +234,7 @@ impl Capsule {
             },
             source: ArtifactSource::Dir(dir.join(FILES_DIR)),
             root: None,
+            approvals: None,
         }
     }
 
@@ -364,6 +399,17 @@ pub struct Verifier<'a> {
     /// This runner's SPIFFE ID; `None` denies any manifest that names runners.
     pub runner: Option<&'a SpiffeId>,
     pub hash_mode: HashMode,
+    /// Tenant indexes and the host's sandbox tiers (DESIGN.md "Governance").
+    pub governance: Governance<'a>,
+}
+
+/// What the governance rules need from the host: the tenant indexes presented (each
+/// already signature-checked by [`TenantIndex::verify`]) and the sandbox tiers this
+/// host can launch. The default is no index and no tier.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Governance<'a> {
+    pub indexes: &'a [TenantIndex],
+    pub host_tiers: &'a [Tier],
 }
 
 impl std::fmt::Debug for Verifier<'_> {
@@ -372,6 +418,7 @@ impl std::fmt::Debug for Verifier<'_> {
             .field("policy", &self.policy.source)
             .field("runner", &self.runner)
             .field("hash_mode", &self.hash_mode)
+            .field("host_tiers", &self.governance.host_tiers)
             .finish_non_exhaustive()
     }
 }
@@ -462,7 +509,7 @@ impl Verifier<'_> {
 
         // 2. The manifest, now that its bytes are authentic.
         let manifest = Manifest::parse(&verified.payload)
-            .map_err(|e| facts.deny(Reason::MalformedManifest, e))?;
+            .map_err(|e| facts.deny(Reason::MalformedManifest, e.to_string()))?;
         facts.capsule_id = Some(manifest.capsule_id.clone());
         facts.version = Some(manifest.version);
         facts.tenant = Some(manifest.tenant.clone());
@@ -526,17 +573,36 @@ impl Verifier<'_> {
             ));
         }
 
-        // 5. Runner, scope, tools, approvals.
+        // 5. Runner, scope (with the environment's rule), tier, tools, approvals.
+        let rule = tenant.rule_for(&manifest.scope.environment);
         self.check_runner(&manifest, tenant)
             .map_err(|e| facts.deny(Reason::RunnerNotAllowed, e.to_string()))?;
-        check_scope(&manifest, tenant)
+        check_scope(&manifest, tenant, rule)
             .map_err(|e| facts.deny(Reason::ScopeViolation, e.to_string()))?;
+        if let Some(rule) = rule {
+            rule.check_tier(self.governance.host_tiers)
+                .map_err(|e| facts.deny(Reason::TierUnavailable, e))?;
+        }
         check_tools(&files, tenant)
             .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e.to_string()))?;
         let program = entrypoint::check_program(&manifest, &files, tenant)
             .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e.to_string()))?;
-        check_approvals(&manifest, tenant, now, skew)
-            .map_err(|e| facts.deny(Reason::ApprovalInsufficient, e.to_string()))?;
+        let approval_files = match (&capsule.approvals, &dir_fd) {
+            (Some(read), _) => read.clone(),
+            (None, Some(fd)) => approvals::read_approvals_at(fd).map(Arc::from),
+            (None, None) => Ok(Arc::from(Vec::new())),
+        }
+        .map_err(|(r, e)| facts.deny(r, e))?;
+        // The approval-free path hashes nothing more.
+        let signed = if approval_files.is_empty() {
+            Vec::new()
+        } else {
+            let manifest_sha256 = Sha256Digest(policy.backend.sha256_oneshot(&verified.payload));
+            approvals::verify_all(&approval_files, policy, &manifest, manifest_sha256, now)
+                .map_err(|e| facts.deny(Reason::ApprovalInvalid, e))?
+        };
+        approvals::check_quorum(&manifest, tenant, rule, &signed, &verified.kid, policy, now)
+            .map_err(|e| facts.deny(Reason::ApprovalInsufficient, e))?;
 
         // 6. Anti-rollback against the highest admitted version.
         let latest = self
@@ -545,6 +611,10 @@ impl Verifier<'_> {
             .map_err(|e| facts.deny(Reason::StateUnavailable, e.to_string()))?;
         check_rollback(latest, manifest.version, digest)
             .map_err(|e| facts.deny(Reason::Rollback, e.to_string()))?;
+        self.check_lineage(&manifest)
+            .map_err(|(r, e)| facts.deny(r, e))?;
+        self.check_index(&manifest, tenant, digest, now)
+            .map_err(|(r, e)| facts.deny(r, e))?;
 
         // 7. Every artifact and tool, hashed in parallel: the expensive step goes last.
         let heads = self
@@ -569,6 +639,81 @@ impl Verifier<'_> {
             source: capsule.source.clone(),
             executed: executed.into(),
         })
+    }
+
+    /// Lineage: version 1 has no parent; version N names the digest admitted for N-1
+    /// whenever the state knows it. An unknown predecessor (never admitted here, or
+    /// state without it) is not judged: the tenant index covers a runner with no
+    /// history.
+    fn check_lineage(&self, m: &Manifest) -> Result<(), (Reason, String)> {
+        if m.version == 1 {
+            return match &m.parent {
+                None => Ok(()),
+                Some(_) => Err((
+                    Reason::LineageBroken,
+                    "version 1 has no predecessor; its parent must be null".into(),
+                )),
+            };
+        }
+        let known = self
+            .rollback
+            .admitted_digest(&m.tenant, &m.capsule_id, m.version - 1)
+            .map_err(|e| (Reason::StateUnavailable, e.to_string()))?;
+        let Some(predecessor) = known else {
+            return Ok(());
+        };
+        // `check_shape` made `parent` a digest for every version after 1.
+        let parent = m.parent.as_deref().and_then(Sha256Digest::parse);
+        if parent != Some(predecessor) {
+            return Err((
+                Reason::LineageBroken,
+                format!(
+                    "parent {} is not {predecessor}, the digest admitted for version {}",
+                    m.parent.as_deref().map_or("null".into(), truncate),
+                    m.version - 1
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The tenant index: required where policy says so, fresh, and not naming a
+    /// higher version of this capsule.
+    fn check_index(
+        &self,
+        m: &Manifest,
+        tenant: &Tenant,
+        digest: Sha256Digest,
+        now: u64,
+    ) -> Result<(), (Reason, String)> {
+        let index = self
+            .governance
+            .indexes
+            .iter()
+            .filter(|i| i.tenant == m.tenant)
+            .max_by_key(|i| i.version);
+        let Some(index) = index else {
+            return match &tenant.index {
+                Some(rule) if rule.required => Err((
+                    Reason::IndexStale,
+                    format!(
+                        "tenant `{}` requires a tenant index and none was given",
+                        tenant.name
+                    ),
+                )),
+                _ => Ok(()),
+            };
+        };
+        let seen = self
+            .rollback
+            .highest_index_version(&m.tenant)
+            .map_err(|e| (Reason::StateUnavailable, e.to_string()))?;
+        index
+            .check_fresh(now, self.policy.clock_skew_s, seen)
+            .map_err(|e| (Reason::IndexStale, e))?;
+        index
+            .check_current(&m.capsule_id, m.version, digest)
+            .map_err(|e| (Reason::Superseded, e))
     }
 
     /// Paths, digests, sizes and counts of every artifact and tool.
@@ -886,17 +1031,24 @@ pub enum RunnerError {
 pub enum ScopeError {
     #[error("environment `{environment}` is not allowed for tenant `{tenant}`")]
     Environment { environment: String, tenant: String },
+    /// Outside what the environment's rule (`[[tenants.rules]]`) allows.
+    #[error("{0}")]
+    Rule(String),
     #[error("network `{0}` requested; only `none` is allowed")]
     Network(String),
 }
 
-fn check_scope(m: &Manifest, tenant: &Tenant) -> Result<(), ScopeError> {
+fn check_scope(m: &Manifest, tenant: &Tenant, rule: Option<&Rule>) -> Result<(), ScopeError> {
     if !tenant.environments.contains(&m.scope.environment) {
         return Err(ScopeError::Environment {
             environment: truncate(&m.scope.environment),
             tenant: tenant.name.clone(),
         });
     }
+    if let Some(rule) = rule {
+        rule.check_scope(&m.scope).map_err(ScopeError::Rule)?;
+    }
+    // Whatever a rule allows, this build's sandbox runs without a network only.
     if m.scope.network != "none" {
         return Err(ScopeError::Network(truncate(&m.scope.network)));
     }
@@ -925,40 +1077,6 @@ fn check_tools(files: &[FileEntry], tenant: &Tenant) -> Result<(), ToolError> {
         }),
         None => Ok(()),
     }
-}
-
-/// Too few distinct approvals (`approval_insufficient`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{found} distinct approval(s) other than the author's, {required} required")]
-pub struct ApprovalError {
-    pub found: usize,
-    pub required: usize,
-}
-
-/// Distinct approvers, none of them the author, none approving from the future.
-/// `check_shape` has made every identity canonical (`ApproverId`), so they compare
-/// byte for byte: one person has one spelling.
-fn check_approvals(
-    m: &Manifest,
-    tenant: &Tenant,
-    now: u64,
-    skew: u64,
-) -> Result<(), ApprovalError> {
-    let distinct: HashSet<&str> = m
-        .approvals
-        .iter()
-        .filter(|a| a.approved_at <= now.saturating_add(skew))
-        .map(|a| a.approver.as_str())
-        .filter(|a| *a != m.author)
-        .collect();
-    let need = tenant.min_approvals as usize;
-    if distinct.len() < need {
-        return Err(ApprovalError {
-            found: distinct.len(),
-            required: need,
-        });
-    }
-    Ok(())
 }
 
 fn truncate(s: &str) -> String {

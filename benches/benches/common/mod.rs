@@ -46,6 +46,7 @@ impl Env {
             rollback: &NoHistory,
             runner: Some(&self.runner),
             hash_mode,
+            governance: Default::default(),
         }
     }
 

@@ -1,7 +1,9 @@
 //! Command-line interface: flags become a validated configuration in one place, and
 //! each command returns an exit code.
 
+mod approve;
 pub(crate) mod attest;
+mod index;
 mod keygen;
 pub mod logging;
 mod pack;
@@ -106,6 +108,9 @@ pub struct VerifyArgs {
     /// How artifact bytes are read for hashing.
     #[arg(long, value_enum, default_value = "auto")]
     pub hash_mode: HashModeArg,
+    /// A signed tenant index (fleet freshness); repeat for several tenants.
+    #[arg(long, value_name = "FILE")]
+    pub index: Vec<PathBuf>,
     /// The runner's SVID (default for --runner) and the TPM for sealed keys.
     #[command(flatten)]
     pub identity: self::attest::IdentityArgs,
@@ -143,6 +148,17 @@ pub enum Command {
         /// Capsule directory to create (must not exist).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Signed approvals to keep (a capsule's approvals/ directory): each must name
+        /// the manifest being packed; a stale one is refused.
+        #[arg(long, value_name = "DIR")]
+        approvals: Option<PathBuf>,
+    },
+    /// An approver signs a packed capsule's manifest: writes one approvals/*.jws.
+    Approve(approve::ApproveArgs),
+    /// Tenant index (fleet freshness).
+    Index {
+        #[command(subcommand)]
+        command: index::IndexCommand,
     },
     /// Check capsules in parallel; records nothing.
     Verify(VerifyArgs),
@@ -209,7 +225,10 @@ pub fn run() -> ExitCode {
             files,
             key,
             out,
-        } => pack::run(&manifest, &files, &key, &out),
+            approvals,
+        } => pack::run(&manifest, &files, &key, &out, approvals.as_deref()),
+        Command::Approve(args) => approve::run(&args),
+        Command::Index { command } => index::run(command),
         Command::Verify(args) => verify::run(&args, false),
         Command::Admit(args) => verify::run(&args, true),
         Command::Run(args) => run::run(&args),
@@ -236,8 +255,8 @@ pub fn exit_code(e: &GatewayError) -> u8 {
     }
 }
 
-fn usage(message: impl Into<String>) -> GatewayError {
-    GatewayError::Usage(message.into())
+fn usage(message: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Usage(message.to_string())
 }
 
 /// `completions SHELL`: generated from the parser's own definitions.

@@ -10,8 +10,9 @@ pub fn run(
     files: &Path,
     key: &Path,
     out: &Path,
+    approvals: Option<&Path>,
 ) -> Result<ExitCode, GatewayError> {
-    let capsule = crate::pack::pack(manifest, files, key, out)?;
+    let capsule = crate::pack::pack(manifest, files, key, out, approvals)?;
     crate::output::println_stdout(capsule.display())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -95,9 +95,22 @@ pub struct RunArgs {
     /// `admit`.
     #[command(flatten)]
     pub identity: super::attest::IdentityArgs,
+    /// A signed tenant index (fleet freshness); repeat for several tenants.
+    #[arg(long, value_name = "FILE")]
+    pub index: Vec<PathBuf>,
     /// Capsule directory (capsule.jws and files/).
     #[arg(value_name = "CAPSULE")]
     pub capsule: PathBuf,
+}
+
+impl RuntimeArg {
+    /// The sandbox tier this runtime provides (a rule's `tier`).
+    fn tier(self) -> verify_core::Tier {
+        match self {
+            RuntimeArg::Runsc => verify_core::Tier::Gvisor,
+            RuntimeArg::Kata => verify_core::Tier::Kata,
+        }
+    }
 }
 
 /// The hidden `sandbox-probe` subcommand: the egress probe, inside the sandbox.
@@ -117,6 +130,8 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         true,
         args.hash_mode,
     )?;
+    let indexes = crate::tenant_index::load_all(&args.index, admission.policy())?;
+    let admission = admission.with_governance(indexes, &[args.runtime.tier()]);
     // The sandbox is set up before admission: a missing runtime is a configuration
     // error (exit 2) and stale sandboxes of a crashed earlier run are gone first.
     let layout = StateLayout::new(&args.state);

@@ -21,6 +21,8 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
         record,
         args.hash_mode,
     )?;
+    let indexes = crate::tenant_index::load_all(&args.index, admission.policy())?;
+    let admission = admission.with_governance(indexes, super::index::VERIFY_HOST_TIERS);
     let decisions: Vec<Decision> = admission
         .admit(&args.capsules, record)?
         .into_iter()

@@ -194,7 +194,12 @@ impl Server {
             .map_err(|e| GatewayError::Usage(format!("verification pool: {e}")))?;
         let metrics = Arc::new(Metrics::new());
         let admissions = Arc::new(Admissions {
-            admission: Admission::new(policy, clock, HashMode::Auto).with_open_state(state),
+            // `/v1/runs` runs under runsc: gVisor is the tier this service provides. It
+            // takes no tenant index (no `--index` here yet), so a tenant whose index is
+            // `required` is denied `index_stale`, never admitted without one.
+            admission: Admission::new(policy, clock, HashMode::Auto)
+                .with_open_state(state)
+                .with_governance(Vec::new(), &[verify_core::Tier::Gvisor]),
             pool,
         });
         let batcher = Batcher::start(admissions.clone(), &config.batch, metrics.clone())

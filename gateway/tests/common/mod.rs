@@ -452,6 +452,13 @@ pub fn versioned_manifest(w: &World, capsule_id: &str, version: u64) -> Value {
     if version == 1 {
         m["parent"] = Value::Null;
     }
+    // Lineage (issue 13): version N names the capsule made for N-1, when there is one.
+    if let Some(parent) = version
+        .checked_sub(1)
+        .and_then(|p| w.signed_digest(capsule_id, p))
+    {
+        m["parent"] = Value::from(parent);
+    }
     m
 }
 

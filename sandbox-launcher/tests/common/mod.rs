@@ -29,6 +29,7 @@ pub fn admit(w: &World, capsule: &Path) -> Admitted {
         rollback: &NoHistory,
         runner: Some(&runner),
         hash_mode: verify_core::HashMode::Read,
+        governance: Default::default(),
     };
     verifier
         .verify(&Capsule::from_dir(capsule, policy.limits.max_jws_bytes))
