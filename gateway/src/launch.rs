@@ -9,7 +9,7 @@ use sandbox_launcher::{
     ContainerdConfig, Launcher, LauncherConfig, PrivateContainerd, ProbeBinary, RunId, RunscConfig,
     RuntimeConfig, StaleReport,
 };
-use verify_core::Admitted;
+use verify_core::{Admitted, Clock};
 
 use crate::evidence::{self, Event, EventType, RunData};
 use crate::layout::{SandboxDir, StateLayout};
@@ -102,24 +102,56 @@ pub fn probe_binary() -> Result<ProbeBinary, GatewayError> {
     })
 }
 
+/// An event's time, read from the injected clock (whole seconds, as every time the
+/// gateway decides by).
+pub fn event_time(clock: &dyn Clock) -> chrono::DateTime<chrono::Utc> {
+    let secs = i64::try_from(clock.now_unix()).unwrap_or(i64::MAX);
+    chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default()
+}
+
 /// A fresh run id (also the id of a denial's event).
 pub fn new_run_id() -> Result<RunId, GatewayError> {
     RunId::new().map_err(GatewayError::Sandbox)
 }
 
+/// Where a run's evidence goes and how its event is stamped: the same for `run` and
+/// `serve`.
+#[derive(Clone, Copy)]
+pub struct EvidenceSink<'a> {
+    /// Bundles go to `root/RUN_ID/`.
+    pub root: &'a Path,
+    /// The event's `source` (the runner, or the peer that asked for the run).
+    pub source: &'a str,
+    /// The event's time.
+    pub clock: &'a dyn Clock,
+}
+
+impl std::fmt::Debug for EvidenceSink<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvidenceSink")
+            .field("root", &self.root)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Launches an admitted capsule under `run_id`, writes its evidence bundle under
-/// `evidence_root` and returns its event: `completed` (the capsule ran), or
+/// `sink.root` and returns its event: `completed` (the capsule ran), or
 /// `failed` (the run cannot be vouched for: the sandbox did not start, egress was
 /// not proven blocked, teardown was incomplete, or `cancel` was raised).
 pub fn execute(
     launcher: &Launcher,
     run_id: &RunId,
     admitted: &Admitted,
-    source: &str,
-    evidence_root: &Path,
+    sink: EvidenceSink<'_>,
     cancel: &AtomicBool,
     stale: Vec<StaleReport>,
 ) -> Result<Event, GatewayError> {
+    let EvidenceSink {
+        root: evidence_root,
+        source,
+        clock,
+    } = sink;
     let outcome = launcher.launch_as(admitted, run_id, cancel);
     let (kind, report, error) = match &outcome {
         Ok(report) if report.interrupted => (
@@ -132,7 +164,7 @@ pub fn execute(
     };
     let bundle_dir = evidence_root.join(run_id.as_str());
     let data = RunData::new(admitted, run_id, report, error, stale, &bundle_dir);
-    let event = Event::run(kind, source, data, chrono::Utc::now());
+    let event = Event::run(kind, source, data, event_time(clock));
     evidence::write_bundle(evidence_root, run_id, admitted, report, &event)?;
     Ok(event)
 }

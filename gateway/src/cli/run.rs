@@ -159,7 +159,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
                 &source,
                 &capsule,
                 &decision,
-                chrono::Utc::now(),
+                launch::event_time(admission.clock()),
             );
             print_event(&event)?;
             return Ok(ExitCode::from(EXIT_DENIED));
@@ -182,8 +182,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         sandbox.launcher(),
         &run_id,
         &admitted,
-        &source,
-        &evidence_root,
+        launch::EvidenceSink {
+            root: &evidence_root,
+            source: &source,
+            clock: admission.clock(),
+        },
         &cancel,
         sandbox.stale_cleaned().to_vec(),
     )?;

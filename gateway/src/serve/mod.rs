@@ -197,7 +197,7 @@ impl Server {
             // `/v1/runs` runs under runsc: gVisor is the tier this service provides. It
             // takes no tenant index (no `--index` here yet), so a tenant whose index is
             // `required` is denied `index_stale`, never admitted without one.
-            admission: Admission::new(policy, clock, HashMode::Auto)
+            admission: Admission::new(policy, clock.clone(), HashMode::Auto)
                 .with_open_state(state)
                 .with_governance(Vec::new(), &[verify_core::Tier::Gvisor]),
             pool,
@@ -205,7 +205,7 @@ impl Server {
         let batcher = Batcher::start(admissions.clone(), &config.batch, metrics.clone())
             .map_err(|e| GatewayError::io("<batch threads>", e))?;
         let runs = match &config.runs {
-            Some(r) => Some(Runs::start_launcher(r, &config.state_dir)?),
+            Some(r) => Some(Runs::start_launcher(r, &config.state_dir, clock.clone())?),
             None => None,
         };
         let service = Arc::new(Service {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use sandbox_launcher::RunId;
 use serde_json::Value;
-use verify_core::{Admitted, SpiffeId};
+use verify_core::{Admitted, Clock, SpiffeId};
 
 use super::config::{RunsConfig, RunsRuntime};
 use super::metrics::{Metrics, RunOutcome};
@@ -24,7 +24,6 @@ use crate::launch::{self, Runtime, Sandbox};
 use crate::layout::StateLayout;
 use crate::GatewayError;
 
-#[derive(Debug)]
 pub struct Runs {
     sandbox: Arc<Sandbox>,
     evidence: PathBuf,
@@ -34,6 +33,17 @@ pub struct Runs {
     max: usize,
     /// Raised at shutdown: running sandboxes are stopped and torn down in order.
     pub cancel: Arc<AtomicBool>,
+    /// The service's clock: the time of every run event.
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Runs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runs")
+            .field("evidence", &self.evidence)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A reserved run slot; released when dropped.
@@ -61,6 +71,7 @@ impl Runs {
     pub fn start_launcher(
         config: &RunsConfig,
         state: &std::path::Path,
+        clock: Arc<dyn Clock>,
     ) -> Result<Runs, GatewayError> {
         let runtime = match config.runtime {
             RunsRuntime::Runsc => Runtime::Runsc {
@@ -76,6 +87,7 @@ impl Runs {
             slots: Arc::default(),
             max: config.max_concurrent,
             cancel: Arc::default(),
+            clock,
         })
     }
 
@@ -99,6 +111,7 @@ impl Runs {
             .lock()
             .map_err(|_| GatewayError::Usage("runs: lock poisoned".into()))?
             .insert(id.clone(), peer.to_string());
+        let clock = self.clock.clone();
         let (sandbox, evidence, running, cancel) = (
             self.sandbox.clone(),
             self.evidence.clone(),
@@ -116,8 +129,11 @@ impl Runs {
                     sandbox.launcher(),
                     &run_id,
                     &admitted,
-                    &source,
-                    &evidence,
+                    launch::EvidenceSink {
+                        root: &evidence,
+                        source: &source,
+                        clock: clock.as_ref(),
+                    },
                     &cancel,
                     Vec::new(),
                 ) {
