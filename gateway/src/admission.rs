@@ -26,7 +26,7 @@ pub fn system_clock() -> Arc<dyn Clock> {
 /// Loads the policy, unsealing its sealed keys through `sealed` (a key that cannot be
 /// unsealed stops start-up, naming the file and what the TPM said).
 pub fn load_policy(path: &Path, sealed: &mut SealedKeys) -> Result<Policy, GatewayError> {
-    let mut unseal = |file: &Path| sealed.unseal(file).map_err(|e| e.to_string());
+    let mut unseal = |file: &Path| sealed.unseal(file).map_err(Into::into);
     Ok(Policy::load_with_sealed(
         path,
         default_backend(),

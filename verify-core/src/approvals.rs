@@ -141,6 +141,110 @@ pub fn read_approvals_at(capsule_dir: impl AsFd) -> Result<Vec<ApprovalFile>, (R
         .collect()
 }
 
+/// Why an approval is refused (`approval_invalid`): one invalid approval denies the
+/// capsule. `file` is the name inside `approvals/`; `approver` is who policy says holds
+/// the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApprovalError {
+    /// The JWS did not verify under the approvers' keys.
+    #[error("{APPROVALS_DIR}/{file}: {detail} ({reason})", APPROVALS_DIR = APPROVALS_DIR)]
+    Jws {
+        file: String,
+        reason: Reason,
+        detail: String,
+    },
+    #[error("{APPROVALS_DIR}/{file}: approvals are ES256 only", APPROVALS_DIR = APPROVALS_DIR)]
+    NotEs256 { file: String },
+    #[error(
+        "{APPROVALS_DIR}/{file}: key `{kid}` belongs to no [[approvers]] entry",
+        APPROVALS_DIR = APPROVALS_DIR
+    )]
+    UnknownKey { file: String, kid: String },
+    /// The payload is not an approval payload (the JSON error).
+    #[error("{APPROVALS_DIR}/{file}: payload: {why}", APPROVALS_DIR = APPROVALS_DIR)]
+    Payload { file: String, why: String },
+    #[error(
+        "{APPROVALS_DIR}/{file} by {approver}: schema must be `{APPROVAL_SCHEMA}`",
+        APPROVALS_DIR = APPROVALS_DIR,
+        APPROVAL_SCHEMA = APPROVAL_SCHEMA
+    )]
+    Schema { file: String, approver: ApproverId },
+    /// The approval names other manifest bytes (`approved` as the payload has it).
+    #[error(
+        "{APPROVALS_DIR}/{file} by {approver}: approves manifest {}, this capsule's manifest is {manifest}",
+        .approved.escape_debug(),
+        APPROVALS_DIR = APPROVALS_DIR
+    )]
+    OtherManifest {
+        file: String,
+        approver: ApproverId,
+        approved: String,
+        manifest: Sha256Digest,
+    },
+    #[error(
+        "{APPROVALS_DIR}/{file} by {approver}: capsule_id, version or tenant differ from the manifest",
+        APPROVALS_DIR = APPROVALS_DIR
+    )]
+    OtherCapsule { file: String, approver: ApproverId },
+    #[error(
+        "{APPROVALS_DIR}/{file} by {approver}: role `{}` is not one policy gives this approver",
+        .role.escape_debug(),
+        APPROVALS_DIR = APPROVALS_DIR
+    )]
+    RoleNotGiven {
+        file: String,
+        approver: ApproverId,
+        role: String,
+    },
+    #[error(
+        "{APPROVALS_DIR}/{file} by {approver}: approved_at {approved_at} is in the future",
+        APPROVALS_DIR = APPROVALS_DIR
+    )]
+    Future {
+        file: String,
+        approver: ApproverId,
+        approved_at: u64,
+    },
+    /// Two approvals by one approver (each counts once; a second is an attack).
+    #[error("{approver} approved twice; each approver signs one approval")]
+    Twice { approver: ApproverId },
+}
+
+/// Why the counted approvals are no quorum (`approval_insufficient`). `signed_only`:
+/// the rule requires signed approvals, so only those were counted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuorumError {
+    /// `signer_excluded`: the rule says `signer_may_approve = false` and the capsule
+    /// signer is an approver.
+    #[error(
+        "{counted} distinct {}approval(s) other than the author's, {need} required{}",
+        kind(*.signed_only),
+        if *.signer_excluded { " (the capsule signer's own approval does not count)" } else { "" }
+    )]
+    TooFew {
+        counted: usize,
+        need: usize,
+        signed_only: bool,
+        signer_excluded: bool,
+    },
+    /// No distinct counted approver is left to hold this role of the rule.
+    #[error(
+        "role `{role}` needs an approver of its own among the counted {}approvals",
+        kind(*.signed_only)
+    )]
+    RoleUnfilled { role: String, signed_only: bool },
+}
+
+fn kind(signed_only: bool) -> &'static str {
+    if signed_only {
+        "signed "
+    } else {
+        ""
+    }
+}
+
 /// Verifies one approval for `manifest`, whose exact bytes hash to `manifest_sha256`.
 pub fn verify_approval(
     file: &ApprovalFile,
@@ -148,54 +252,71 @@ pub fn verify_approval(
     manifest: &Manifest,
     manifest_sha256: Sha256Digest,
     now: u64,
-) -> Result<VerifiedApproval, String> {
-    let name = &file.name;
+) -> Result<VerifiedApproval, ApprovalError> {
+    let name = || file.name.clone();
     let verified = crate::jws::verify(&file.jws, &policy.approvers.keys, MAX_APPROVAL_BYTES)
-        .map_err(|f| format!("{APPROVALS_DIR}/{name}: {} ({})", f.detail, f.reason))?;
+        .map_err(|f| ApprovalError::Jws {
+            file: name(),
+            reason: f.reason,
+            detail: f.detail,
+        })?;
     if verified.alg != Alg::Es256 {
-        return Err(format!("{APPROVALS_DIR}/{name}: approvals are ES256 only"));
+        return Err(ApprovalError::NotEs256 { file: name() });
     }
-    let approver = policy.approvers.by_kid(&verified.kid).ok_or_else(|| {
-        format!(
-            "{APPROVALS_DIR}/{name}: key `{}` belongs to no [[approvers]] entry",
-            verified.kid
-        )
-    })?;
-    let p: ApprovalPayload = crate::json::from_slice_strict(&verified.payload)
-        .map_err(|e| format!("{APPROVALS_DIR}/{name}: payload: {e}"))?;
-    let wrong = |what: &str| format!("{APPROVALS_DIR}/{name} by {}: {what}", approver.id);
+    let approver =
+        policy
+            .approvers
+            .by_kid(&verified.kid)
+            .ok_or_else(|| ApprovalError::UnknownKey {
+                file: name(),
+                kid: verified.kid.clone(),
+            })?;
+    let p: ApprovalPayload =
+        crate::json::from_slice_strict(&verified.payload).map_err(|e| ApprovalError::Payload {
+            file: name(),
+            why: e.to_string(),
+        })?;
+    let by = || approver.id.clone();
     if p.schema != APPROVAL_SCHEMA {
-        return Err(wrong(&format!("schema must be `{APPROVAL_SCHEMA}`")));
+        return Err(ApprovalError::Schema {
+            file: name(),
+            approver: by(),
+        });
     }
     // The digest first: it is the binding; the other fields only make a mistake legible.
     match Sha256Digest::parse(&p.manifest_sha256) {
         Some(d) if d == manifest_sha256 => {}
         _ => {
-            return Err(wrong(&format!(
-                "approves manifest {}, this capsule's manifest is {manifest_sha256}",
-                p.manifest_sha256.escape_debug()
-            )))
+            return Err(ApprovalError::OtherManifest {
+                file: name(),
+                approver: by(),
+                approved: p.manifest_sha256,
+                manifest: manifest_sha256,
+            })
         }
     }
     if p.capsule_id != manifest.capsule_id
         || p.version != manifest.version
         || p.tenant != manifest.tenant
     {
-        return Err(wrong(
-            "capsule_id, version or tenant differ from the manifest",
-        ));
+        return Err(ApprovalError::OtherCapsule {
+            file: name(),
+            approver: by(),
+        });
     }
     if !approver.roles.contains(&p.role) {
-        return Err(wrong(&format!(
-            "role `{}` is not one policy gives this approver",
-            p.role.escape_debug()
-        )));
+        return Err(ApprovalError::RoleNotGiven {
+            file: name(),
+            approver: by(),
+            role: p.role,
+        });
     }
     if p.approved_at > now.saturating_add(policy.clock_skew_s) {
-        return Err(wrong(&format!(
-            "approved_at {} is in the future",
-            p.approved_at
-        )));
+        return Err(ApprovalError::Future {
+            file: name(),
+            approver: by(),
+            approved_at: p.approved_at,
+        });
     }
     Ok(VerifiedApproval {
         approver: approver.id.clone(),
@@ -217,17 +338,16 @@ pub fn verify_all(
     manifest: &Manifest,
     manifest_sha256: Sha256Digest,
     now: u64,
-) -> Result<Vec<VerifiedApproval>, String> {
+) -> Result<Vec<VerifiedApproval>, ApprovalError> {
     let verified: Vec<VerifiedApproval> = files
         .iter()
         .map(|f| verify_approval(f, policy, manifest, manifest_sha256, now))
         .collect::<Result<_, _>>()?;
     let mut seen = HashSet::new();
     if let Some(dup) = verified.iter().find(|a| !seen.insert(&a.approver)) {
-        return Err(format!(
-            "{} approved twice; each approver signs one approval",
-            dup.approver
-        ));
+        return Err(ApprovalError::Twice {
+            approver: dup.approver.clone(),
+        });
     }
     Ok(verified)
 }
@@ -248,7 +368,7 @@ pub fn check_quorum(
     signer_kid: &str,
     policy: &Policy,
     now: u64,
-) -> Result<(), String> {
+) -> Result<(), QuorumError> {
     let signed_only = rule.is_some_and(|r| r.signed_approvals);
     let excluded_signer = match rule {
         Some(r) if !r.signer_may_approve => policy
@@ -289,22 +409,20 @@ pub fn check_quorum(
     let need = rule
         .and_then(|r| r.min_approvals)
         .unwrap_or(tenant.min_approvals) as usize;
-    let kind = if signed_only { "signed " } else { "" };
     if counted.len() < need {
-        let mut why = format!(
-            "{} distinct {kind}approval(s) other than the author's, {need} required",
-            counted.len()
-        );
-        if excluded_signer.is_some() {
-            why.push_str(" (the capsule signer's own approval does not count)");
-        }
-        return Err(why);
+        return Err(QuorumError::TooFew {
+            counted: counted.len(),
+            need,
+            signed_only,
+            signer_excluded: excluded_signer.is_some(),
+        });
     }
     if let Some(r) = rule {
         if let Some(role) = unmatched_role(&r.roles, &counted) {
-            return Err(format!(
-                "role `{role}` needs an approver of its own among the counted {kind}approvals"
-            ));
+            return Err(QuorumError::RoleUnfilled {
+                role: role.to_string(),
+                signed_only,
+            });
         }
     }
     Ok(())

@@ -145,18 +145,21 @@ impl TenantIndex {
         now: u64,
         skew: u64,
         highest_seen: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StaleIndexError> {
         if now >= self.expires_at.saturating_add(skew) {
-            return Err(format!(
-                "tenant index version {} of `{}` expired at {} (now {now})",
-                self.version, self.tenant, self.expires_at
-            ));
+            return Err(StaleIndexError::Expired {
+                version: self.version,
+                tenant: self.tenant.clone(),
+                expires_at: self.expires_at,
+                now,
+            });
         }
         if let Some(seen) = highest_seen.filter(|s| self.version < *s) {
-            return Err(format!(
-                "tenant index version {} of `{}` is older than version {seen} already seen",
-                self.version, self.tenant
-            ));
+            return Err(StaleIndexError::Older {
+                version: self.version,
+                tenant: self.tenant.clone(),
+                seen,
+            });
         }
         Ok(())
     }
@@ -168,17 +171,66 @@ impl TenantIndex {
         capsule_id: &str,
         version: u64,
         digest: Sha256Digest,
-    ) -> Result<(), String> {
+    ) -> Result<(), SupersededError> {
         match self.entry(capsule_id) {
-            Some((v, _)) if version < v => Err(format!(
-                "tenant index version {} lists `{capsule_id}` at version {v}; this is version {version}",
-                self.version
-            )),
-            Some((v, d)) if version == v && digest != d => Err(format!(
-                "tenant index version {} lists other bytes ({d}) for `{capsule_id}` version {v}",
-                self.version
-            )),
+            Some((v, _)) if version < v => Err(SupersededError::Newer {
+                index_version: self.version,
+                capsule_id: capsule_id.to_string(),
+                listed: v,
+                version,
+            }),
+            Some((v, d)) if version == v && digest != d => Err(SupersededError::OtherBytes {
+                index_version: self.version,
+                capsule_id: capsule_id.to_string(),
+                version,
+                listed: d,
+            }),
             _ => Ok(()),
         }
     }
+}
+
+/// Why the tenant index is not fresh (`index_stale`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StaleIndexError {
+    /// Past `expires_at` plus the policy's clock skew.
+    #[error("tenant index version {version} of `{tenant}` expired at {expires_at} (now {now})")]
+    Expired {
+        version: u64,
+        tenant: String,
+        expires_at: u64,
+        now: u64,
+    },
+    /// Below the highest index version this runner has seen for the tenant.
+    #[error(
+        "tenant index version {version} of `{tenant}` is older than version {seen} already seen"
+    )]
+    Older {
+        version: u64,
+        tenant: String,
+        seen: u64,
+    },
+}
+
+/// Why the tenant index says this capsule is not the current one (`superseded`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SupersededError {
+    /// The index lists a higher version of the capsule.
+    #[error("tenant index version {index_version} lists `{capsule_id}` at version {listed}; this is version {version}")]
+    Newer {
+        index_version: u64,
+        capsule_id: String,
+        listed: u64,
+        version: u64,
+    },
+    /// The index lists other bytes (`listed`, a digest) under this same version.
+    #[error("tenant index version {index_version} lists other bytes ({listed}) for `{capsule_id}` version {version}")]
+    OtherBytes {
+        index_version: u64,
+        capsule_id: String,
+        version: u64,
+        listed: Sha256Digest,
+    },
 }

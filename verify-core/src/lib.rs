@@ -32,17 +32,19 @@ pub mod time;
 pub mod trust_file;
 pub mod verify;
 
+pub use approvals::{ApprovalError, QuorumError};
 pub use decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
 pub use digest::{ArtifactSource, HashMode};
 pub use error::ConfigError;
-pub use index::TenantIndex;
+pub use index::{StaleIndexError, SupersededError, TenantIndex};
 pub use limits::Limits;
 pub use manifest::{ApproverId, Manifest};
-pub use policy::Policy;
-pub use rules::Tier;
+pub use policy::{Policy, UnsealError};
+pub use rules::{ScopeRuleError, Tier, TierError};
 pub use runner::{RunnerPattern, SpiffeId};
 pub use time::{Clock, FixedClock, SystemClock};
 pub use verify::{
     check_clock, check_rollback, check_shape, Admitted, AdmittedVersion, Capsule, ClockRollback,
-    Governance, NoHistory, RollbackError, RollbackView, ShapeError, StateReadError, Verifier,
+    Governance, NoHistory, RollbackError, RollbackView, ScopeError, ShapeError, StateReadError,
+    Verifier,
 };

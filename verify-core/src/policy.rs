@@ -86,8 +86,12 @@ struct TrustFile {
 }
 
 /// Turns a sealed key file named in `trust.sealed` into a key (the gateway unseals it
-/// through the TPM). The error message is shown with the policy file and field.
-pub type Unsealer<'a> = &'a mut dyn FnMut(&Path) -> Result<ParsedJwk, String>;
+/// through the TPM). The error, the caller's own type, is shown with the policy file
+/// and field (`ConfigError::Invalid`).
+pub type Unsealer<'a> = &'a mut dyn FnMut(&Path) -> Result<ParsedJwk, UnsealError>;
+
+/// Why an [`Unsealer`] could not unseal a key: whatever the caller's TPM code says.
+pub type UnsealError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,7 +231,7 @@ impl Policy {
         let unseal: Option<Unsealer<'_>> = match unseal {
             Some(inner) => {
                 checked_unseal = move |sealed: &Path| {
-                    crate::trust_file::check(sealed).map_err(|e| e.to_string())?;
+                    crate::trust_file::check(sealed)?;
                     inner(sealed)
                 };
                 Some(&mut checked_unseal)
@@ -298,7 +302,7 @@ impl Policy {
                     ),
                 )
             })?;
-            let jwk = unseal(&sealed).map_err(|m| bad(field.clone(), m))?;
+            let jwk = unseal(&sealed).map_err(|e| bad(field.clone(), e.to_string()))?;
             if jwk.alg != Alg::Hs256 {
                 return Err(bad(field, "a sealed key must be HS256".into()));
             }
@@ -731,7 +735,7 @@ min_approvals = 1
             err.contains("trust.sealed[0]") && err.contains("needs the TPM"),
             "{err}"
         );
-        let mut refuse = |_: &Path| Err("PCR sha256:16 no longer match".to_string());
+        let mut refuse = |_: &Path| Err("PCR sha256:16 no longer match".into());
         let err = load(Some(&mut refuse)).unwrap_err().to_string();
         assert!(
             err.contains("policy.toml: trust.sealed[0]: PCR sha256:16"),

@@ -125,36 +125,33 @@ pub struct Rule {
 impl Rule {
     /// The `scope` rules of this environment (`scope_violation`): every target within
     /// a pattern, every action allowed, the network mode allowed.
-    pub fn check_scope(&self, scope: &crate::manifest::Scope) -> Result<(), String> {
+    pub fn check_scope(&self, scope: &crate::manifest::Scope) -> Result<(), ScopeRuleError> {
         if let Some(patterns) = &self.targets {
             if let Some(t) = scope
                 .targets
                 .iter()
                 .find(|t| !patterns.iter().any(|p| p.matches(t)))
             {
-                return Err(format!(
-                    "target `{}` is outside the targets allowed in `{}`",
-                    t.escape_debug(),
-                    self.environment
-                ));
+                return Err(ScopeRuleError::Target {
+                    target: t.clone(),
+                    environment: self.environment.clone(),
+                });
             }
         }
         if let Some(actions) = &self.actions {
             if let Some(a) = scope.actions.iter().find(|a| !actions.contains(*a)) {
-                return Err(format!(
-                    "action `{}` is not allowed in `{}`",
-                    a.escape_debug(),
-                    self.environment
-                ));
+                return Err(ScopeRuleError::Action {
+                    action: a.clone(),
+                    environment: self.environment.clone(),
+                });
             }
         }
         if let Some(modes) = &self.network {
             if !modes.contains(&scope.network) {
-                return Err(format!(
-                    "network `{}` is not allowed in `{}`",
-                    scope.network.escape_debug(),
-                    self.environment
-                ));
+                return Err(ScopeRuleError::Network {
+                    network: scope.network.clone(),
+                    environment: self.environment.clone(),
+                });
             }
         }
         Ok(())
@@ -162,23 +159,62 @@ impl Rule {
 
     /// The tier rule (`tier_unavailable`): the environment's tier must be one this
     /// host provides.
-    pub fn check_tier(&self, host_tiers: &[Tier]) -> Result<(), String> {
+    pub fn check_tier(&self, host_tiers: &[Tier]) -> Result<(), TierError> {
         match self.tier {
-            Some(t) if !host_tiers.contains(&t) => Err(format!(
-                "environment `{}` needs the {t} sandbox tier; this host provides {}",
-                self.environment,
-                if host_tiers.is_empty() {
-                    "none".to_string()
-                } else {
-                    host_tiers
-                        .iter()
-                        .map(|t| t.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                }
-            )),
+            Some(t) if !host_tiers.contains(&t) => Err(TierError::Unavailable {
+                environment: self.environment.clone(),
+                needed: t,
+                host: host_tiers.to_vec(),
+            }),
             _ => Ok(()),
         }
+    }
+}
+
+/// Why the requested scope is outside the environment's rule (`scope_violation`).
+/// The manifest's text is kept as given and escaped when shown.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScopeRuleError {
+    /// A `scope.targets` entry matches none of the rule's patterns.
+    #[error("target `{}` is outside the targets allowed in `{environment}`", .target.escape_debug())]
+    Target { target: String, environment: String },
+    /// A `scope.actions` entry the rule does not allow.
+    #[error("action `{}` is not allowed in `{environment}`", .action.escape_debug())]
+    Action { action: String, environment: String },
+    /// A `scope.network` mode the rule does not allow.
+    #[error("network `{}` is not allowed in `{environment}`", .network.escape_debug())]
+    Network {
+        network: String,
+        environment: String,
+    },
+}
+
+/// Why this host cannot run the environment (`tier_unavailable`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TierError {
+    /// The environment's tier is not among the tiers this host provides (`host`).
+    #[error(
+        "environment `{environment}` needs the {needed} sandbox tier; this host provides {}",
+        tier_list(.host)
+    )]
+    Unavailable {
+        environment: String,
+        needed: Tier,
+        host: Vec<Tier>,
+    },
+}
+
+fn tier_list(tiers: &[Tier]) -> String {
+    if tiers.is_empty() {
+        "none".to_string()
+    } else {
+        tiers
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -212,5 +248,30 @@ mod tests {
             assert_eq!(Tier::from_name(t.as_str()), Some(t));
         }
         assert_eq!(Tier::from_name("runsc"), None);
+    }
+
+    #[test]
+    fn typed_errors_keep_the_texts_denials_carry() {
+        let tier = |host: Vec<Tier>| TierError::Unavailable {
+            environment: "prod".into(),
+            needed: Tier::Kata,
+            host,
+        };
+        assert_eq!(
+            tier(vec![]).to_string(),
+            "environment `prod` needs the kata sandbox tier; this host provides none"
+        );
+        assert_eq!(
+            tier(vec![Tier::Gvisor, Tier::Gvisor]).to_string(),
+            "environment `prod` needs the kata sandbox tier; this host provides gvisor, gvisor"
+        );
+        let target = ScopeRuleError::Target {
+            target: "https://x\n".into(),
+            environment: "prod".into(),
+        };
+        assert_eq!(
+            target.to_string(),
+            "target `https://x\\n` is outside the targets allowed in `prod`"
+        );
     }
 }

@@ -18,7 +18,7 @@ use crate::index::TenantIndex;
 use crate::jws;
 use crate::manifest::{ApproverId, ArtifactPath, FileEntry, Manifest, NOT_A_DIGEST, SCHEMA_V1};
 use crate::policy::{Policy, Tenant};
-use crate::rules::{Rule, Tier};
+use crate::rules::{Rule, ScopeRuleError, Tier};
 use crate::runner::{RunnerPattern, SpiffeId};
 use crate::time::Clock;
 
@@ -581,7 +581,7 @@ impl Verifier<'_> {
             .map_err(|e| facts.deny(Reason::ScopeViolation, e.to_string()))?;
         if let Some(rule) = rule {
             rule.check_tier(self.governance.host_tiers)
-                .map_err(|e| facts.deny(Reason::TierUnavailable, e))?;
+                .map_err(|e| facts.deny(Reason::TierUnavailable, e.to_string()))?;
         }
         check_tools(&files, tenant)
             .map_err(|e| facts.deny(Reason::ToolNotAuthorized, e.to_string()))?;
@@ -599,10 +599,10 @@ impl Verifier<'_> {
         } else {
             let manifest_sha256 = Sha256Digest(policy.backend.sha256_oneshot(&verified.payload));
             approvals::verify_all(&approval_files, policy, &manifest, manifest_sha256, now)
-                .map_err(|e| facts.deny(Reason::ApprovalInvalid, e))?
+                .map_err(|e| facts.deny(Reason::ApprovalInvalid, e.to_string()))?
         };
         approvals::check_quorum(&manifest, tenant, rule, &signed, &verified.kid, policy, now)
-            .map_err(|e| facts.deny(Reason::ApprovalInsufficient, e))?;
+            .map_err(|e| facts.deny(Reason::ApprovalInsufficient, e.to_string()))?;
 
         // 6. Anti-rollback against the highest admitted version.
         let latest = self
@@ -710,10 +710,10 @@ impl Verifier<'_> {
             .map_err(|e| (Reason::StateUnavailable, e.to_string()))?;
         index
             .check_fresh(now, self.policy.clock_skew_s, seen)
-            .map_err(|e| (Reason::IndexStale, e))?;
+            .map_err(|e| (Reason::IndexStale, e.to_string()))?;
         index
             .check_current(&m.capsule_id, m.version, digest)
-            .map_err(|e| (Reason::Superseded, e))
+            .map_err(|e| (Reason::Superseded, e.to_string()))
     }
 
     /// Paths, digests, sizes and counts of every artifact and tool.
@@ -1032,8 +1032,8 @@ pub enum ScopeError {
     #[error("environment `{environment}` is not allowed for tenant `{tenant}`")]
     Environment { environment: String, tenant: String },
     /// Outside what the environment's rule (`[[tenants.rules]]`) allows.
-    #[error("{0}")]
-    Rule(String),
+    #[error(transparent)]
+    Rule(#[from] ScopeRuleError),
     #[error("network `{0}` requested; only `none` is allowed")]
     Network(String),
 }
@@ -1046,7 +1046,7 @@ fn check_scope(m: &Manifest, tenant: &Tenant, rule: Option<&Rule>) -> Result<(),
         });
     }
     if let Some(rule) = rule {
-        rule.check_scope(&m.scope).map_err(ScopeError::Rule)?;
+        rule.check_scope(&m.scope)?;
     }
     // Whatever a rule allows, this build's sandbox runs without a network only.
     if m.scope.network != "none" {
