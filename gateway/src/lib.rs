@@ -3,19 +3,20 @@
 //! This crate does not re-implement checks: verify-core decides, the gateway reads
 //! configuration, records admissions durably and prints results.
 //!
-//! - `admission`: the one place a policy, keys (sealed ones too), a clock, a hash
-//!   mode, the runner and the state become an admission; `cli` and `serve` use it;
-//! - `sealed`: unsealing `trust.sealed` keys through the TPM;
-//! - `state`: the durable anti-rollback state, the admission log and the
-//!   last-known time;
-//! - `cli`: flags and printing; `serve`: the mTLS admission service.
+//! `cli` (flags and printing) and `serve` (the mTLS admission service) sit on top of
+//! the library modules, and neither reaches into the other:
 //!
-//! `cli` and `serve` sit on top of the library rooms and neither reaches into the
-//! other: [`evidence`] (one schema for the run event and bundle, its writer, readers
-//! and chain-of-custody check), [`launch`] (the sandbox, set up and run the same way
-//! for both), [`layout`] (where state lives), [`durable`] (temp file, fsync, rename,
-//! fsync the parent — every durable write), [`keygen`] and [`pack`] (keys and
-//! capsules), [`error`] (which failures are usage, exit 2, and which runtime, exit 4).
+//! - [`admission`]: the one place a policy, keys (sealed ones too, through
+//!   [`sealed`]), a clock, a hash mode, the runner, the state and the tenant indexes
+//!   ([`tenant_index`]) become an admission;
+//! - [`state`]: the durable anti-rollback state, the admission log, the last-known
+//!   time and the highest tenant-index versions; [`layout`]: where state lives;
+//! - [`evidence`]: one schema for the run event and bundle, its writer, readers and
+//!   chain-of-custody check; [`launch`]: the sandbox, set up and run the same way for
+//!   `run` and `serve`;
+//! - [`durable`]: temp file, fsync, rename, fsync the parent — every durable write;
+//!   [`keygen`] and [`pack`]: keys and capsules; [`output`]: printing verdicts;
+//! - [`error`]: which failures are usage (exit 2) and which runtime (exit 4).
 
 pub mod admission;
 pub mod cli;
