@@ -309,12 +309,21 @@ impl KeyStore {
     /// Loads a JWKS file, a trust file by [`crate::trust_file`]'s rules; one that
     /// holds an HS256 secret must be readable by its owner only.
     pub fn load(path: &Path, backend: &'static dyn Backend) -> Result<KeyStore, ConfigError> {
+        Ok(KeyStore::load_with_bytes(path, backend)?.0)
+    }
+
+    /// [`KeyStore::load`], also returning the exact bytes parsed (their digest is
+    /// evidence of the trust store in force).
+    pub fn load_with_bytes(
+        path: &Path,
+        backend: &'static dyn Backend,
+    ) -> Result<(KeyStore, Vec<u8>), ConfigError> {
         let file = crate::trust_file::read(path)?;
         let store = KeyStore::from_jwks(&file.bytes, path, backend)?;
         if store.keys.values().any(|k| k.alg == Alg::Hs256) {
             file.require_private("it holds an HS256 secret (an `oct` key)")?;
         }
-        Ok(store)
+        Ok((store, file.bytes))
     }
 
     /// Parses a JWKS document; `origin` names it in errors.

@@ -109,6 +109,50 @@ struct TenantFile {
     index: Option<IndexFile>,
     #[serde(default)]
     rules: Vec<RuleFile>,
+    #[serde(default)]
+    evidence: EvidenceRule,
+}
+
+/// What evidence of a tenant's runs may leave the host (`[tenants] evidence.egress`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EgressMode {
+    /// Nothing but the signed index's digest (the default).
+    #[default]
+    LocalOnly,
+    /// The signed index, the event and the outputs, masked by the tenant's rules.
+    Sanitized,
+    /// The signed index, ids and digests only.
+    MetadataOnly,
+}
+
+impl EgressMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressMode::LocalOnly => "local-only",
+            EgressMode::Sanitized => "sanitized",
+            EgressMode::MetadataOnly => "metadata-only",
+        }
+    }
+}
+
+impl std::fmt::Display for EgressMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[tenants] evidence = { egress, mask }`. The mask patterns are regular
+/// expressions; verify-core keeps them as text (it has no regex engine), and the
+/// gateway compiles them when it loads the policy, so a bad pattern is a
+/// configuration error there, before anything is admitted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceRule {
+    #[serde(default)]
+    pub egress: EgressMode,
+    #[serde(default)]
+    pub mask: Vec<String>,
 }
 
 /// One tenant's rules.
@@ -130,6 +174,8 @@ pub struct Tenant {
     pub rules: Vec<Rule>,
     /// The tenant index (fleet freshness): who signs it, whether it is required.
     pub index: Option<IndexRule>,
+    /// What of its evidence may leave the host.
+    pub evidence: EvidenceRule,
 }
 
 impl Tenant {
@@ -201,6 +247,32 @@ pub struct Policy {
     pub backend: &'static dyn Backend,
     /// Where the policy came from (for messages and evidence).
     pub source: PathBuf,
+    /// The sha256 of the policy text and of each trust file it loaded.
+    pub digests: PolicyDigests,
+}
+
+/// The content digests of what this policy was loaded from, for evidence: the policy
+/// text, and each trust file (`trust.jwks`, `trust.approvers_jwks`, `trust.sealed[i]`)
+/// by its field. A policy parsed from memory ([`Policy::from_toml`]) has no trust files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDigests {
+    pub policy: Sha256Digest,
+    pub trust_files: Vec<(String, Sha256Digest)>,
+}
+
+impl PolicyDigests {
+    /// One digest for the trust store in force: the sha256 of the lines
+    /// `<field> sha256:<hex>\n`, in load order (jwks, approvers_jwks, sealed).
+    pub fn trust_store(&self, backend: &dyn Backend) -> Sha256Digest {
+        let mut text = String::new();
+        for (field, digest) in &self.trust_files {
+            text.push_str(field);
+            text.push(' ');
+            text.push_str(&digest.to_string());
+            text.push('\n');
+        }
+        Sha256Digest(backend.sha256_oneshot(text.as_bytes()))
+    }
 }
 
 /// A clock skew beyond a day would make validity windows meaningless.
@@ -223,22 +295,45 @@ impl Policy {
         // The policy and every file it names are trust files: refused when anyone but
         // root or this user could have changed them.
         let file = crate::trust_file::read(path)?;
+        // Each trust file's digest, in load order, for evidence (`PolicyDigests`).
+        let trust_files = std::cell::RefCell::new(Vec::new());
+        let digest_of = |bytes: &[u8]| Sha256Digest(backend.sha256_oneshot(bytes));
         let jwks_of = |rel: &Path| -> Result<KeyStore, ConfigError> {
             let jwks = path.parent().unwrap_or(Path::new(".")).join(rel);
-            KeyStore::load(&jwks, backend)
+            let (store, bytes) = KeyStore::load_with_bytes(&jwks, backend)?;
+            let field = if trust_files.borrow().is_empty() {
+                "trust.jwks"
+            } else {
+                "trust.approvers_jwks"
+            };
+            trust_files
+                .borrow_mut()
+                .push((field.to_string(), digest_of(&bytes)));
+            Ok(store)
         };
         let mut checked_unseal;
         let unseal: Option<Unsealer<'_>> = match unseal {
             Some(inner) => {
-                checked_unseal = move |sealed: &Path| {
-                    crate::trust_file::check(sealed)?;
+                checked_unseal = |sealed: &Path| {
+                    let bytes = crate::trust_file::read(sealed)?.bytes;
+                    let n = trust_files
+                        .borrow()
+                        .iter()
+                        .filter(|(f, _)| f.starts_with("trust.sealed"))
+                        .count();
+                    trust_files
+                        .borrow_mut()
+                        .push((format!("trust.sealed[{n}]"), digest_of(&bytes)));
                     inner(sealed)
                 };
                 Some(&mut checked_unseal)
             }
             None => None,
         };
-        Policy::from_toml_with_sealed(file.text()?, path, backend, jwks_of, unseal)
+        let mut policy =
+            Policy::from_toml_with_sealed(file.text()?, path, backend, jwks_of, unseal)?;
+        policy.digests.trust_files = trust_files.into_inner();
+        Ok(policy)
     }
 
     /// Parses policy text; `load_keys` resolves `trust.jwks` and `trust.approvers_jwks`
@@ -414,6 +509,7 @@ impl Policy {
                     min_approvals: t.min_approvals,
                     rules,
                     index,
+                    evidence: t.evidence,
                 },
             );
         }
@@ -426,6 +522,10 @@ impl Policy {
             approvers,
             backend,
             source: origin.to_path_buf(),
+            digests: PolicyDigests {
+                policy: Sha256Digest(backend.sha256_oneshot(text.as_bytes())),
+                trust_files: Vec::new(),
+            },
         })
     }
 }
