@@ -17,12 +17,15 @@
 //! 2. [`bundle`]: the OCI config (read-only root, `/capsule` read-only, tmpfs `/tmp`,
 //!    uid 65534, no capabilities, `noNewPrivileges`, empty network namespace, the
 //!    manifest's limits and env).
-//! 3. [`probe`]: open a listener on host loopback; the probe inside the sandbox must
-//!    fail to reach it before the entrypoint runs.
-//! 4. [`runtime`]: run under runsc or containerd with a hard timeout; capture
+//! 3. [`net`] (`scope.network = "targets"` only): resolve the targets on the host,
+//!    make the run's namespace, veth pair and nftables table.
+//! 4. [`probe`]: open a listener on host loopback (`targets`: on the veth's host
+//!    side); the probe inside the sandbox must fail to reach it, and reach every
+//!    declared target, before the entrypoint runs.
+//! 5. [`runtime`]: run under runsc or containerd with a hard timeout; capture
 //!    stdout/stderr up to a cap.
-//! 5. [`teardown`]: remove the container and verify from the outside that nothing
-//!    of it is left.
+//! 6. [`teardown`]: remove the container (and the run's network) and verify from
+//!    the outside that nothing of it is left.
 //!
 //! A run that happened but cannot be vouched for (egress not proven blocked,
 //! teardown incomplete) is an error carrying its [`RunReport`]. Every error says
@@ -33,7 +36,8 @@
 //! | layer | modules | uses |
 //! |---|---|---|
 //! | the run, in order | this file ([`Launcher`]) | everything below |
-//! | removal and recovery | [`teardown`] | `runtime` (its `Runtime` interface), `host` |
+//! | removal and recovery | [`teardown`] | `runtime` (its `Runtime` interface), `net`, `host` |
+//! | scoped egress | [`net`] (`resolve`, `link`, `nft`) | `teardown` (its locks and checks), `runtime::process` (bounded commands), `host` |
 //! | the sandbox runtimes | [`runtime`] (`supervise`, `runsc`, `containerd`, `process`) | `bundle` (its `Flavor`), `host` |
 //! | the run's inputs | [`stage`], [`bundle`], [`probe`] | — |
 //! | the host seen from outside | [`host`] (names of a run's traces, `/proc`, cgroups, signals) | — |

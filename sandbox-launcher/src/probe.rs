@@ -22,6 +22,13 @@
 //! after the run it asks its own listener whether anything connected, and checks
 //! that the interface list holds only loopback interfaces. All three facts are
 //! recorded as evidence.
+//!
+//! `scope.network = "targets"` ([`crate::net`]): the listener is on the host side
+//! of the run's veth instead (the address the sandbox's route leads to), and the
+//! probe also connects to every declared TCP destination (`--reach ADDR`) and
+//! closes at once. The launcher checks both directions in its own nftables
+//! counters ([`HostListener::verdict_scoped`]): the refused attempt must be
+//! counted as dropped, each reached destination as allowed.
 
 use std::ffi::OsString;
 use std::io::Write;

@@ -78,6 +78,28 @@ pub(crate) fn create(
 /// Removes the namespace (which destroys the veth end inside it, and so its peer)
 /// and the host side if it is still there. Returns what it did or failed to do.
 pub(crate) fn remove(netns: &str, host_if: &str, actions: &mut Vec<String>) {
+    // A process still in the namespace (the sandbox of a launcher that died, its
+    // runtime not ours to ask) would keep the namespace and its veth alive after
+    // the unmount, without the table: it is killed first.
+    if netns_path(netns).exists() {
+        let pids = |out: String| -> Vec<u32> {
+            out.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        };
+        let left = pids(ip(&["netns", "pids", netns]).unwrap_or_default());
+        for pid in &left {
+            crate::host::signal(*pid, crate::host::Signal::KILL);
+            actions.push(format!(
+                "killed process {pid} left in network namespace {netns}"
+            ));
+        }
+        if !left.is_empty() {
+            crate::host::poll_until(Duration::from_secs(10), || {
+                pids(ip(&["netns", "pids", netns]).unwrap_or_default()).is_empty()
+            });
+        }
+    }
     if netns_path(netns).exists() {
         match ip(&["netns", "delete", netns]) {
             Ok(_) => actions.push(format!("deleted network namespace {netns}")),

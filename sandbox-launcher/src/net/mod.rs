@@ -223,7 +223,9 @@ pub struct EgressLedger {
     pub allowed: Vec<LedgerEntry>,
     /// One entry per refused destination (the host's own addresses included).
     pub dropped: Vec<LedgerEntry>,
-    /// Refused packets that were neither TCP nor UDP over IPv4 (ICMP, IPv6, ...).
+    /// Refused packets that were neither TCP nor UDP over IPv4 (ICMP, IPv6, ...),
+    /// or whose destination no longer fitted the 4096 entries of the per-destination
+    /// set.
     pub dropped_other_packets: u64,
 }
 
