@@ -97,8 +97,12 @@ fn run_reaches_its_declared_target_and_the_ledger_is_in_the_evidence() {
     let w = targets_world();
     let state = w.path("state");
     let t = n.target.to_string();
+    // runsc's host stack answers a blocking read that comes before the data with
+    // EAGAIN (observed with runsc 20221219): `cat` is retried until the answer is in.
+    const READ: &str =
+        "for i in 1 2 3 4 5 6 7 8 9 10; do cat <&3 2>/dev/null && break; sleep 0.2; done";
     let script = format!(
-        "/bin/bash -c 'exec 3<>/dev/tcp/{t}/{HTTP_PORT}; printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3' | tail -1\n\
+        "/bin/bash -c 'exec 3<>/dev/tcp/{t}/{HTTP_PORT}; printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3; {READ}' | tail -1\n\
          if timeout 5 /bin/bash -c 'exec 3<>/dev/tcp/{t}/{OTHER_PORT}' 2>/dev/null; then echo open; else echo refused; fi\n"
     );
     let target = format!("http://{t}:{HTTP_PORT}/");
