@@ -276,7 +276,18 @@ impl Launcher {
                 .map_err(|e| LaunchError::io("create run directory", &run_dir, e))?;
             teardown::Lock::acquire(&run_dir.join("lock"))?
         };
-        let result = self.run_in(admitted, &run_id, &container_id, &run_dir, cancel);
+        // The run's network (`targets`) and its host-wide lock live until the
+        // teardown below has removed them: a sweep by another launcher's start
+        // never takes a run being torn down for a dead one.
+        let mut network = None;
+        let result = self.run_in(
+            admitted,
+            &run_id,
+            &container_id,
+            &run_dir,
+            cancel,
+            &mut network,
+        );
         match result {
             Ok(mut report) => {
                 report.teardown = teardown::teardown(
@@ -286,6 +297,7 @@ impl Launcher {
                     &run_dir,
                     std::mem::take(&mut report.runtime_notes),
                 );
+                drop(network);
                 drop(lock);
                 if !report.teardown.ok {
                     let why = format!("teardown incomplete: {}", report.teardown.failures());
@@ -312,6 +324,7 @@ impl Launcher {
                     &run_dir,
                     Vec::new(),
                 );
+                drop(network);
                 drop(lock);
                 if !t.ok {
                     return Err(LaunchError::TeardownFailed {
@@ -332,11 +345,13 @@ impl Launcher {
         container_id: &str,
         run_dir: &Path,
         cancel: &AtomicBool,
+        network: &mut Option<net::Egress>,
     ) -> Result<RunReport> {
         let manifest = admitted.manifest();
         let staged_dir = run_dir.join("staging");
         let staged = stage::stage(admitted, &staged_dir)?;
-        let egress = self.scoped_egress(admitted, run_id, run_dir)?;
+        *network = self.scoped_egress(admitted, run_id, run_dir)?;
+        let egress = &*network;
         let listen_on = egress
             .as_ref()
             .map_or(std::net::Ipv4Addr::LOCALHOST, |e| e.host_address());
