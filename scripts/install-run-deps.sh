@@ -20,6 +20,10 @@ have runc || need_apt+=(runc)
 { have pkg-config && pkg-config --exists tss2-esys tss2-tctildr tss2-mu; } \
   || need_apt+=(pkg-config libtss2-dev)
 { have swtpm && have swtpm_setup; } || need_apt+=(swtpm swtpm-tools)
+# Scoped egress (`scope.network = "targets"`): network namespaces and veths with
+# iproute2's `ip`, the per-run filter and its counters with nftables' `nft`.
+have ip || need_apt+=(iproute2)
+have nft || need_apt+=(nftables)
 # The demo reads loadgen's JSON report with python3.
 have python3 || need_apt+=(python3)
 

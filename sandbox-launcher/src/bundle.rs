@@ -90,6 +90,11 @@ pub struct BundleInput<'a> {
     pub flavor: Flavor,
     /// Leave out the network namespace (only via [`crate::danger`]).
     pub share_host_network: bool,
+    /// `scope.network = "targets"`: the run's prepared namespace and pinned `/etc`
+    /// files ([`crate::net`]); `None`: a new, empty network namespace.
+    pub network: Option<&'a crate::net::BundleNet>,
+    /// Declared destinations the probe must reach (`targets`).
+    pub probe_reach: &'a [std::net::SocketAddr],
 }
 
 /// Facts about the bundle that go into the evidence.
@@ -144,6 +149,8 @@ pub fn write(dir: &Path, input: &BundleInput<'_>) -> Result<WrittenBundle> {
         pids_limit: limits.pids,
         network: if input.share_host_network {
             "host"
+        } else if input.network.is_some() {
+            "targets"
         } else {
             "none"
         }
@@ -250,6 +257,7 @@ pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Re
         input.probe_binary,
         &["bind", "ro", "nosuid", "nodev"],
     )?);
+    mounts.extend(network_mounts(input)?);
     let tmp_size = format!("size={}m", input.tmp_size_mib);
     mounts.push(mount(
         "/tmp",
@@ -266,6 +274,9 @@ pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Re
     let mut args = vec![PROBE_PATH.to_string()];
     args.extend(input.probe_args.iter().cloned());
     args.extend(["--connect".to_string(), input.probe_target.to_string()]);
+    for r in input.probe_reach {
+        args.extend(["--reach".to_string(), r.to_string()]);
+    }
     for (k, v) in &m.env.0 {
         args.extend(["--env".to_string(), format!("{k}={v}")]);
     }
@@ -355,10 +366,11 @@ pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Re
     .into_iter()
     .filter(|ns| !(input.share_host_network && *ns == LinuxNamespaceType::Network))
     .map(|typ| {
-        LinuxNamespaceBuilder::default()
-            .typ(typ)
-            .build()
-            .map_err(bundle_err)
+        let mut ns = LinuxNamespaceBuilder::default().typ(typ);
+        if let (LinuxNamespaceType::Network, Some(net)) = (typ, input.network) {
+            ns = ns.path(net.netns_path.clone());
+        }
+        ns.build().map_err(bundle_err)
     })
     .collect::<Result<Vec<_>>>()?;
     let linux = LinuxBuilder::default()
@@ -395,6 +407,19 @@ pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Re
         .linux(linux)
         .build()
         .map_err(bundle_err)
+}
+
+/// The network part of the config for `targets`: the pinned `/etc/hosts`,
+/// `/etc/nsswitch.conf` and `/etc/resolv.conf`, read-only (the namespace path is
+/// set where the namespaces are listed). Nothing for `none`.
+fn network_mounts(input: &BundleInput<'_>) -> Result<Vec<Mount>> {
+    let Some(net) = input.network else {
+        return Ok(Vec::new());
+    };
+    net.etc_files
+        .iter()
+        .map(|(inside, host)| mount(inside, "bind", host, &["bind", "ro", "nosuid", "nodev"]))
+        .collect()
 }
 
 /// Kernel interfaces hidden from the capsule (runc's defaults): they leak host
@@ -450,6 +475,8 @@ mod tests {
             cgroups_path: "/capsule-gateway/capsule-x",
             flavor: Flavor::Runsc,
             share_host_network: false,
+            network: None,
+            probe_reach: &[],
         };
         build_spec(&input, Path::new("/run/rootfs"), &[])
     }

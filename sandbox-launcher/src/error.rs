@@ -125,6 +125,11 @@ pub enum LaunchError {
         cause: Box<LaunchError>,
         left: String,
     },
+    /// Scoped egress (`scope.network = "targets"`) was refused or could not be set
+    /// up: a target that would open the host, a name that does not resolve, the
+    /// host not forwarding, `ip` or `nft` failing.
+    #[error("scoped egress: {0}")]
+    Egress(#[from] crate::net::NetError),
     /// A sandbox left by an earlier, crashed launcher could not be removed.
     #[error("stale sandbox {run_id}: cleanup left {left}")]
     StaleCleanup { run_id: String, left: String },
@@ -161,12 +166,14 @@ impl LaunchError {
             | LaunchError::Setup { .. }
             | LaunchError::SocketPathTooLong { .. }
             | LaunchError::Bundle(BundleError::NotAbsolute(_)) => ErrorKind::Config,
+            LaunchError::Egress(e) if e.is_config() => ErrorKind::Config,
             LaunchError::Stage { .. }
             | LaunchError::ChangedAfterAdmission { .. }
             | LaunchError::Bundle(_)
             | LaunchError::RunId { .. }
             | LaunchError::Io { .. }
             | LaunchError::Runtime { .. }
+            | LaunchError::Egress(_)
             | LaunchError::RunFailed { .. }
             | LaunchError::TeardownFailed { .. }
             | LaunchError::StaleCleanup { .. } => ErrorKind::Run,

@@ -17,12 +17,15 @@
 //! 2. [`bundle`]: the OCI config (read-only root, `/capsule` read-only, tmpfs `/tmp`,
 //!    uid 65534, no capabilities, `noNewPrivileges`, empty network namespace, the
 //!    manifest's limits and env).
-//! 3. [`probe`]: open a listener on host loopback; the probe inside the sandbox must
-//!    fail to reach it before the entrypoint runs.
-//! 4. [`runtime`]: run under runsc or containerd with a hard timeout; capture
+//! 3. [`net`] (`scope.network = "targets"` only): resolve the targets on the host,
+//!    make the run's namespace, veth pair and nftables table.
+//! 4. [`probe`]: open a listener on host loopback (`targets`: on the veth's host
+//!    side); the probe inside the sandbox must fail to reach it, and reach every
+//!    declared target, before the entrypoint runs.
+//! 5. [`runtime`]: run under runsc or containerd with a hard timeout; capture
 //!    stdout/stderr up to a cap.
-//! 5. [`teardown`]: remove the container and verify from the outside that nothing
-//!    of it is left.
+//! 6. [`teardown`]: remove the container (and the run's network) and verify from
+//!    the outside that nothing of it is left.
 //!
 //! A run that happened but cannot be vouched for (egress not proven blocked,
 //! teardown incomplete) is an error carrying its [`RunReport`]. Every error says
@@ -33,7 +36,8 @@
 //! | layer | modules | uses |
 //! |---|---|---|
 //! | the run, in order | this file ([`Launcher`]) | everything below |
-//! | removal and recovery | [`teardown`] | `runtime` (its `Runtime` interface), `host` |
+//! | removal and recovery | [`teardown`] | `runtime` (its `Runtime` interface), `net`, `host` |
+//! | scoped egress | [`net`] (`resolve`, `link`, `nft`) | `teardown` (its locks and checks), `runtime::process` (bounded commands), `host` |
 //! | the sandbox runtimes | [`runtime`] (`supervise`, `runsc`, `containerd`, `process`) | `bundle` (its `Flavor`), `host` |
 //! | the run's inputs | [`stage`], [`bundle`], [`probe`] | — |
 //! | the host seen from outside | [`host`] (names of a run's traces, `/proc`, cgroups, signals) | — |
@@ -52,6 +56,7 @@
 pub mod bundle;
 pub mod error;
 pub mod host;
+pub mod net;
 pub mod probe;
 pub mod runtime;
 pub mod stage;
@@ -100,6 +105,8 @@ pub struct LauncherConfig {
     pub output_cap_bytes: usize,
     /// Size of the sandbox's `/tmp` tmpfs.
     pub tmp_size_mib: u64,
+    /// The private range the veth pairs of `targets` runs are numbered from.
+    pub egress_pool: net::Pool,
 }
 
 impl LauncherConfig {
@@ -111,6 +118,7 @@ impl LauncherConfig {
             probe,
             output_cap_bytes: 1 << 20,
             tmp_size_mib: 64,
+            egress_pool: net::Pool::default(),
         }
     }
 }
@@ -191,7 +199,28 @@ impl Launcher {
             ));
         }
         let runtime = runtime::open(&config.runtime, &state_dir)?;
-        let stale = teardown::recover_stale(&*runtime, &state_dir)?;
+        let mut stale = teardown::recover_stale(&*runtime, &state_dir)?;
+        // Networks of `targets` runs whose launcher died (on this host, any
+        // launcher's: a live run holds its lock and is left alone).
+        for n in net::recover_stale()? {
+            let ok = n.checks.iter().all(|c| c.ok);
+            let report = TeardownReport {
+                ok,
+                checks: n.checks,
+                actions: n.actions,
+            };
+            if !ok {
+                return Err(LaunchError::StaleCleanup {
+                    run_id: n.run,
+                    left: report.failures(),
+                });
+            }
+            stale.push(StaleReport {
+                container_id: host::container_id(&n.run),
+                run_id: n.run,
+                teardown: report,
+            });
+        }
         Ok(Launcher {
             config: LauncherConfig {
                 state_dir,
@@ -247,7 +276,18 @@ impl Launcher {
                 .map_err(|e| LaunchError::io("create run directory", &run_dir, e))?;
             teardown::Lock::acquire(&run_dir.join("lock"))?
         };
-        let result = self.run_in(admitted, &run_id, &container_id, &run_dir, cancel);
+        // The run's network (`targets`) and its host-wide lock live until the
+        // teardown below has removed them: a sweep by another launcher's start
+        // never takes a run being torn down for a dead one.
+        let mut network = None;
+        let result = self.run_in(
+            admitted,
+            &run_id,
+            &container_id,
+            &run_dir,
+            cancel,
+            &mut network,
+        );
         match result {
             Ok(mut report) => {
                 report.teardown = teardown::teardown(
@@ -257,6 +297,7 @@ impl Launcher {
                     &run_dir,
                     std::mem::take(&mut report.runtime_notes),
                 );
+                drop(network);
                 drop(lock);
                 if !report.teardown.ok {
                     let why = format!("teardown incomplete: {}", report.teardown.failures());
@@ -265,7 +306,7 @@ impl Launcher {
                         report: Box::new(report),
                     });
                 }
-                if !report.egress.blocked {
+                if !report.egress.blocked || !report.egress.declared_reached {
                     let why = egress_failure(&report);
                     return Err(LaunchError::RunFailed {
                         why,
@@ -283,6 +324,7 @@ impl Launcher {
                     &run_dir,
                     Vec::new(),
                 );
+                drop(network);
                 drop(lock);
                 if !t.ok {
                     return Err(LaunchError::TeardownFailed {
@@ -303,12 +345,23 @@ impl Launcher {
         container_id: &str,
         run_dir: &Path,
         cancel: &AtomicBool,
+        network: &mut Option<net::Egress>,
     ) -> Result<RunReport> {
         let manifest = admitted.manifest();
         let staged_dir = run_dir.join("staging");
         let staged = stage::stage(admitted, &staged_dir)?;
-        let listener = probe::HostListener::open()
-            .map_err(|e| LaunchError::io("open egress listener", "127.0.0.1", e))?;
+        *network = self.scoped_egress(admitted, run_id, run_dir)?;
+        let egress = &*network;
+        let listen_on = egress
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |e| e.host_address());
+        let listener = probe::HostListener::open_on(listen_on)
+            .map_err(|e| LaunchError::io("open egress listener", listen_on.to_string(), e))?;
+        let reach: Vec<std::net::SocketAddr> = egress
+            .iter()
+            .flat_map(|e| e.tcp_destinations())
+            .map(|d| (d.address, d.port).into())
+            .collect();
         let bundle_dir = run_dir.join("bundle");
         let cgroups_path = host::cgroups_path(container_id);
         let input = bundle::BundleInput {
@@ -322,12 +375,18 @@ impl Launcher {
             cgroups_path: &cgroups_path,
             flavor: self.runtime.flavor(),
             share_host_network: self.runtime.host_network(),
+            network: egress.as_ref().map(|e| e.bundle()),
+            probe_reach: &reach,
         };
         let bundle::WrittenBundle {
             facts: bundle,
             config: oci_config,
         } = bundle::write(&bundle_dir, &input)?;
-        let facts = self.runtime.facts();
+        let mut facts = self.runtime.facts();
+        if egress.is_some() {
+            // runsc `--network=host` inside the run's own namespace (see `runsc`).
+            facts.network = "host-in-run-netns".into();
+        }
 
         let started_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -340,6 +399,7 @@ impl Launcher {
             deadline: start + Duration::from_millis(manifest.limits.timeout_ms),
             cancel,
             output_cap: self.config.output_cap_bytes,
+            sandbox_network: egress.is_some(),
         };
         let raw = runtime::supervise(&*self.runtime, &ctx)?;
         let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -351,7 +411,10 @@ impl Launcher {
             total_bytes: raw.stdout.total_bytes.saturating_sub(dropped as u64),
             truncated: raw.stdout.truncated,
         };
-        let egress = listener.verdict(probe_report);
+        let egress = match &egress {
+            None => listener.verdict(probe_report),
+            Some(e) => listener.verdict_scoped(probe_report, e.ledger()?, e.sandbox_address()),
+        };
         Ok(RunReport {
             run_id: run_id.to_string(),
             container_id: container_id.to_string(),
@@ -381,6 +444,33 @@ impl Launcher {
     }
 }
 
+impl Launcher {
+    /// `scope.network = "targets"`: the targets resolved on the host (refused if
+    /// one would open it) and the run's namespace, veth and table set up. `None`
+    /// for `none`. Whatever this leaves on failure, the run's teardown removes.
+    fn scoped_egress(
+        &self,
+        admitted: &Admitted,
+        run_id: &str,
+        run_dir: &Path,
+    ) -> Result<Option<net::Egress>> {
+        let scope = &admitted.manifest().scope;
+        if scope.network != "targets" {
+            return Ok(None);
+        }
+        if self.runtime.kind() != "runsc" {
+            return Err(net::NetError::RuntimeUnsupported(self.runtime.kind()).into());
+        }
+        let targets = net::resolve::resolve(&scope.targets, &self.config.egress_pool)?;
+        Ok(Some(net::Egress::create(
+            run_id,
+            targets,
+            &self.config.egress_pool,
+            &run_dir.join("net"),
+        )?))
+    }
+}
+
 /// Why the egress check failed, in words.
 fn egress_failure(report: &RunReport) -> String {
     let e = &report.egress;
@@ -400,6 +490,24 @@ fn egress_failure(report: &RunReport) -> String {
         Some(p) if p.connected || e.listener_accepted => format!(
             "egress is open: the probe reached the host listener {}",
             e.target
+        ),
+        Some(_) if e.ledger.is_some() && !e.blocked => {
+            "egress is not as declared: the sandbox has an interface other than its veth, \
+             or the ledger did not count the refused probe"
+                .into()
+        }
+        Some(p) if e.ledger.is_some() => format!(
+            "a declared target was not reached: {}",
+            p.reached
+                .iter()
+                .filter(|r| !r.connected)
+                .map(|r| format!(
+                    "{} ({})",
+                    r.target,
+                    r.error.as_deref().unwrap_or("not counted")
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         Some(_) => "the sandbox has a network interface other than loopback".into(),
     }

@@ -22,6 +22,13 @@
 //! after the run it asks its own listener whether anything connected, and checks
 //! that the interface list holds only loopback interfaces. All three facts are
 //! recorded as evidence.
+//!
+//! `scope.network = "targets"` ([`crate::net`]): the listener is on the host side
+//! of the run's veth instead (the address the sandbox's route leads to), and the
+//! probe also connects to every declared TCP destination (`--reach ADDR`) and
+//! closes at once. The launcher checks both directions in its own nftables
+//! counters ([`HostListener::verdict_scoped`]): the refused attempt must be
+//! counted as dropped, each reached destination as allowed.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -52,6 +59,20 @@ pub struct ProbeReport {
     pub error: Option<String>,
     pub errno: Option<i32>,
     pub interfaces: Vec<Interface>,
+    /// `scope.network = "targets"`: each declared TCP destination the probe had to
+    /// reach, and whether it did (absent in runs without a network).
+    #[serde(default)]
+    pub reached: Vec<Reach>,
+}
+
+/// One declared destination the probe connected to (and closed at once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reach {
+    pub target: String,
+    pub connected: bool,
+    #[serde(deserialize_with = "crate::nullable")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,8 +98,19 @@ pub struct EgressReport {
     /// Whether every interface the probe saw is a loopback interface.
     pub only_loopback: bool,
     /// The verdict: the probe ran, its connect failed, the listener saw nothing, and
-    /// the sandbox has no interface but loopback.
+    /// the sandbox has no interface but loopback (`targets`: none but loopback and
+    /// its one veth with its one address, and the ledger counted the refused
+    /// attempt).
     pub blocked: bool,
+    /// `targets`: the egress ledger, from the run's nftables counters (absent in
+    /// runs without a network).
+    #[serde(default)]
+    pub ledger: Option<crate::net::EgressLedger>,
+    /// Every declared TCP destination was reached by the probe, and the ledger
+    /// counted each of those connections as allowed. `true` when there is none to
+    /// reach (`none`).
+    #[serde(default)]
+    pub declared_reached: bool,
 }
 
 /// The launcher's side: a TCP listener on host loopback for one run.
@@ -89,8 +121,15 @@ pub struct HostListener {
 }
 
 impl HostListener {
+    /// On host loopback (`scope.network = "none"`).
     pub fn open() -> std::io::Result<HostListener> {
-        let listener = TcpListener::bind(("127.0.0.1", 0))?;
+        HostListener::open_on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// On one of the host's own addresses (`targets`: the host side of the run's
+    /// veth, the address the sandbox's route leads to).
+    pub fn open_on(ip: std::net::Ipv4Addr) -> std::io::Result<HostListener> {
+        let listener = TcpListener::bind((ip, 0))?;
         // Never blocks: a connection that arrived waits in the backlog, fully
         // established by the kernel, until `accepted` looks.
         listener.set_nonblocking(true)?;
@@ -125,6 +164,65 @@ impl HostListener {
             listener_accepted,
             only_loopback,
             blocked,
+            ledger: None,
+            declared_reached: true,
+        }
+    }
+
+    /// The verdict of a `targets` run: the host's view, the probe's report and the
+    /// ledger must agree. Blocked: the probe's connect to this listener failed, the
+    /// listener saw nothing, the ledger counted that attempt as refused, and the
+    /// sandbox has loopback and one interface with exactly `sandbox_address`.
+    /// Declared reached: the probe reached every declared TCP destination and the
+    /// ledger counted a connection to each. The probe's word alone proves neither.
+    pub fn verdict_scoped(
+        &self,
+        probe: Option<ProbeReport>,
+        ledger: crate::net::EgressLedger,
+        sandbox_address: std::net::Ipv4Addr,
+    ) -> EgressReport {
+        use crate::net::EgressLedger as L;
+        let listener_accepted = self.accepted();
+        let (ip, port) = (self.addr.ip().to_string(), self.addr.port());
+        let refused_counted = L::packets(&ledger.dropped, &ip, "tcp", port) > 0;
+        let want = sandbox_address.to_string();
+        let interfaces_ok = probe.as_ref().is_some_and(|p| {
+            let others: Vec<&Interface> = p.interfaces.iter().filter(|i| !i.loopback).collect();
+            others.len() == 1
+                && others[0]
+                    .addresses
+                    .iter()
+                    .filter(|a| !a.contains(':'))
+                    .eq([&want])
+        });
+        let only_loopback = probe
+            .as_ref()
+            .is_some_and(|p| p.interfaces.iter().all(|i| i.loopback));
+        let blocked = probe.as_ref().is_some_and(|p| !p.connected)
+            && !listener_accepted
+            && refused_counted
+            && interfaces_ok;
+        let tcp: std::collections::BTreeSet<crate::net::Destination> = ledger
+            .targets
+            .iter()
+            .flat_map(|t| t.destinations())
+            .filter(|d| d.protocol == "tcp")
+            .collect();
+        let declared_reached = probe.as_ref().is_some_and(|p| {
+            tcp.iter().all(|d| {
+                let addr = format!("{}:{}", d.address, d.port);
+                p.reached.iter().any(|r| r.target == addr && r.connected)
+                    && L::packets(&ledger.allowed, &d.address.to_string(), "tcp", d.port) > 0
+            })
+        });
+        EgressReport {
+            target: self.addr.to_string(),
+            probe,
+            listener_accepted,
+            only_loopback,
+            blocked,
+            ledger: Some(ledger),
+            declared_reached,
         }
     }
 }
@@ -150,6 +248,7 @@ pub fn split_report(stdout: &[u8]) -> (Option<ProbeReport>, &[u8]) {
 pub fn sandbox_main(args: &[OsString]) -> i32 {
     let Args {
         target,
+        reach,
         env,
         entrypoint,
     } = match parse_args(args) {
@@ -159,7 +258,8 @@ pub fn sandbox_main(args: &[OsString]) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let report = probe(target);
+    let mut report = probe(target);
+    report.reached = reach.iter().map(|r| reach_one(*r)).collect();
     let line = match serde_json::to_string(&report) {
         Ok(json) => format!("{PROBE_MARKER}{json}\n"),
         Err(e) => {
@@ -200,13 +300,16 @@ pub fn sandbox_main(args: &[OsString]) -> i32 {
 #[derive(Debug, PartialEq, Eq)]
 struct Args<'a> {
     target: SocketAddr,
+    /// Declared destinations that must be reachable (`targets`).
+    reach: Vec<SocketAddr>,
     /// The manifest's env: the entrypoint gets these and nothing else. They come as
     /// arguments, not as the probe's environment (see the module docs).
     env: Vec<(&'a str, &'a str)>,
     entrypoint: &'a [OsString],
 }
 
-const USAGE: &str = "usage: --connect ADDR [--env NAME=VALUE]... -- ENTRYPOINT [ARG...]";
+const USAGE: &str =
+    "usage: --connect ADDR [--reach ADDR]... [--env NAME=VALUE]... -- ENTRYPOINT [ARG...]";
 
 /// Why the probe refused its arguments (it prints this and exits [`EXIT_USAGE`]).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -239,7 +342,19 @@ fn parse_args(args: &[OsString]) -> Result<Args<'_>, ArgsError> {
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| ArgsError::BadAddress(addr.clone()))?;
     let mut env = Vec::new();
+    let mut reach = Vec::new();
     let mut rest = rest;
+    while let [flag, addr, more @ ..] = rest {
+        if flag != "--reach" {
+            break;
+        }
+        reach.push(
+            addr.to_str()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| ArgsError::BadAddress(addr.clone()))?,
+        );
+        rest = more;
+    }
     loop {
         match rest {
             [sep, entrypoint @ ..] if sep == "--" => {
@@ -248,6 +363,7 @@ fn parse_args(args: &[OsString]) -> Result<Args<'_>, ArgsError> {
                 }
                 return Ok(Args {
                     target,
+                    reach,
                     env,
                     entrypoint,
                 });
@@ -279,6 +395,19 @@ fn valid_env_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// Connects to a declared destination and closes at once.
+fn reach_one(target: SocketAddr) -> Reach {
+    let (connected, error) = match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
+        Ok(_) => (true, None),
+        Err(e) => (false, Some(e.to_string())),
+    };
+    Reach {
+        target: target.to_string(),
+        connected,
+        error,
+    }
+}
+
 /// Runs both checks.
 pub fn probe(target: SocketAddr) -> ProbeReport {
     let (connected, error, errno) = match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
@@ -291,6 +420,7 @@ pub fn probe(target: SocketAddr) -> ProbeReport {
         error,
         errno,
         interfaces: interfaces(),
+        reached: Vec::new(),
     }
 }
 
@@ -347,6 +477,7 @@ mod tests {
                 up: true,
                 addresses: vec!["127.0.0.1".into()],
             }],
+            reached: Vec::new(),
         }
     }
 
@@ -409,6 +540,39 @@ mod tests {
         assert_eq!(parsed.entrypoint, &ok[7..]);
         let none = os(&["--connect", "127.0.0.1:1", "--", "/bin/true"]);
         assert!(parse_args(&none).expect("valid").env.is_empty());
+        let reach = os(&[
+            "--connect",
+            "10.0.0.1:1",
+            "--reach",
+            "10.9.0.2:80",
+            "--reach",
+            "10.9.0.3:443",
+            "--env",
+            "A=1",
+            "--",
+            "/bin/true",
+        ]);
+        let parsed = parse_args(&reach).expect("valid");
+        assert_eq!(
+            parsed.reach,
+            vec![
+                "10.9.0.2:80".parse().unwrap(),
+                "10.9.0.3:443".parse().unwrap()
+            ]
+        );
+        assert_eq!(parsed.env, vec![("A", "1")]);
+        // `--reach` only before `--env`: the order the launcher writes.
+        let late = os(&[
+            "--connect",
+            "10.0.0.1:1",
+            "--env",
+            "A=1",
+            "--reach",
+            "10.9.0.2:80",
+            "--",
+            "/bin/true",
+        ]);
+        assert_eq!(parse_args(&late).err(), Some(ArgsError::Usage));
         // Each refusal names its one reason.
         let c = ["--connect", "127.0.0.1:1"];
         let cases: Vec<(Vec<&str>, ArgsError)> = vec![

@@ -10,7 +10,9 @@
 //!    cgroup (a runc/Kata container's own processes);
 //! 3. its cgroup directories are gone;
 //! 4. the runtime's per-container state files are gone;
-//! 5. the run directory (staging, bundle, lock) is gone.
+//! 5. the run directory (staging, bundle, lock) is gone;
+//! 6. no network namespace, veth or nftables table of the run is left
+//!    (`crate::net`; a `none` run never had one, and the checks say so).
 //!
 //! Whatever the runtime's own delete left behind is removed first (a process found
 //! by the checks above is SIGKILLed by pid; an empty cgroup is removed), and each
@@ -107,6 +109,8 @@ pub(crate) fn teardown(
             actions.push(format!("removed runtime state {}", f.display()));
         }
     }
+    // The run's network (`targets`), found by its names: namespace, veth, table.
+    actions.extend(crate::net::remove(run_id));
     // 5. The run directory: staging, bundle, lock.
     if run_dir.exists() {
         if let Err(e) = remove_tree(run_dir) {
@@ -173,6 +177,7 @@ pub(crate) fn verify(
             if dir_gone { "removed" } else { "still exists" }
         ),
     });
+    checks.extend(crate::net::verify(run_id));
     TeardownReport {
         ok: checks.iter().all(|c| c.ok),
         checks,

@@ -15,6 +15,7 @@ use verify_core::{Alg, Policy, Sha256Digest};
 
 pub mod governance;
 pub mod negative;
+pub mod netns;
 pub mod trust_attacks;
 
 /// The current time in Unix seconds. Fixtures are built around the real clock so that

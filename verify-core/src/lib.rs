@@ -25,6 +25,7 @@ pub mod jws;
 pub mod keys;
 pub mod limits;
 pub mod manifest;
+pub mod net_target;
 pub mod policy;
 pub mod rules;
 pub mod runner;

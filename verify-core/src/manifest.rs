@@ -58,7 +58,8 @@ pub struct Scope {
     pub targets: Vec<String>,
     #[serde(default)]
     pub actions: Vec<String>,
-    /// Only `none` is accepted: the sandbox has no network.
+    /// `none` (the sandbox has no network) or `targets` (exactly `targets`, when the
+    /// environment's rule allows it; see [`crate::net_target`]).
     pub network: String,
 }
 

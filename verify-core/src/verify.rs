@@ -1036,6 +1036,16 @@ pub enum ScopeError {
     Rule(#[from] ScopeRuleError),
     #[error("network `{0}` requested; only `none` is allowed")]
     Network(String),
+    /// `scope.network = "targets"` with an empty `scope.targets`.
+    #[error("network `targets` requested with no `scope.targets`")]
+    NoTargets,
+    /// A target the sandbox cannot open as a destination.
+    #[error("target `{}`: {source}", .target.escape_debug())]
+    Target {
+        target: String,
+        #[source]
+        source: crate::net_target::NetTargetError,
+    },
 }
 
 fn check_scope(m: &Manifest, tenant: &Tenant, rule: Option<&Rule>) -> Result<(), ScopeError> {
@@ -1048,9 +1058,22 @@ fn check_scope(m: &Manifest, tenant: &Tenant, rule: Option<&Rule>) -> Result<(),
     if let Some(rule) = rule {
         rule.check_scope(&m.scope)?;
     }
-    // Whatever a rule allows, this build's sandbox runs without a network only.
-    if m.scope.network != "none" {
+    // Without a rule naming the network modes, `none` only (the rule itself checked
+    // its own list above).
+    if rule.and_then(|r| r.network.as_ref()).is_none() && m.scope.network != "none" {
         return Err(ScopeError::Network(truncate(&m.scope.network)));
+    }
+    // `targets`: every target must be a destination the sandbox can open.
+    if m.scope.network == "targets" {
+        if m.scope.targets.is_empty() {
+            return Err(ScopeError::NoTargets);
+        }
+        for t in &m.scope.targets {
+            crate::net_target::NetTarget::parse(t).map_err(|source| ScopeError::Target {
+                target: truncate(t),
+                source,
+            })?;
+        }
     }
     Ok(())
 }

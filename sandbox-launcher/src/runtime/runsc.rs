@@ -108,7 +108,15 @@ impl Runtime for Runsc {
     /// status is the container's.
     fn start(&self, ctx: &RunCtx<'_>) -> RuntimeCommand {
         let mut cmd = self.cmd();
-        cmd.arg(if self.config.host_network {
+        // `targets`: the sandbox joins the run's own namespace (its path is in the
+        // OCI config) and uses that namespace's kernel network stack
+        // (`--network=host` there means the run's namespace, not the host's).
+        // gVisor's own stack (`--network=sandbox`) is not used: this runsc
+        // (Debian's 20221219) refuses it in every namespace on current kernels,
+        // its root-namespace test being the presence of
+        // /proc/sys/net/core/rmem_default, which kernels now show in every one.
+        // `none`: no network stack at all.
+        cmd.arg(if self.config.host_network || ctx.sandbox_network {
             "--network=host"
         } else {
             "--network=none"

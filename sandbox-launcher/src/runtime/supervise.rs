@@ -32,6 +32,9 @@ pub(crate) struct RunCtx<'a> {
     pub deadline: Instant,
     pub cancel: &'a AtomicBool,
     pub output_cap: usize,
+    /// The sandbox joins the prepared network namespace of its OCI config
+    /// (`scope.network = "targets"`; runsc `--network=sandbox`).
+    pub sandbox_network: bool,
 }
 
 /// How one run ended, as the runtime's command saw it.
