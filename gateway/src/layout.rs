@@ -57,4 +57,9 @@ impl StateLayout {
     pub fn dev(&self) -> PathBuf {
         self.root.join("dev")
     }
+
+    /// Events waiting for delivery to a sink (`delivery::Spool`).
+    pub fn spool(&self) -> PathBuf {
+        self.root.join("spool")
+    }
 }

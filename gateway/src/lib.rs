@@ -20,6 +20,7 @@
 
 pub mod admission;
 pub mod cli;
+pub mod delivery;
 pub mod durable;
 pub mod error;
 pub mod evidence;

@@ -98,7 +98,7 @@ fn same<T: PartialEq + fmt::Debug>(
     }
 }
 
-fn digest_of(bytes: &[u8]) -> Sha256Digest {
+pub(crate) fn digest_of(bytes: &[u8]) -> Sha256Digest {
     Sha256Digest(verify_core::crypto::default_backend().sha256_oneshot(bytes))
 }
 
