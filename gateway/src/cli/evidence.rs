@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use verify_core::EgressMode;
 
 use crate::admission::load_policy;
+use crate::custody::CustodySigner;
 use crate::evidence::{export, EgressRules};
+use crate::layout::StateLayout;
 use crate::GatewayError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,6 +52,10 @@ pub struct ExportArgs {
     /// The export directory to create (must not exist).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Gateway state: its custody key (`STATE/custody`) signs export.json; it must
+    /// be the key that signed the bundle's index.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/capsule-gateway")]
+    pub state: PathBuf,
     /// The TPM for the policy's sealed keys.
     #[command(flatten)]
     pub identity: super::attest::IdentityArgs,
@@ -64,12 +70,13 @@ pub fn run(command: EvidenceCommand) -> Result<ExitCode, GatewayError> {
             let mut sealed = args.identity.sealed_keys();
             let policy = load_policy(&args.policy, &mut sealed)?;
             let rules = EgressRules::compile(&policy)?;
+            let signer = custody_signer(&args.state)?;
             let manifest = export(
                 &args.bundle,
                 &args.out,
                 args.mode.map(Into::into),
                 &rules,
-                None,
+                &signer,
             )?;
             let line = serde_json::json!({
                 "export": args.out.display().to_string(),
@@ -81,4 +88,18 @@ pub fn run(command: EvidenceCommand) -> Result<ExitCode, GatewayError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The software custody signer under `state` (it must exist: an export is signed by
+/// the key that signed the index, never by a key made for the occasion).
+// TPM-signed bundles: the lead points this at custody's signer selection on merge.
+fn custody_signer(state: &std::path::Path) -> Result<CustodySigner, GatewayError> {
+    let dir = StateLayout::new(state).custody();
+    if !dir.join(crate::custody::SOFTWARE_KEY_FILE).exists() {
+        return Err(GatewayError::Usage(format!(
+            "{}: no custody key (the state that wrote the bundle signs its export)",
+            dir.display()
+        )));
+    }
+    CustodySigner::software(&dir).map_err(|e| GatewayError::Usage(e.to_string()))
 }

@@ -5,7 +5,9 @@
 //! - `export.json` lists every file the bundle's index lists, once, as `included`
 //!   (copied verbatim: the index's digest holds), `masked` (rewritten by the
 //!   tenant's rules: its own `sha256`/`size` beside the index's original, and the
-//!   patterns that matched) or `withheld` (absent); `export.sig.json` signs it;
+//!   patterns that matched) or `withheld` (absent); `export.sig.json` signs it,
+//!   by the custody signer that signed the index (checked before anything is
+//!   written);
 //! - `index.json` and `index.sig.json` copied verbatim, except under `local-only`,
 //!   whose export is `export.json` alone: nothing but the signed index's digest.
 //!
@@ -24,6 +26,9 @@ use verify_core::EgressMode;
 
 use super::egress::{permissiveness, EgressRules, Hits, MaskRules};
 use super::EvidenceError;
+use crate::custody::{
+    verify_custody, CustodyError, CustodyExpect, CustodySignature, CustodySigner,
+};
 use crate::durable::{create_dirs, DurableError, StagedDir};
 
 /// `export.json`'s `schema`.
@@ -119,9 +124,20 @@ pub enum ExportError {
     Read(#[from] EvidenceError),
     #[error("export: {0}")]
     Write(#[from] DurableError),
+    /// `index.sig.json` is missing or does not hold over `index.json`.
+    #[error("{}: index.sig.json: {detail}", bundle.display())]
+    IndexSignature { bundle: PathBuf, detail: String },
+    /// The signer at hand is not the one that signed the index: `evidence verify`
+    /// requires one signer for both.
+    #[error("{}: the index was signed by key {index}, this signer is {signer}", bundle.display())]
+    OtherSigner {
+        bundle: PathBuf,
+        index: String,
+        signer: String,
+    },
     /// The custody signer refused to sign `export.json`.
     #[error("signing export.json: {0}")]
-    Sign(String),
+    Sign(#[source] CustodyError),
 }
 
 impl ExportError {
@@ -133,18 +149,17 @@ impl ExportError {
         match self {
             ExportError::TooPermissive { .. }
             | ExportError::Index { .. }
+            | ExportError::OtherSigner { .. }
             | ExportError::Write(DurableError::Exists { .. }) => ErrorClass::Usage,
             ExportError::Read(EvidenceError::Malformed { .. }) => ErrorClass::Usage,
             ExportError::Mismatch { .. }
+            | ExportError::IndexSignature { .. }
             | ExportError::Read(_)
             | ExportError::Write(_)
             | ExportError::Sign(_) => ErrorClass::Runtime,
         }
     }
 }
-
-/// Signs `export.json`'s bytes; returns the bytes of `export.sig.json`.
-pub type SignFn<'a> = &'a dyn Fn(&[u8]) -> Result<Vec<u8>, ExportError>;
 
 /// An index path as a relative path inside the bundle (no `..`, not absolute, not
 /// one of the index's own files).
@@ -204,15 +219,41 @@ fn read_required(bundle: &Path, rel: &Path) -> Result<Vec<u8>, ExportError> {
     })
 }
 
+/// Checks `index.sig.json` over the index's bytes and that `signer` is the key that
+/// made it.
+fn check_index_signer(
+    bundle: &Path,
+    index: &[u8],
+    sig: Option<&[u8]>,
+    signer: &CustodySigner,
+) -> Result<(), ExportError> {
+    let refused = |detail: String| ExportError::IndexSignature {
+        bundle: bundle.to_path_buf(),
+        detail,
+    };
+    let sig = sig.ok_or_else(|| refused("missing".into()))?;
+    let sig = CustodySignature::parse(sig).map_err(|e| refused(e.to_string()))?;
+    let info = verify_custody(index, &sig, &CustodyExpect::default())
+        .map_err(|e| refused(e.to_string()))?;
+    if info.key_thumbprint != signer.key_thumbprint() {
+        return Err(ExportError::OtherSigner {
+            bundle: bundle.to_path_buf(),
+            index: info.key_thumbprint,
+            signer: signer.key_thumbprint(),
+        });
+    }
+    Ok(())
+}
+
 /// Writes the export of `bundle` under `mode` (default: the tenant's) to `out`,
-/// which must not exist; signs `export.json` with `sign` when given. Returns what
-/// `export.json` says.
+/// which must not exist, and signs `export.json` with `signer` (the one that signed
+/// the bundle's index: checked first). Returns what `export.json` says.
 pub fn export(
     bundle: &Path,
     out: &Path,
     mode: Option<EgressMode>,
     rules: &EgressRules,
-    sign: Option<SignFn<'_>>,
+    signer: &CustodySigner,
 ) -> Result<ExportManifest, ExportError> {
     let index_error = |detail: String| ExportError::Index {
         bundle: bundle.to_path_buf(),
@@ -223,6 +264,7 @@ pub fn export(
     let index: IndexView = serde_json::from_slice(&index_bytes)
         .map_err(|e| index_error(format!("index.json: {e}")))?;
     let index_sig = super::read::optional(&bundle.join("index.sig.json"))?;
+    check_index_signer(bundle, &index_bytes, index_sig.as_deref(), signer)?;
 
     // The tenant's mode, narrowed by the one the index was written under: what the
     // run was promised is never widened by a later policy.
@@ -298,9 +340,11 @@ pub fn export(
     }
     if mode != EgressMode::LocalOnly {
         staged.put("index.json", &index_bytes, 0o600)?;
-        if let Some(sig) = &index_sig {
-            staged.put("index.sig.json", sig, 0o600)?;
-        }
+        staged.put(
+            "index.sig.json",
+            index_sig.as_deref().unwrap_or_default(),
+            0o600,
+        )?;
     }
     let manifest = ExportManifest {
         schema: EXPORT_SCHEMA.into(),
@@ -312,9 +356,8 @@ pub fn export(
     // Plain structs of strings and numbers: serialising cannot fail.
     let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
     staged.put("export.json", &bytes, 0o600)?;
-    if let Some(sign) = sign {
-        staged.put("export.sig.json", &sign(&bytes)?, 0o600)?;
-    }
+    let sig = signer.sign(&bytes).map_err(ExportError::Sign)?;
+    staged.put("export.sig.json", &sig.to_bytes(), 0o600)?;
     staged.commit()?;
     Ok(manifest)
 }
