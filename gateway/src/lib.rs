@@ -12,8 +12,9 @@
 //! - [`state`]: the durable anti-rollback state, the admission log, the last-known
 //!   time and the highest tenant-index versions; [`layout`]: where state lives;
 //! - [`evidence`]: one schema for the run event and bundle, its writer, readers and
-//!   chain-of-custody check; [`launch`]: the sandbox, set up and run the same way for
-//!   `run` and `serve`;
+//!   chain-of-custody check, the egress modes and masking, and `evidence export`;
+//!   [`launch`]: the sandbox, set up and run the same way for `run` and `serve`;
+//! - [`delivery`]: events to an HTTP CloudEvents sink from a durable spool;
 //! - [`custody`]: the custody signer (TPM quote or software ES256) of evidence
 //!   indexes, exports and log checkpoints, and its offline verifier;
 //! - [`durable`]: temp file, fsync, rename, fsync the parent — every durable write;
