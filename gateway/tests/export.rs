@@ -13,7 +13,8 @@ use std::sync::OnceLock;
 
 use capsule_gateway::custody::{verify_custody, CustodyExpect, CustodySignature, CustodySigner};
 use capsule_gateway::evidence::{
-    export, EgressRules, Event, EventData, ExportError, ExportManifest, FileStatus,
+    export, Bundle, EgressRules, Event, EventData, EvidenceError, ExportError, ExportManifest,
+    FileStatus,
 };
 use capsule_tests::{sha256_hex, Signer, World, RUNNER, TENANT};
 use serde_json::{json, Value};
@@ -273,11 +274,39 @@ fn the_custody_attributes_are_cloudevents_extensions_to_the_sdk() {
     }
     assert_eq!(sdk.id(), ours.id);
 
-    // An attribute that disagrees with data is refused.
+    // An attribute that disagrees with the signed manifest breaks its hop.
+    let copy =
+        f.w.path("attr-copy")
+            .join(f.sanitized.bundle.file_name().expect("id"));
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    for e in std::fs::read_dir(&f.sanitized.bundle)
+        .expect("bundle")
+        .flatten()
+    {
+        std::fs::copy(e.path(), copy.join(e.file_name())).expect("copy");
+    }
     let mut v: Value = serde_json::from_slice(&bundle_event).expect("json");
     v["tenantid"] = json!("other-tenant");
-    let e = Event::parse(&serde_json::to_vec(&v).expect("json")).expect_err("refused");
-    assert!(e.to_string().contains("tenantid"), "{e}");
+    std::fs::write(
+        copy.join("event.json"),
+        serde_json::to_vec(&v).expect("json"),
+    )
+    .expect("w");
+    let policy =
+        verify_core::Policy::load(&f.sanitized.policy, verify_core::crypto::default_backend())
+            .expect("policy");
+    match Bundle::read(&copy).and_then(|b| b.check(&policy)) {
+        Err(EvidenceError::Link { hop, detail }) => {
+            assert_eq!(hop.as_str(), "manifest");
+            assert!(detail.contains("tenantid"), "{detail}");
+        }
+        other => panic!("refused at the manifest hop, got {other:?}"),
+    }
+    v["tenantid"] = json!("");
+    assert!(
+        Event::parse(&serde_json::to_vec(&v).expect("json")).is_err(),
+        "empty"
+    );
 }
 
 #[test]

@@ -394,49 +394,14 @@ impl Event {
                 EventData::Run(kind, Box::new(d))
             }
         };
-        let event = Event {
+        Ok(Event {
             id: env.id,
             source: env.source,
             subject: env.subject,
             time: env.time,
             custody,
             data,
-        };
-        event.check_custody()?;
-        Ok(event)
-    }
-
-    /// The extension attributes say what `data` says: an attribute that disagrees
-    /// with its member would let a router file the event under another run.
-    fn check_custody(&self) -> Result<(), EvidenceError> {
-        let (capsule, tenant, run): (Option<&str>, Option<&str>, Option<&str>) = match &self.data {
-            EventData::Run(_, d) => (
-                Some(&d.capsule_digest),
-                Some(&d.tenant_id),
-                d.run_id.as_deref(),
-            ),
-            EventData::Denied(d) => (
-                d.capsule_digest.as_deref(),
-                d.tenant_id.as_deref(),
-                Some(self.id.as_str()),
-            ),
-        };
-        let c = &self.custody;
-        for (name, attr, member) in [
-            ("capsuledigest", &c.capsule_digest, capsule),
-            ("tenantid", &c.tenant_id, tenant),
-            ("runid", &c.run_id, run),
-        ] {
-            if let Some(attr) = attr {
-                if Some(attr.as_str()) != member {
-                    return Err(malformed(
-                        "event",
-                        format!("attribute {name} `{attr}` disagrees with data"),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        })
     }
 
     pub fn kind(&self) -> EventType {
