@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod sink;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
