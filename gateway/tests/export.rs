@@ -176,6 +176,22 @@ fn fixture() -> &'static Fixture {
     })
 }
 
+/// A copy of the sanitized run's bundle under `dir/` (named after its run, as
+/// `Bundle::check` requires), for a test to edit.
+fn copy_bundle(f: &Fixture, dir: &str) -> PathBuf {
+    let copy =
+        f.w.path(dir)
+            .join(f.sanitized.bundle.file_name().expect("id"));
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    for e in std::fs::read_dir(&f.sanitized.bundle)
+        .expect("bundle")
+        .flatten()
+    {
+        std::fs::copy(e.path(), copy.join(e.file_name())).expect("copy");
+    }
+    copy
+}
+
 /// Every byte of every file under `dir`.
 fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -275,16 +291,7 @@ fn the_custody_attributes_are_cloudevents_extensions_to_the_sdk() {
     assert_eq!(sdk.id(), ours.id);
 
     // An attribute that disagrees with the signed manifest breaks its hop.
-    let copy =
-        f.w.path("attr-copy")
-            .join(f.sanitized.bundle.file_name().expect("id"));
-    std::fs::create_dir_all(&copy).expect("mkdir");
-    for e in std::fs::read_dir(&f.sanitized.bundle)
-        .expect("bundle")
-        .flatten()
-    {
-        std::fs::copy(e.path(), copy.join(e.file_name())).expect("copy");
-    }
+    let copy = copy_bundle(f, "attr-copy");
     let mut v: Value = serde_json::from_slice(&bundle_event).expect("json");
     v["tenantid"] = json!("other-tenant");
     std::fs::write(
@@ -508,16 +515,7 @@ fn a_wider_mode_an_existing_out_and_a_bad_mode_are_refused_with_exit_2() {
 #[test]
 fn a_bundle_edited_after_its_index_is_not_exported() {
     let f = fixture();
-    let copy =
-        f.w.path("copies")
-            .join(f.sanitized.bundle.file_name().expect("id"));
-    std::fs::create_dir_all(&copy).expect("mkdir");
-    for e in std::fs::read_dir(&f.sanitized.bundle)
-        .expect("bundle")
-        .flatten()
-    {
-        std::fs::copy(e.path(), copy.join(e.file_name())).expect("copy");
-    }
+    let copy = copy_bundle(f, "copies");
     std::fs::write(copy.join("stdout"), b"token=nothing to see\n").expect("edit");
     let out = f.w.path("exports/edited");
     let o = export_cli(&f.sanitized, None, &out, &copy);

@@ -257,16 +257,10 @@ fn emit(
     let index = bundle.and_then(crate::evidence::egress::index_sha256);
     if let Some(d) = delivery {
         let outbound = outbound_event(event, tenant, index.as_deref());
-        let report = crate::delivery::enqueue_and_try(d, &event.id, &outbound)?;
-        if report.pending > 0 {
-            tracing::warn!(
-                target: "capsule_gateway::delivery",
-                sink = d.sink.url(),
-                pending = report.pending,
-                error = report.last_error.as_deref().unwrap_or(""),
-                "event queued, not delivered yet (`capsule-gateway events deliver` sends it)"
-            );
-        }
+        crate::delivery::enqueue_and_try(d, &event.id, &outbound)?.warn_pending(
+            &d.sink,
+            "event queued, not delivered yet (`capsule-gateway events deliver` sends it)",
+        );
     }
     // A closed pipe does not change the run's exit code (the evidence is written).
     crate::output::println_stdout(printed_event(event, tenant, index.as_deref()))

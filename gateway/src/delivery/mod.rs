@@ -235,6 +235,21 @@ pub struct DrainReport {
     pub last_error: Option<String>,
 }
 
+impl DrainReport {
+    /// Logs what is still queued (nothing when the spool was emptied).
+    pub fn warn_pending(&self, sink: &Sink, what: &str) {
+        if self.pending > 0 {
+            tracing::warn!(
+                target: "capsule_gateway::delivery",
+                sink = sink.url(),
+                pending = self.pending,
+                error = self.last_error.as_deref().unwrap_or(""),
+                "{what}"
+            );
+        }
+    }
+}
+
 /// The sink, the spool and a client runtime.
 #[derive(Debug)]
 pub struct Delivery {
@@ -353,13 +368,7 @@ impl Deliverer {
                             Duration::from_secs(60)
                         }
                         Ok(r) => {
-                            tracing::warn!(
-                                target: "capsule_gateway::delivery",
-                                sink = delivery.sink.url(),
-                                pending = r.pending,
-                                error = r.last_error.as_deref().unwrap_or(""),
-                                "events not delivered yet; retrying"
-                            );
+                            r.warn_pending(&delivery.sink, "events not delivered yet; retrying");
                             failures = failures.saturating_add(1);
                             backoff.delay(failures - 1)
                         }
