@@ -24,14 +24,14 @@ pub fn system_clock() -> Arc<dyn Clock> {
 }
 
 /// Loads the policy, unsealing its sealed keys through `sealed` (a key that cannot be
-/// unsealed stops start-up, naming the file and what the TPM said).
+/// unsealed stops start-up, naming the file and what the TPM said), and compiles
+/// every tenant's evidence mask patterns (a bad one is a configuration error naming
+/// the tenant and the field, before anything is admitted).
 pub fn load_policy(path: &Path, sealed: &mut SealedKeys) -> Result<Policy, GatewayError> {
     let mut unseal = |file: &Path| sealed.unseal(file).map_err(Into::into);
-    Ok(Policy::load_with_sealed(
-        path,
-        default_backend(),
-        Some(&mut unseal),
-    )?)
+    let policy = Policy::load_with_sealed(path, default_backend(), Some(&mut unseal))?;
+    crate::evidence::EgressRules::compile(&policy)?;
+    Ok(policy)
 }
 
 /// The anti-rollback state as this admission reads it.

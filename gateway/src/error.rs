@@ -44,6 +44,12 @@ pub enum GatewayError {
     /// An evidence bundle could not be written.
     #[error(transparent)]
     Evidence(#[from] crate::evidence::EvidenceError),
+    /// `evidence export` refused or failed.
+    #[error(transparent)]
+    Export(#[from] crate::evidence::ExportError),
+    /// Event delivery to a sink (the spool could not be written or read).
+    #[error(transparent)]
+    Delivery(#[from] crate::delivery::DeliveryError),
     /// A durable write (keys, capsules, certificates) failed, or would have replaced
     /// an existing file.
     #[error(transparent)]
@@ -80,6 +86,8 @@ impl GatewayError {
             | GatewayError::State { .. }
             | GatewayError::SandboxSetup(_) => ErrorClass::Usage,
             GatewayError::Pack(e) => e.class(),
+            GatewayError::Export(e) => e.class(),
+            GatewayError::Delivery(e) => e.class(),
             // A TPM that answers but fails a command fails at run time; an
             // unreachable TPM, a bad TCTI, changed PCRs, a bad file or a missing
             // (or misplaced) identity key are configuration.

@@ -124,6 +124,8 @@ pub struct EvidenceSink<'a> {
     pub source: &'a str,
     /// The event's time.
     pub clock: &'a dyn Clock,
+    /// The policy in force (the event's `policydigest`).
+    pub policy_digest: &'a verify_core::Sha256Digest,
 }
 
 impl std::fmt::Debug for EvidenceSink<'_> {
@@ -151,6 +153,7 @@ pub fn execute(
         root: evidence_root,
         source,
         clock,
+        policy_digest,
     } = sink;
     let outcome = launcher.launch_as(admitted, run_id, cancel);
     let (kind, report, error) = match &outcome {
@@ -164,7 +167,7 @@ pub fn execute(
     };
     let bundle_dir = evidence_root.join(run_id.as_str());
     let data = RunData::new(admitted, run_id, report, error, stale, &bundle_dir);
-    let event = Event::run(kind, source, data, event_time(clock));
+    let event = Event::run(kind, source, data, policy_digest, event_time(clock));
     evidence::write_bundle(evidence_root, run_id, admitted, report, &event)?;
     Ok(event)
 }

@@ -12,14 +12,19 @@
 //! - [`state`]: the durable anti-rollback state, the admission log, the last-known
 //!   time and the highest tenant-index versions; [`layout`]: where state lives;
 //! - [`evidence`]: one schema for the run event and bundle, its writer, readers and
-//!   chain-of-custody check; [`launch`]: the sandbox, set up and run the same way for
-//!   `run` and `serve`;
+//!   chain-of-custody check, the egress modes and masking, and `evidence export`;
+//!   [`launch`]: the sandbox, set up and run the same way for `run` and `serve`;
+//! - [`delivery`]: events to an HTTP CloudEvents sink from a durable spool;
+//! - [`custody`]: the custody signer (TPM quote or software ES256) of evidence
+//!   indexes, exports and log checkpoints, and its offline verifier;
 //! - [`durable`]: temp file, fsync, rename, fsync the parent — every durable write;
 //!   [`keygen`] and [`pack`]: keys and capsules; [`output`]: printing verdicts;
 //! - [`error`]: which failures are usage (exit 2) and which runtime (exit 4).
 
 pub mod admission;
 pub mod cli;
+pub mod custody;
+pub mod delivery;
 pub mod durable;
 pub mod error;
 pub mod evidence;

@@ -1683,3 +1683,88 @@ fn a_clock_stepped_back_behind_the_state_is_clock_rollback_through_the_service()
     assert_eq!(state.verify_log().expect("intact chain"), 0);
     assert_eq!(state.last_known_time_now(), Some(now + 86_400));
 }
+
+/// `[events] sink`: the service queues each run's event in the durable spool and a
+/// background thread delivers it. The sink is down (503) when the run ends; once it
+/// recovers, the event arrives (retried with backoff) as a structured CloudEvent,
+/// shaped by the tenant's mode (`local-only` here: a notice with the index digest,
+/// no outputs), accepted once, and the spool is empty.
+#[test]
+fn served_run_events_reach_a_sink_that_recovers() {
+    use common::sink::{TestSink, DOWN, UP};
+    let f = Fixture::new();
+    let w = &f.world;
+    let sink = TestSink::start();
+    sink.set(DOWN);
+    let config = f.write_config(&format!(
+        "[runs]\nruntime = \"runsc\"\n\n[events]\nsink = \"{}\"\ntimeout_ms = 500\n",
+        sink.url
+    ));
+    let script: &[u8] = b"#!/bin/sh\necho served to a sink\n";
+    let files: [(&str, &[u8]); 1] = [("run.sh", script)];
+    let m = w.script_manifest(&files);
+    let capsule = w.capsule_with_files("sink-run", &m, &files, Signer::Es256);
+    let cfg = client_config(&f.client_svid_dir(RUNNER), GATEWAY_ID, false);
+    let rt = runtime();
+    let mut gateway = Gateway::serve(&[OsStr::new("--config"), s(&config)]);
+    let spool = f.state_dir().join("spool/events");
+    let id = rt.block_on(async {
+        let mut c = Client::connect(gateway.addr, cfg).await.expect("connect");
+        c.upload_dir(&capsule.join("files")).await;
+        let started = c
+            .request(Method::POST, "/v1/runs", full(read_jws(&capsule)))
+            .await
+            .expect("answer");
+        assert_eq!(started.status, 202, "{}", started.text());
+        let id = started.json()["run_id"].as_str().expect("id").to_string();
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let r = c.get(&format!("/v1/runs/{id}")).await.expect("status");
+            if r.json()["status"] != "running" {
+                assert_eq!(r.json()["status"], "completed", "{}", r.text());
+                break;
+            }
+            assert!(Instant::now() < end, "the run did not finish");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        id
+    });
+    // Queued while the sink is down; delivered once it is back.
+    let end = Instant::now() + Duration::from_secs(10);
+    while sink.seen().is_empty() {
+        assert!(Instant::now() < end, "no attempt while the sink was down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read_dir(&spool).expect("spool").count(), 1);
+    sink.set(UP);
+    let end = Instant::now() + Duration::from_secs(60);
+    while !sink.seen().iter().any(|x| x.answered == Some(200)) {
+        assert!(
+            Instant::now() < end,
+            "not delivered after recovery: {}",
+            gateway.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seen = sink.seen();
+    let accepted: Vec<Value> = seen
+        .iter()
+        .filter(|x| x.answered == Some(200))
+        .map(|x| serde_json::from_slice(&x.body).expect("json"))
+        .collect();
+    assert_eq!(accepted.len(), 1);
+    let event = &accepted[0];
+    assert_eq!(event["id"], id.as_str());
+    assert_eq!(event["runid"], id.as_str());
+    assert_eq!(event["data"]["egress_mode"], "local-only");
+    assert!(event["data"].get("stdout").is_none(), "{event}");
+    assert!(seen
+        .iter()
+        .all(|x| x.content_type == "application/cloudevents+json"));
+    let end = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(&spool).expect("spool").count() != 0 {
+        assert!(Instant::now() < end, "removed after the 2xx");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gateway.terminate().success(), "{}", gateway.stderr());
+}

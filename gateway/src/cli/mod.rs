@@ -3,6 +3,8 @@
 
 mod approve;
 pub(crate) mod attest;
+mod events;
+mod evidence;
 mod index;
 mod keygen;
 pub mod logging;
@@ -178,6 +180,16 @@ pub enum Command {
         #[command(subcommand)]
         command: self::attest::AttestCommand,
     },
+    /// Evidence bundles: what of them may leave the host.
+    Evidence {
+        #[command(subcommand)]
+        command: evidence::EvidenceCommand,
+    },
+    /// Events queued for a CloudEvents sink.
+    Events {
+        #[command(subcommand)]
+        command: events::EventsCommand,
+    },
     /// Print a shell completion script for SHELL on stdout.
     Completions {
         /// The shell to complete for.
@@ -234,6 +246,8 @@ pub fn run() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Attest { command } => self::attest::run(command),
+        Command::Evidence { command } => evidence::run(command),
+        Command::Events { command } => events::run(command),
         Command::Completions { shell } => completions(shell),
         Command::Man { out, command } => man(out.as_deref(), &command),
         Command::SandboxProbe { args } => return run::probe(&args),

@@ -19,7 +19,10 @@ use std::sync::Arc;
 
 use super::{HashModeArg, EXIT_DENIED, EXIT_RUNTIME};
 use crate::admission::Admission;
-use crate::evidence::{Event, EventData, EventType};
+use std::time::Duration;
+
+use crate::delivery::{Delivery, Sink, Spool};
+use crate::evidence::{outbound_event, printed_event, EgressRules, Event, EventData, EventType};
 use crate::launch::{self, Runtime, Sandbox};
 use crate::layout::StateLayout;
 use crate::GatewayError;
@@ -98,6 +101,16 @@ pub struct RunArgs {
     /// A signed tenant index (fleet freshness); repeat for several tenants.
     #[arg(long, value_name = "FILE")]
     pub index: Vec<PathBuf>,
+    /// Deliver the event to this HTTP CloudEvents sink (structured mode), shaped by
+    /// the tenant's egress mode: queued durably under STATE/spool first, then one
+    /// attempt (with what earlier runs left queued) within --sink-timeout-ms. An
+    /// event not delivered stays queued (`events deliver`, a later run or the
+    /// service sends it); the run's exit code does not depend on the sink.
+    #[arg(long, value_name = "URL")]
+    pub sink: Option<String>,
+    /// The bound on `--sink` delivery for this run (milliseconds).
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub sink_timeout_ms: u64,
     /// Capsule directory (capsule.jws and files/).
     #[arg(value_name = "CAPSULE")]
     pub capsule: PathBuf,
@@ -144,6 +157,15 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         },
     };
     let sandbox = Sandbox::start(&layout, &runtime, Some(args.output_cap))?;
+    let egress = EgressRules::compile(admission.policy())?;
+    let delivery = match &args.sink {
+        Some(url) => {
+            let sink = Sink::parse(url, Duration::from_millis(args.sink_timeout_ms))?;
+            Some(Delivery::new(Spool::open(&layout.spool())?, sink)?)
+        }
+        None => None,
+    };
+    let policy_digest = admission.policy().digests.policy;
 
     let result = admission
         .admit(std::slice::from_ref(&args.capsule), true)?
@@ -159,9 +181,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
                 &source,
                 &capsule,
                 &decision,
+                &policy_digest,
                 launch::event_time(admission.clock()),
             );
-            print_event(&event)?;
+            emit(&event, &egress, None, delivery.as_ref())?;
             return Ok(ExitCode::from(EXIT_DENIED));
         }
     };
@@ -186,11 +209,13 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
             root: &evidence_root,
             source: &source,
             clock: admission.clock(),
+            policy_digest: &policy_digest,
         },
         &cancel,
         sandbox.stale_cleaned().to_vec(),
     )?;
-    print_event(&event)?;
+    let bundle = evidence_root.join(run_id.as_str());
+    emit(&event, &egress, Some(&bundle), delivery.as_ref())?;
     Ok(ExitCode::from(exit_code(&event)))
 }
 
@@ -219,7 +244,24 @@ fn event_source(runner: Option<&str>, configured: Option<&str>) -> Result<String
     Ok(format!("urn:capsule-gateway:host:{}", host.trim()))
 }
 
-fn print_event(event: &Event) -> Result<(), GatewayError> {
+/// Prints the event as the tenant's egress mode lets `run` print it, and queues the
+/// outbound event for the sink (one bounded attempt). A sink that is down costs at
+/// most `--sink-timeout-ms` and changes nothing else: the event stays queued.
+fn emit(
+    event: &Event,
+    egress: &EgressRules,
+    bundle: Option<&std::path::Path>,
+    delivery: Option<&Delivery>,
+) -> Result<(), GatewayError> {
+    let tenant = egress.for_event(event);
+    let index = bundle.and_then(crate::evidence::egress::index_sha256);
+    if let Some(d) = delivery {
+        let outbound = outbound_event(event, tenant, index.as_deref());
+        crate::delivery::enqueue_and_try(d, &event.id, &outbound)?.warn_pending(
+            &d.sink,
+            "event queued, not delivered yet (`capsule-gateway events deliver` sends it)",
+        );
+    }
     // A closed pipe does not change the run's exit code (the evidence is written).
-    crate::output::println_stdout(event.to_json())
+    crate::output::println_stdout(printed_event(event, tenant, index.as_deref()))
 }

@@ -98,7 +98,7 @@ fn same<T: PartialEq + fmt::Debug>(
     }
 }
 
-fn digest_of(bytes: &[u8]) -> Sha256Digest {
+pub(crate) fn digest_of(bytes: &[u8]) -> Sha256Digest {
     Sha256Digest(verify_core::crypto::default_backend().sha256_oneshot(bytes))
 }
 
@@ -165,6 +165,9 @@ impl Bundle {
         if let Some(s) = &self.sandbox {
             same(Hop::RunId, "sandbox.json run_id", &s.run_id, id)?;
         }
+        if let Some(attr) = &self.event.custody.run_id {
+            same(Hop::RunId, "runid attribute", attr, id)?;
+        }
         Ok(())
     }
 
@@ -206,6 +209,19 @@ impl Bundle {
         same(Hop::Manifest, "capsule_id", &d.capsule_id, &m.capsule_id)?;
         same(Hop::Manifest, "version", &d.version, &m.version)?;
         same(Hop::Manifest, "tenant", &d.tenant_id, &m.tenant)?;
+        // The envelope's custody attributes (after the signature, so a forgery that
+        // rewrote every digest is named at the signature first).
+        if let Some(attr) = &self.event.custody.tenant_id {
+            same(Hop::Manifest, "tenantid attribute", attr, &m.tenant)?;
+        }
+        if let Some(attr) = &self.event.custody.capsule_digest {
+            same(
+                Hop::CapsuleDigest,
+                "capsuledigest attribute",
+                attr,
+                &d.capsule_digest,
+            )?;
+        }
         same(
             Hop::Manifest,
             "subject",

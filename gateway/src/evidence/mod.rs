@@ -8,8 +8,13 @@
 //! `capsule.jws`) → signature (by the trust store) → manifest → approvals and policy
 //! version → admission decision → sandbox and OCI config digest → staged files →
 //! outputs.
+//!
+//! What may leave the host is shaped by the tenant's egress mode ([`egress`]): the
+//! event sent to a sink, and `evidence export` ([`export`]).
 
 pub mod check;
+pub mod egress;
+pub mod export;
 pub mod read;
 pub mod schema;
 pub mod write;
@@ -17,10 +22,12 @@ pub mod write;
 use std::path::PathBuf;
 
 pub use check::{Hop, Links};
+pub use egress::{outbound_event, printed_event, EgressRules, MaskRules, TenantEgress};
+pub use export::{export, ExportError, ExportFile, ExportManifest, FileStatus};
 pub use read::{read_event_head, Bundle};
 pub use schema::{
-    DecisionRecord, DecisionSummary, DeniedData, Event, EventData, EventHead, EventType, RunData,
-    SandboxRecord,
+    Custody, DecisionRecord, DecisionSummary, DeniedData, Event, EventData, EventHead, EventType,
+    RunData, SandboxRecord,
 };
 pub use write::write_bundle;
 

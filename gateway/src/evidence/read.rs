@@ -60,7 +60,7 @@ fn found<T>(r: Result<T, OpenError>, path: &Path) -> Result<Option<T>, EvidenceE
     }
 }
 
-fn optional(path: &Path) -> Result<Option<Vec<u8>>, EvidenceError> {
+pub(crate) fn optional(path: &Path) -> Result<Option<Vec<u8>>, EvidenceError> {
     found(open_regular_nofollow(path, Access::Read), path)?
         .map(|(f, _)| read_capped(f, path))
         .transpose()

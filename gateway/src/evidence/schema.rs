@@ -95,7 +95,39 @@ struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     subject: Option<String>,
     time: String,
+    // The custody, as CloudEvents extension attributes (lowercase alphanumeric
+    // names, string values); absent in events written before issue 12.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    capsuledigest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    policydigest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tenantid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    runid: Option<String>,
     data: Value,
+}
+
+/// The chain of custody as CloudEvents extension attributes on the event head, so a
+/// consumer can route and correlate without reading `data` (which an egress mode may
+/// have withheld). Each is absent when unknown (a denial of unreadable bytes has no
+/// capsule digest); present, it is never empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Custody {
+    /// `capsuledigest`: `sha256:<hex>` of the exact JWS bytes.
+    pub capsule_digest: Option<String>,
+    /// `policydigest`: `sha256:<hex>` of the policy text in force.
+    pub policy_digest: Option<String>,
+    /// `tenantid`: the capsule's tenant.
+    pub tenant_id: Option<String>,
+    /// `runid`: the run (for a denial, the denial's id).
+    pub run_id: Option<String>,
+}
+
+impl Custody {
+    /// The attribute names, in the order written.
+    pub const ATTRIBUTES: [&'static str; 4] =
+        ["capsuledigest", "policydigest", "tenantid", "runid"];
 }
 
 /// One run event.
@@ -108,6 +140,8 @@ pub struct Event {
     pub subject: Option<String>,
     /// RFC 3339, as written.
     pub time: String,
+    /// The extension attributes.
+    pub custody: Custody,
     pub data: EventData,
 }
 
@@ -324,6 +358,22 @@ impl Event {
             return Err(malformed("event", "id and source must not be empty"));
         }
         chrono::DateTime::parse_from_rfc3339(&env.time).map_err(|e| malformed("event time", e))?;
+        let custody = Custody {
+            capsule_digest: env.capsuledigest,
+            policy_digest: env.policydigest,
+            tenant_id: env.tenantid,
+            run_id: env.runid,
+        };
+        for (name, value) in Custody::ATTRIBUTES.iter().zip([
+            &custody.capsule_digest,
+            &custody.policy_digest,
+            &custody.tenant_id,
+            &custody.run_id,
+        ]) {
+            if value.as_deref() == Some("") {
+                return Err(malformed("event", format!("attribute {name} is empty")));
+            }
+        }
         let data = match env.kind {
             EventType::Denied => EventData::Denied(Box::new(
                 serde_json::from_value(env.data).map_err(|e| malformed("event data", e))?,
@@ -349,6 +399,7 @@ impl Event {
             source: env.source,
             subject: env.subject,
             time: env.time,
+            custody,
             data,
         })
     }
@@ -374,6 +425,10 @@ impl Event {
             datacontenttype: "application/json".into(),
             subject: self.subject.clone(),
             time: self.time.clone(),
+            capsuledigest: self.custody.capsule_digest.clone(),
+            policydigest: self.custody.policy_digest.clone(),
+            tenantid: self.custody.tenant_id.clone(),
+            runid: self.custody.run_id.clone(),
             // Plain structs of strings, numbers and booleans: serialising cannot fail.
             data: data.unwrap_or(Value::Null),
         };

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use sandbox_launcher::{RunId, RunReport, StaleReport};
 use serde::Serialize;
-use verify_core::{Admitted, Decision};
+use verify_core::{Admitted, Decision, Sha256Digest};
 
 use super::schema::{
-    DecisionRecord, DecisionSummary, DeniedData, Event, EventData, EventType, RunData,
+    Custody, DecisionRecord, DecisionSummary, DeniedData, Event, EventData, EventType, RunData,
     SandboxRecord,
 };
 use super::EvidenceError;
@@ -117,9 +117,23 @@ fn rfc3339(time: DateTime<Utc>) -> String {
 impl Event {
     /// The event of an admitted capsule's run (`completed` or `failed`), under its
     /// run id.
-    pub fn run(kind: EventType, source: &str, data: RunData, time: DateTime<Utc>) -> Event {
+    /// `policy_digest`: the policy in force (`Policy.digests.policy`).
+    pub fn run(
+        kind: EventType,
+        source: &str,
+        data: RunData,
+        policy_digest: &Sha256Digest,
+        time: DateTime<Utc>,
+    ) -> Event {
         debug_assert_ne!(kind, EventType::Denied);
+        let custody = Custody {
+            capsule_digest: Some(data.capsule_digest.clone()),
+            policy_digest: Some(policy_digest.to_string()),
+            tenant_id: Some(data.tenant_id.clone()),
+            run_id: data.run_id.clone(),
+        };
         Event {
+            custody,
             id: data.run_id.clone().unwrap_or_default(),
             source: source.to_string(),
             subject: Some(format!("{}@{}", data.capsule_id, data.version)),
@@ -138,9 +152,16 @@ impl Event {
         source: &str,
         capsule: &str,
         d: &Decision,
+        policy_digest: &Sha256Digest,
         time: DateTime<Utc>,
     ) -> Event {
         let r = DecisionRecord::new(capsule, d);
+        let custody = Custody {
+            capsule_digest: r.digest.clone(),
+            policy_digest: Some(policy_digest.to_string()),
+            tenant_id: r.tenant.clone(),
+            run_id: Some(id.to_string()),
+        };
         let data = DeniedData {
             tenant_id: r.tenant.clone(),
             capsule_digest: r.digest.clone(),
@@ -166,6 +187,7 @@ impl Event {
             source: source.to_string(),
             subject,
             time: rfc3339(time),
+            custody,
             data: EventData::Denied(Box::new(data)),
         }
     }

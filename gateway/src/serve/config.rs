@@ -34,6 +34,31 @@ pub struct ServeConfig {
     /// (and without `--health-listen`), they are served on the mTLS listener only.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+    /// Deliver run events to an HTTP CloudEvents sink, from the durable spool under
+    /// the state directory, in a background thread.
+    #[serde(default)]
+    pub events: Option<EventsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// `http://host:port/path` of the sink.
+    pub sink: String,
+    /// One delivery attempt's limit (milliseconds).
+    #[serde(default = "default_sink_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_sink_timeout_ms() -> u64 {
+    5000
+}
+
+impl EventsConfig {
+    /// The sink, checked (`events.sink` names the field of a bad one).
+    pub fn sink(&self) -> Result<crate::delivery::Sink, crate::delivery::DeliveryError> {
+        crate::delivery::Sink::parse(&self.sink, Duration::from_millis(self.timeout_ms))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,6 +253,11 @@ impl ServeConfig {
         config
             .check()
             .map_err(|e| GatewayError::Usage(format!("{}: {e}", path.display())))?;
+        if let Some(events) = &config.events {
+            events.sink().map_err(|e| {
+                GatewayError::Usage(format!("{}: events.sink: {e}", path.display()))
+            })?;
+        }
         Ok(config)
     }
 

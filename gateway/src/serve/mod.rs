@@ -193,6 +193,10 @@ impl Server {
             .build()
             .map_err(|e| GatewayError::Usage(format!("verification pool: {e}")))?;
         let metrics = Arc::new(Metrics::new());
+        // Run events leave the host shaped by the tenant's egress mode; the sink's
+        // thread starts only when there are runs to report.
+        let egress = crate::evidence::EgressRules::compile(&policy)?;
+        let policy_digest = policy.digests.policy;
         let admissions = Arc::new(Admissions {
             // `/v1/runs` runs under runsc: gVisor is the tier this service provides. It
             // takes no tenant index (no `--index` here yet), so a tenant whose index is
@@ -205,7 +209,29 @@ impl Server {
         let batcher = Batcher::start(admissions.clone(), &config.batch, metrics.clone())
             .map_err(|e| GatewayError::io("<batch threads>", e))?;
         let runs = match &config.runs {
-            Some(r) => Some(Runs::start_launcher(r, &config.state_dir, clock.clone())?),
+            Some(r) => {
+                let deliverer = match &config.events {
+                    Some(events) => {
+                        let spool = crate::delivery::Spool::open(
+                            &crate::layout::StateLayout::new(&config.state_dir).spool(),
+                        )?;
+                        let delivery = crate::delivery::Delivery::new(spool, events.sink()?)?;
+                        Some(crate::delivery::Deliverer::start(delivery)?)
+                    }
+                    None => None,
+                };
+                let outbound = runs::Outbound {
+                    policy_digest,
+                    egress,
+                    deliverer,
+                };
+                Some(Runs::start_launcher(
+                    r,
+                    &config.state_dir,
+                    clock.clone(),
+                    outbound,
+                )?)
+            }
             None => None,
         };
         let service = Arc::new(Service {

@@ -19,7 +19,8 @@ use verify_core::{Admitted, Clock, SpiffeId};
 
 use super::config::{RunsConfig, RunsRuntime};
 use super::metrics::{Metrics, RunOutcome};
-use crate::evidence::{read_event_head, EventData, EventType};
+use crate::delivery::Deliverer;
+use crate::evidence::{outbound_event, read_event_head, EgressRules, Event, EventData, EventType};
 use crate::launch::{self, Runtime, Sandbox};
 use crate::layout::StateLayout;
 use crate::GatewayError;
@@ -35,6 +36,36 @@ pub struct Runs {
     pub cancel: Arc<AtomicBool>,
     /// The service's clock: the time of every run event.
     clock: Arc<dyn Clock>,
+    /// The event's `policydigest`, the tenants' egress, and the sink's delivery.
+    outbound: Arc<Outbound>,
+}
+
+/// What leaves the host of each run's event: shaped by the tenant's egress mode and
+/// queued for the sink, when one is configured.
+#[derive(Debug)]
+pub struct Outbound {
+    pub policy_digest: verify_core::Sha256Digest,
+    pub egress: EgressRules,
+    pub deliverer: Option<Deliverer>,
+}
+
+impl Outbound {
+    /// Queues the event for the sink (durably; the background thread sends it).
+    fn deliver(&self, event: &Event, bundle: &std::path::Path) {
+        let Some(d) = &self.deliverer else { return };
+        let index = crate::evidence::egress::index_sha256(bundle);
+        let outbound = outbound_event(event, self.egress.for_event(event), index.as_deref());
+        let bytes = serde_json::to_vec(&outbound).unwrap_or_default();
+        if let Err(e) = d.enqueue(&event.id, &bytes) {
+            // The bundle on disk is the record; the operator learns the event was not queued.
+            tracing::error!(
+                target: "capsule_gateway::delivery",
+                run_id = event.id.as_str(),
+                error = %e,
+                "event not queued for the sink"
+            );
+        }
+    }
 }
 
 impl std::fmt::Debug for Runs {
@@ -72,6 +103,7 @@ impl Runs {
         config: &RunsConfig,
         state: &std::path::Path,
         clock: Arc<dyn Clock>,
+        outbound: Outbound,
     ) -> Result<Runs, GatewayError> {
         let runtime = match config.runtime {
             RunsRuntime::Runsc => Runtime::Runsc {
@@ -88,6 +120,7 @@ impl Runs {
             max: config.max_concurrent,
             cancel: Arc::default(),
             clock,
+            outbound: Arc::new(outbound),
         })
     }
 
@@ -112,6 +145,7 @@ impl Runs {
             .map_err(|_| GatewayError::Usage("runs: lock poisoned".into()))?
             .insert(id.clone(), peer.to_string());
         let clock = self.clock.clone();
+        let outbound = self.outbound.clone();
         let (sandbox, evidence, running, cancel) = (
             self.sandbox.clone(),
             self.evidence.clone(),
@@ -133,14 +167,19 @@ impl Runs {
                         root: &evidence,
                         source: &source,
                         clock: clock.as_ref(),
+                        policy_digest: &outbound.policy_digest,
                     },
                     &cancel,
                     Vec::new(),
                 ) {
-                    Ok(event) if matches!(event.data, EventData::Run(EventType::Completed, _)) => {
-                        RunOutcome::Completed
+                    Ok(event) => {
+                        outbound.deliver(&event, &evidence.join(run_id.as_str()));
+                        if matches!(event.data, EventData::Run(EventType::Completed, _)) {
+                            RunOutcome::Completed
+                        } else {
+                            RunOutcome::Failed
+                        }
                     }
-                    Ok(_) => RunOutcome::Failed,
                     Err(e) => {
                         tracing::error!(
                             target: "capsule_gateway::runs",

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod sink;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -91,6 +93,7 @@ impl Fixture {
             tpm: None,
             runs: None,
             health: None,
+            events: None,
         }
     }
 
