@@ -1,12 +1,14 @@
 //! Command-line interface: flags become a validated configuration in one place, and
 //! each command returns an exit code.
 
+mod agent;
 mod approve;
 pub(crate) mod attest;
 mod index;
 mod keygen;
 pub mod logging;
 mod pack;
+mod publish;
 pub(crate) mod run;
 mod serve;
 mod verify;
@@ -195,6 +197,10 @@ pub enum Command {
         #[arg(value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Push a capsule directory to an OCI registry as an artifact; prints its digest.
+    Publish(publish::PublishArgs),
+    /// The pull-only edge runner: poll registries, pull, verify, run, push evidence.
+    Agent(agent::AgentArgs),
     /// The egress probe, run inside the sandbox before the entrypoint (internal).
     #[command(name = "sandbox-probe", hide = true)]
     SandboxProbe {
@@ -233,6 +239,8 @@ pub fn run() -> ExitCode {
         Command::Admit(args) => verify::run(&args, true),
         Command::Run(args) => run::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Publish(args) => publish::run(&args),
+        Command::Agent(args) => agent::run(&args),
         Command::Attest { command } => self::attest::run(command),
         Command::Completions { shell } => completions(shell),
         Command::Man { out, command } => man(out.as_deref(), &command),
