@@ -253,8 +253,13 @@ fn agent_config(
     } else {
         format!("runner = \"{RUNNER}\"\n")
     };
+    let timeout = if extra.contains("timeout_s =") {
+        ""
+    } else {
+        "timeout_s = 3\n"
+    };
     let text = format!(
-        "state_dir = \"{state}\"\npolicy = \"{policy}\"\npoll_interval_s = 1\ntimeout_s = 3\nmax_backoff_s = 2\n{runner}{extra}\n[[sources]]\nregistry = \"{reg_url}\"\nrepository = \"{repo}\"\nca = \"{ca}\"\nbasic_auth_file = \"{auth}\"\n",
+        "state_dir = \"{state}\"\npolicy = \"{policy}\"\npoll_interval_s = 1\n{timeout}max_backoff_s = 2\n{runner}{extra}\n[[sources]]\nregistry = \"{reg_url}\"\nrepository = \"{repo}\"\nca = \"{ca}\"\nbasic_auth_file = \"{auth}\"\n",
         state = s(&state),
         policy = s(&w.policy_path()),
         ca = s(&pki.path("ca.pem")),
@@ -660,4 +665,205 @@ fn the_disk_filling_up_while_pulling_admits_nothing_and_leaves_nothing_corrupt()
     );
     assert!(!big_stored, "no partial blob under its digest");
     assert!(tmp.is_empty(), "no temp file left: {tmp:?}");
+}
+
+/// A byte-level TCP proxy to `upstream` (TLS passes through untouched) that
+/// forwards the server's bytes at most `chunk` per `tick`: a slow registry.
+fn throttled_proxy(upstream: u16, chunk: usize, tick: Duration) -> u16 {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let (mut c_read, mut s_write) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_read, &mut s_write);
+            });
+            let (mut s_read, mut c_write) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; chunk];
+                loop {
+                    match s_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c_write.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            std::thread::sleep(tick);
+                        }
+                    }
+                }
+                let _ = c_write.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+fn big_capsule(w: &World, name: &str, capsule_id: &str, size: usize) -> (PathBuf, Vec<u8>) {
+    let big = vec![b'y'; size];
+    let files: [(&str, &[u8]); 2] = [("run.sh", b"true\n"), ("big.bin", &big)];
+    let mut m = w.script_manifest(&files);
+    m["capsule_id"] = json!(capsule_id);
+    (w.capsule_with_files(name, &m, &files, Signer::Es256), big)
+}
+
+#[test]
+fn an_agent_killed_mid_pull_leaves_no_partial_blob_and_the_restart_resumes() {
+    let w = World::new();
+    let reg = shared();
+    let repo = "capsules/kill-mid-pull";
+    let (dir, big) = big_capsule(&w, "c", "kill-mid-pull", 8 << 20);
+    published(reg, repo, "v1", &dir);
+    // About 3 MB/s: the big blob takes seconds, long enough to be caught mid-pull.
+    let slow = throttled_proxy(reg.port, 16 << 10, Duration::from_millis(5));
+    let (slow_config, state) = agent_config(
+        &w,
+        "k",
+        &format!("https://127.0.0.1:{slow}"),
+        repo,
+        "action = \"admit-only\"",
+    );
+    let mut agent = bin()
+        .args(["agent", "--config", s(&slow_config), "--once"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent");
+    let tmp = state.join("blobs/tmp");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let partial = loop {
+        let sizes: Vec<u64> = std::fs::read_dir(&tmp)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if sizes.iter().any(|&n| n > (1 << 20)) {
+            break sizes;
+        }
+        assert!(Instant::now() < deadline, "never caught mid-pull");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    agent.kill().expect("kill -9");
+    agent.wait().expect("wait");
+    assert!(!partial.is_empty());
+    let big_path = state.join("blobs/sha256").join(sha256_hex(&big));
+    assert!(
+        !big_path.exists(),
+        "a partial blob is never under its digest"
+    );
+
+    // The restart (straight to the registry) removes the temp file and resumes.
+    std::fs::write(
+        &slow_config,
+        std::fs::read_to_string(&slow_config)
+            .expect("read")
+            .replace(&format!(":{slow}\""), &format!(":{}\"", reg.port)),
+    )
+    .expect("rewrite");
+    let (code, _, stderr) = agent_once(&slow_config);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert!(stderr.contains("agent: admitted"), "{stderr}");
+    assert_no_temp_files(&state);
+    assert_eq!(
+        sha256_hex(&std::fs::read(&big_path).expect("big blob")),
+        sha256_hex(&big)
+    );
+}
+
+#[test]
+fn slow_content_hits_the_deadline_and_admits_nothing() {
+    let w = World::new();
+    let reg = shared();
+    let repo = "capsules/slow";
+    let (dir, _) = big_capsule(&w, "c", "slow", 1 << 20);
+    published(reg, repo, "v1", &dir);
+    // 10 KiB/s: 1 MiB would take 100 s; its deadline is timeout_s + 1 MiB / 256 KiB/s.
+    let slow = throttled_proxy(reg.port, 1 << 10, Duration::from_millis(100));
+    let (config, state) = agent_config(
+        &w,
+        "slow",
+        &format!("https://127.0.0.1:{slow}"),
+        repo,
+        "action = \"admit-only\"\ntimeout_s = 2",
+    );
+    let started = Instant::now();
+    let (code, events, stderr) = agent_once(&config);
+    assert_eq!(code, 1, "stderr: {stderr}");
+    assert!(events.is_empty(), "{events:?}");
+    assert!(stderr.contains("timed out"), "{stderr}");
+    assert!(!stderr.contains("agent: admitted"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "bounded by the deadline"
+    );
+    assert_no_temp_files(&state);
+}
+
+#[test]
+fn replayed_stale_and_oversized_capsules_from_the_registry_are_denied() {
+    let w = World::new();
+    let reg = shared();
+    let repo = "capsules/replay";
+    let files: [(&str, &[u8]); 1] = [("run.sh", b"true\n")];
+    let mut v8 = w.script_manifest(&files);
+    v8["capsule_id"] = json!("replay");
+    v8["version"] = json!(8);
+    let newer = w.capsule_with_files("v8", &v8, &files, Signer::Es256);
+    published(reg, repo, "a-v8", &newer);
+    let (config, _) = agent_config(
+        &w,
+        "r",
+        &reg.url(),
+        repo,
+        "action = \"admit-only\"\nmax_blob_bytes = 4096",
+    );
+    let (code, _, stderr) = agent_once(&config);
+    assert_eq!(code, 0, "stderr: {stderr}");
+
+    // Replayed: the older version 7 pushed again after 8 was admitted.
+    let mut v7 = v8.clone();
+    v7["version"] = json!(7);
+    let older = w.capsule_with_files("v7", &v7, &files, Signer::Es256);
+    published(reg, repo, "b-v7", &older);
+    // Stale: a capsule whose validity ended.
+    let mut expired = v8.clone();
+    expired["capsule_id"] = json!("replay-expired");
+    expired["issued_at"] = json!(w.now - 7200);
+    expired["not_before"] = json!(w.now - 7200);
+    expired["expires_at"] = json!(w.now - 3600);
+    let stale = w.capsule_with_files("expired", &expired, &files, Signer::Es256);
+    published(reg, repo, "c-expired", &stale);
+    // Oversized: a layer larger than max_blob_bytes is refused before it is pulled.
+    let (big, big_bytes) = big_capsule(&w, "big", "replay-big", 8192);
+    published(reg, repo, "d-big", &big);
+
+    let (code, events, stderr) = agent_once(&config);
+    assert_eq!(code, 1, "stderr: {stderr}");
+    let reasons: Vec<&str> = events
+        .iter()
+        .map(|e| e["data"]["reason"].as_str().expect("reason"))
+        .collect();
+    assert_eq!(
+        reasons,
+        ["rollback", "expired", "limit_exceeded"],
+        "{events:?}"
+    );
+    let state = w.path("r-state");
+    assert!(
+        !state
+            .join("blobs/sha256")
+            .join(sha256_hex(&big_bytes))
+            .exists(),
+        "never pulled"
+    );
 }

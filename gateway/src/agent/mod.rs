@@ -227,10 +227,12 @@ impl Agent {
     }
 
     fn poll_source(&mut self, i: usize, report: &mut PassReport) -> Result<(), OciError> {
-        let tags = {
+        let mut tags = {
             let s = &self.sources[i];
             s.registry.tags(&s.repository)?
         };
+        // In name order: the same registry is read the same way every pass.
+        tags.sort();
         for tag in tags {
             if tag == INDEX_TAG || tag.starts_with("sha256-") || self.cancel.load(Ordering::Relaxed)
             {
