@@ -87,10 +87,15 @@ impl Pki {
 
 impl Registry {
     fn start_on(port: u16) -> Registry {
+        Registry::start_with(port, "")
+    }
+
+    /// `tls_extra`: more of the `http.tls` section (indented four spaces).
+    fn start_with(port: u16, tls_extra: &str) -> Registry {
         let pki = pki();
         let dir = tempfile::tempdir().expect("tempdir").keep();
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {cert}\n    key: {key}\nauth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {cert}\n    key: {key}\n{tls_extra}auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n",
             root = s(&dir.join("storage")),
             cert = s(&pki.path("server.pem")),
             key = s(&pki.path("server.key")),
@@ -865,5 +870,212 @@ fn replayed_stale_and_oversized_capsules_from_the_registry_are_denied() {
             .join(sha256_hex(&big_bytes))
             .exists(),
         "never pulled"
+    );
+}
+
+#[test]
+fn a_registry_that_requires_mtls_admits_the_runner_presenting_its_svid() {
+    let w = World::new();
+    let acme = TestCa::new("acme.example");
+    let clientcas = w.write("acme-ca.pem", acme.cert_pem().as_bytes());
+    let svid_dir = w.path("svid");
+    std::fs::create_dir_all(&svid_dir).expect("mkdir");
+    acme.write_svid_dir(
+        &svid_dir,
+        &acme.issue(&attest_testkit::SvidSpec::id(RUNNER)),
+    );
+    let mut reg = Registry::start_with(
+        free_port(),
+        &format!("    clientcas:\n      - {}\n", s(&clientcas)),
+    );
+    let repo = "capsules/mtls";
+    let dir = capsule(&w, "c", "mtls", "true\n");
+    // Without a client certificate the registry refuses the handshake.
+    let out = publish(&reg, repo, "v1", &dir);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin()
+        .args([
+            "publish",
+            "--registry",
+            &reg.url(),
+            "--repository",
+            repo,
+            "--tag",
+            "v1",
+        ])
+        .args([
+            "--ca",
+            s(&pki().path("ca.pem")),
+            "--basic-auth-file",
+            s(&pki().path("registry.auth")),
+        ])
+        .args(["--svid", s(&svid_dir)])
+        .arg(&dir)
+        .output()
+        .expect("publish");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The runner identity is the SVID's; no `runner` key.
+    let (without, _) = agent_config(&w, "plain", &reg.url(), repo, "action = \"admit-only\"");
+    let (code, _, stderr) = agent_once(&without);
+    assert_eq!(code, 1, "no client certificate: {stderr}");
+    let (with, _) = agent_config(
+        &w,
+        "svid",
+        &reg.url(),
+        repo,
+        &format!(
+            "action = \"admit-only\"\nrunner = \"{RUNNER}\"\nsvid = \"{}\"",
+            s(&svid_dir)
+        ),
+    );
+    let (code, _, stderr) = agent_once(&with);
+    reg.stop();
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert!(stderr.contains("agent: admitted"), "{stderr}");
+}
+
+/// A TLS-terminating proxy to the registry that answers every manifest GET with
+/// `substitute`'s bytes, keeping the registry's headers (its Docker-Content-Digest
+/// names the real manifest): a manifest served under the wrong digest.
+fn substituting_proxy(upstream: u16, substitute: Vec<u8>) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let pki = pki();
+    let certs = vec![CertificateDer::from_pem_file(pki.path("server.pem")).expect("cert")];
+    let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).expect("key");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config"),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(pki.path("ca.pem")).expect("ca"))
+        .expect("root");
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    /// One HTTP/1.1 message: its head and a Content-Length body.
+    fn read_message(stream: &mut impl Read) -> Option<(String, Vec<u8>)> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).ok()? == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).ok()?;
+        let len = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).ok()?;
+        Some((head, body))
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().map_while(Result::ok) {
+            let (server, client, substitute) = (server.clone(), client.clone(), substitute.clone());
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(server).expect("server conn");
+                let mut down = rustls::StreamOwned::new(conn, tcp);
+                let Some((head, body)) = read_message(&mut down) else {
+                    return;
+                };
+                let up_tcp =
+                    std::net::TcpStream::connect(("127.0.0.1", upstream)).expect("upstream");
+                let name = ServerName::try_from("127.0.0.1").expect("name");
+                let conn = rustls::ClientConnection::new(client, name).expect("client conn");
+                let mut up = rustls::StreamOwned::new(conn, up_tcp);
+                up.write_all(head.as_bytes()).expect("forward head");
+                up.write_all(&body).expect("forward body");
+                let Some((rhead, rbody)) = read_message(&mut up) else {
+                    return;
+                };
+                let is_manifest = head.starts_with("GET ") && head.contains("/manifests/");
+                let (rhead, rbody) = if is_manifest && rhead.starts_with("HTTP/1.1 200") {
+                    let mut out = String::new();
+                    for line in rhead.trim_end().lines() {
+                        if line.to_ascii_lowercase().starts_with("content-length:") {
+                            out.push_str(&format!("Content-Length: {}\r\n", substitute.len()));
+                        } else {
+                            out.push_str(line);
+                            out.push_str("\r\n");
+                        }
+                    }
+                    out.push_str("\r\n");
+                    (out, substitute)
+                } else {
+                    (rhead, rbody)
+                };
+                let _ = down.write_all(rhead.as_bytes());
+                let _ = down.write_all(&rbody);
+                let _ = down.flush();
+                down.conn.send_close_notify();
+                let _ = down.flush();
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_manifest_served_under_the_wrong_digest_is_refused() {
+    let w = World::new();
+    let reg = shared();
+    let repo = "capsules/wrong-digest";
+    let real = capsule(&w, "real", "wrong-digest", "true\n");
+    let real_digest = published(reg, repo, "v1", &real);
+    // Another signed capsule's manifest, substituted for v1's.
+    let other = capsule(&w, "other", "wrong-digest-other", "echo other\n");
+    let other_digest = published(reg, "capsules/wrong-digest-other", "v1", &other);
+    let substitute = skopeo_raw(reg, "capsules/wrong-digest-other:v1").to_string();
+    let proxy = substituting_proxy(reg.port, substitute.into_bytes());
+    let (config, state) = agent_config(
+        &w,
+        "p",
+        &format!("https://127.0.0.1:{proxy}"),
+        repo,
+        "action = \"admit-only\"",
+    );
+    let (code, events, stderr) = agent_once(&config);
+    assert_eq!(code, 1, "stderr: {stderr}");
+    assert!(events.is_empty(), "{events:?}");
+    assert!(stderr.contains("manifest refused"), "{stderr}");
+    assert!(
+        stderr.contains(&real_digest),
+        "names the digest it was served under: {stderr}"
+    );
+    assert!(!stderr.contains("agent: admitted"), "{stderr}");
+    assert_ne!(real_digest, other_digest);
+    assert!(
+        dir_entries(&state.join("blobs/sha256")).is_empty(),
+        "nothing pulled"
     );
 }
