@@ -319,7 +319,7 @@ impl Registry {
         };
         tokio::time::timeout(self.timeout, fut)
             .await
-            .map_err(|_| self.timeout_err(format!("{path}"), self.timeout.as_secs()))?
+            .map_err(|_| self.timeout_err(path, self.timeout.as_secs()))?
     }
 
     fn status_err(&self, method: &'static str, path: &str, status: StatusCode) -> OciError {
