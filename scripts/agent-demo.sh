@@ -10,8 +10,11 @@
 set -euo pipefail
 N=${1:-200}
 root=$(cd "$(dirname "$0")/.." && pwd)
-cargo build --release -q -p capsule-gateway --manifest-path "$root/Cargo.toml"
-cg="$root/target/release/capsule-gateway"
+# CG=path/to/capsule-gateway uses that binary instead of building a release one.
+if [ -z "${CG:-}" ]; then
+  cargo build --release -q -p capsule-gateway --manifest-path "$root/Cargo.toml"
+fi
+cg="${CG:-$root/target/release/capsule-gateway}"
 for t in docker-registry:docker-registry skopeo:skopeo htpasswd:apache2-utils openssl:openssl runsc:runsc; do
   command -v "${t%%:*}" >/dev/null || { echo "missing ${t%%:*} (Debian package ${t##*:})" >&2; exit 2; }
 done

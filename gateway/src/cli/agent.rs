@@ -9,8 +9,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use super::EXIT_DENIED;
 use crate::agent::{Agent, AgentConfig};
@@ -28,15 +26,7 @@ pub struct AgentArgs {
 
 pub fn run(args: &AgentArgs) -> Result<ExitCode, GatewayError> {
     let config = AgentConfig::load(&args.config)?;
-    let cancel = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, cancel.clone()).map_err(|source| {
-            GatewayError::Process {
-                what: "signal handler",
-                source,
-            }
-        })?;
-    }
+    let cancel = super::cancel_on_signals()?;
     let mut agent = Agent::open(config, cancel)?;
     if args.once {
         let report = agent.pass();

@@ -263,6 +263,20 @@ pub fn exit_code(e: &GatewayError) -> u8 {
     }
 }
 
+/// A flag raised by SIGINT or SIGTERM: long-running commands stop in order on it.
+fn cancel_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, GatewayError> {
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, cancel.clone()).map_err(|source| {
+            GatewayError::Process {
+                what: "signal handler",
+                source,
+            }
+        })?;
+    }
+    Ok(cancel)
+}
+
 fn usage(message: impl std::fmt::Display) -> GatewayError {
     GatewayError::Usage(message.to_string())
 }

@@ -369,6 +369,18 @@ impl Registry {
             .map_err(|_| self.timeout_err(what, secs))?
     }
 
+    /// A manifest, index or tag list: at most [`MAX_MANIFEST_BYTES`], into memory.
+    async fn read_small(&self, body: Incoming, what: &str) -> Result<Vec<u8>, OciError> {
+        let mut bytes = Vec::new();
+        let deadline = self.body_deadline(MAX_MANIFEST_BYTES);
+        self.read_body(body, what, MAX_MANIFEST_BYTES, deadline, &mut |c| {
+            bytes.extend_from_slice(c);
+            Ok(())
+        })
+        .await?;
+        Ok(bytes)
+    }
+
     fn body_deadline(&self, size: u64) -> Instant {
         Instant::now() + self.timeout + Duration::from_secs(size / MIN_RATE_BYTES_PER_S)
     }
@@ -388,19 +400,7 @@ impl Registry {
                 StatusCode::NOT_FOUND => return Ok(Vec::new()),
                 s => return Err(self.status_err("GET", &path, s)),
             }
-            let mut bytes = Vec::new();
-            let deadline = self.body_deadline(MAX_MANIFEST_BYTES);
-            self.read_body(
-                resp.into_body(),
-                &path,
-                MAX_MANIFEST_BYTES,
-                deadline,
-                &mut |c| {
-                    bytes.extend_from_slice(c);
-                    Ok(())
-                },
-            )
-            .await?;
+            let bytes = self.read_small(resp.into_body(), &path).await?;
             let list: TagList =
                 serde_json::from_slice(&bytes).map_err(|e| OciError::Malformed {
                     what: path.clone(),
@@ -432,19 +432,7 @@ impl Registry {
                 s => return Err(self.status_err("GET", &path, s)),
             }
             let claimed = header_digest(&resp);
-            let mut bytes = Vec::new();
-            let deadline = self.body_deadline(MAX_MANIFEST_BYTES);
-            self.read_body(
-                resp.into_body(),
-                &path,
-                MAX_MANIFEST_BYTES,
-                deadline,
-                &mut |c| {
-                    bytes.extend_from_slice(c);
-                    Ok(())
-                },
-            )
-            .await?;
+            let bytes = self.read_small(resp.into_body(), &path).await?;
             let got = sha256(&bytes);
             let mismatch = |expected| OciError::DigestMismatch {
                 what: format!("manifest {repo}:{reference}"),
@@ -600,19 +588,7 @@ impl Registry {
             if resp.status() != StatusCode::OK {
                 return Ok::<_, OciError>(None);
             }
-            let mut bytes = Vec::new();
-            let deadline = self.body_deadline(MAX_MANIFEST_BYTES);
-            self.read_body(
-                resp.into_body(),
-                &path,
-                MAX_MANIFEST_BYTES,
-                deadline,
-                &mut |c| {
-                    bytes.extend_from_slice(c);
-                    Ok(())
-                },
-            )
-            .await?;
+            let bytes = self.read_small(resp.into_body(), &path).await?;
             Ok(serde_json::from_slice::<ImageIndex>(&bytes).ok())
         })?;
         if let Some(index) = api {
