@@ -103,10 +103,11 @@ impl Registry {
         );
         std::fs::write(dir.join("config.yml"), config).expect("config");
         let script = format!(
-            "docker-registry serve {cfg} >{log} 2>&1 & r=$!; while kill -0 {me} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; kill $r 2>/dev/null",
+            "docker-registry serve {cfg} >{log} 2>&1 & r=$!; while kill -0 {me} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; kill $r 2>/dev/null; wait $r; rm -rf {dir}",
             cfg = s(&dir.join("config.yml")),
             log = s(&dir.join("registry.log")),
-            me = std::process::id()
+            me = std::process::id(),
+            dir = s(&dir),
         );
         let child = Command::new("sh")
             .args(["-c", &script])
@@ -155,6 +156,7 @@ impl Registry {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             && Instant::now() < deadline
