@@ -96,4 +96,10 @@ step loadgen "$summary  (report: $out/loadgen.json)"
 kill "$serve_pid"
 wait "$serve_pid" || true
 
-echo "demo: OK (admitted the signed capsule, ran it in gVisor, denied the tampered copy with exit code $code, admitted through the mTLS service); full outputs in $out/"
+# The pull section: publish to a local registry, `agent --once`, the evidence pushed
+# back, and the agent's figures (20 capsules here; scripts/agent-demo.sh N for more).
+CG="$PWD/$gw" scripts/agent-demo.sh 20 >"$out/agent.log" 2>&1 \
+  || { cat "$out/agent.log" >&2; echo "demo: the pull section failed" >&2; exit 1; }
+step agent "$(grep -E 'capsules/s|publish -> evidence' "$out/agent.log" | paste -sd ';' -)  (log: $out/agent.log)"
+
+echo "demo: OK (admitted the signed capsule, ran it in gVisor, denied the tampered copy with exit code $code, admitted through the mTLS service, pulled, ran and pushed evidence through a registry); full outputs in $out/"

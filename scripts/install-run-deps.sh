@@ -26,6 +26,12 @@ have ip || need_apt+=(iproute2)
 have nft || need_apt+=(nftables)
 # The demo reads loadgen's JSON report with python3.
 have python3 || need_apt+=(python3)
+# The demo's pull section (scripts/agent-demo.sh): a local CNCF distribution registry,
+# skopeo to read what was pushed, htpasswd -B and openssl for its credentials and CA.
+have docker-registry || need_apt+=(docker-registry)
+have skopeo || need_apt+=(skopeo)
+have htpasswd || need_apt+=(apache2-utils)
+have openssl || need_apt+=(openssl)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -18,6 +18,11 @@ have curl || need_apt+=(curl)
 have git || need_apt+=(git)
 # gateway/tests/observability.rs checks /metrics with `promtool check metrics`.
 have promtool || need_apt+=(prometheus)
+# gateway/tests/agent.rs: CNCF distribution (the registry the agent pulls from),
+# skopeo (the independent OCI client and the mirror), htpasswd -B (bcrypt creds).
+have docker-registry || need_apt+=(docker-registry)
+have skopeo || need_apt+=(skopeo)
+have htpasswd || need_apt+=(apache2-utils)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need_apt[*]}"

@@ -101,6 +101,31 @@ impl TestCa {
         }
     }
 
+    /// Issues a plain TLS server certificate for an IP address (an OCI registry on
+    /// loopback in the agent tests), signed by this CA.
+    pub fn issue_tls_server(&self, ip: std::net::IpAddr) -> IssuedSvid {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("P-256 key");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::IpAddress(ip)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::days(1);
+        params.not_after = now + Duration::days(30);
+        let der = params
+            .signed_by(&key, &self.issuer)
+            .expect("sign server certificate")
+            .der()
+            .to_vec();
+        IssuedSvid {
+            cert_pem: pem("CERTIFICATE", &der),
+            chain: vec![der],
+            key_pkcs8: key.serialize_der(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// Issues a certificate for a public key held elsewhere (a TPM key, say).
     pub fn issue_for(&self, spec: &SvidSpec, public: &impl rcgen::PublicKeyData) -> Vec<u8> {
         self.sign_params(spec, public)

@@ -59,6 +59,11 @@ pub enum GatewayError {
     #[error(transparent)]
     Pack(#[from] crate::pack::PackError),
     /// A resource of this process (a thread, a signal handler) was refused.
+    /// A registry operation (`publish`, the agent).
+    #[error(transparent)]
+    Oci(#[from] crate::oci::OciError),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
     #[error("{what}: {source}")]
     Process {
         what: &'static str,
@@ -101,6 +106,10 @@ impl GatewayError {
             GatewayError::Write(DurableError::Exists { .. })
             | GatewayError::Keygen(KeygenError::Write(DurableError::Exists { .. }))
             | GatewayError::Keygen(KeygenError::Kid) => ErrorClass::Usage,
+            // A URL, CA bundle, credentials or capsule file that cannot be used is
+            // configuration; what the registry did is run time.
+            GatewayError::Oci(e) if e.is_config() => ErrorClass::Usage,
+            GatewayError::Oci(_) | GatewayError::Agent(_) => ErrorClass::Runtime,
             GatewayError::Write(_)
             | GatewayError::Keygen(_)
             | GatewayError::Sandbox(_)

@@ -19,9 +19,13 @@
 //!   indexes, exports and log checkpoints, and its offline verifier;
 //! - [`durable`]: temp file, fsync, rename, fsync the parent — every durable write;
 //!   [`keygen`] and [`pack`]: keys and capsules; [`output`]: printing verdicts;
+//! - [`oci`]: capsules and evidence as OCI artifacts, and the registry client;
+//!   [`agent`]: the pull-only edge runner (poll, pull into the blob store, admit,
+//!   run, push the evidence back);
 //! - [`error`]: which failures are usage (exit 2) and which runtime (exit 4).
 
 pub mod admission;
+pub mod agent;
 pub mod cli;
 pub mod custody;
 pub mod delivery;
@@ -31,6 +35,7 @@ pub mod evidence;
 pub mod keygen;
 pub mod launch;
 pub mod layout;
+pub mod oci;
 pub mod output;
 pub mod pack;
 pub mod sealed;

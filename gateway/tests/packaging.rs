@@ -307,6 +307,7 @@ fn readme_and_reference_docs_link_only_to_files_and_headings_in_the_repository()
         "docs/policy.md",
         "docs/cli.md",
         "docs/service.md",
+        "docs/agent.md",
     ] {
         let path = root.join(doc);
         let text = std::fs::read_to_string(&path).expect("doc");

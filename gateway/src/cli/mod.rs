@@ -1,6 +1,7 @@
 //! Command-line interface: flags become a validated configuration in one place, and
 //! each command returns an exit code.
 
+mod agent;
 mod approve;
 pub(crate) mod attest;
 mod events;
@@ -9,6 +10,7 @@ mod index;
 mod keygen;
 pub mod logging;
 mod pack;
+mod publish;
 pub(crate) mod run;
 mod serve;
 mod verify;
@@ -207,6 +209,10 @@ pub enum Command {
         #[arg(value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Push a capsule directory to an OCI registry as an artifact; prints its digest.
+    Publish(publish::PublishArgs),
+    /// The pull-only edge runner: poll registries, pull, verify, run, push evidence.
+    Agent(agent::AgentArgs),
     /// The egress probe, run inside the sandbox before the entrypoint (internal).
     #[command(name = "sandbox-probe", hide = true)]
     SandboxProbe {
@@ -245,6 +251,8 @@ pub fn run() -> ExitCode {
         Command::Admit(args) => verify::run(&args, true),
         Command::Run(args) => run::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Publish(args) => publish::run(&args),
+        Command::Agent(args) => agent::run(&args),
         Command::Attest { command } => self::attest::run(command),
         Command::Evidence { command } => evidence::run(command),
         Command::Events { command } => events::run(command),
@@ -267,6 +275,20 @@ pub fn exit_code(e: &GatewayError) -> u8 {
         ErrorClass::Usage => EXIT_CONFIG,
         ErrorClass::Runtime => EXIT_RUNTIME,
     }
+}
+
+/// A flag raised by SIGINT or SIGTERM: long-running commands stop in order on it.
+fn cancel_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, GatewayError> {
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, cancel.clone()).map_err(|source| {
+            GatewayError::Process {
+                what: "signal handler",
+                source,
+            }
+        })?;
+    }
+    Ok(cancel)
 }
 
 fn usage(message: impl std::fmt::Display) -> GatewayError {

@@ -14,8 +14,6 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use super::{HashModeArg, EXIT_DENIED, EXIT_RUNTIME};
 use crate::admission::Admission;
@@ -190,15 +188,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
     };
 
     // SIGINT/SIGTERM from here on stop the sandbox in order instead of killing us.
-    let cancel = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, cancel.clone()).map_err(|source| {
-            GatewayError::Process {
-                what: "signal handler",
-                source,
-            }
-        })?;
-    }
+    let cancel = super::cancel_on_signals()?;
     let evidence_root = args.evidence.clone().unwrap_or_else(|| layout.evidence());
     let run_id = launch::new_run_id()?;
     let event = launch::execute(
