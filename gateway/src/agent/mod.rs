@@ -280,6 +280,7 @@ impl Agent {
                     self.runner.as_str(),
                     what,
                     decision,
+                    &self.admission.policy().digests.policy,
                     launch::event_time(self.admission.clock()),
                 );
                 self.emit(&event);
@@ -493,6 +494,7 @@ impl Agent {
                 root: &evidence_root,
                 source: self.runner.as_str(),
                 clock: self.admission.clock(),
+                policy_digest: &self.admission.policy().digests.policy,
             },
             &self.cancel,
             std::mem::take(&mut self.stale),
