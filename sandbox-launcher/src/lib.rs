@@ -53,6 +53,8 @@ pub mod bundle;
 pub mod error;
 pub mod host;
 pub mod probe;
+pub mod profiles;
+pub mod rootfs;
 pub mod runtime;
 pub mod stage;
 pub mod teardown;
@@ -67,9 +69,11 @@ use verify_core::Admitted;
 
 use runtime::{RunCtx, Runtime};
 
-pub use bundle::{BundleFacts, Rootfs};
+pub use bundle::BundleFacts;
 pub use error::{BundleError, ErrorKind, LaunchError};
 pub use probe::{EgressReport, ProbeReport};
+pub use profiles::{AppArmorFacts, ProfileFacts, SeccompFacts};
+pub use rootfs::{Rootfs, RootfsFacts};
 pub use runtime::containerd::{ContainerdConfig, PrivateContainerd};
 pub use runtime::runsc::RunscConfig;
 pub use runtime::{Output, RuntimeConfig, RuntimeFacts};
@@ -100,6 +104,8 @@ pub struct LauncherConfig {
     pub output_cap_bytes: usize,
     /// Size of the sandbox's `/tmp` tmpfs.
     pub tmp_size_mib: u64,
+    /// Leave the seccomp profile out (only via [`danger::without_seccomp`]).
+    pub(crate) without_seccomp: bool,
 }
 
 impl LauncherConfig {
@@ -111,6 +117,7 @@ impl LauncherConfig {
             probe,
             output_cap_bytes: 1 << 20,
             tmp_size_mib: 64,
+            without_seccomp: false,
         }
     }
 }
@@ -167,6 +174,8 @@ pub struct Launcher {
     config: LauncherConfig,
     runtime: Box<dyn Runtime>,
     stale: Vec<StaleReport>,
+    /// What the host does with AppArmor, read once at start-up.
+    apparmor: profiles::AppArmorHost,
 }
 
 impl Launcher {
@@ -199,6 +208,7 @@ impl Launcher {
             },
             runtime,
             stale,
+            apparmor: profiles::AppArmorHost::detect(),
         })
     }
 
@@ -234,6 +244,18 @@ impl Launcher {
         run_id: &RunId,
         cancel: &AtomicBool,
     ) -> Result<RunReport> {
+        self.launch_on(admitted, run_id, &self.config.rootfs, cancel)
+    }
+
+    /// Like [`Launcher::launch_as`] on the root file system the caller's policy chose
+    /// for this capsule's tenant instead of the configured one.
+    pub fn launch_on(
+        &self,
+        admitted: &Admitted,
+        run_id: &RunId,
+        rootfs: &Rootfs,
+        cancel: &AtomicBool,
+    ) -> Result<RunReport> {
         let run_id = run_id.as_str().to_string();
         let container_id = host::container_id(&run_id);
         let run_dir = self.config.state_dir.join("runs").join(&run_id);
@@ -247,7 +269,7 @@ impl Launcher {
                 .map_err(|e| LaunchError::io("create run directory", &run_dir, e))?;
             teardown::Lock::acquire(&run_dir.join("lock"))?
         };
-        let result = self.run_in(admitted, &run_id, &container_id, &run_dir, cancel);
+        let result = self.run_in(admitted, &run_id, &container_id, &run_dir, rootfs, cancel);
         match result {
             Ok(mut report) => {
                 report.teardown = teardown::teardown(
@@ -302,6 +324,7 @@ impl Launcher {
         run_id: &str,
         container_id: &str,
         run_dir: &Path,
+        rootfs: &Rootfs,
         cancel: &AtomicBool,
     ) -> Result<RunReport> {
         let manifest = admitted.manifest();
@@ -313,7 +336,7 @@ impl Launcher {
         let cgroups_path = host::cgroups_path(container_id);
         let input = bundle::BundleInput {
             manifest,
-            rootfs: &self.config.rootfs,
+            rootfs,
             staged: &staged_dir,
             probe_binary: &self.config.probe.path,
             probe_args: &self.config.probe.args,
@@ -322,6 +345,14 @@ impl Launcher {
             cgroups_path: &cgroups_path,
             flavor: self.runtime.flavor(),
             share_host_network: self.runtime.host_network(),
+            enforcement: bundle::Enforcement {
+                seccomp_by: if self.config.without_seccomp {
+                    None
+                } else {
+                    self.runtime.seccomp_enforcer()
+                },
+                apparmor: self.apparmor,
+            },
         };
         let bundle::WrittenBundle {
             facts: bundle,
@@ -433,7 +464,14 @@ impl RunId {
 
 /// Settings that weaken the sandbox, for tests that prove a check can fail.
 pub mod danger {
-    use crate::RunscConfig;
+    use crate::{LauncherConfig, RunscConfig};
+
+    /// Leaves the seccomp profile out of the OCI config (the evidence then says it
+    /// was not enforced). Exists only so that a test can show that a call the
+    /// profile denies works without it: the denial is the profile's doing.
+    pub fn without_seccomp(config: &mut LauncherConfig) {
+        config.without_seccomp = true;
+    }
 
     /// Runs runsc with `--network=host` and no network namespace in the OCI config:
     /// the sandbox shares the host's network, so

@@ -170,6 +170,18 @@ impl Runtime for Containerd {
         Flavor::Containerd
     }
 
+    /// runc loads the filter into the host kernel before it execs the process; Kata's
+    /// agent loads it into the guest kernel.
+    fn seccomp_enforcer(&self) -> Option<&'static str> {
+        if self.config.runtime_type == KATA {
+            Some("kata-guest")
+        } else if crate::profiles::kernel_seccomp() {
+            Some("kernel")
+        } else {
+            None
+        }
+    }
+
     fn facts(&self) -> RuntimeFacts {
         RuntimeFacts {
             kind: "containerd".into(),
