@@ -14,9 +14,11 @@
 //! One run, in order (each step in its module):
 //! 1. [`stage`]: copy every admitted file into a launcher-owned directory while
 //!    hashing it; a byte that differs from what was admitted stops the run here.
-//! 2. [`bundle`]: the OCI config (read-only root, `/capsule` read-only, tmpfs `/tmp`,
-//!    uid 65534, no capabilities, `noNewPrivileges`, empty network namespace, the
-//!    manifest's limits and env).
+//! 2. [`bundle`]: the root file system's tree digest checked against its pin
+//!    ([`rootfs`]), then the OCI config (read-only root, `/capsule` read-only, tmpfs
+//!    `/tmp`, uid 65534, no capabilities, `noNewPrivileges`, empty network namespace,
+//!    the manifest's limits and env, the seccomp profile and AppArmor name of
+//!    [`profiles`]).
 //! 3. [`probe`]: open a listener on host loopback; the probe inside the sandbox must
 //!    fail to reach it before the entrypoint runs.
 //! 4. [`runtime`]: run under runsc or containerd with a hard timeout; capture
@@ -35,7 +37,8 @@
 //! | the run, in order | this file ([`Launcher`]) | everything below |
 //! | removal and recovery | [`teardown`] | `runtime` (its `Runtime` interface), `host` |
 //! | the sandbox runtimes | [`runtime`] (`supervise`, `runsc`, `containerd`, `process`) | `bundle` (its `Flavor`), `host` |
-//! | the run's inputs | [`stage`], [`bundle`], [`probe`] | — |
+//! | the run's inputs | [`stage`], [`bundle`], [`probe`] | `bundle` uses [`rootfs`], [`profiles`] |
+//! | root file system, security profiles | [`rootfs`] (tree digest), [`profiles`] (seccomp as data, AppArmor) | — |
 //! | the host seen from outside | [`host`] (names of a run's traces, `/proc`, cgroups, signals) | — |
 //! | errors | [`error`] | — |
 //!

@@ -524,16 +524,16 @@ impl Policy {
                 }
             };
             let rootfs = match (&t.rootfs.sha256, t.rootfs.host_usr) {
-                (Some(_), true) => {
-                    return Err(bad(
-                        at("rootfs"),
-                        "a pinned rootfs (sha256) and the host's /usr (host_usr) exclude each other"
-                            .into(),
-                    ))
+                (Some(_), true) => return Err(bad(
+                    at("rootfs"),
+                    "a pinned rootfs (sha256) and the host's /usr (host_usr) exclude each other"
+                        .into(),
+                )),
+                (Some(d), false) => {
+                    RootfsRule::Pinned(Sha256Digest::parse(d).ok_or_else(|| {
+                        bad(at("rootfs.sha256"), crate::manifest::NOT_A_DIGEST.into())
+                    })?)
                 }
-                (Some(d), false) => RootfsRule::Pinned(Sha256Digest::parse(d).ok_or_else(|| {
-                    bad(at("rootfs.sha256"), crate::manifest::NOT_A_DIGEST.into())
-                })?),
                 (None, true) => RootfsRule::HostUsr,
                 (None, false) => RootfsRule::Base,
             };
@@ -838,7 +838,10 @@ mod host_program_tests {
             RootfsRule::HostUsr
         );
         for (bad, field) in [
-            ("rootfs = { sha256 = \"sha256:12\" }", "tenants[0].rootfs.sha256"),
+            (
+                "rootfs = { sha256 = \"sha256:12\" }",
+                "tenants[0].rootfs.sha256",
+            ),
             (
                 &*format!("rootfs = {{ sha256 = \"{hex}\", host_usr = true }}"),
                 "tenants[0].rootfs",

@@ -7,6 +7,7 @@ mod index;
 mod keygen;
 pub mod logging;
 mod pack;
+mod rootfs;
 pub(crate) mod run;
 mod serve;
 mod verify;
@@ -160,6 +161,11 @@ pub enum Command {
         #[command(subcommand)]
         command: index::IndexCommand,
     },
+    /// The sandbox's root file system: its tree digest, for a policy's pin.
+    Rootfs {
+        #[command(subcommand)]
+        command: rootfs::RootfsCommand,
+    },
     /// Check capsules in parallel; records nothing.
     Verify(VerifyArgs),
     /// Verify, then durably record each admission (anti-rollback state, admission log).
@@ -229,6 +235,7 @@ pub fn run() -> ExitCode {
         } => pack::run(&manifest, &files, &key, &out, approvals.as_deref()),
         Command::Approve(args) => approve::run(&args),
         Command::Index { command } => index::run(command),
+        Command::Rootfs { command } => rootfs::run(command),
         Command::Verify(args) => verify::run(&args, false),
         Command::Admit(args) => verify::run(&args, true),
         Command::Run(args) => run::run(&args),

@@ -75,7 +75,7 @@ impl ContainerdConfig {
 
 /// The shim binary containerd looks for: `io.containerd.kata.v2` →
 /// `containerd-shim-kata-v2`.
-fn shim_binary(runtime_type: &str) -> String {
+pub fn shim_binary(runtime_type: &str) -> String {
     let parts: Vec<&str> = runtime_type.split('.').collect();
     match parts.as_slice() {
         [.., name, version] => format!("containerd-shim-{name}-{version}"),
