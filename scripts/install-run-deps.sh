@@ -44,6 +44,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 
+# The sandbox's base root file system (busybox-static, pinned by its tree digest).
+bash "$here/build-rootfs.sh"
+
 # The Rust version is the workspace's `rust-version` (Cargo.toml), read from there so
 # that this check and the manifest cannot disagree.
 msrv=$(sed -n 's/^rust-version = "\([0-9.]*\)"$/\1/p' "$here/../Cargo.toml")

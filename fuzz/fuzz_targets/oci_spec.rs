@@ -16,7 +16,7 @@ use verify_core::Manifest;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(m) = Manifest::parse(data) else { return };
-    let rootfs = Rootfs::default();
+    let rootfs = Rootfs::host_usr();
     let Rootfs::HostBinds(binds) = &rootfs else {
         unreachable!()
     };
@@ -33,6 +33,10 @@ fuzz_target!(|data: &[u8]| {
             cgroups_path: "/capsule-gateway/capsule-r",
             flavor,
             share_host_network: false,
+            enforcement: sandbox_launcher::bundle::Enforcement {
+                seccomp_by: Some("kernel"),
+                apparmor: sandbox_launcher::profiles::AppArmorHost::NotAvailable,
+            },
         };
         let Ok(spec) = build_spec(&input, Path::new("/state/runs/r/bundle/rootfs"), binds) else {
             continue;
@@ -46,6 +50,8 @@ fuzz_target!(|data: &[u8]| {
 
 fn check(m: &Manifest, spec: &Spec, flavor: Flavor) {
     let root = spec.root().as_ref().expect("root");
+    let linux = spec.linux().as_ref().expect("linux");
+    assert!(linux.seccomp().is_some(), "the seccomp profile is pinned");
     assert_eq!(root.readonly(), Some(true), "read-only root");
 
     let process = spec.process().as_ref().expect("process");

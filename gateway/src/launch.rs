@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use sandbox_launcher::{
-    ContainerdConfig, Launcher, LauncherConfig, PrivateContainerd, ProbeBinary, RunId, RunscConfig,
-    RuntimeConfig, StaleReport,
+    ContainerdConfig, Launcher, LauncherConfig, PrivateContainerd, ProbeBinary, Rootfs, RunId,
+    RunscConfig, RuntimeConfig, StaleReport,
 };
-use verify_core::{Admitted, Clock};
+use verify_core::{Admitted, Clock, Policy, RootfsRule, Tier};
 
 use crate::evidence::{self, Event, EventType, RunData};
 use crate::layout::{SandboxDir, StateLayout};
@@ -22,8 +22,66 @@ pub enum Runtime {
     Runsc { platform: String },
     /// Kata through containerd's shim v2: an existing containerd socket, or (`None`)
     /// a private containerd under `STATE/containerd`, started here and stopped when
-    /// the [`Sandbox`] is dropped.
-    Kata { containerd: Option<PathBuf> },
+    /// the [`Sandbox`] is dropped. `runtime_type` is `io.containerd.kata.v2`
+    /// ([`KATA_RUNTIME_TYPE`]); `io.containerd.runc.v2` drives the same path where
+    /// Kata is absent (runc is no sandbox: for tests of that path only).
+    Kata {
+        containerd: Option<PathBuf>,
+        runtime_type: String,
+    },
+}
+
+/// The production shim v2 runtime type of the `kata` tier.
+pub const KATA_RUNTIME_TYPE: &str = sandbox_launcher::runtime::containerd::KATA;
+
+impl Runtime {
+    /// The sandbox tier this runtime provides (a rule's `tier`).
+    pub fn tier(&self) -> Tier {
+        match self {
+            Runtime::Runsc { .. } => Tier::Gvisor,
+            Runtime::Kata { .. } => Tier::Kata,
+        }
+    }
+}
+
+/// Whether this host has the shim of a containerd runtime type on PATH (`kata`
+/// counts as a tier of this host only then).
+pub fn shim_installed(runtime_type: &str) -> bool {
+    let shim = sandbox_launcher::runtime::containerd::shim_binary(runtime_type);
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(&shim).is_file()))
+}
+
+/// The tier a capsule's environment's rule names (`tier`), if it names one. Admission
+/// already refused (`tier_unavailable`) a tier this host does not provide.
+pub fn tier_for(policy: &Policy, admitted: &Admitted) -> Option<Tier> {
+    let m = admitted.manifest();
+    policy
+        .tenants
+        .get(&m.tenant)
+        .and_then(|t| t.rule_for(&m.scope.environment))
+        .and_then(|r| r.tier)
+}
+
+/// The root file system a capsule runs on: its tenant's `rootfs` (the base rootfs at
+/// `base`, pinned or not, or the host's `/usr` by opt-in).
+pub fn rootfs_for(policy: &Policy, admitted: &Admitted, base: &Path) -> Rootfs {
+    let rule = policy
+        .tenants
+        .get(&admitted.manifest().tenant)
+        .map(|t| t.rootfs)
+        .unwrap_or_default();
+    match rule {
+        RootfsRule::Base => Rootfs::Dir {
+            path: base.to_path_buf(),
+            pin: None,
+        },
+        RootfsRule::Pinned(pin) => Rootfs::Dir {
+            path: base.to_path_buf(),
+            pin: Some(pin),
+        },
+        RootfsRule::HostUsr => Rootfs::host_usr(),
+    }
 }
 
 /// A launcher ready to run capsules, and the private containerd it may need.
@@ -55,7 +113,10 @@ impl Sandbox {
                     layout.sandbox(SandboxDir::Runsc),
                 )
             }
-            Runtime::Kata { containerd } => {
+            Runtime::Kata {
+                containerd,
+                runtime_type,
+            } => {
                 let (private, address) = match containerd {
                     Some(a) => (None, a.clone()),
                     None => {
@@ -65,9 +126,11 @@ impl Sandbox {
                         (Some(c), address)
                     }
                 };
+                let mut c = ContainerdConfig::kata(address);
+                c.runtime_type = runtime_type.clone();
                 (
                     private,
-                    RuntimeConfig::Containerd(ContainerdConfig::kata(address)),
+                    RuntimeConfig::Containerd(c),
                     layout.sandbox(SandboxDir::Kata),
                 )
             }
@@ -137,14 +200,16 @@ impl std::fmt::Debug for EvidenceSink<'_> {
     }
 }
 
-/// Launches an admitted capsule under `run_id`, writes its evidence bundle under
-/// `sink.root` and returns its event: `completed` (the capsule ran), or
-/// `failed` (the run cannot be vouched for: the sandbox did not start, egress was
-/// not proven blocked, teardown was incomplete, or `cancel` was raised).
+/// Launches an admitted capsule under `run_id` on `rootfs` ([`rootfs_for`]), writes
+/// its evidence bundle under `sink.root` and returns its event: `completed` (the
+/// capsule ran), or `failed` (the run cannot be vouched for: the root file system is
+/// not the pinned one, the sandbox did not start, egress was not proven blocked,
+/// teardown was incomplete, or `cancel` was raised).
 pub fn execute(
     launcher: &Launcher,
     run_id: &RunId,
     admitted: &Admitted,
+    rootfs: &Rootfs,
     sink: EvidenceSink<'_>,
     cancel: &AtomicBool,
     stale: Vec<StaleReport>,
@@ -155,7 +220,7 @@ pub fn execute(
         clock,
         policy_digest,
     } = sink;
-    let outcome = launcher.launch_as(admitted, run_id, cancel);
+    let outcome = launcher.launch_on(admitted, run_id, rootfs, cancel);
     let (kind, report, error) = match &outcome {
         Ok(report) if report.interrupted => (
             EventType::Failed,

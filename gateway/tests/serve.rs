@@ -1600,6 +1600,8 @@ fn another_peers_run_and_a_planted_bundle_read_as_unknown() {
         runtime: RunsRuntime::Runsc,
         platform: "ptrace".into(),
         max_concurrent: 1,
+        kata: None,
+        rootfs: sandbox_launcher::rootfs::BASE_ROOTFS.into(),
     });
     let evidence = f.state_dir().join("evidence");
     let [good, link, fifo, dir_link] = ["a", "b", "c", "d"].map(|c| c.repeat(32));

@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use verify_core::Manifest;
 
 use crate::error::{BundleError, LaunchError, Result};
+use crate::profiles::{self, AppArmorFacts, AppArmorHost, ProfileFacts, SeccompFacts};
+use crate::rootfs::RootfsFacts;
 
 /// The unprivileged user the capsule runs as (`nobody`).
 pub const SANDBOX_UID: u32 = 65534;
@@ -35,33 +37,7 @@ pub const PROBE_PATH: &str = "/.capsule-probe";
 /// Open files per process inside the sandbox.
 const NOFILE: u64 = 1024;
 
-/// Where the sandbox's root file system comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rootfs {
-    /// An empty directory made by the launcher for each run, with read-only binds of
-    /// these host directories. A host path that is a symlink (merged `/usr`: `/bin ->
-    /// usr/bin`) is reproduced as the same symlink; one that does not exist is left
-    /// out. Meant for tests and the demo: the capsule sees the host's programs and
-    /// libraries, and nothing else of the host (no `/etc`, `/home`, `/root`, `/var`).
-    HostBinds(Vec<PathBuf>),
-    /// A prepared base root file system, used read-only. It must contain the mount
-    /// points `/proc`, `/dev`, `/tmp`, `/capsule` and the file `/.capsule-probe`, and
-    /// the C library the probe is linked against.
-    Dir(PathBuf),
-}
-
-impl Default for Rootfs {
-    fn default() -> Self {
-        Rootfs::HostBinds(
-            [
-                "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
-            ]
-            .iter()
-            .map(PathBuf::from)
-            .collect(),
-        )
-    }
-}
+pub use crate::rootfs::Rootfs;
 
 /// Which runtime the bundle is for. They read the same config but enforce the pids
 /// limit differently (see [`build_spec`]).
@@ -95,6 +71,19 @@ pub struct BundleInput<'a> {
     pub network: Option<&'a crate::net::BundleNet>,
     /// Declared destinations the probe must reach (`targets`).
     pub probe_reach: &'a [std::net::SocketAddr],
+
+    /// Who applies the seccomp profile and what the host does with AppArmor.
+    pub enforcement: Enforcement,
+}
+
+/// What the host and the runtime do with the pinned profiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enforcement {
+    /// Who applies the seccomp filter (`kernel`, `gvisor`, `kata-guest`). `None` when
+    /// nothing can (or, only via [`crate::danger`], nothing should): then the profile
+    /// is left out of the config and the evidence says it was not enforced.
+    pub seccomp_by: Option<&'static str>,
+    pub apparmor: AppArmorHost,
 }
 
 /// Facts about the bundle that go into the evidence.
@@ -110,6 +99,10 @@ pub struct BundleFacts {
     pub memory_limit_bytes: i64,
     pub pids_limit: u64,
     pub network: String,
+    /// The root file system and its tree digest.
+    pub rootfs: RootfsFacts,
+    /// The seccomp and AppArmor profiles and whether the host enforced each.
+    pub profiles: ProfileFacts,
 }
 
 /// A bundle as written: the facts for the evidence and the exact `config.json`
@@ -120,25 +113,79 @@ pub struct WrittenBundle {
     pub config: String,
 }
 
-/// Writes `dir/config.json` (and `dir/rootfs` for [`Rootfs::HostBinds`]).
+/// Writes `dir/config.json` (and `dir/rootfs` for [`Rootfs::HostBinds`]). A prepared
+/// root is digested first: one that differs from its pin is refused here, before
+/// any runtime is asked to start anything.
 pub fn write(dir: &Path, input: &BundleInput<'_>) -> Result<WrittenBundle> {
+    let (root, binds, rootfs) = match input.rootfs {
+        Rootfs::HostBinds(host) => {
+            let root = dir.join("rootfs");
+            let facts = RootfsFacts {
+                source: "host-usr".into(),
+                paths: host.iter().map(|p| p.display().to_string()).collect(),
+                tree_sha256: None,
+                pinned: None,
+            };
+            (root, Some(host), facts)
+        }
+        Rootfs::Dir { path, pin } => {
+            let digest =
+                crate::rootfs::tree_digest(path).map_err(|source| LaunchError::Rootfs {
+                    path: path.clone(),
+                    source,
+                })?;
+            if let Some(pin) = pin {
+                if *pin != digest {
+                    return Err(LaunchError::RootfsPinMismatch {
+                        path: path.clone(),
+                        pinned: pin.to_string(),
+                        actual: digest.to_string(),
+                    });
+                }
+            }
+            let facts = RootfsFacts {
+                source: "dir".into(),
+                paths: vec![path.display().to_string()],
+                tree_sha256: Some(digest.to_string()),
+                pinned: pin.map(|p| p.to_string()),
+            };
+            (path.clone(), None, facts)
+        }
+    };
     fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
         .map_err(|e| LaunchError::io("create bundle directory", dir, e))?;
-    let (root, binds) = match input.rootfs {
-        Rootfs::HostBinds(host) => {
-            let root = dir.join("rootfs");
-            (root.clone(), make_rootfs(&root, host)?)
-        }
-        Rootfs::Dir(base) => (base.clone(), Vec::new()),
+    let binds = match binds {
+        Some(host) => make_rootfs(&root, host)?,
+        None => Vec::new(),
     };
     let spec = build_spec(input, &root, &binds)?;
     let config = serde_json::to_string_pretty(&spec).map_err(BundleError::from)?;
     let path = dir.join("config.json");
     fs::write(&path, &config).map_err(|e| LaunchError::io("write OCI config", &path, e))?;
-    let digest = verify_core::crypto::default_backend().sha256_oneshot(config.as_bytes());
+    let backend = verify_core::crypto::default_backend();
+    let digest = backend.sha256_oneshot(config.as_bytes());
     let limits = &input.manifest.limits;
+    let seccomp = profiles::seccomp_profile()?;
+    let apparmor = input.enforcement.apparmor;
+    let profiles = ProfileFacts {
+        seccomp: SeccompFacts {
+            profile: seccomp.name.clone(),
+            profile_sha256: verify_core::Sha256Digest(
+                backend.sha256_oneshot(profiles::SECCOMP_PROFILE.as_bytes()),
+            )
+            .to_string(),
+            enforced: input.enforcement.seccomp_by.is_some(),
+            enforced_by: input.enforcement.seccomp_by.unwrap_or("nothing").into(),
+        },
+        apparmor: AppArmorFacts {
+            profile: profiles::APPARMOR_PROFILE.into(),
+            in_config: apparmor == AppArmorHost::Loaded,
+            enforced: apparmor == AppArmorHost::Loaded,
+            host: apparmor.describe().into(),
+        },
+    };
     let facts = BundleFacts {
         oci_config_sha256: verify_core::Sha256Digest(digest).to_string(),
         root_readonly: true,
@@ -155,6 +202,8 @@ pub fn write(dir: &Path, input: &BundleInput<'_>) -> Result<WrittenBundle> {
             "none"
         }
         .into(),
+        rootfs,
+        profiles,
     };
     Ok(WrittenBundle { facts, config })
 }
@@ -310,7 +359,13 @@ pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Re
         rlimit(PosixRlimitType::RlimitNofile, NOFILE)?,
         rlimit(PosixRlimitType::RlimitCore, 0)?,
     ];
-    let process = ProcessBuilder::default()
+    let mut process = ProcessBuilder::default();
+    // The pinned AppArmor profile, where the host has it loaded: a runtime refuses
+    // a profile the kernel cannot apply, so elsewhere the evidence says why not.
+    if input.enforcement.apparmor == AppArmorHost::Loaded {
+        process = process.apparmor_profile(profiles::APPARMOR_PROFILE);
+    }
+    let process = process
         .terminal(false)
         .user(
             UserBuilder::default()
@@ -373,7 +428,13 @@ pub fn build_spec(input: &BundleInput<'_>, root: &Path, binds: &[PathBuf]) -> Re
         ns.build().map_err(bundle_err)
     })
     .collect::<Result<Vec<_>>>()?;
-    let linux = LinuxBuilder::default()
+    let mut linux = LinuxBuilder::default();
+    // The pinned seccomp profile, wherever something applies it (see
+    // [`Enforcement::seccomp_by`]).
+    if input.enforcement.seccomp_by.is_some() {
+        linux = linux.seccomp(profiles::oci_seccomp(&profiles::seccomp_profile()?)?);
+    }
+    let linux = linux
         .resources(resources.build().map_err(bundle_err)?)
         .cgroups_path(PathBuf::from(input.cgroups_path))
         .namespaces(namespaces)
@@ -463,7 +524,7 @@ mod tests {
     }
 
     fn spec_of(m: &Manifest) -> Result<Spec> {
-        let rootfs = Rootfs::default();
+        let rootfs = Rootfs::host_usr();
         let input = BundleInput {
             manifest: m,
             rootfs: &rootfs,
@@ -477,6 +538,11 @@ mod tests {
             share_host_network: false,
             network: None,
             probe_reach: &[],
+
+            enforcement: Enforcement {
+                seccomp_by: Some("gvisor"),
+                apparmor: AppArmorHost::NotAvailable,
+            },
         };
         build_spec(&input, Path::new("/run/rootfs"), &[])
     }

@@ -37,6 +37,9 @@ pub enum BundleError {
     /// The config could not be serialised.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    /// The compiled-in seccomp profile does not parse or breaks its own rules.
+    #[error("seccomp profile: {0}")]
+    Seccomp(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +82,25 @@ pub enum LaunchError {
     /// The OCI configuration could not be built.
     #[error("OCI bundle: {0}")]
     Bundle(#[from] BundleError),
+    /// The prepared root file system cannot be digested (unreadable, writable by
+    /// others, a special file in it). Nothing was launched.
+    #[error("rootfs {}: {source}; nothing was launched", path.display())]
+    Rootfs {
+        path: PathBuf,
+        #[source]
+        source: crate::rootfs::RootfsError,
+    },
+    /// The root file system's tree digest is not the one the policy pins. Nothing
+    /// was launched.
+    #[error(
+        "rootfs {}: tree digest {actual} differs from the pinned {pinned}; nothing was launched",
+        path.display()
+    )]
+    RootfsPinMismatch {
+        path: PathBuf,
+        pinned: String,
+        actual: String,
+    },
     /// The launcher's own set-up failed: its state directory (or a private
     /// containerd's) cannot be created or used, the egress probe is not there.
     #[error("{op} {}: {source}", path.display())]
@@ -165,7 +187,9 @@ impl LaunchError {
             | LaunchError::ShimMissing { .. }
             | LaunchError::Setup { .. }
             | LaunchError::SocketPathTooLong { .. }
-            | LaunchError::Bundle(BundleError::NotAbsolute(_)) => ErrorKind::Config,
+            | LaunchError::Bundle(BundleError::NotAbsolute(_))
+            | LaunchError::Rootfs { .. }
+            | LaunchError::RootfsPinMismatch { .. } => ErrorKind::Config,
             LaunchError::Egress(e) if e.is_config() => ErrorKind::Config,
             LaunchError::Stage { .. }
             | LaunchError::ChangedAfterAdmission { .. }

@@ -14,9 +14,11 @@
 //! One run, in order (each step in its module):
 //! 1. [`stage`]: copy every admitted file into a launcher-owned directory while
 //!    hashing it; a byte that differs from what was admitted stops the run here.
-//! 2. [`bundle`]: the OCI config (read-only root, `/capsule` read-only, tmpfs `/tmp`,
-//!    uid 65534, no capabilities, `noNewPrivileges`, empty network namespace, the
-//!    manifest's limits and env).
+//! 2. [`bundle`]: the root file system's tree digest checked against its pin
+//!    ([`rootfs`]), then the OCI config (read-only root, `/capsule` read-only, tmpfs
+//!    `/tmp`, uid 65534, no capabilities, `noNewPrivileges`, empty network namespace,
+//!    the manifest's limits and env, the seccomp profile and AppArmor name of
+//!    [`profiles`]).
 //! 3. [`net`] (`scope.network = "targets"` only): resolve the targets on the host,
 //!    make the run's namespace, veth pair and nftables table.
 //! 4. [`probe`]: open a listener on host loopback (`targets`: on the veth's host
@@ -39,7 +41,8 @@
 //! | removal and recovery | [`teardown`] | `runtime` (its `Runtime` interface), `net`, `host` |
 //! | scoped egress | [`net`] (`resolve`, `link`, `nft`) | `teardown` (its locks and checks), `runtime::process` (bounded commands), `host` |
 //! | the sandbox runtimes | [`runtime`] (`supervise`, `runsc`, `containerd`, `process`) | `bundle` (its `Flavor`), `host` |
-//! | the run's inputs | [`stage`], [`bundle`], [`probe`] | — |
+//! | the run's inputs | [`stage`], [`bundle`], [`probe`] | `bundle` uses [`rootfs`], [`profiles`] |
+//! | root file system, security profiles | [`rootfs`] (tree digest), [`profiles`] (seccomp as data, AppArmor) | — |
 //! | the host seen from outside | [`host`] (names of a run's traces, `/proc`, cgroups, signals) | — |
 //! | errors | [`error`] | — |
 //!
@@ -58,6 +61,8 @@ pub mod error;
 pub mod host;
 pub mod net;
 pub mod probe;
+pub mod profiles;
+pub mod rootfs;
 pub mod runtime;
 pub mod stage;
 pub mod teardown;
@@ -72,9 +77,11 @@ use verify_core::Admitted;
 
 use runtime::{RunCtx, Runtime};
 
-pub use bundle::{BundleFacts, Rootfs};
+pub use bundle::BundleFacts;
 pub use error::{BundleError, ErrorKind, LaunchError};
 pub use probe::{EgressReport, ProbeReport};
+pub use profiles::{AppArmorFacts, ProfileFacts, SeccompFacts};
+pub use rootfs::{Rootfs, RootfsFacts};
 pub use runtime::containerd::{ContainerdConfig, PrivateContainerd};
 pub use runtime::runsc::RunscConfig;
 pub use runtime::{Output, RuntimeConfig, RuntimeFacts};
@@ -107,6 +114,9 @@ pub struct LauncherConfig {
     pub tmp_size_mib: u64,
     /// The private range the veth pairs of `targets` runs are numbered from.
     pub egress_pool: net::Pool,
+
+    /// Leave the seccomp profile out (only via [`danger::without_seccomp`]).
+    pub(crate) without_seccomp: bool,
 }
 
 impl LauncherConfig {
@@ -119,6 +129,8 @@ impl LauncherConfig {
             output_cap_bytes: 1 << 20,
             tmp_size_mib: 64,
             egress_pool: net::Pool::default(),
+
+            without_seccomp: false,
         }
     }
 }
@@ -175,6 +187,8 @@ pub struct Launcher {
     config: LauncherConfig,
     runtime: Box<dyn Runtime>,
     stale: Vec<StaleReport>,
+    /// What the host does with AppArmor, read once at start-up.
+    apparmor: profiles::AppArmorHost,
 }
 
 impl Launcher {
@@ -228,6 +242,7 @@ impl Launcher {
             },
             runtime,
             stale,
+            apparmor: profiles::AppArmorHost::detect(),
         })
     }
 
@@ -263,6 +278,18 @@ impl Launcher {
         run_id: &RunId,
         cancel: &AtomicBool,
     ) -> Result<RunReport> {
+        self.launch_on(admitted, run_id, &self.config.rootfs, cancel)
+    }
+
+    /// Like [`Launcher::launch_as`] on the root file system the caller's policy chose
+    /// for this capsule's tenant instead of the configured one.
+    pub fn launch_on(
+        &self,
+        admitted: &Admitted,
+        run_id: &RunId,
+        rootfs: &Rootfs,
+        cancel: &AtomicBool,
+    ) -> Result<RunReport> {
         let run_id = run_id.as_str().to_string();
         let container_id = host::container_id(&run_id);
         let run_dir = self.config.state_dir.join("runs").join(&run_id);
@@ -285,6 +312,7 @@ impl Launcher {
             &run_id,
             &container_id,
             &run_dir,
+            rootfs,
             cancel,
             &mut network,
         );
@@ -344,6 +372,7 @@ impl Launcher {
         run_id: &str,
         container_id: &str,
         run_dir: &Path,
+        rootfs: &Rootfs,
         cancel: &AtomicBool,
         network: &mut Option<net::Egress>,
     ) -> Result<RunReport> {
@@ -366,7 +395,7 @@ impl Launcher {
         let cgroups_path = host::cgroups_path(container_id);
         let input = bundle::BundleInput {
             manifest,
-            rootfs: &self.config.rootfs,
+            rootfs,
             staged: &staged_dir,
             probe_binary: &self.config.probe.path,
             probe_args: &self.config.probe.args,
@@ -377,6 +406,15 @@ impl Launcher {
             share_host_network: self.runtime.host_network(),
             network: egress.as_ref().map(|e| e.bundle()),
             probe_reach: &reach,
+
+            enforcement: bundle::Enforcement {
+                seccomp_by: if self.config.without_seccomp {
+                    None
+                } else {
+                    self.runtime.seccomp_enforcer()
+                },
+                apparmor: self.apparmor,
+            },
         };
         let bundle::WrittenBundle {
             facts: bundle,
@@ -541,7 +579,14 @@ impl RunId {
 
 /// Settings that weaken the sandbox, for tests that prove a check can fail.
 pub mod danger {
-    use crate::RunscConfig;
+    use crate::{LauncherConfig, RunscConfig};
+
+    /// Leaves the seccomp profile out of the OCI config (the evidence then says it
+    /// was not enforced). Exists only so that a test can show that a call the
+    /// profile denies works without it: the denial is the profile's doing.
+    pub fn without_seccomp(config: &mut LauncherConfig) {
+        config.without_seccomp = true;
+    }
 
     /// Runs runsc with `--network=host` and no network namespace in the OCI config:
     /// the sandbox shares the host's network, so

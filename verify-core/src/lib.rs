@@ -40,7 +40,7 @@ pub use error::ConfigError;
 pub use index::{StaleIndexError, SupersededError, TenantIndex};
 pub use limits::Limits;
 pub use manifest::{ApproverId, Manifest};
-pub use policy::{EgressMode, EvidenceRule, Policy, PolicyDigests, UnsealError};
+pub use policy::{EgressMode, EvidenceRule, Policy, PolicyDigests, RootfsRule, UnsealError};
 pub use rules::{ScopeRuleError, Tier, TierError};
 pub use runner::{RunnerPattern, SpiffeId};
 pub use time::{Clock, FixedClock, SystemClock};

@@ -111,6 +111,30 @@ struct TenantFile {
     rules: Vec<RuleFile>,
     #[serde(default)]
     evidence: EvidenceRule,
+    #[serde(default)]
+    rootfs: RootfsFile,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RootfsFile {
+    sha256: Option<String>,
+    #[serde(default)]
+    host_usr: bool,
+}
+
+/// `[tenants] rootfs = { sha256 = "sha256:<hex>" }` or `{ host_usr = true }`: the
+/// root file system this tenant's capsules run on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RootfsRule {
+    /// The host's base rootfs (busybox), its tree digest recorded but not pinned.
+    #[default]
+    Base,
+    /// The base rootfs, whose tree digest must be this one: any other refuses the run.
+    Pinned(Sha256Digest),
+    /// The host's `/usr` (and `/bin`, `/lib`, ...), read-only: explicit opt-in only,
+    /// since it is not pinned and changes with every package upgrade.
+    HostUsr,
 }
 
 /// What evidence of a tenant's runs may leave the host (`[tenants] evidence.egress`).
@@ -176,6 +200,8 @@ pub struct Tenant {
     pub index: Option<IndexRule>,
     /// What of its evidence may leave the host.
     pub evidence: EvidenceRule,
+    /// The root file system its capsules run on.
+    pub rootfs: RootfsRule,
 }
 
 impl Tenant {
@@ -497,6 +523,20 @@ impl Policy {
                     })
                 }
             };
+            let rootfs = match (&t.rootfs.sha256, t.rootfs.host_usr) {
+                (Some(_), true) => return Err(bad(
+                    at("rootfs"),
+                    "a pinned rootfs (sha256) and the host's /usr (host_usr) exclude each other"
+                        .into(),
+                )),
+                (Some(d), false) => {
+                    RootfsRule::Pinned(Sha256Digest::parse(d).ok_or_else(|| {
+                        bad(at("rootfs.sha256"), crate::manifest::NOT_A_DIGEST.into())
+                    })?)
+                }
+                (None, true) => RootfsRule::HostUsr,
+                (None, false) => RootfsRule::Base,
+            };
             tenants.insert(
                 t.name.clone(),
                 Tenant {
@@ -510,6 +550,7 @@ impl Policy {
                     rules,
                     index,
                     evidence: t.evidence,
+                    rootfs,
                 },
             );
         }
@@ -735,10 +776,14 @@ mod host_program_tests {
     use crate::crypto::default_backend;
 
     fn policy(host_programs: &str) -> Result<Policy, ConfigError> {
+        policy_with(host_programs, "")
+    }
+
+    fn policy_with(host_programs: &str, extra: &str) -> Result<Policy, ConfigError> {
         let text = format!(
             "policy_version = \"1\"\nclock_skew_s = 0\n[trust]\njwks = \"k.json\"\n\
              [[tenants]]\nname = \"t\"\nkeys = [\"k\"]\nenvironments = [\"staging\"]\n\
-             host_programs = {host_programs}\nmin_approvals = 1\n"
+             host_programs = {host_programs}\nmin_approvals = 1\n{extra}"
         );
         let jwks = crate::keys::ParsedJwk::generate("k", Alg::Es256, default_backend())
             .expect("key")
@@ -777,6 +822,35 @@ mod host_program_tests {
         assert!(policy("[]").expect("empty").tenants["t"]
             .host_programs
             .is_empty());
+    }
+
+    #[test]
+    fn the_rootfs_is_the_base_by_default_pinned_by_digest_or_the_host_usr_by_opt_in() {
+        let hex = "ab".repeat(32);
+        let rootfs = |extra: &str| policy_with("[]", extra).map(|p| p.tenants["t"].rootfs);
+        assert_eq!(rootfs("").expect("default"), RootfsRule::Base);
+        assert_eq!(
+            rootfs(&format!("rootfs = {{ sha256 = \"sha256:{hex}\" }}")).expect("pinned"),
+            RootfsRule::Pinned(Sha256Digest::parse(&hex).expect("digest"))
+        );
+        assert_eq!(
+            rootfs("rootfs = { host_usr = true }").expect("opt-in"),
+            RootfsRule::HostUsr
+        );
+        for (bad, field) in [
+            (
+                "rootfs = { sha256 = \"sha256:12\" }",
+                "tenants[0].rootfs.sha256",
+            ),
+            (
+                &*format!("rootfs = {{ sha256 = \"{hex}\", host_usr = true }}"),
+                "tenants[0].rootfs",
+            ),
+            ("rootfs = { host = true }", "rootfs"),
+        ] {
+            let e = rootfs(bad).expect_err(bad).to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
     }
 }
 

@@ -157,7 +157,10 @@ impl Agent {
                     RuntimeName::Runsc => Runtime::Runsc {
                         platform: config.platform.clone(),
                     },
-                    RuntimeName::Kata => Runtime::Kata { containerd: None },
+                    RuntimeName::Kata => Runtime::Kata {
+                        containerd: None,
+                        runtime_type: launch::KATA_RUNTIME_TYPE.to_string(),
+                    },
                 };
                 let sandbox = Sandbox::start(&layout, &runtime, None)?;
                 let stale = sandbox.stale_cleaned().to_vec();
@@ -486,10 +489,18 @@ impl Agent {
             return Outcome::Failed;
         };
         let evidence_root = self.layout.evidence();
+        // The tenant's rootfs rule (pinned digest, or the host's /usr by opt-in) over
+        // the base rootfs install-deps builds.
+        let rootfs = launch::rootfs_for(
+            self.admission.policy(),
+            admitted,
+            std::path::Path::new(sandbox_launcher::rootfs::BASE_ROOTFS),
+        );
         let event = launch::execute(
             sandbox.launcher(),
             &run_id,
             admitted,
+            &rootfs,
             launch::EvidenceSink {
                 root: &evidence_root,
                 source: self.runner.as_str(),

@@ -11,6 +11,8 @@ mod keygen;
 pub mod logging;
 mod pack;
 mod publish;
+
+mod rootfs;
 pub(crate) mod run;
 mod serve;
 mod verify;
@@ -164,6 +166,11 @@ pub enum Command {
         #[command(subcommand)]
         command: index::IndexCommand,
     },
+    /// The sandbox's root file system: its tree digest, for a policy's pin.
+    Rootfs {
+        #[command(subcommand)]
+        command: rootfs::RootfsCommand,
+    },
     /// Check capsules in parallel; records nothing.
     Verify(VerifyArgs),
     /// Verify, then durably record each admission (anti-rollback state, admission log).
@@ -247,6 +254,7 @@ pub fn run() -> ExitCode {
         } => pack::run(&manifest, &files, &key, &out, approvals.as_deref()),
         Command::Approve(args) => approve::run(&args),
         Command::Index { command } => index::run(command),
+        Command::Rootfs { command } => rootfs::run(command),
         Command::Verify(args) => verify::run(&args, false),
         Command::Admit(args) => verify::run(&args, true),
         Command::Run(args) => run::run(&args),

@@ -24,6 +24,7 @@ use crate::evidence::{outbound_event, printed_event, EgressRules, Event, EventDa
 use crate::launch::{self, Runtime, Sandbox};
 use crate::layout::StateLayout;
 use crate::GatewayError;
+use verify_core::Tier;
 
 /// The capsule ran and exited non-zero, or was timed out.
 pub const EXIT_CAPSULE_FAILED: u8 = 3;
@@ -62,9 +63,22 @@ pub struct RunArgs {
     /// Policy file (TOML); its `trust.jwks` is resolved relative to it.
     #[arg(long, value_name = "FILE")]
     pub policy: PathBuf,
-    /// The sandbox.
-    #[arg(long, value_enum, default_value = "runsc")]
-    pub runtime: RuntimeArg,
+    /// Restrict this runner to one sandbox (and its tier). Without it, each capsule
+    /// runs in the tier its environment's rule names (`tier`): `gvisor` (runsc, also
+    /// when the rule names none) or `kata`, which this host provides only when the
+    /// shim of --kata-runtime-type is installed; a rule's tier the host lacks is
+    /// denied `tier_unavailable`.
+    #[arg(long, value_enum)]
+    pub runtime: Option<RuntimeArg>,
+    /// The containerd shim v2 runtime type of the `kata` tier. `io.containerd.runc.v2`
+    /// drives the same containerd path where Kata is absent; runc is no sandbox, so
+    /// that is for testing the path only.
+    #[arg(long, value_name = "TYPE", default_value = launch::KATA_RUNTIME_TYPE)]
+    pub kata_runtime_type: String,
+    /// The base root file system (built by install-deps from busybox-static); a
+    /// tenant's `rootfs.sha256` pins its tree digest.
+    #[arg(long, value_name = "DIR", default_value = sandbox_launcher::rootfs::BASE_ROOTFS)]
+    pub rootfs: PathBuf,
     /// This runner's SPIFFE ID (also the event's `source`); defaults to the SVID's.
     #[arg(long, value_name = "SPIFFE_ID")]
     pub runner: Option<String>,
@@ -114,16 +128,6 @@ pub struct RunArgs {
     pub capsule: PathBuf,
 }
 
-impl RuntimeArg {
-    /// The sandbox tier this runtime provides (a rule's `tier`).
-    fn tier(self) -> verify_core::Tier {
-        match self {
-            RuntimeArg::Runsc => verify_core::Tier::Gvisor,
-            RuntimeArg::Kata => verify_core::Tier::Kata,
-        }
-    }
-}
-
 /// The hidden `sandbox-probe` subcommand: the egress probe, inside the sandbox.
 pub fn probe(args: &[OsString]) -> ExitCode {
     let code = sandbox_launcher::probe::sandbox_main(args);
@@ -142,19 +146,28 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         args.hash_mode,
     )?;
     let indexes = crate::tenant_index::load_all(&args.index, admission.policy())?;
-    let admission = admission.with_governance(indexes, &[args.runtime.tier()]);
-    // The sandbox is set up before admission: a missing runtime is a configuration
-    // error (exit 2) and stale sandboxes of a crashed earlier run are gone first.
-    let layout = StateLayout::new(&args.state);
-    let runtime = match args.runtime {
-        RuntimeArg::Runsc => Runtime::Runsc {
-            platform: args.platform.as_str().to_string(),
-        },
-        RuntimeArg::Kata => Runtime::Kata {
-            containerd: args.containerd_address.clone(),
-        },
+    let gvisor = Runtime::Runsc {
+        platform: args.platform.as_str().to_string(),
     };
-    let sandbox = Sandbox::start(&layout, &runtime, Some(args.output_cap))?;
+    let kata = Runtime::Kata {
+        containerd: args.containerd_address.clone(),
+        runtime_type: args.kata_runtime_type.clone(),
+    };
+    // The tiers this runner provides, and the sandbox set up before admission: a
+    // missing runtime is a configuration error (exit 2) and stale sandboxes of a
+    // crashed earlier run are gone first. Kata, when a capsule's rule asks for it and
+    // --runtime did not choose it, is set up after admission.
+    let (tiers, first) = match args.runtime {
+        Some(RuntimeArg::Runsc) => (vec![Tier::Gvisor], gvisor.clone()),
+        Some(RuntimeArg::Kata) => (vec![Tier::Kata], kata.clone()),
+        None if launch::shim_installed(&args.kata_runtime_type) => {
+            (vec![Tier::Gvisor, Tier::Kata], gvisor.clone())
+        }
+        None => (vec![Tier::Gvisor], gvisor.clone()),
+    };
+    let admission = admission.with_governance(indexes, &tiers);
+    let layout = StateLayout::new(&args.state);
+    let mut sandbox = Sandbox::start(&layout, &first, Some(args.output_cap))?;
     let egress = EgressRules::compile(admission.policy())?;
     let delivery = match &args.sink {
         Some(url) => {
@@ -189,12 +202,21 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
 
     // SIGINT/SIGTERM from here on stop the sandbox in order instead of killing us.
     let cancel = super::cancel_on_signals()?;
+    // The tier its rule names (admission refused one this host lacks), else the one
+    // set up already.
+    let tier = launch::tier_for(admission.policy(), &admitted).unwrap_or(first.tier());
+    if tier != first.tier() {
+        let runtime = if tier == Tier::Kata { &kata } else { &gvisor };
+        sandbox = Sandbox::start(&layout, runtime, Some(args.output_cap))?;
+    }
+    let rootfs = launch::rootfs_for(admission.policy(), &admitted, &args.rootfs);
     let evidence_root = args.evidence.clone().unwrap_or_else(|| layout.evidence());
     let run_id = launch::new_run_id()?;
     let event = launch::execute(
         sandbox.launcher(),
         &run_id,
         &admitted,
+        &rootfs,
         launch::EvidenceSink {
             root: &evidence_root,
             source: &source,

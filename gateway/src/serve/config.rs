@@ -188,6 +188,7 @@ pub enum RunsRuntime {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunsConfig {
+    /// The `gvisor` tier's runtime.
     pub runtime: RunsRuntime,
     /// gVisor platform (`ptrace` works everywhere).
     #[serde(default = "default_platform")]
@@ -195,6 +196,45 @@ pub struct RunsConfig {
     /// Runs executing at once; more answer 503.
     #[serde(default = "default_concurrent_runs")]
     pub max_concurrent: usize,
+    /// The `kata` tier (containerd's shim v2); without it this service provides
+    /// `gvisor` only, and a rule that needs `kata` is denied `tier_unavailable`.
+    #[serde(default)]
+    pub kata: Option<KataRunsConfig>,
+    /// The base root file system (default: the one install-deps builds); a tenant's
+    /// `rootfs.sha256` pins its tree digest.
+    #[serde(default = "default_rootfs")]
+    pub rootfs: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KataRunsConfig {
+    /// An existing containerd socket (default: a private containerd under the state).
+    #[serde(default)]
+    pub containerd: Option<PathBuf>,
+    /// Shim v2 runtime type (default `io.containerd.kata.v2`); `io.containerd.runc.v2`
+    /// drives the same path where Kata is absent (runc is no sandbox: tests only).
+    #[serde(default = "default_kata_runtime_type")]
+    pub runtime_type: String,
+}
+
+fn default_rootfs() -> PathBuf {
+    PathBuf::from(sandbox_launcher::rootfs::BASE_ROOTFS)
+}
+
+fn default_kata_runtime_type() -> String {
+    crate::launch::KATA_RUNTIME_TYPE.into()
+}
+
+impl RunsConfig {
+    /// The tiers this service provides for `/v1/runs`.
+    pub fn tiers(&self) -> Vec<verify_core::Tier> {
+        let mut t = vec![verify_core::Tier::Gvisor];
+        if self.kata.is_some() {
+            t.push(verify_core::Tier::Kata);
+        }
+        t
+    }
 }
 
 fn default_platform() -> String {
@@ -247,6 +287,12 @@ impl ServeConfig {
             config.state_dir = canonical;
         }
         config.policy = base.join(&config.policy);
+        if let Some(r) = &mut config.runs {
+            r.rootfs = base.join(&r.rootfs);
+            if let Some(k) = r.kata.as_mut().and_then(|k| k.containerd.as_mut()) {
+                *k = base.join(&*k);
+            }
+        }
         if let Some(dir) = &mut config.tls.svid_dir {
             *dir = base.join(&*dir);
         }

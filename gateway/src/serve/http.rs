@@ -407,7 +407,13 @@ async fn start_run(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Rep
             return reply;
         }
     };
-    match runs.start(slot, admitted, peer, svc.metrics.clone()) {
+    match runs.start(
+        slot,
+        admitted,
+        svc.admissions.policy(),
+        peer,
+        svc.metrics.clone(),
+    ) {
         Ok(run_id) => json_reply(
             StatusCode::ACCEPTED,
             &json!({ "run_id": run_id.as_str(), "status": "running", "decision": decision }),

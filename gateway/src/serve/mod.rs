@@ -197,13 +197,19 @@ impl Server {
         // thread starts only when there are runs to report.
         let egress = crate::evidence::EgressRules::compile(&policy)?;
         let policy_digest = policy.digests.policy;
+
+        let host_tiers = config
+            .runs
+            .as_ref()
+            .map(|r| r.tiers())
+            .unwrap_or_else(|| vec![verify_core::Tier::Gvisor]);
         let admissions = Arc::new(Admissions {
-            // `/v1/runs` runs under runsc: gVisor is the tier this service provides. It
-            // takes no tenant index (no `--index` here yet), so a tenant whose index is
-            // `required` is denied `index_stale`, never admitted without one.
+            // The tiers `/v1/runs` provides: gVisor, and Kata when `[runs.kata]` is
+            // configured. It takes no tenant index (no `--index` here yet), so a tenant
+            // whose index is `required` is denied `index_stale`, never admitted without one.
             admission: Admission::new(policy, clock.clone(), HashMode::Auto)
                 .with_open_state(state)
-                .with_governance(Vec::new(), &[verify_core::Tier::Gvisor]),
+                .with_governance(Vec::new(), &host_tiers),
             pool,
         });
         let batcher = Batcher::start(admissions.clone(), &config.batch, metrics.clone())

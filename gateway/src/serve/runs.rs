@@ -1,4 +1,6 @@
-//! `/v1/runs`: an admitted capsule is launched in the sandbox on a blocking thread,
+//! `/v1/runs`: an admitted capsule is launched in the sandbox of the tier its
+//! environment's rule names (gVisor unless `tier = "kata"`; admission already refused
+//! a tier this service does not provide) on a blocking thread,
 //! exactly as `capsule-gateway run` launches it ([`crate::launch::execute`]), and its run id
 //! is answered at once. While it runs its status lives in memory; once it is done the
 //! evidence bundle on disk (`STATE/evidence/<run id>/event.json`) is the status, so
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use sandbox_launcher::RunId;
 use serde_json::Value;
-use verify_core::{Admitted, Clock, SpiffeId};
+use verify_core::{Admitted, Clock, Policy, SpiffeId, Tier};
 
 use super::config::{RunsConfig, RunsRuntime};
 use super::metrics::{Metrics, RunOutcome};
@@ -26,7 +28,12 @@ use crate::layout::StateLayout;
 use crate::GatewayError;
 
 pub struct Runs {
+    /// The `gvisor` tier.
     sandbox: Arc<Sandbox>,
+    /// The `kata` tier, when `[runs.kata]` is configured.
+    kata: Option<Arc<Sandbox>>,
+    /// The base root file system.
+    rootfs: PathBuf,
     evidence: PathBuf,
     /// Runs under way, with the peer that started each.
     running: Arc<Mutex<HashMap<RunId, String>>>,
@@ -112,8 +119,21 @@ impl Runs {
         };
         let layout = StateLayout::new(state);
         let sandbox = Sandbox::start(&layout, &runtime, None)?;
+        let kata = match &config.kata {
+            Some(k) => Some(Arc::new(Sandbox::start(
+                &layout,
+                &Runtime::Kata {
+                    containerd: k.containerd.clone(),
+                    runtime_type: k.runtime_type.clone(),
+                },
+                None,
+            )?)),
+            None => None,
+        };
         Ok(Runs {
             sandbox: Arc::new(sandbox),
+            kata,
+            rootfs: config.rootfs.clone(),
             evidence: layout.evidence(),
             running: Arc::default(),
             slots: Arc::default(),
@@ -131,14 +151,24 @@ impl Runs {
         (taken < self.max).then_some(slot)
     }
 
-    /// Launches `admitted` on a blocking thread; returns its run id.
+    /// Launches `admitted` on a blocking thread, in its tier and on its tenant's root
+    /// file system (`policy`); returns its run id.
     pub fn start(
         &self,
         slot: Slot,
         admitted: Admitted,
+        policy: &Policy,
         peer: &SpiffeId,
         metrics: Arc<Metrics>,
     ) -> Result<RunId, GatewayError> {
+        let sandbox = match launch::tier_for(policy, &admitted) {
+            Some(Tier::Kata) => self.kata.clone().ok_or_else(|| {
+                // Admission checks the tier against the same configuration.
+                GatewayError::Usage("runs: the kata tier is not configured ([runs.kata])".into())
+            })?,
+            _ => self.sandbox.clone(),
+        };
+        let rootfs = launch::rootfs_for(policy, &admitted, &self.rootfs);
         let id = launch::new_run_id()?;
         self.running
             .lock()
@@ -146,8 +176,7 @@ impl Runs {
             .insert(id.clone(), peer.to_string());
         let clock = self.clock.clone();
         let outbound = self.outbound.clone();
-        let (sandbox, evidence, running, cancel) = (
-            self.sandbox.clone(),
+        let (evidence, running, cancel) = (
             self.evidence.clone(),
             self.running.clone(),
             self.cancel.clone(),
@@ -163,6 +192,7 @@ impl Runs {
                     sandbox.launcher(),
                     &run_id,
                     &admitted,
+                    &rootfs,
                     launch::EvidenceSink {
                         root: &evidence,
                         source: &source,

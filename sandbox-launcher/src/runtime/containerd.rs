@@ -75,7 +75,7 @@ impl ContainerdConfig {
 
 /// The shim binary containerd looks for: `io.containerd.kata.v2` →
 /// `containerd-shim-kata-v2`.
-fn shim_binary(runtime_type: &str) -> String {
+pub fn shim_binary(runtime_type: &str) -> String {
     let parts: Vec<&str> = runtime_type.split('.').collect();
     match parts.as_slice() {
         [.., name, version] => format!("containerd-shim-{name}-{version}"),
@@ -168,6 +168,18 @@ impl Runtime for Containerd {
 
     fn flavor(&self) -> Flavor {
         Flavor::Containerd
+    }
+
+    /// runc loads the filter into the host kernel before it execs the process; Kata's
+    /// agent loads it into the guest kernel.
+    fn seccomp_enforcer(&self) -> Option<&'static str> {
+        if self.config.runtime_type == KATA {
+            Some("kata-guest")
+        } else if crate::profiles::kernel_seccomp() {
+            Some("kernel")
+        } else {
+            None
+        }
     }
 
     fn facts(&self) -> RuntimeFacts {

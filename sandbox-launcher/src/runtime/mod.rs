@@ -40,6 +40,10 @@ pub(crate) trait Runtime: std::fmt::Debug + Send + Sync {
     /// Which OCI config this runtime is given.
     fn flavor(&self) -> Flavor;
 
+    /// Who applies the OCI config's seccomp profile to the capsule's system calls
+    /// (`kernel`, `gvisor`, `kata-guest`), `None` when nothing does.
+    fn seccomp_enforcer(&self) -> Option<&'static str>;
+
     /// Whether the sandbox shares the host's network (only via [`crate::danger`]).
     fn host_network(&self) -> bool {
         false

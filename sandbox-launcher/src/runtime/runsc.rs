@@ -1,8 +1,9 @@
 //! gVisor through `runsc` (Debian package `runsc`).
 //!
-//! `runsc --root <state>/runsc --network=none --platform=<p> run --bundle <b> <id>`:
-//! the launcher's own state root (never the system's), no network stack at all for
-//! the sandbox, and `run` attached, so the container's stdout and stderr are the
+//! `runsc --root <state>/runsc --network=none --platform=<p> --oci-seccomp run
+//! --bundle <b> <id>`: the launcher's own state root (never the system's), no network
+//! stack at all for the sandbox, the OCI config's seccomp profile applied by the
+//! sentry to the capsule's system calls, and `run` attached, so the container's stdout and stderr are the
 //! pipes given to it and its exit status is `runsc run`'s. `runsc run` starts the
 //! sandbox and gofer with a parent-death signal, so killing it takes them down too.
 //!
@@ -89,6 +90,12 @@ impl Runtime for Runsc {
         self.config.host_network
     }
 
+    /// runsc runs with `--oci-seccomp`: the sentry applies the profile to the
+    /// capsule's system calls (without it runsc ignores `linux.seccomp`).
+    fn seccomp_enforcer(&self) -> Option<&'static str> {
+        Some("gvisor")
+    }
+
     fn facts(&self) -> RuntimeFacts {
         RuntimeFacts {
             kind: "runsc".into(),
@@ -121,7 +128,8 @@ impl Runtime for Runsc {
         } else {
             "--network=none"
         })
-        .arg(format!("--platform={}", self.config.platform));
+        .arg(format!("--platform={}", self.config.platform))
+        .arg("--oci-seccomp");
         if let Some(dir) = &self.config.debug_log_dir {
             cmd.arg("--debug")
                 .arg(format!("--debug-log={}/", dir.display()));

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use capsule_tests::{Signer, World, RUNNER};
-use sandbox_launcher::{Launcher, LauncherConfig, ProbeBinary, RunReport, RuntimeConfig};
+use sandbox_launcher::{Launcher, LauncherConfig, ProbeBinary, Rootfs, RunReport, RuntimeConfig};
 use serde_json::Value;
 use verify_core::{Admitted, Capsule, NoHistory, SpiffeId, SystemClock, Verifier};
 
@@ -57,11 +57,30 @@ pub fn script_capsule(
     w.capsule_with_files(name, &m, &files, Signer::Es256)
 }
 
-/// A launcher on its own state directory; a missing runtime fails the test with
-/// the error, which names the Debian package.
+/// A launcher on its own state directory, on the host's `/usr` (opted in: these
+/// tests' capsules use Debian's dash, bash and glibc); a missing runtime fails the
+/// test with the error, which names the Debian package.
 pub fn launcher(state: &Path, runtime: RuntimeConfig) -> Launcher {
-    Launcher::new(LauncherConfig::new(state, runtime, probe()))
-        .unwrap_or_else(|e| panic!("cannot set up the launcher: {e}"))
+    launcher_on(state, runtime, Rootfs::host_usr())
+}
+
+/// A launcher on the given root file system.
+pub fn launcher_on(state: &Path, runtime: RuntimeConfig, rootfs: Rootfs) -> Launcher {
+    let mut config = LauncherConfig::new(state, runtime, probe());
+    config.rootfs = rootfs;
+    Launcher::new(config).unwrap_or_else(|e| panic!("cannot set up the launcher: {e}"))
+}
+
+/// The base rootfs that `scripts/build-rootfs.sh` (run by install-deps) builds; a
+/// missing one fails naming the script and the Debian package.
+pub fn base_rootfs() -> PathBuf {
+    let p = PathBuf::from(sandbox_launcher::rootfs::BASE_ROOTFS);
+    assert!(
+        p.join("bin/busybox").is_file(),
+        "{} has no bin/busybox: run scripts/build-rootfs.sh (Debian package busybox-static)",
+        p.display()
+    );
+    p
 }
 
 /// Host processes that name `needle` on their command line or have it in their
