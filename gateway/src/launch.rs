@@ -11,7 +11,7 @@ use sandbox_launcher::{
 };
 use verify_core::{Admitted, Clock};
 
-use crate::evidence::{self, Event, EventType, RunData};
+use crate::evidence::{self, Custody, Event, EventType, RunData};
 use crate::layout::{SandboxDir, StateLayout};
 use crate::GatewayError;
 
@@ -124,6 +124,8 @@ pub struct EvidenceSink<'a> {
     pub source: &'a str,
     /// The event's time.
     pub clock: &'a dyn Clock,
+    /// What signs each bundle's index, and the policy facts it states.
+    pub custody: &'a Custody,
 }
 
 impl std::fmt::Debug for EvidenceSink<'_> {
@@ -131,6 +133,7 @@ impl std::fmt::Debug for EvidenceSink<'_> {
         f.debug_struct("EvidenceSink")
             .field("root", &self.root)
             .field("source", &self.source)
+            .field("custody", &self.custody.signer)
             .finish_non_exhaustive()
     }
 }
@@ -151,6 +154,7 @@ pub fn execute(
         root: evidence_root,
         source,
         clock,
+        custody,
     } = sink;
     let outcome = launcher.launch_as(admitted, run_id, cancel);
     let (kind, report, error) = match &outcome {
@@ -165,6 +169,6 @@ pub fn execute(
     let bundle_dir = evidence_root.join(run_id.as_str());
     let data = RunData::new(admitted, run_id, report, error, stale, &bundle_dir);
     let event = Event::run(kind, source, data, event_time(clock));
-    evidence::write_bundle(evidence_root, run_id, admitted, report, &event)?;
+    evidence::write_bundle(evidence_root, run_id, admitted, report, &event, custody)?;
     Ok(event)
 }

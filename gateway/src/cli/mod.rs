@@ -3,6 +3,7 @@
 
 mod approve;
 pub(crate) mod attest;
+mod evidence;
 mod index;
 mod keygen;
 pub mod logging;
@@ -29,14 +30,8 @@ pub const EXIT_DENIED: u8 = 1;
 /// with it when the run cannot be vouched for (its `.failed` event says why).
 pub const EXIT_RUNTIME: u8 = 4;
 
-/// `--version`: the crate version and the commit it was built from (`unknown` outside
-/// a git checkout; see build.rs).
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("CAPSULE_GATEWAY_COMMIT"),
-    ")"
-);
+/// `--version`: the crate version and the commit it was built from.
+pub const VERSION: &str = crate::VERSION;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -173,6 +168,11 @@ pub enum Command {
     /// The admission service: mTLS (TLS 1.3, SPIFFE peers), micro-batched verification,
     /// durable state. Without --config, a development trust domain under --state.
     Serve(serve::ServeArgs),
+    /// Evidence bundles and exports: `evidence verify`.
+    Evidence {
+        #[command(subcommand)]
+        command: evidence::EvidenceCommand,
+    },
     /// TPM identity key, sealed keys, quotes, and the SVID-to-TPM binding.
     Attest {
         #[command(subcommand)]
@@ -233,6 +233,7 @@ pub fn run() -> ExitCode {
         Command::Admit(args) => verify::run(&args, true),
         Command::Run(args) => run::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Evidence { command } => evidence::run(command),
         Command::Attest { command } => self::attest::run(command),
         Command::Completions { shell } => completions(shell),
         Command::Man { out, command } => man(out.as_deref(), &command),

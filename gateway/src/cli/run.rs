@@ -10,6 +10,9 @@
 //! configuration error, 3 completed with a non-zero exit code or a timeout, 4 failed
 //! (with a `.failed` event), or a runtime failure without an event (the evidence
 //! could not be written).
+//!
+//! Every run and every denial leaves a bundle under the evidence root with a signed
+//! index (`index.json`, `index.sig.json`; see `crate::evidence::index`).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -19,7 +22,7 @@ use std::sync::Arc;
 
 use super::{HashModeArg, EXIT_DENIED, EXIT_RUNTIME};
 use crate::admission::Admission;
-use crate::evidence::{Event, EventData, EventType};
+use crate::evidence::{Custody, Event, EventData, EventType, PolicyFacts};
 use crate::launch::{self, Runtime, Sandbox};
 use crate::layout::StateLayout;
 use crate::GatewayError;
@@ -144,6 +147,13 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         },
     };
     let sandbox = Sandbox::start(&layout, &runtime, Some(args.output_cap))?;
+    // The signer too: a TPM that is configured and not usable stops here.
+    let custody = Custody {
+        signer: args.identity.custody_signer(&args.state)?,
+        facts: PolicyFacts::of(admission.policy()),
+        runner_id: runner.clone(),
+    };
+    let evidence_root = args.evidence.clone().unwrap_or_else(|| layout.evidence());
 
     let result = admission
         .admit(std::slice::from_ref(&args.capsule), true)?
@@ -161,6 +171,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
                 &decision,
                 launch::event_time(admission.clock()),
             );
+            crate::evidence::write_denial_bundle(&evidence_root, &event, &custody)?;
             print_event(&event)?;
             return Ok(ExitCode::from(EXIT_DENIED));
         }
@@ -176,7 +187,6 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
             }
         })?;
     }
-    let evidence_root = args.evidence.clone().unwrap_or_else(|| layout.evidence());
     let run_id = launch::new_run_id()?;
     let event = launch::execute(
         sandbox.launcher(),
@@ -186,6 +196,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
             root: &evidence_root,
             source: &source,
             clock: admission.clock(),
+            custody: &custody,
         },
         &cancel,
         sandbox.stale_cleaned().to_vec(),
@@ -205,7 +216,10 @@ fn exit_code(event: &Event) -> u8 {
 }
 
 /// `source`: the runner's SPIFFE ID, else the configured URI, else this host.
-fn event_source(runner: Option<&str>, configured: Option<&str>) -> Result<String, GatewayError> {
+pub(super) fn event_source(
+    runner: Option<&str>,
+    configured: Option<&str>,
+) -> Result<String, GatewayError> {
     if let Some(r) = runner {
         return Ok(r.to_string());
     }

@@ -8,6 +8,9 @@ use verify_core::{Admitted, Decision, HashMode, SpiffeId};
 use super::attest::{warn_if_software, IdentityArgs};
 use super::{usage, HashModeArg, VerifyArgs, EXIT_DENIED};
 use crate::admission::{load_policy, system_clock, Admission};
+use crate::evidence::{write_denial_bundle, Custody, Event, PolicyFacts};
+use crate::launch;
+use crate::layout::StateLayout;
 use crate::output::{decision_json, decision_line, print_stdout};
 use crate::GatewayError;
 
@@ -29,6 +32,10 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
         .map(|r| r.map_or_else(|d| d, Admitted::into_decision))
         .collect();
 
+    if let Some(state) = &args.state {
+        write_denial_bundles(args, state, runner.as_deref(), &admission, &decisions)?;
+    }
+
     let mut text = String::new();
     let mut all_admitted = true;
     for (path, d) in args.capsules.iter().zip(&decisions) {
@@ -49,6 +56,45 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
     } else {
         ExitCode::from(EXIT_DENIED)
     })
+}
+
+/// With `--state`, each denial leaves a denial bundle under `STATE/evidence/<id>/`
+/// (decision and digests, signed index), written before the verdicts are printed.
+fn write_denial_bundles(
+    args: &VerifyArgs,
+    state: &Path,
+    runner: Option<&str>,
+    admission: &Admission,
+    decisions: &[Decision],
+) -> Result<(), GatewayError> {
+    let denied: Vec<(&std::path::PathBuf, &Decision)> = args
+        .capsules
+        .iter()
+        .zip(decisions)
+        .filter(|(_, d)| !d.is_admit())
+        .collect();
+    if denied.is_empty() {
+        return Ok(());
+    }
+    let custody = Custody {
+        signer: args.identity.custody_signer(state)?,
+        facts: PolicyFacts::of(admission.policy()),
+        runner_id: runner.map(str::to_string),
+    };
+    let source = super::run::event_source(runner, None)?;
+    let root = StateLayout::new(state).evidence();
+    for (path, d) in denied {
+        let id = launch::new_run_id()?;
+        let event = Event::denied(
+            id.as_str(),
+            &source,
+            &path.display().to_string(),
+            d,
+            launch::event_time(admission.clock()),
+        );
+        write_denial_bundle(&root, &event, &custody)?;
+    }
+    Ok(())
 }
 
 impl Admission {

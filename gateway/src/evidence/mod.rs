@@ -10,19 +10,23 @@
 //! outputs.
 
 pub mod check;
+pub mod index;
 pub mod read;
 pub mod schema;
+pub mod verify;
 pub mod write;
 
 use std::path::PathBuf;
 
 pub use check::{Hop, Links};
+pub use index::{Custody, Index, IndexKind, PolicyFacts};
 pub use read::{read_event_head, Bundle};
 pub use schema::{
     DecisionRecord, DecisionSummary, DeniedData, Event, EventData, EventHead, EventType, RunData,
     SandboxRecord,
 };
-pub use write::write_bundle;
+pub use verify::{verify_evidence, Verdict, VerifyOptions, VerifyReport};
+pub use write::{write_bundle, write_denial_bundle};
 
 /// The largest evidence file read (an event carries stdout and stderr, each up to
 /// `run --output-cap`, 1 MiB by default, JSON-escaped).
@@ -47,4 +51,7 @@ pub enum EvidenceError {
     /// Writing a bundle failed (nothing was put in place).
     #[error("evidence bundle: {0}")]
     Write(#[from] crate::durable::DurableError),
+    /// The index could not be signed (nothing was put in place).
+    #[error("evidence index: {0}")]
+    Sign(#[source] Box<crate::custody::CustodyError>),
 }

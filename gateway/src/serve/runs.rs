@@ -19,7 +19,7 @@ use verify_core::{Admitted, Clock, SpiffeId};
 
 use super::config::{RunsConfig, RunsRuntime};
 use super::metrics::{Metrics, RunOutcome};
-use crate::evidence::{read_event_head, EventData, EventType};
+use crate::evidence::{read_event_head, write_denial_bundle, Custody, Event, EventData, EventType};
 use crate::launch::{self, Runtime, Sandbox};
 use crate::layout::StateLayout;
 use crate::GatewayError;
@@ -35,6 +35,8 @@ pub struct Runs {
     pub cancel: Arc<AtomicBool>,
     /// The service's clock: the time of every run event.
     clock: Arc<dyn Clock>,
+    /// Signs each bundle's index.
+    custody: Arc<Custody>,
 }
 
 impl std::fmt::Debug for Runs {
@@ -72,6 +74,7 @@ impl Runs {
         config: &RunsConfig,
         state: &std::path::Path,
         clock: Arc<dyn Clock>,
+        custody: Arc<Custody>,
     ) -> Result<Runs, GatewayError> {
         let runtime = match config.runtime {
             RunsRuntime::Runsc => Runtime::Runsc {
@@ -88,7 +91,27 @@ impl Runs {
             max: config.max_concurrent,
             cancel: Arc::default(),
             clock,
+            custody,
         })
+    }
+
+    /// A denied run request leaves a denial bundle (decision, digests, signed index)
+    /// under its own id, as `run` does.
+    pub fn record_denial(
+        &self,
+        decision: &verify_core::Decision,
+        peer: &SpiffeId,
+    ) -> Result<(), GatewayError> {
+        let id = launch::new_run_id()?;
+        let event = Event::denied(
+            id.as_str(),
+            peer.as_str(),
+            "capsule",
+            decision,
+            launch::event_time(self.clock.as_ref()),
+        );
+        write_denial_bundle(&self.evidence, &event, &self.custody)?;
+        Ok(())
     }
 
     /// Reserves a slot, or `None` when `max_concurrent` runs are under way.
@@ -112,11 +135,12 @@ impl Runs {
             .map_err(|_| GatewayError::Usage("runs: lock poisoned".into()))?
             .insert(id.clone(), peer.to_string());
         let clock = self.clock.clone();
-        let (sandbox, evidence, running, cancel) = (
+        let (sandbox, evidence, running, cancel, custody) = (
             self.sandbox.clone(),
             self.evidence.clone(),
             self.running.clone(),
             self.cancel.clone(),
+            self.custody.clone(),
         );
         let source = peer.to_string();
         let run_id = id.clone();
@@ -133,6 +157,7 @@ impl Runs {
                         root: &evidence,
                         source: &source,
                         clock: clock.as_ref(),
+                        custody: &custody,
                     },
                     &cancel,
                     Vec::new(),
