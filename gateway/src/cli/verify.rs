@@ -8,6 +8,7 @@ use verify_core::{Admitted, Decision, HashMode, SpiffeId};
 use super::attest::{warn_if_software, IdentityArgs};
 use super::{usage, HashModeArg, VerifyArgs, EXIT_DENIED};
 use crate::admission::{load_policy, system_clock, Admission};
+use crate::custody::CustodySigner;
 use crate::evidence::{write_denial_bundle, Custody, Event, PolicyFacts};
 use crate::launch;
 use crate::layout::StateLayout;
@@ -26,14 +27,23 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
     )?;
     let indexes = crate::tenant_index::load_all(&args.index, admission.policy())?;
     let admission = admission.with_governance(indexes, super::index::VERIFY_HOST_TIERS);
+    // With a state, denials leave bundles. A configured TPM is opened before
+    // anything is admitted (one that cannot sign is a configuration error first); the
+    // software key is made only when a denial needs it, so an all-admitted batch
+    // leaves the state as it was. `verify` never creates a state for them.
+    let state = args.state.as_deref().filter(|st| record || st.exists());
+    let tpm_custody = match (state, &args.identity.tcti) {
+        (Some(st), Some(_)) => Some(args.identity.custody_signer(st)?),
+        _ => None,
+    };
     let decisions: Vec<Decision> = admission
         .admit(&args.capsules, record)?
         .into_iter()
         .map(|r| r.map_or_else(|d| d, Admitted::into_decision))
         .collect();
 
-    if let Some(state) = &args.state {
-        write_denial_bundles(args, state, runner.as_deref(), &admission, &decisions)?;
+    if let Some(state) = state {
+        write_denial_bundles(args, state, tpm_custody, runner, &admission, &decisions)?;
     }
 
     let mut text = String::new();
@@ -63,7 +73,8 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
 fn write_denial_bundles(
     args: &VerifyArgs,
     state: &Path,
-    runner: Option<&str>,
+    signer: Option<CustodySigner>,
+    runner: Option<String>,
     admission: &Admission,
     decisions: &[Decision],
 ) -> Result<(), GatewayError> {
@@ -76,12 +87,16 @@ fn write_denial_bundles(
     if denied.is_empty() {
         return Ok(());
     }
-    let custody = Custody {
-        signer: args.identity.custody_signer(state)?,
-        facts: PolicyFacts::of(admission.policy()),
-        runner_id: runner.map(str::to_string),
+    let signer = match signer {
+        Some(s) => s,
+        None => args.identity.custody_signer(state)?,
     };
-    let source = super::run::event_source(runner, None)?;
+    let custody = Custody {
+        signer,
+        facts: PolicyFacts::of(admission.policy()),
+        runner_id: runner,
+    };
+    let source = super::run::event_source(custody.runner_id.as_deref(), None)?;
     let root = StateLayout::new(state).evidence();
     for (path, d) in denied {
         let id = launch::new_run_id()?;
