@@ -1,7 +1,9 @@
 //! Evidence of a run: the CloudEvent (the line `run` prints, also `event.json`) and
 //! the bundle directory beside it. One schema ([`schema`]) for the writer
-//! ([`write`]) and every reader ([`read`], the service's `GET /v1/runs/{id}`), and
-//! the chain-of-custody walk over a bundle read back ([`check`]).
+//! ([`write`]) and every reader ([`read`], the service's `GET /v1/runs/{id}`), the
+//! chain-of-custody walk over a bundle read back ([`check`]), the signed index of
+//! every bundle, runs and denials alike ([`index`]), and `evidence verify` of a
+//! bundle or an export ([`verify`]), which walks the same chain.
 //!
 //! [`Bundle::check`] walks the chain of custody backward and names the first hop
 //! ([`Hop`]) that does not hold: event → run id → capsule digest (of the exact
