@@ -687,10 +687,9 @@ fn check_export(
             format!("{missing}: in the index, not in export.json"),
         ));
     }
-    let mut own = export_own.to_vec();
     let present: BTreeSet<String> = list_files(dir)?
         .into_iter()
-        .filter(|p| !own.contains(p) && p != INDEX_FILE && *p != index_sig_file())
+        .filter(|p| !export_own.contains(p) && p != INDEX_FILE && *p != index_sig_file())
         .collect();
     for f in &index.files {
         let e = entries[f.path.as_str()];
@@ -718,8 +717,6 @@ fn check_export(
                 if exists {
                     return Err(link(hop, format!("{}: withheld, and present", f.path)));
                 }
-                // Absent files are not the export's to list as present.
-                own.push(f.path.clone());
             }
         }
     }
