@@ -58,6 +58,9 @@ pub enum GatewayError {
     Keygen(#[from] crate::keygen::KeygenError),
     #[error(transparent)]
     Pack(#[from] crate::pack::PackError),
+    /// The custody signer could not be set up or did not sign.
+    #[error(transparent)]
+    Custody(#[from] crate::custody::CustodyError),
     /// A resource of this process (a thread, a signal handler) was refused.
     /// A registry operation (`publish`, the agent).
     #[error(transparent)]
@@ -82,6 +85,7 @@ impl GatewayError {
 
     /// Usage or runtime, by what failed.
     pub fn class(&self) -> ErrorClass {
+        use crate::custody::CustodyError;
         use crate::durable::DurableError;
         use crate::keygen::KeygenError;
         match self {
@@ -102,6 +106,15 @@ impl GatewayError {
                 ErrorClass::Runtime
             }
             GatewayError::Attest(_) => ErrorClass::Usage,
+            // The TPM as for attest; an unusable key file is the operator's to fix.
+            GatewayError::Custody(CustodyError::Tpm(e)) => match e {
+                attest::AttestError::Tpm { command, .. } if *command != "identity key" => {
+                    ErrorClass::Runtime
+                }
+                _ => ErrorClass::Usage,
+            },
+            GatewayError::Custody(CustodyError::KeyFile { .. }) => ErrorClass::Usage,
+            GatewayError::Custody(_) => ErrorClass::Runtime,
             // An existing file is the operator's to move; nothing was replaced.
             GatewayError::Write(DurableError::Exists { .. })
             | GatewayError::Keygen(KeygenError::Write(DurableError::Exists { .. }))

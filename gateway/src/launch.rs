@@ -11,7 +11,7 @@ use sandbox_launcher::{
 };
 use verify_core::{Admitted, Clock, Policy, RootfsRule, Tier};
 
-use crate::evidence::{self, Event, EventType, RunData};
+use crate::evidence::{self, Custody, Event, EventType, RunData};
 use crate::layout::{SandboxDir, StateLayout};
 use crate::GatewayError;
 
@@ -189,6 +189,8 @@ pub struct EvidenceSink<'a> {
     pub clock: &'a dyn Clock,
     /// The policy in force (the event's `policydigest`).
     pub policy_digest: &'a verify_core::Sha256Digest,
+    /// What signs each bundle's index, and the policy facts it states.
+    pub custody: &'a Custody,
 }
 
 impl std::fmt::Debug for EvidenceSink<'_> {
@@ -196,6 +198,7 @@ impl std::fmt::Debug for EvidenceSink<'_> {
         f.debug_struct("EvidenceSink")
             .field("root", &self.root)
             .field("source", &self.source)
+            .field("custody", &self.custody.signer)
             .finish_non_exhaustive()
     }
 }
@@ -219,6 +222,7 @@ pub fn execute(
         source,
         clock,
         policy_digest,
+        custody,
     } = sink;
     let outcome = launcher.launch_on(admitted, run_id, rootfs, cancel);
     let (kind, report, error) = match &outcome {
@@ -233,6 +237,6 @@ pub fn execute(
     let bundle_dir = evidence_root.join(run_id.as_str());
     let data = RunData::new(admitted, run_id, report, error, stale, &bundle_dir);
     let event = Event::run(kind, source, data, policy_digest, event_time(clock));
-    evidence::write_bundle(evidence_root, run_id, admitted, report, &event)?;
+    evidence::write_bundle(evidence_root, run_id, admitted, report, &event, custody)?;
     Ok(event)
 }

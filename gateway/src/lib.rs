@@ -44,3 +44,12 @@ pub mod state;
 pub mod tenant_index;
 
 pub use error::GatewayError;
+
+/// `--version` and an evidence index's `gateway.version`: the crate version and the
+/// commit it was built from (`unknown` outside a git checkout; see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CAPSULE_GATEWAY_COMMIT"),
+    ")"
+);

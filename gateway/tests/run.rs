@@ -269,7 +269,34 @@ fn a_denied_capsule_gets_a_denied_event_and_nothing_is_launched() {
         .is_some_and(|x| x.starts_with("sha256:")));
     assert!(d.get("stdout").is_none());
     assert!(runsc_list(&state).is_empty());
-    assert!(!state.join("evidence").exists(), "no run, no run evidence");
+    // No run evidence: the denial's own bundle only (issue 12), holding the decision
+    // and digests, never the presented bytes or any output.
+    let bundles: Vec<_> = std::fs::read_dir(state.join("evidence"))
+        .expect("evidence root")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(bundles.len(), 1, "{bundles:?}");
+    assert_eq!(
+        bundles[0].file_name(),
+        e["id"].as_str().map(std::ffi::OsStr::new)
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&bundles[0])
+        .expect("bundle")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "decision.json",
+            "event.json",
+            "index.json",
+            "index.sig.json"
+        ],
+        "no run, no run evidence"
+    );
     let runs = std::fs::read_dir(state.join("sandbox/runsc/runs"))
         .expect("runs")
         .count();

@@ -1072,8 +1072,9 @@ fn readiness_follows_the_configured_tpm() {
 /// `runsc`): a capsule whose files came in as blobs is admitted, answered 202 with a
 /// run id at once, runs in the sandbox, and `GET /v1/runs/{id}` turns from `running`
 /// to `completed` with the run's CloudEvent (its stdout, egress blocked, teardown
-/// verified, the capsule digest). A denied capsule gets 403 and no run; an unknown or
-/// malformed id is 404. Another runner of the same tenant holding the run id gets
+/// verified, the capsule digest). A denied capsule gets 403, no run and a denial
+/// bundle (both bundles verify with `evidence verify`); an unknown or malformed id
+/// is 404. Another runner of the same tenant holding the run id gets
 /// exactly the unknown id's 404, while the run is under way and after it finished.
 /// After a restart the finished run is still found by its owner only (the owner is
 /// the event's `source`, in the evidence bundle).
@@ -1154,6 +1155,25 @@ fn runs_are_launched_in_gvisor_and_another_peers_run_reads_as_unknown() {
         id
     });
     assert!(gateway.terminate().success(), "{}", gateway.stderr());
+
+    // The run's bundle and the denied run's bundle (issue 12) both carry a signed
+    // index and verify offline.
+    let mut kinds = Vec::new();
+    for e in std::fs::read_dir(f.state_dir().join("evidence"))
+        .expect("evidence")
+        .flatten()
+    {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
+            .args(["evidence", "verify", "--json"])
+            .arg(e.path())
+            .output()
+            .expect("evidence verify");
+        let report: Value = serde_json::from_slice(&out.stdout).expect("json report");
+        assert_eq!(out.status.code(), Some(0), "{report}");
+        kinds.push(report["kind"].as_str().expect("kind").to_string());
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["denial", "run"]);
 
     let gateway = Gateway::serve(&[OsStr::new("--config"), s(&config)]);
     rt.block_on(async {

@@ -232,7 +232,26 @@ pub struct TrustedKey {
     kid: String,
     alg: Alg,
     verifier: Verifier,
+    snapshot: KeySnapshot,
 }
+
+/// What evidence may keep of a trusted key (a trust snapshot, so a bundle still
+/// verifies after the key is rotated out): an ES256 key's public point; for an
+/// HS256 key only a fingerprint, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySnapshot {
+    Es256 {
+        point: [u8; 65],
+    },
+    /// HMAC-SHA256 of [`HS256_FINGERPRINT_MESSAGE`] under the secret: it names the
+    /// key without revealing it (a holder of the secret can recompute it).
+    Hs256 {
+        fingerprint: [u8; 32],
+    },
+}
+
+/// The message an HS256 key's fingerprint is the tag of.
+pub const HS256_FINGERPRINT_MESSAGE: &[u8] = b"capsule-gateway/hs256-key-fingerprint/v1";
 
 impl TrustedKey {
     pub fn kid(&self) -> &str {
@@ -248,6 +267,11 @@ impl TrustedKey {
         &self.verifier
     }
 
+    /// What evidence keeps of this key ([`KeySnapshot`]).
+    pub fn snapshot(&self) -> &KeySnapshot {
+        &self.snapshot
+    }
+
     /// Prepares a verifier; the alg is the material's, and a JWK naming another is
     /// refused (`Jwk::parse` already matched them; a `ParsedJwk` built by hand may not).
     fn prepare(jwk: ParsedJwk, backend: &'static dyn Backend) -> Result<TrustedKey, KeyError> {
@@ -258,17 +282,23 @@ impl TrustedKey {
                 material,
             });
         }
-        let verifier = match &jwk.material {
+        let (verifier, snapshot) = match &jwk.material {
             KeyMaterial::Es256 { d: Some(_), .. } => return Err(KeyError::PrivateInTrustStore),
-            KeyMaterial::Es256 { point, d: None } => {
-                Verifier::Es256(backend.es256_verifier(point)?)
+            KeyMaterial::Es256 { point, d: None } => (
+                Verifier::Es256(backend.es256_verifier(point)?),
+                KeySnapshot::Es256 { point: *point },
+            ),
+            KeyMaterial::Hs256 { secret } => {
+                let key = backend.hs256_key(secret);
+                let fingerprint = key.sign(HS256_FINGERPRINT_MESSAGE);
+                (Verifier::Hs256(key), KeySnapshot::Hs256 { fingerprint })
             }
-            KeyMaterial::Hs256 { secret } => Verifier::Hs256(backend.hs256_key(secret)),
         };
         Ok(TrustedKey {
             kid: jwk.kid,
             alg: material,
             verifier,
+            snapshot,
         })
     }
 }

@@ -355,6 +355,10 @@ pub struct Admitted {
     source: ArtifactSource,
     /// Staged files the kernel executes: the entrypoint and its `#!` interpreters.
     executed: Arc<[ArtifactPath]>,
+    /// The signed approvals as read (evidence keeps their exact bytes) and what each
+    /// verified as, in the same order.
+    approvals: Arc<[ApprovalFile]>,
+    signed_approvals: Arc<[approvals::VerifiedApproval]>,
 }
 
 impl Admitted {
@@ -387,6 +391,14 @@ impl Admitted {
     }
     pub fn into_decision(self) -> Decision {
         self.decision
+    }
+    /// The `approvals/*.jws` files that were verified, as read.
+    pub fn approvals(&self) -> &[ApprovalFile] {
+        &self.approvals
+    }
+    /// What each of [`Admitted::approvals`] verified as (approver, role, kid).
+    pub fn signed_approvals(&self) -> &[approvals::VerifiedApproval] {
+        &self.signed_approvals
     }
 }
 
@@ -638,6 +650,8 @@ impl Verifier<'_> {
             files: files.into(),
             source: capsule.source.clone(),
             executed: executed.into(),
+            approvals: approval_files,
+            signed_approvals: signed.into(),
         })
     }
 

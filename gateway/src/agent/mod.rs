@@ -116,6 +116,9 @@ pub struct Agent {
     sandbox: Option<Sandbox>,
     stale: Vec<sandbox_launcher::StaleReport>,
     cancel: Arc<AtomicBool>,
+    /// Signs each bundle's index: the software custody key under the state (as the
+    /// service's; a TPM-quoted index for the agent is a next step).
+    custody: crate::evidence::Custody,
     /// Capsule manifests settled in this process (ran, denied, already ran): not
     /// pulled again every poll. A transient failure is not settled.
     settled: HashSet<Sha256Digest>,
@@ -147,6 +150,11 @@ impl Agent {
             .with_state_dir(Some(&config.state_dir), true)?
             .with_governance(Vec::new(), &[tier]);
         let layout = StateLayout::new(&config.state_dir);
+        let custody = crate::evidence::Custody {
+            signer: crate::custody::CustodySigner::software(&layout.custody())?,
+            facts: crate::evidence::PolicyFacts::of(admission.policy()),
+            runner_id: Some(runner.to_string()),
+        };
         let store =
             BlobStore::open(&layout.blobs()).map_err(|e| GatewayError::io(layout.blobs(), e))?;
         let ledger = Ledger::open(&config.state_dir).map_err(AgentError::from)?;
@@ -188,6 +196,7 @@ impl Agent {
             sandbox,
             stale,
             cancel,
+            custody,
             settled: HashSet::new(),
         })
     }
@@ -286,6 +295,14 @@ impl Agent {
                     &self.admission.policy().digests.policy,
                     launch::event_time(self.admission.clock()),
                 );
+                // A denial leaves its bundle of digests, as `run`'s does.
+                if let Err(e) = crate::evidence::write_denial_bundle(
+                    &self.layout.evidence(),
+                    &event,
+                    &self.custody,
+                ) {
+                    tracing::error!(error = %e, "denial bundle not written");
+                }
                 self.emit(&event);
             }
             Err(e) => tracing::error!(error = %e, "no run id for a denial event"),
@@ -506,6 +523,7 @@ impl Agent {
                 source: self.runner.as_str(),
                 clock: self.admission.clock(),
                 policy_digest: &self.admission.policy().digests.policy,
+                custody: &self.custody,
             },
             &self.cancel,
             std::mem::take(&mut self.stale),

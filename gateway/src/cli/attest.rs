@@ -22,11 +22,12 @@ use verify_core::keys::{parse_jwk, KeyMaterial};
 use verify_core::SpiffeId;
 
 use super::{usage, EXIT_DENIED};
+use crate::custody::CustodySigner;
 use crate::sealed::SealedKeys;
 use crate::GatewayError;
 
 /// Where this runner's identity comes from (for `verify`/`admit`).
-#[derive(Debug, Default, clap::Args)]
+#[derive(Debug, clap::Args)]
 pub struct IdentityArgs {
     /// SVID directory (svid.pem, svid_key.pem, bundle.pem): its SPIFFE ID is the runner
     /// identity when --runner is not given.
@@ -37,8 +38,31 @@ pub struct IdentityArgs {
     #[arg(long, value_name = "ENDPOINT")]
     pub workload_api: Option<String>,
     /// TPM for the policy's sealed keys (default: $TCTI, else device:/dev/tpmrm0).
+    /// Given here, the same TPM also signs every evidence index: a TPM2_Quote by the
+    /// identity key at --identity-handle over --custody-pcrs. Without it, a software
+    /// ES256 key in STATE/custody/ signs, and the signature says so.
     #[arg(long, value_name = "TCTI")]
     pub tcti: Option<String>,
+    /// Persistent handle of the TPM identity key that signs evidence (with --tcti).
+    #[arg(long, value_name = "HANDLE", default_value = "0x81000ca5", value_parser = parse_handle)]
+    pub identity_handle: u32,
+    /// PCRs the evidence quote covers (with --tcti), e.g. sha256:0,7.
+    #[arg(long, value_name = "BANK:N,N", default_value = crate::custody::DEFAULT_PCRS, value_parser = parse_selection)]
+    pub custody_pcrs: PcrSelection,
+}
+
+impl Default for IdentityArgs {
+    fn default() -> IdentityArgs {
+        IdentityArgs {
+            svid: None,
+            workload_api: None,
+            tcti: None,
+            identity_handle: ::attest::tpm::DEFAULT_IDENTITY_HANDLE,
+            custody_pcrs: crate::custody::DEFAULT_PCRS
+                .parse()
+                .unwrap_or_else(|_| unreachable!("the default PCR selection parses")),
+        }
+    }
 }
 
 /// How long to wait for the Workload API's first SVID.
@@ -80,6 +104,24 @@ impl IdentityArgs {
     /// else the device), opened on the first sealed key.
     pub(crate) fn sealed_keys(&self) -> SealedKeys {
         SealedKeys::lazy(self.tcti.as_deref())
+    }
+
+    /// The custody signer of this process's evidence: the TPM of `--tcti` when given,
+    /// else the software key under `STATE/custody/`.
+    pub(crate) fn custody_signer(&self, state: &Path) -> Result<CustodySigner, GatewayError> {
+        match &self.tcti {
+            Some(tcti) => {
+                let tcti = Tcti::parse(tcti).map_err(attest_err)?;
+                Ok(CustodySigner::open_tpm(
+                    &tcti,
+                    self.identity_handle,
+                    self.custody_pcrs.clone(),
+                )?)
+            }
+            None => Ok(CustodySigner::software(
+                &crate::layout::StateLayout::new(state).custody(),
+            )?),
+        }
     }
 }
 
@@ -318,7 +360,7 @@ fn nonce_of(hex_text: &str) -> Result<Vec<u8>, GatewayError> {
 }
 
 /// Reads the identity JSON (`tpm_public` is what counts).
-fn load_identity(path: &Path) -> Result<TpmKeyPublic, GatewayError> {
+pub(crate) fn load_identity(path: &Path) -> Result<TpmKeyPublic, GatewayError> {
     let v: serde_json::Value = serde_json::from_slice(&read(path)?)
         .map_err(|e| usage(format!("{}: {e}", path.display())))?;
     let area = v["tpm_public"]
@@ -337,7 +379,7 @@ fn svid_from(dir: Option<&Path>, endpoint: Option<&str>) -> Result<Svid, Gateway
     let ids = IdentityArgs {
         svid: dir.map(Path::to_path_buf),
         workload_api: endpoint.map(str::to_string),
-        tcti: None,
+        ..IdentityArgs::default()
     };
     ids.svid()?
         .ok_or_else(|| usage("give --svid DIR or --workload-api ENDPOINT"))

@@ -5,6 +5,7 @@ mod agent;
 mod approve;
 pub(crate) mod attest;
 mod events;
+
 mod evidence;
 mod index;
 mod keygen;
@@ -35,14 +36,8 @@ pub const EXIT_DENIED: u8 = 1;
 /// with it when the run cannot be vouched for (its `.failed` event says why).
 pub const EXIT_RUNTIME: u8 = 4;
 
-/// `--version`: the crate version and the commit it was built from (`unknown` outside
-/// a git checkout; see build.rs).
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("CAPSULE_GATEWAY_COMMIT"),
-    ")"
-);
+/// `--version`: the crate version and the commit it was built from.
+pub const VERSION: &str = crate::VERSION;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -189,7 +184,8 @@ pub enum Command {
         #[command(subcommand)]
         command: self::attest::AttestCommand,
     },
-    /// Evidence bundles: what of them may leave the host.
+    /// Evidence bundles and exports: `evidence verify` offline, and `evidence export`
+    /// (what of a bundle may leave the host).
     Evidence {
         #[command(subcommand)]
         command: evidence::EvidenceCommand,

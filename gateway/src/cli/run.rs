@@ -10,17 +10,21 @@
 //! configuration error, 3 completed with a non-zero exit code or a timeout, 4 failed
 //! (with a `.failed` event), or a runtime failure without an event (the evidence
 //! could not be written).
+//!
+//! Every run and every denial leaves a bundle under the evidence root with a signed
+//! index (`index.json`, `index.sig.json`; see `crate::evidence::index`).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use super::{HashModeArg, EXIT_DENIED, EXIT_RUNTIME};
 use crate::admission::Admission;
-use std::time::Duration;
-
 use crate::delivery::{Delivery, Sink, Spool};
-use crate::evidence::{outbound_event, printed_event, EgressRules, Event, EventData, EventType};
+use crate::evidence::{
+    outbound_event, printed_event, Custody, EgressRules, Event, EventData, EventType, PolicyFacts,
+};
 use crate::launch::{self, Runtime, Sandbox};
 use crate::layout::StateLayout;
 use crate::GatewayError;
@@ -177,6 +181,13 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         None => None,
     };
     let policy_digest = admission.policy().digests.policy;
+    // The signer too: a TPM that is configured and not usable stops here.
+    let custody = Custody {
+        signer: args.identity.custody_signer(&args.state)?,
+        facts: PolicyFacts::of(admission.policy()),
+        runner_id: runner.clone(),
+    };
+    let evidence_root = args.evidence.clone().unwrap_or_else(|| layout.evidence());
 
     let result = admission
         .admit(std::slice::from_ref(&args.capsule), true)?
@@ -195,7 +206,8 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
                 &policy_digest,
                 launch::event_time(admission.clock()),
             );
-            emit(&event, &egress, None, delivery.as_ref())?;
+            let bundle = crate::evidence::write_denial_bundle(&evidence_root, &event, &custody)?;
+            emit(&event, &egress, Some(&bundle), delivery.as_ref())?;
             return Ok(ExitCode::from(EXIT_DENIED));
         }
     };
@@ -210,7 +222,6 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         sandbox = Sandbox::start(&layout, runtime, Some(args.output_cap))?;
     }
     let rootfs = launch::rootfs_for(admission.policy(), &admitted, &args.rootfs);
-    let evidence_root = args.evidence.clone().unwrap_or_else(|| layout.evidence());
     let run_id = launch::new_run_id()?;
     let event = launch::execute(
         sandbox.launcher(),
@@ -222,6 +233,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
             source: &source,
             clock: admission.clock(),
             policy_digest: &policy_digest,
+            custody: &custody,
         },
         &cancel,
         sandbox.stale_cleaned().to_vec(),
@@ -242,7 +254,10 @@ fn exit_code(event: &Event) -> u8 {
 }
 
 /// `source`: the runner's SPIFFE ID, else the configured URI, else this host.
-fn event_source(runner: Option<&str>, configured: Option<&str>) -> Result<String, GatewayError> {
+pub(super) fn event_source(
+    runner: Option<&str>,
+    configured: Option<&str>,
+) -> Result<String, GatewayError> {
     if let Some(r) = runner {
         return Ok(r.to_string());
     }

@@ -8,6 +8,10 @@ use verify_core::{Admitted, Decision, HashMode, SpiffeId};
 use super::attest::{warn_if_software, IdentityArgs};
 use super::{usage, HashModeArg, VerifyArgs, EXIT_DENIED};
 use crate::admission::{load_policy, system_clock, Admission};
+use crate::custody::CustodySigner;
+use crate::evidence::{write_denial_bundle, Custody, Event, PolicyFacts};
+use crate::launch;
+use crate::layout::StateLayout;
 use crate::output::{decision_json, decision_line, print_stdout};
 use crate::GatewayError;
 
@@ -23,11 +27,24 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
     )?;
     let indexes = crate::tenant_index::load_all(&args.index, admission.policy())?;
     let admission = admission.with_governance(indexes, super::index::VERIFY_HOST_TIERS);
+    // With a state, denials leave bundles. A configured TPM is opened before
+    // anything is admitted (one that cannot sign is a configuration error first); the
+    // software key is made only when a denial needs it, so an all-admitted batch
+    // leaves the state as it was. `verify` never creates a state for them.
+    let state = args.state.as_deref().filter(|st| record || st.exists());
+    let tpm_custody = match (state, &args.identity.tcti) {
+        (Some(st), Some(_)) => Some(args.identity.custody_signer(st)?),
+        _ => None,
+    };
     let decisions: Vec<Decision> = admission
         .admit(&args.capsules, record)?
         .into_iter()
         .map(|r| r.map_or_else(|d| d, Admitted::into_decision))
         .collect();
+
+    if let Some(state) = state {
+        write_denial_bundles(args, state, tpm_custody, runner, &admission, &decisions)?;
+    }
 
     let mut text = String::new();
     let mut all_admitted = true;
@@ -49,6 +66,51 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
     } else {
         ExitCode::from(EXIT_DENIED)
     })
+}
+
+/// With `--state`, each denial leaves a denial bundle under `STATE/evidence/<id>/`
+/// (decision and digests, signed index), written before the verdicts are printed.
+fn write_denial_bundles(
+    args: &VerifyArgs,
+    state: &Path,
+    signer: Option<CustodySigner>,
+    runner: Option<String>,
+    admission: &Admission,
+    decisions: &[Decision],
+) -> Result<(), GatewayError> {
+    let denied: Vec<(&std::path::PathBuf, &Decision)> = args
+        .capsules
+        .iter()
+        .zip(decisions)
+        .filter(|(_, d)| !d.is_admit())
+        .collect();
+    if denied.is_empty() {
+        return Ok(());
+    }
+    let signer = match signer {
+        Some(s) => s,
+        None => args.identity.custody_signer(state)?,
+    };
+    let custody = Custody {
+        signer,
+        facts: PolicyFacts::of(admission.policy()),
+        runner_id: runner,
+    };
+    let source = super::run::event_source(custody.runner_id.as_deref(), None)?;
+    let root = StateLayout::new(state).evidence();
+    for (path, d) in denied {
+        let id = launch::new_run_id()?;
+        let event = Event::denied(
+            id.as_str(),
+            &source,
+            &path.display().to_string(),
+            d,
+            &admission.policy().digests.policy,
+            launch::event_time(admission.clock()),
+        );
+        write_denial_bundle(&root, &event, &custody)?;
+    }
+    Ok(())
 }
 
 impl Admission {

@@ -4,9 +4,12 @@
 
 use std::fmt;
 
+use verify_core::approvals::ApprovalPayload;
 use verify_core::jws::VerifiedJws as Verified;
+use verify_core::keys::KeyStore;
 use verify_core::{Manifest, Policy, Sha256Digest};
 
+use super::index::Index;
 use super::read::Bundle;
 use super::schema::{EventData, RunData, SandboxRecord};
 use super::EvidenceError;
@@ -15,10 +18,20 @@ use super::EvidenceError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Hop {
+    /// An export's `export.json` is signed by the bundle's custody signer, names the
+    /// index's digest, and accounts for every file (`evidence verify` on an export).
+    Export,
+    /// `index.sig.json` is a custody signature over the exact `index.json` (by the
+    /// expected TPM identity key, when one is given); `evidence verify` only.
+    IndexSignature,
     /// The event is a run's (a denial vouches for no run).
     Event,
     /// The bundle directory, the event's id, `data.run_id` and `sandbox.json` agree.
     RunId,
+    /// Every file of the bundle is in the signed index with its sha256 and size, and
+    /// every file it lists is there; the index names this run, capsule and tenant
+    /// (`evidence verify` only).
+    Index,
     /// The sha256 of `capsule.jws` is the one the event and the decision name.
     CapsuleDigest,
     /// The event's `manifest_jws` is the bytes of `capsule.jws`.
@@ -27,7 +40,11 @@ pub enum Hop {
     Signature,
     /// Id, version, tenant and subject are the signed manifest's.
     Manifest,
+    /// The approvers the event names are the manifest's, and each signed approval
+    /// kept in the bundle verifies and names this manifest.
     Approvals,
+    /// The version the manifest was admitted under; with an index, also the policy's
+    /// own version and a well-formed digest of its text.
     PolicyVersion,
     /// An admission, by the key and algorithm that verified.
     Decision,
@@ -43,10 +60,35 @@ pub enum Hop {
 }
 
 impl Hop {
+    /// Every hop, in the order `evidence verify` walks them: the signature and the
+    /// index first, since nothing else of the bundle is read before its bytes are
+    /// vouched for.
+    pub const ALL: [Hop; 16] = [
+        Hop::Export,
+        Hop::IndexSignature,
+        Hop::Index,
+        Hop::Event,
+        Hop::RunId,
+        Hop::CapsuleDigest,
+        Hop::ManifestJws,
+        Hop::Signature,
+        Hop::Manifest,
+        Hop::Approvals,
+        Hop::PolicyVersion,
+        Hop::Decision,
+        Hop::Sandbox,
+        Hop::OciConfig,
+        Hop::Staged,
+        Hop::Outputs,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            Hop::Export => "export",
+            Hop::IndexSignature => "index_signature",
             Hop::Event => "event",
             Hop::RunId => "run_id",
+            Hop::Index => "index",
             Hop::CapsuleDigest => "capsule_digest",
             Hop::ManifestJws => "manifest_jws",
             Hop::Signature => "signature",
@@ -78,7 +120,42 @@ pub struct Links {
     pub kid: String,
 }
 
-fn link(hop: Hop, detail: impl fmt::Display) -> EvidenceError {
+/// The keys a walk verifies signatures with.
+#[derive(Debug, Clone, Copy)]
+pub struct Trust<'a> {
+    /// Must verify `capsule.jws`; `Err` says why there are none (an HS256 snapshot
+    /// holds no secret).
+    pub keys: Result<&'a KeyStore, &'a str>,
+    /// Must verify it too (`evidence verify --trust`).
+    pub also: Option<&'a KeyStore>,
+    /// Verify `approvals/*.jws`.
+    pub approvers: &'a KeyStore,
+    pub max_jws_bytes: usize,
+}
+
+impl<'a> Trust<'a> {
+    /// The trust store of `policy`, as `Bundle::check` uses it.
+    pub fn of_policy(policy: &'a Policy) -> Trust<'a> {
+        Trust {
+            keys: Ok(&policy.keys),
+            also: None,
+            approvers: &policy.approvers.keys,
+            max_jws_bytes: policy.limits.max_jws_bytes,
+        }
+    }
+}
+
+/// What a walk compares besides the bundle itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expect<'a> {
+    /// The bundle's signed index, once its signature and files held.
+    pub index: Option<&'a Index>,
+    /// The directory must be named after the run (false for an export, whose
+    /// directory is the exporter's choice).
+    pub dir_name: bool,
+}
+
+pub(crate) fn link(hop: Hop, detail: impl fmt::Display) -> EvidenceError {
     EvidenceError::Link {
         hop,
         detail: detail.to_string(),
@@ -115,19 +192,46 @@ impl Bundle {
     /// claims is checked against the signed manifest, not against `policy` (which
     /// may have moved on since the run).
     pub fn check(&self, policy: &Policy) -> Result<Links, EvidenceError> {
+        let expect = Expect {
+            index: None,
+            dir_name: true,
+        };
+        self.walk(&Trust::of_policy(policy), expect, &mut Vec::new())
+    }
+
+    /// The walk itself: each hop that holds is pushed onto `passed` (hops that do not
+    /// apply, such as the sandbox's of a run that never started, are not).
+    pub(crate) fn walk(
+        &self,
+        trust: &Trust<'_>,
+        expect: Expect<'_>,
+        passed: &mut Vec<Hop>,
+    ) -> Result<Links, EvidenceError> {
         let run = self.run_event()?;
-        self.check_run_id(run)?;
-        let digest = self.check_capsule_digest(run)?;
-        let verified = self.check_signature(policy)?;
-        let manifest = self.check_manifest(run, &verified)?;
-        check_approvals(run, &manifest)?;
-        check_policy_version(run, &manifest)?;
+        passed.push(Hop::Event);
+        self.check_run_id(run, expect)?;
+        passed.push(Hop::RunId);
+        let digest = self.check_capsule_digest(run, expect.index)?;
+        passed.extend([Hop::CapsuleDigest, Hop::ManifestJws]);
+        let verified = self.check_signature(trust, expect.index)?;
+        passed.push(Hop::Signature);
+        let manifest = self.check_manifest(run, &verified, expect.index)?;
+        passed.push(Hop::Manifest);
+        self.check_approvals(run, &manifest, &verified, trust, expect.index)?;
+        passed.push(Hop::Approvals);
+        check_policy_version(run, &manifest, expect.index)?;
+        passed.push(Hop::PolicyVersion);
         self.check_decision(run, &manifest, &verified)?;
+        passed.push(Hop::Decision);
         if let Some(sandbox) = self.sandbox_files(run)? {
             check_oci_config(run, &sandbox)?;
+            passed.push(Hop::OciConfig);
             check_staged(run, sandbox.record, &manifest)?;
+            passed.push(Hop::Staged);
             self.check_outputs(run)?;
+            passed.push(Hop::Outputs);
             check_probe_and_teardown(run, sandbox.record)?;
+            passed.push(Hop::Sandbox);
         }
         Ok(Links {
             run_id: self.event.id.clone(),
@@ -147,18 +251,23 @@ impl Bundle {
 
     /// Hop [`Hop::RunId`]: the bundle is named after the event, and the sandbox's run
     /// is the event's.
-    fn check_run_id(&self, d: &RunData) -> Result<(), EvidenceError> {
+    fn check_run_id(&self, d: &RunData, expect: Expect<'_>) -> Result<(), EvidenceError> {
         let id = &self.event.id;
-        let dir_name = self
-            .dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
-        same(
-            Hop::RunId,
-            "bundle directory",
-            &dir_name.as_deref(),
-            &Some(id.as_str()),
-        )?;
+        if expect.dir_name {
+            let dir_name = self
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned());
+            same(
+                Hop::RunId,
+                "bundle directory",
+                &dir_name.as_deref(),
+                &Some(id.as_str()),
+            )?;
+        }
+        if let Some(index) = expect.index {
+            same(Hop::RunId, "index.json run_id", &index.run_id, id)?;
+        }
         if let Some(run_id) = &d.run_id {
             same(Hop::RunId, "data.run_id", run_id, id)?;
         }
@@ -173,8 +282,20 @@ impl Bundle {
 
     /// Hops [`Hop::CapsuleDigest`] and [`Hop::ManifestJws`]: of the exact JWS bytes
     /// kept in the bundle.
-    fn check_capsule_digest(&self, d: &RunData) -> Result<Sha256Digest, EvidenceError> {
+    fn check_capsule_digest(
+        &self,
+        d: &RunData,
+        index: Option<&Index>,
+    ) -> Result<Sha256Digest, EvidenceError> {
         let digest = digest_of(&self.capsule_jws);
+        if let Some(index) = index {
+            same(
+                Hop::CapsuleDigest,
+                "index.json capsule_digest",
+                &index.capsule_digest,
+                &Some(digest.to_string()),
+            )?;
+        }
         same(
             Hop::CapsuleDigest,
             "sha256 of capsule.jws",
@@ -198,14 +319,51 @@ impl Bundle {
 
     /// Hop [`Hop::Signature`]: the manifest is reached only through a signature the
     /// trust store verifies (a forged capsule with every digest updated fails here).
-    fn check_signature(&self, policy: &Policy) -> Result<Verified, EvidenceError> {
-        verify_core::jws::verify(&self.capsule_jws, &policy.keys, policy.limits.max_jws_bytes)
-            .map_err(|f| link(Hop::Signature, format!("{}: {}", f.reason, f.detail)))
+    fn check_signature(
+        &self,
+        trust: &Trust<'_>,
+        index: Option<&Index>,
+    ) -> Result<Verified, EvidenceError> {
+        let keys = trust.keys.map_err(|why| link(Hop::Signature, why))?;
+        let verified = verify_core::jws::verify(&self.capsule_jws, keys, trust.max_jws_bytes)
+            .map_err(|f| link(Hop::Signature, format!("{}: {}", f.reason, f.detail)))?;
+        if let Some(also) = trust.also {
+            verify_core::jws::verify(&self.capsule_jws, also, trust.max_jws_bytes).map_err(
+                |f| {
+                    link(
+                        Hop::Signature,
+                        format!("--trust: {}: {}", f.reason, f.detail),
+                    )
+                },
+            )?;
+        }
+        if let Some(index) = index {
+            same(
+                Hop::Signature,
+                "index.json trust_snapshot.capsule_key kid",
+                &index.trust_snapshot.capsule_key.as_ref().map(|k| &k.kid),
+                &Some(&verified.kid),
+            )?;
+        }
+        Ok(verified)
     }
 
     /// Hop [`Hop::Manifest`].
-    fn check_manifest(&self, d: &RunData, verified: &Verified) -> Result<Manifest, EvidenceError> {
+    fn check_manifest(
+        &self,
+        d: &RunData,
+        verified: &Verified,
+        index: Option<&Index>,
+    ) -> Result<Manifest, EvidenceError> {
         let m = Manifest::parse(&verified.payload).map_err(|e| link(Hop::Manifest, e))?;
+        if let Some(index) = index {
+            same(
+                Hop::Manifest,
+                "index.json tenant_id",
+                &index.tenant_id,
+                &Some(m.tenant.clone()),
+            )?;
+        }
         same(Hop::Manifest, "capsule_id", &d.capsule_id, &m.capsule_id)?;
         same(Hop::Manifest, "version", &d.version, &m.version)?;
         same(Hop::Manifest, "tenant", &d.tenant_id, &m.tenant)?;
@@ -291,25 +449,85 @@ impl Bundle {
     }
 }
 
-/// Hop [`Hop::Approvals`]: as the manifest says.
-fn check_approvals(d: &RunData, m: &Manifest) -> Result<(), EvidenceError> {
-    let approvers: Vec<&str> = m.approvals.iter().map(|a| a.approver.as_str()).collect();
-    same(
-        Hop::Approvals,
-        "approvers",
-        &d.approvers.iter().map(String::as_str).collect::<Vec<_>>(),
-        &approvers,
-    )
+impl Bundle {
+    /// Hop [`Hop::Approvals`]: as the manifest says, and each signed approval kept
+    /// in the bundle verifies (by the approvers' keys: the snapshot's, with an index)
+    /// and names exactly this manifest; with an index, its snapshot lists exactly
+    /// their keys.
+    fn check_approvals(
+        &self,
+        d: &RunData,
+        m: &Manifest,
+        verified: &Verified,
+        trust: &Trust<'_>,
+        index: Option<&Index>,
+    ) -> Result<(), EvidenceError> {
+        let hop = Hop::Approvals;
+        let approvers: Vec<&str> = m.approvals.iter().map(|a| a.approver.as_str()).collect();
+        same(
+            hop,
+            "approvers",
+            &d.approvers.iter().map(String::as_str).collect::<Vec<_>>(),
+            &approvers,
+        )?;
+        let manifest_sha256 = digest_of(&verified.payload).to_string();
+        let mut kids = Vec::new();
+        for (name, jws) in &self.approvals {
+            let at = |e: &dyn fmt::Display| link(hop, format!("approvals/{name}: {e}"));
+            let v = verify_core::jws::verify(jws, trust.approvers, trust.max_jws_bytes)
+                .map_err(|f| at(&format!("{}: {}", f.reason, f.detail)))?;
+            let p: ApprovalPayload =
+                verify_core::json::from_slice_strict(&v.payload).map_err(|e| at(&e))?;
+            let names = (&p.capsule_id, p.version, &p.tenant, &p.manifest_sha256);
+            if names != (&m.capsule_id, m.version, &m.tenant, &manifest_sha256) {
+                return Err(at(&"it approves another manifest"));
+            }
+            kids.push(v.kid);
+        }
+        if let Some(index) = index {
+            let listed: Vec<&String> = index
+                .trust_snapshot
+                .approvers
+                .iter()
+                .map(|k| &k.kid)
+                .collect();
+            same(
+                hop,
+                "index.json trust_snapshot.approvers",
+                &listed,
+                &kids.iter().collect::<Vec<_>>(),
+            )?;
+        }
+        Ok(())
+    }
 }
 
-/// Hop [`Hop::PolicyVersion`]: the version the manifest was admitted under.
-fn check_policy_version(d: &RunData, m: &Manifest) -> Result<(), EvidenceError> {
-    same(
-        Hop::PolicyVersion,
-        "policy_version",
-        &d.policy_version,
-        &m.policy_version,
-    )
+/// Hop [`Hop::PolicyVersion`]: the version the manifest was admitted under (the
+/// admission requires it to be the policy's own).
+fn check_policy_version(
+    d: &RunData,
+    m: &Manifest,
+    index: Option<&Index>,
+) -> Result<(), EvidenceError> {
+    let hop = Hop::PolicyVersion;
+    same(hop, "policy_version", &d.policy_version, &m.policy_version)?;
+    if let Some(index) = index {
+        same(
+            hop,
+            "index.json policy_version",
+            &index.policy_version,
+            &m.policy_version,
+        )?;
+        for (what, digest) in [
+            ("policy_sha256", &index.policy_sha256),
+            ("trust_store_sha256", &index.trust_store_sha256),
+        ] {
+            if Sha256Digest::parse(digest).is_none() {
+                return Err(link(hop, format!("index.json {what} is not a digest")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hop [`Hop::OciConfig`]: the config the sandbox ran with is the one recorded.

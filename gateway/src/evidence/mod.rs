@@ -1,7 +1,9 @@
 //! Evidence of a run: the CloudEvent (the line `run` prints, also `event.json`) and
 //! the bundle directory beside it. One schema ([`schema`]) for the writer
-//! ([`write`]) and every reader ([`read`], the service's `GET /v1/runs/{id}`), and
-//! the chain-of-custody walk over a bundle read back ([`check`]).
+//! ([`write`]) and every reader ([`read`], the service's `GET /v1/runs/{id}`), the
+//! chain-of-custody walk over a bundle read back ([`check`]), the signed index of
+//! every bundle, runs and denials alike ([`index`]), and `evidence verify` of a
+//! bundle or an export ([`verify`]), which walks the same chain.
 //!
 //! [`Bundle::check`] walks the chain of custody backward and names the first hop
 //! ([`Hop`]) that does not hold: event → run id → capsule digest (of the exact
@@ -15,8 +17,11 @@
 pub mod check;
 pub mod egress;
 pub mod export;
+
+pub mod index;
 pub mod read;
 pub mod schema;
+pub mod verify;
 pub mod write;
 
 use std::path::PathBuf;
@@ -24,12 +29,15 @@ use std::path::PathBuf;
 pub use check::{Hop, Links};
 pub use egress::{outbound_event, printed_event, EgressRules, MaskRules, TenantEgress};
 pub use export::{export, ExportError, ExportFile, ExportManifest, FileStatus};
+
+pub use index::{Custody, Index, IndexKind, PolicyFacts};
 pub use read::{read_event_head, Bundle};
 pub use schema::{
-    Custody, DecisionRecord, DecisionSummary, DeniedData, Event, EventData, EventHead, EventType,
-    RunData, SandboxRecord,
+    CustodyAttributes, DecisionRecord, DecisionSummary, DeniedData, Event, EventData, EventHead,
+    EventType, RunData, SandboxRecord,
 };
-pub use write::write_bundle;
+pub use verify::{verify_evidence, Verdict, VerifyOptions, VerifyReport};
+pub use write::{write_bundle, write_denial_bundle};
 
 /// The largest evidence file read (an event carries stdout and stderr, each up to
 /// `run --output-cap`, 1 MiB by default, JSON-escaped).
@@ -54,4 +62,7 @@ pub enum EvidenceError {
     /// Writing a bundle failed (nothing was put in place).
     #[error("evidence bundle: {0}")]
     Write(#[from] crate::durable::DurableError),
+    /// The index could not be signed (nothing was put in place).
+    #[error("evidence index: {0}")]
+    Sign(#[source] Box<crate::custody::CustodyError>),
 }

@@ -27,6 +27,8 @@ pub struct Bundle {
     pub oci_config: Option<Vec<u8>>,
     pub stdout: Option<Vec<u8>>,
     pub stderr: Option<Vec<u8>>,
+    /// `approvals/*.jws`, by file name, sorted.
+    pub approvals: Vec<(String, Vec<u8>)>,
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> EvidenceError {
@@ -66,7 +68,7 @@ pub(crate) fn optional(path: &Path) -> Result<Option<Vec<u8>>, EvidenceError> {
         .transpose()
 }
 
-fn required(dir: &Path, name: &str) -> Result<Vec<u8>, EvidenceError> {
+pub(crate) fn required(dir: &Path, name: &str) -> Result<Vec<u8>, EvidenceError> {
     optional(&dir.join(name))?.ok_or_else(|| EvidenceError::Malformed {
         what: name.into(),
         detail: "missing from the bundle".into(),
@@ -97,7 +99,16 @@ impl Bundle {
                 detail: "sandbox.json, oci-config.json, stdout and stderr: all or none".into(),
             });
         }
+        let approvals = list_files(dir)?
+            .into_iter()
+            .filter_map(|p| p.strip_prefix("approvals/").map(str::to_string))
+            .map(|name| {
+                let bytes = required(dir, &format!("approvals/{name}"))?;
+                Ok((name, bytes))
+            })
+            .collect::<Result<Vec<_>, EvidenceError>>()?;
         Ok(Bundle {
+            approvals,
             dir: dir.to_path_buf(),
             event,
             capsule_jws,
@@ -108,6 +119,39 @@ impl Bundle {
             stderr,
         })
     }
+}
+
+/// Every entry of a bundle directory, as paths relative to it, sorted: the files at
+/// its top and in `approvals/`. Any other directory is listed as `NAME/` (no bundle
+/// has one, so an index never lists it); nothing is followed or opened.
+pub fn list_files(dir: &Path) -> Result<Vec<String>, EvidenceError> {
+    let mut out = Vec::new();
+    let entries = |d: &Path| -> Result<Vec<(String, std::fs::FileType)>, EvidenceError> {
+        std::fs::read_dir(d)
+            .map_err(|e| io_error(d, e))?
+            .map(|e| {
+                let e = e.map_err(|e| io_error(d, e))?;
+                let t = e.file_type().map_err(|err| io_error(&e.path(), err))?;
+                Ok((e.file_name().to_string_lossy().into_owned(), t))
+            })
+            .collect()
+    };
+    for (name, t) in entries(dir)? {
+        if t.is_dir() && name == "approvals" {
+            for (inner, t) in entries(&dir.join("approvals"))? {
+                out.push(format!(
+                    "approvals/{inner}{}",
+                    if t.is_dir() { "/" } else { "" }
+                ));
+            }
+        } else if t.is_dir() {
+            out.push(format!("{name}/"));
+        } else {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// `DIR/event.json` as the service answers it: the stored JSON and the attributes

@@ -113,7 +113,7 @@ struct Envelope {
 /// have withheld). Each is absent when unknown (a denial of unreadable bytes has no
 /// capsule digest); present, it is never empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Custody {
+pub struct CustodyAttributes {
     /// `capsuledigest`: `sha256:<hex>` of the exact JWS bytes.
     pub capsule_digest: Option<String>,
     /// `policydigest`: `sha256:<hex>` of the policy text in force.
@@ -124,7 +124,7 @@ pub struct Custody {
     pub run_id: Option<String>,
 }
 
-impl Custody {
+impl CustodyAttributes {
     /// The attribute names, in the order written.
     pub const ATTRIBUTES: [&'static str; 4] =
         ["capsuledigest", "policydigest", "tenantid", "runid"];
@@ -141,7 +141,7 @@ pub struct Event {
     /// RFC 3339, as written.
     pub time: String,
     /// The extension attributes.
-    pub custody: Custody,
+    pub custody: CustodyAttributes,
     pub data: EventData,
 }
 
@@ -358,13 +358,13 @@ impl Event {
             return Err(malformed("event", "id and source must not be empty"));
         }
         chrono::DateTime::parse_from_rfc3339(&env.time).map_err(|e| malformed("event time", e))?;
-        let custody = Custody {
+        let custody = CustodyAttributes {
             capsule_digest: env.capsuledigest,
             policy_digest: env.policydigest,
             tenant_id: env.tenantid,
             run_id: env.runid,
         };
-        for (name, value) in Custody::ATTRIBUTES.iter().zip([
+        for (name, value) in CustodyAttributes::ATTRIBUTES.iter().zip([
             &custody.capsule_digest,
             &custody.policy_digest,
             &custody.tenant_id,

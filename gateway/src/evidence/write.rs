@@ -9,9 +9,10 @@ use sandbox_launcher::{RunId, RunReport, StaleReport};
 use serde::Serialize;
 use verify_core::{Admitted, Decision, Sha256Digest};
 
+use super::index::{Custody, IndexHead, IndexKind, IndexedDir};
 use super::schema::{
-    Custody, DecisionRecord, DecisionSummary, DeniedData, Event, EventData, EventType, RunData,
-    SandboxRecord,
+    CustodyAttributes, DecisionRecord, DecisionSummary, DeniedData, Event, EventData, EventType,
+    RunData, SandboxRecord,
 };
 use super::EvidenceError;
 use crate::durable::{create_dirs, StagedDir};
@@ -126,7 +127,7 @@ impl Event {
         time: DateTime<Utc>,
     ) -> Event {
         debug_assert_ne!(kind, EventType::Denied);
-        let custody = Custody {
+        let custody = CustodyAttributes {
             capsule_digest: Some(data.capsule_digest.clone()),
             policy_digest: Some(policy_digest.to_string()),
             tenant_id: Some(data.tenant_id.clone()),
@@ -156,7 +157,7 @@ impl Event {
         time: DateTime<Utc>,
     ) -> Event {
         let r = DecisionRecord::new(capsule, d);
-        let custody = Custody {
+        let custody = CustodyAttributes {
             capsule_digest: r.digest.clone(),
             policy_digest: Some(policy_digest.to_string()),
             tenant_id: r.tenant.clone(),
@@ -199,11 +200,12 @@ fn pretty(value: &impl Serialize) -> Vec<u8> {
     serde_json::to_vec_pretty(value).unwrap_or_default()
 }
 
-/// Writes the evidence bundle of one run, `ROOT/<run id>/`: the exact `capsule.jws`,
-/// `decision.json`, and when the launcher reported `stdout`, `stderr`,
-/// `oci-config.json` and `sandbox.json`; then `event.json`. Filled under a
-/// temporary name and renamed into place (then the root synced), so a bundle is
-/// whole or absent.
+/// Writes the evidence bundle of one run, `ROOT/<run id>/`: the exact `capsule.jws`
+/// and `approvals/*.jws`, `decision.json`, and when the launcher reported `stdout`,
+/// `stderr`, `oci-config.json` and `sandbox.json`; then `event.json`, and last the
+/// index of them all with its custody signature (`index.json`, `index.sig.json`).
+/// Filled under a temporary name and renamed into place (then the root synced), so a
+/// bundle is whole or absent.
 ///
 /// A bundle holds the capsule's output and its JWS: readable by the gateway's user
 /// only (the root, when it creates it, and each bundle directory 0700, each file
@@ -214,18 +216,80 @@ pub fn write_bundle(
     admitted: &Admitted,
     report: Option<&RunReport>,
     event: &Event,
+    custody: &Custody,
 ) -> Result<PathBuf, EvidenceError> {
     create_dirs(root, 0o700)?;
-    let bundle = StagedDir::new(&root.join(run_id.as_str()), ".bundle-", 0o700)?;
-    bundle.put("capsule.jws", admitted.jws(), 0o600)?;
-    let decision = DecisionRecord::new("capsule", admitted.decision());
-    bundle.put("decision.json", &pretty(&decision), 0o600)?;
-    if let Some(r) = report {
-        bundle.put("stdout", &r.stdout.bytes, 0o600)?;
-        bundle.put("stderr", &r.stderr.bytes, 0o600)?;
-        bundle.put("oci-config.json", r.oci_config.as_bytes(), 0o600)?;
-        bundle.put("sandbox.json", &pretty(&SandboxRecord::new(r)), 0o600)?;
+    let mut bundle = IndexedDir::new(StagedDir::new(
+        &root.join(run_id.as_str()),
+        ".bundle-",
+        0o700,
+    )?);
+    bundle.put("capsule.jws", admitted.jws())?;
+    for a in admitted.approvals() {
+        bundle.put(&format!("approvals/{}", a.name), &a.jws)?;
     }
-    bundle.put("event.json", &pretty(&event.to_json()), 0o600)?;
-    Ok(bundle.commit()?)
+    let decision = DecisionRecord::new("capsule", admitted.decision());
+    bundle.put("decision.json", &pretty(&decision))?;
+    if let Some(r) = report {
+        bundle.put("stdout", &r.stdout.bytes)?;
+        bundle.put("stderr", &r.stderr.bytes)?;
+        bundle.put("oci-config.json", r.oci_config.as_bytes())?;
+        bundle.put("sandbox.json", &pretty(&SandboxRecord::new(r)))?;
+    }
+    bundle.put("event.json", &pretty(&event.to_json()))?;
+    let m = admitted.manifest();
+    let head = IndexHead {
+        kind: IndexKind::Run,
+        run_id: run_id.as_str(),
+        tenant_id: Some(&m.tenant),
+        capsule_digest: Some(admitted.digest().to_string()),
+        capsule_kid: admitted.decision().kid.as_deref(),
+        approver_kids: admitted
+            .signed_approvals()
+            .iter()
+            .map(|a| a.kid.as_str())
+            .collect(),
+    };
+    bundle.commit(custody, head)
+}
+
+/// Writes the smaller bundle of a denial, `ROOT/<id>/`: `decision.json` and the
+/// `.denied` `event.json` (digests, never the presented bytes), and their signed
+/// index.
+pub fn write_denial_bundle(
+    root: &Path,
+    event: &Event,
+    custody: &Custody,
+) -> Result<PathBuf, EvidenceError> {
+    let EventData::Denied(d) = &event.data else {
+        return Err(EvidenceError::Malformed {
+            what: "denial bundle".into(),
+            detail: "the event is not a denial".into(),
+        });
+    };
+    create_dirs(root, 0o700)?;
+    let mut bundle = IndexedDir::new(StagedDir::new(&root.join(&event.id), ".bundle-", 0o700)?);
+    let decision = DecisionRecord {
+        capsule: d.capsule.clone(),
+        verdict: d.verdict.clone(),
+        reason: d.reason.clone(),
+        detail: d.detail.clone(),
+        digest: d.digest.clone(),
+        capsule_id: d.capsule_id.clone(),
+        version: d.version,
+        tenant: d.tenant.clone(),
+        kid: d.kid.clone(),
+        alg: d.alg.clone(),
+    };
+    bundle.put("decision.json", &pretty(&decision))?;
+    bundle.put("event.json", &pretty(&event.to_json()))?;
+    let head = IndexHead {
+        kind: IndexKind::Denial,
+        run_id: &event.id,
+        tenant_id: d.tenant.as_deref(),
+        capsule_digest: d.digest.clone(),
+        capsule_kid: d.kid.as_deref(),
+        approver_kids: Vec::new(),
+    };
+    bundle.commit(custody, head)
 }

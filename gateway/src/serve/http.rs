@@ -293,7 +293,7 @@ async fn admit(
     svc: &Service,
     peer: &SpiffeId,
     req: Request<Tracked>,
-) -> Result<(verify_core::Admitted, Value), Reply> {
+) -> Result<(verify_core::Admitted, Value), Refused> {
     // One byte over the JWS limit for a trailing newline, as the CLI tolerates.
     let limit = svc.admissions.policy().limits.max_jws_bytes + 1;
     // Admission bodies are held in memory until their decision is durable: the bytes
@@ -322,14 +322,16 @@ async fn admit(
         Err(state) => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("not recorded, not admitted: {state}"),
-        )),
+        )
+        .into()),
         Ok(Err(denied)) => {
             svc.metrics.admission(&denied, started.elapsed());
             log_decision(&denied, peer);
-            Err(json_reply(
+            let reply = json_reply(
                 StatusCode::FORBIDDEN,
                 &decision_json(&capsule_name(&denied), &denied),
-            ))
+            );
+            Err(Refused::Denied(Box::new(denied), reply))
         }
         Ok(Ok(admitted)) => {
             svc.metrics
@@ -379,10 +381,31 @@ fn capsule_name(d: &Decision) -> String {
     d.digest.map(|x| x.to_string()).unwrap_or_default()
 }
 
+/// Why `admit` gave no admission: a denial (its decision, and the reply), or a
+/// reply that says why nothing was decided.
+enum Refused {
+    Denied(Box<verify_core::Decision>, Reply),
+    Reply(Reply),
+}
+
+impl From<Reply> for Refused {
+    fn from(reply: Reply) -> Refused {
+        Refused::Reply(reply)
+    }
+}
+
+impl Refused {
+    fn reply(self) -> Reply {
+        match self {
+            Refused::Denied(_, r) | Refused::Reply(r) => r,
+        }
+    }
+}
+
 async fn admission(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Reply {
     match admit(svc, peer, req).await {
         Ok((_, decision)) => json_reply(StatusCode::OK, &decision),
-        Err(reply) => reply,
+        Err(refused) => refused.reply(),
     }
 }
 
@@ -400,12 +423,15 @@ async fn start_run(svc: &Service, peer: &SpiffeId, req: Request<Tracked>) -> Rep
     };
     let (admitted, decision) = match admit(svc, peer, req).await {
         Ok(x) => x,
-        Err(reply) => {
-            if reply.status() == StatusCode::FORBIDDEN {
-                svc.metrics.run(RunOutcome::Denied, None);
+        Err(Refused::Denied(denied, reply)) => {
+            svc.metrics.run(RunOutcome::Denied, None);
+            // A denied run leaves its denial bundle; the reply says the denial either way.
+            if let Err(e) = runs.record_denial(&denied, peer) {
+                tracing::error!(target: "capsule_gateway::runs", error = %e, "denial bundle not written");
             }
             return reply;
         }
+        Err(Refused::Reply(reply)) => return reply,
     };
     match runs.start(
         slot,

@@ -170,6 +170,7 @@ impl Server {
         let (policy, tpm) =
             open_policy(&config.policy, config.tpm.as_ref().map(|t| t.tcti.as_str()))?;
         let allowed = allowed_peers(config, &policy)?;
+        let facts = crate::evidence::PolicyFacts::of(&policy);
         let resolver = Arc::new(SvidCertResolver::new(identity.clone(), None)?);
         let mut tls = attest::tls::server_config(
             resolver,
@@ -231,11 +232,20 @@ impl Server {
                     egress,
                     deliverer,
                 };
+                // The service signs its evidence with the software key under its state
+                // (its TPM, if any, serves TLS and sealed keys); the runner is its SVID.
+                let layout = crate::layout::StateLayout::new(&config.state_dir);
+                let custody = crate::evidence::Custody {
+                    signer: crate::custody::CustodySigner::software(&layout.custody())?,
+                    facts,
+                    runner_id: identity.current().ok().map(|s| s.svid.id().to_string()),
+                };
                 Some(Runs::start_launcher(
                     r,
                     &config.state_dir,
                     clock.clone(),
                     outbound,
+                    Arc::new(custody),
                 )?)
             }
             None => None,

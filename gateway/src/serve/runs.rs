@@ -22,7 +22,10 @@ use verify_core::{Admitted, Clock, Policy, SpiffeId, Tier};
 use super::config::{RunsConfig, RunsRuntime};
 use super::metrics::{Metrics, RunOutcome};
 use crate::delivery::Deliverer;
-use crate::evidence::{outbound_event, read_event_head, EgressRules, Event, EventData, EventType};
+use crate::evidence::{
+    outbound_event, read_event_head, write_denial_bundle, Custody, EgressRules, Event, EventData,
+    EventType,
+};
 use crate::launch::{self, Runtime, Sandbox};
 use crate::layout::StateLayout;
 use crate::GatewayError;
@@ -45,6 +48,8 @@ pub struct Runs {
     clock: Arc<dyn Clock>,
     /// The event's `policydigest`, the tenants' egress, and the sink's delivery.
     outbound: Arc<Outbound>,
+    /// Signs each bundle's index.
+    custody: Arc<Custody>,
 }
 
 /// What leaves the host of each run's event: shaped by the tenant's egress mode and
@@ -111,6 +116,8 @@ impl Runs {
         state: &std::path::Path,
         clock: Arc<dyn Clock>,
         outbound: Outbound,
+
+        custody: Arc<Custody>,
     ) -> Result<Runs, GatewayError> {
         let runtime = match config.runtime {
             RunsRuntime::Runsc => Runtime::Runsc {
@@ -141,7 +148,28 @@ impl Runs {
             cancel: Arc::default(),
             clock,
             outbound: Arc::new(outbound),
+            custody,
         })
+    }
+
+    /// A denied run request leaves a denial bundle (decision, digests, signed index)
+    /// under its own id, as `run` does.
+    pub fn record_denial(
+        &self,
+        decision: &verify_core::Decision,
+        peer: &SpiffeId,
+    ) -> Result<(), GatewayError> {
+        let id = launch::new_run_id()?;
+        let event = Event::denied(
+            id.as_str(),
+            peer.as_str(),
+            "capsule",
+            decision,
+            &self.outbound.policy_digest,
+            launch::event_time(self.clock.as_ref()),
+        );
+        write_denial_bundle(&self.evidence, &event, &self.custody)?;
+        Ok(())
     }
 
     /// Reserves a slot, or `None` when `max_concurrent` runs are under way.
@@ -176,10 +204,11 @@ impl Runs {
             .insert(id.clone(), peer.to_string());
         let clock = self.clock.clone();
         let outbound = self.outbound.clone();
-        let (evidence, running, cancel) = (
+        let (evidence, running, cancel, custody) = (
             self.evidence.clone(),
             self.running.clone(),
             self.cancel.clone(),
+            self.custody.clone(),
         );
         let source = peer.to_string();
         let run_id = id.clone();
@@ -198,6 +227,7 @@ impl Runs {
                         source: &source,
                         clock: clock.as_ref(),
                         policy_digest: &outbound.policy_digest,
+                        custody: &custody,
                     },
                     &cancel,
                     Vec::new(),
