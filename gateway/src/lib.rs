@@ -19,6 +19,7 @@
 //! - [`error`]: which failures are usage (exit 2) and which runtime (exit 4).
 
 pub mod admission;
+pub mod admission_log;
 pub mod cli;
 pub mod durable;
 pub mod error;
