@@ -8,6 +8,7 @@
 //! | `sandbox/runsc/`, `sandbox/kata/` | the launcher's own directory, one per runtime |
 //! | `containerd/` | the private containerd `run --runtime kata` starts |
 //! | `dev/` | the service's development trust domain |
+//! | `custody/` | the software custody key ([`crate::custody`]), when no TPM signs |
 //!
 //! The anti-rollback state and the admission log are [`crate::state`]'s.
 
@@ -56,5 +57,10 @@ impl StateLayout {
 
     pub fn dev(&self) -> PathBuf {
         self.root.join("dev")
+    }
+
+    /// The directory of the software custody key ([`crate::custody::CustodySigner::software`]).
+    pub fn custody(&self) -> PathBuf {
+        self.root.join("custody")
     }
 }

@@ -14,6 +14,8 @@
 //! - [`evidence`]: one schema for the run event and bundle, its writer, readers and
 //!   chain-of-custody check; [`launch`]: the sandbox, set up and run the same way for
 //!   `run` and `serve`;
+//! - [`custody`]: the custody signer (TPM quote or software ES256) of evidence
+//!   indexes, exports and log checkpoints, and its offline verifier;
 //! - [`durable`]: temp file, fsync, rename, fsync the parent — every durable write;
 //!   [`keygen`] and [`pack`]: keys and capsules; [`output`]: printing verdicts;
 //! - [`error`]: which failures are usage (exit 2) and which runtime (exit 4).
@@ -21,6 +23,7 @@
 pub mod admission;
 pub mod admission_log;
 pub mod cli;
+pub mod custody;
 pub mod durable;
 pub mod error;
 pub mod evidence;
