@@ -53,9 +53,7 @@ use crate::admission_log::record::{
 };
 use crate::admission_log::segment::{self, LOG_DIR};
 use crate::admission_log::signer::{CheckpointSigner, Expect};
-use crate::admission_log::{
-    CheckpointSummary, Failure, FailureCode, LogConfig, LogReport,
-};
+use crate::admission_log::{CheckpointSummary, Failure, FailureCode, LogConfig, LogReport};
 use verify_core::digest::{open_regular_nofollow, Access, OpenError};
 use verify_core::{
     check_clock, check_rollback, Admitted, AdmittedVersion, Clock, Decision, Policy, Reason,
@@ -1076,7 +1074,12 @@ impl State {
                         "the admission log head is missing; {NOT_RECREATED}"
                     )));
                 };
-                check_head(&log, LogHead { count, last }, write_base(&txn, &self.path)?, &self.path)?;
+                check_head(
+                    &log,
+                    LogHead { count, last },
+                    write_base(&txn, &self.path)?,
+                    &self.path,
+                )?;
                 let mut time = txn.open_table(CLOCK).map_err(|e| self.err(e))?;
                 let last_known = time
                     .get(LAST_KNOWN_KEY)
@@ -1171,12 +1174,19 @@ impl State {
                     .insert(HEAD_KEY, (seq, prev.0))
                     .map_err(|e| self.err(e))?;
                 drop((log, heads));
-                self.checkpoint_in(&txn, Link { count: seq, last: prev.0 }, now, end)?;
+                self.checkpoint_in(
+                    &txn,
+                    Link {
+                        count: seq,
+                        last: prev.0,
+                    },
+                    now,
+                    end,
+                )?;
                 // The last-known time only moves forward, in the transaction that
                 // records what was admitted by it.
                 if stepped_back.is_none() && last_known.is_none_or(|t| now > t) {
-                    time.insert(LAST_KNOWN_KEY, now)
-                        .map_err(|e| self.err(e))?;
+                    time.insert(LAST_KNOWN_KEY, now).map_err(|e| self.err(e))?;
                     raised = Some(now);
                 }
             }
@@ -1224,9 +1234,16 @@ impl State {
                     .map_err(|e| self.err(e))?
                     .map(|g| g.value())
                     .ok_or_else(|| {
-                        self.err(format!("the admission log head is missing; {NOT_RECREATED}"))
+                        self.err(format!(
+                            "the admission log head is missing; {NOT_RECREATED}"
+                        ))
                     })?;
-                check_head(&log, LogHead { count, last }, write_base(&txn, &self.path)?, &self.path)?;
+                check_head(
+                    &log,
+                    LogHead { count, last },
+                    write_base(&txn, &self.path)?,
+                    &self.path,
+                )?;
                 if let Some(summary) = budget.drain(count, &Sha256Digest(last)) {
                     let bytes = summary.to_bytes();
                     log.insert(count, bytes.as_slice())
@@ -1261,7 +1278,10 @@ impl State {
         let last = match checkpoints.last().map_err(|e| self.err(e))? {
             Some((k, v)) => {
                 let cp = Checkpoint::parse(v.value().0).map_err(|e| {
-                    self.err(format!("admission log: checkpoint {} is unreadable: {e}", k.value()))
+                    self.err(format!(
+                        "admission log: checkpoint {} is unreadable: {e}",
+                        k.value()
+                    ))
                 })?;
                 Some((cp, sha256(v.value().0)))
             }
@@ -1405,7 +1425,7 @@ impl State {
     fn expect(&self) -> Result<Expect, crate::admission_log::LogError> {
         match &self.signer {
             Some(s) => Ok(s.expect()),
-            None => Expect::of_state(&self.log_dir),
+            None => Expect::of_state(self.log_dir.parent().unwrap_or(Path::new("."))),
         }
     }
 
@@ -1416,11 +1436,12 @@ impl State {
         sig: &[u8],
         expect: &Expect,
     ) -> Result<Checkpoint, crate::GatewayError> {
-        crate::admission_log::signer::verify(bytes, sig, expect).map_err(|why| {
-            self.err(format!("admission log: signed checkpoint {number}: {why}"))
-        })?;
+        crate::admission_log::signer::verify(bytes, sig, expect)
+            .map_err(|why| self.err(format!("admission log: signed checkpoint {number}: {why}")))?;
         let cp = Checkpoint::parse(bytes).map_err(|e| {
-            self.err(format!("admission log: checkpoint {number} is unreadable: {e}"))
+            self.err(format!(
+                "admission log: checkpoint {number} is unreadable: {e}"
+            ))
         })?;
         if cp.number != number || self.state_id.as_ref().is_some_and(|id| *id != cp.state_id) {
             return Err(self.err(format!(
@@ -1444,30 +1465,35 @@ impl State {
     /// every checkpoint (signature, chain of checkpoints, the record each ends at),
     /// every record in the database (position, link, schema) and the stored head.
     pub fn audit_log(&self, expect: &Expect) -> Result<LogReport, Failure> {
-        let unreadable = |e: crate::GatewayError| Failure::new(FailureCode::StateUnreadable, e.to_string());
+        let unreadable =
+            |e: crate::GatewayError| Failure::new(FailureCode::StateUnreadable, e.to_string());
         self.guard(|| Ok(self.audit_inner(expect)))
             .map_err(unreadable)?
     }
 
     fn audit_inner(&self, expect: &Expect) -> Result<LogReport, Failure> {
-        let unreadable = |e: &dyn std::fmt::Display| Failure::new(FailureCode::StateUnreadable, e.to_string());
+        let unreadable =
+            |e: &dyn std::fmt::Display| Failure::new(FailureCode::StateUnreadable, e.to_string());
         let txn = self.db.begin_read().map_err(|e| unreadable(&e))?;
         let head = read_head(&txn, &self.path).map_err(|e| unreadable(&e))?;
         let base = read_base(&txn, &self.path).map_err(|e| unreadable(&e))?;
         // The checkpoints, each signed, each naming the previous one's bytes.
         let mut checkpoints: Vec<Checkpoint> = Vec::new();
         let mut signer = None;
-        if let Some(t) = open_read_table(&txn, CHECKPOINTS, &self.path).map_err(|e| unreadable(&e))? {
+        if let Some(t) =
+            open_read_table(&txn, CHECKPOINTS, &self.path).map_err(|e| unreadable(&e))?
+        {
             let mut prev: Option<[u8; 32]> = None;
             for row in t.iter().map_err(|e| unreadable(&e))? {
                 let (k, v) = row.map_err(|e| unreadable(&e))?;
                 let (number, (bytes, sig)) = (k.value(), v.value());
-                let info = crate::admission_log::signer::verify(bytes, sig, expect).map_err(|why| {
-                    Failure::new(
-                        FailureCode::CheckpointSignatureInvalid,
-                        format!("admission log: signed checkpoint {number}: {why}"),
-                    )
-                })?;
+                let info =
+                    crate::admission_log::signer::verify(bytes, sig, expect).map_err(|why| {
+                        Failure::new(
+                            FailureCode::CheckpointSignatureInvalid,
+                            format!("admission log: signed checkpoint {number}: {why}"),
+                        )
+                    })?;
                 signer = Some(info);
                 let cp = Checkpoint::parse(bytes).map_err(|e| {
                     Failure::new(
@@ -1529,10 +1555,13 @@ impl State {
             // The checkpoints inside the segment hold for its records too.
             let mut walk = Walker::new(at, &checks, true);
             for line in bytes.split(|b| *b == b'\n').take(report.records as usize) {
-                let link: crate::admission_log::record::RecordLink =
-                    serde_json::from_slice(line).map_err(|e| {
-                        Failure::new(FailureCode::RecordEdited, format!("segment {}: {e}", cp.segment))
-                    })?;
+                let link: crate::admission_log::record::RecordLink = serde_json::from_slice(line)
+                    .map_err(|e| {
+                    Failure::new(
+                        FailureCode::RecordEdited,
+                        format!("segment {}: {e}", cp.segment),
+                    )
+                })?;
                 walk.step(link.seq, line)
                     .map_err(|f| f.within(&format!("segment {}", cp.segment)))?;
             }
@@ -1611,7 +1640,11 @@ impl State {
 /// Writes a sealed segment file durably. One left by a seal whose transaction never
 /// committed (a crash in between) is replaced: the database, which does not name it,
 /// is the truth.
-fn write_segment(log_dir: &Path, segment: u64, bytes: &[u8]) -> Result<(), crate::durable::DurableError> {
+fn write_segment(
+    log_dir: &Path,
+    segment: u64,
+    bytes: &[u8],
+) -> Result<(), crate::durable::DurableError> {
     crate::durable::create_dirs(log_dir, 0o700)?;
     let path = segment::path(log_dir, segment);
     match crate::durable::write_new(&path, bytes, 0o600) {
@@ -1675,10 +1708,7 @@ fn read_base(
 }
 
 /// The base as a write transaction reads it (before it opens the table to change it).
-fn write_base(
-    txn: &redb::WriteTransaction,
-    path: &Path,
-) -> Result<Link, crate::GatewayError> {
+fn write_base(txn: &redb::WriteTransaction, path: &Path) -> Result<Link, crate::GatewayError> {
     let t = txn.open_table(BASE).map_err(|e| err(path, e))?;
     let base = t
         .get(BASE_KEY)

@@ -26,6 +26,7 @@ use verify_core::{Capsule, FixedClock, HashMode, Reason, SpiffeId};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("admission_log");
 const HEAD: TableDefinition<&str, (u64, [u8; 32])> = TableDefinition::new("log_head");
+const CHECKPOINTS: TableDefinition<u64, (&[u8], &[u8])> = TableDefinition::new("log_checkpoints");
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
@@ -366,9 +367,18 @@ fn edited_or_removed_admission_log_records_are_detected_by_admit_and_serve() {
             |t| edit_record(t, 2),
             "record 2 (the last) was changed",
         ),
+        // An earlier record, covered by the batch's signed checkpoint, is no longer
+        // walked at start-up: `log verify` names it (tests/admission_log.rs), and
+        // start-up still walks what follows the last checkpoint.
         (
-            "earlier record edited",
-            |t| edit_record(t, 0),
+            "record after the last checkpoint edited",
+            |t| {
+                t.open_table(CHECKPOINTS)
+                    .expect("checkpoints")
+                    .remove(0)
+                    .expect("remove");
+                edit_record(t, 0)
+            },
             "record 1 does not chain",
         ),
         (

@@ -83,7 +83,10 @@ impl<'a> Walker<'a> {
         if key < expect {
             return Err(Failure::new(
                 FailureCode::RecordOutOfOrder,
-                format!("admission log: record {key} appears after record {}", expect - 1),
+                format!(
+                    "admission log: record {key} appears after record {}",
+                    expect - 1
+                ),
             ));
         }
         let link: RecordLink = serde_json::from_slice(bytes).map_err(|e| {

@@ -191,7 +191,10 @@ mod tests {
         });
         let bytes = r.to_bytes();
         assert_eq!(check_schema(&bytes).expect("schema"), "deny");
-        assert_eq!(serde_json::from_slice::<LogRecord>(&bytes).expect("parse"), r);
+        assert_eq!(
+            serde_json::from_slice::<LogRecord>(&bytes).expect("parse"),
+            r
+        );
         let mut v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
         v["detail"] = "presented text".into();
         assert!(check_schema(&serde_json::to_vec(&v).expect("json")).is_err());

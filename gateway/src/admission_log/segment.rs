@@ -118,10 +118,7 @@ pub fn verify(bytes: &[u8], expect: &Expect) -> Result<SegmentReport, Failure> {
             format!(
                 "segment {}: ends at record {}, but its sealing checkpoint {} covers {} \
                  records (records were removed)",
-                cp.segment,
-                end.count,
-                cp.number,
-                cp.count
+                cp.segment, end.count, cp.number, cp.count
             ),
         ));
     }

@@ -129,6 +129,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         Some(&args.state),
         true,
         args.hash_mode,
+        crate::admission_log::LogConfig::default(),
     )?;
     let indexes = crate::tenant_index::load_all(&args.index, admission.policy())?;
     let admission = admission.with_governance(indexes, &[args.runtime.tier()]);

@@ -34,6 +34,9 @@ pub struct ServeConfig {
     /// (and without `--health-listen`), they are served on the mTLS listener only.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+    /// Checkpoint and segment intervals of the admission log, and the denial budget.
+    #[serde(default)]
+    pub log: crate::admission_log::LogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
