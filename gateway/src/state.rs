@@ -1296,6 +1296,56 @@ impl State {
             .get(BASE_KEY)
             .map_err(|e| self.err(e))?
             .map_or((0, [0u8; 32], 0), |g| g.value());
+        // A checkpoint vouches only for what was checked: every record since the last
+        // checkpoint (or the start of the database's records) is walked first, so a
+        // log edited after its last checkpoint is never signed over.
+        let mut start = Link {
+            count: first,
+            last: first_prev,
+        };
+        if let Some((cp, _)) = &last {
+            if cp.count > first {
+                start = Link {
+                    count: cp.count - 1,
+                    last: [0; 32],
+                };
+            }
+        }
+        {
+            let log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+            let cp_head = last.as_ref().and_then(|(cp, _)| digest_field(&cp.head));
+            if start.count + 1 == covered {
+                let at = log
+                    .get(start.count)
+                    .map_err(|e| self.err(e))?
+                    .map(|g| sha256(g.value()));
+                if at.is_none() || at != cp_head {
+                    return Err(self.err(format!(
+                        "admission log: record {} was changed: it does not hash to the head \
+                         of the last signed checkpoint",
+                        start.count
+                    )));
+                }
+                start = Link {
+                    count: covered,
+                    last: cp_head.unwrap_or_default(),
+                };
+            }
+            let checks = BTreeMap::new();
+            let mut walk = Walker::new(start, &checks, false);
+            for row in log.range(start.count..).map_err(|e| self.err(e))? {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                walk.step(k.value(), v.value()).map_err(|f| self.err(f))?;
+            }
+            compare_head(
+                walk.at(),
+                LogHead {
+                    count: end.count,
+                    last: end.last,
+                },
+                &self.path,
+            )?;
+        }
         let every = self.log.checkpoint_every;
         let seals = end.count - first >= self.log.segment_records;
         let interval = end.count / every > covered / every;

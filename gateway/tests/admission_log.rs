@@ -321,12 +321,17 @@ fn denials_are_logged_with_reason_and_digest_only() {
     let other = w.good_capsule("other", Signer::Other);
     let out = admit(&w, &state, &[&good, &other], &[]);
     assert_eq!(out.status.code(), Some(1));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines[1]["verdict"], "deny");
     let log = common::admission_log(&state);
     assert_eq!(log.len(), 2, "{log:?}");
     assert_eq!(log[0]["kind"], "admit");
     let d = &log[1];
     assert_eq!(d["kind"], "deny");
-    assert_eq!(d["reason"], "unknown_kid", "{d}");
+    assert_eq!(d["reason"], lines[1]["reason"], "{d}");
     let jws = std::fs::read(other.join("capsule.jws")).expect("jws");
     assert_eq!(
         d["capsule_digest"].as_str(),

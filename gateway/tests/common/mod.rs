@@ -91,6 +91,7 @@ impl Fixture {
             tpm: None,
             runs: None,
             health: None,
+            log: Default::default(),
         }
     }
 
