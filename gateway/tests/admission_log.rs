@@ -376,3 +376,108 @@ fn log_verify_usage_errors_exit_2() {
     let out = bin().args(["log", "verify"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `serve` (the real binary): denials are logged, a graceful stop (SIGTERM) signs a
+/// checkpoint of the log's end; after `kill -9` the records since the last
+/// checkpoint are walked at the restart, the service goes on, and the log verifies.
+#[test]
+fn serve_logs_denials_checkpoints_at_shutdown_and_restarts_after_kill_9() {
+    use common::{client_config, runtime, versioned_jws, Client, Fixture, Gateway, GATEWAY_ID};
+    use std::ffi::OsStr;
+    let f = Fixture::new();
+    let w = &f.world;
+    let config = f.write_config("[log]\ncheckpoint_every = 1000\n");
+    let client = f.client_svid_dir(RUNNER);
+    let cfg = client_config(&client, GATEWAY_ID, false);
+    let rt = runtime();
+    let other = std::fs::read_to_string(w.good_capsule("other", Signer::Other).join("capsule.jws"))
+        .expect("jws");
+
+    let mut gateway = Gateway::serve(&[OsStr::new("--config"), OsStr::new(s(&config))]);
+    rt.block_on(async {
+        let mut c = Client::connect(gateway.addr, cfg.clone())
+            .await
+            .expect("connect");
+        c.upload_world_files().await;
+        for v in 1..=2 {
+            let r = c.admit(versioned_jws(w, "srv", v)).await.expect("admit");
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+        let r = c.admit(other.clone()).await.expect("admit");
+        assert_eq!(r.status, 403, "{r:?}");
+    });
+    assert!(gateway.terminate().success(), "{}", gateway.stderr());
+    let (code, v) = verify_state(&f.state_dir());
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        (v["records"].as_u64(), v["unanchored"].as_u64()),
+        (Some(3), Some(0)),
+        "{v}"
+    );
+    assert_eq!(v["last_checkpoint"]["cause"], "shutdown", "{v}");
+    assert_eq!(
+        (v["counts"]["admit"].as_u64(), v["counts"]["deny"].as_u64()),
+        (Some(2), Some(1))
+    );
+
+    // kill -9: the two admissions after the shutdown checkpoint are not anchored by
+    // any checkpoint; the restart walks them and goes on.
+    let mut gateway = Gateway::serve(&[OsStr::new("--config"), OsStr::new(s(&config))]);
+    rt.block_on(async {
+        let mut c = Client::connect(gateway.addr, cfg.clone())
+            .await
+            .expect("connect");
+        for v in 3..=4 {
+            let r = c.admit(versioned_jws(w, "srv", v)).await.expect("admit");
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+    });
+    gateway.kill9();
+    let (code, v) = verify_state(&f.state_dir());
+    assert_eq!((code, v["unanchored"].as_u64()), (0, Some(2)), "{v}");
+    let mut gateway = Gateway::serve(&[OsStr::new("--config"), OsStr::new(s(&config))]);
+    rt.block_on(async {
+        let mut c = Client::connect(gateway.addr, cfg.clone())
+            .await
+            .expect("connect");
+        let r = c.admit(versioned_jws(w, "srv", 3)).await.expect("admit");
+        assert_eq!(r.json()["reason"], "rollback", "{r:?}");
+        let r = c.admit(versioned_jws(w, "srv", 5)).await.expect("admit");
+        assert_eq!(r.status, 200, "{r:?}");
+    });
+    assert!(gateway.terminate().success(), "{}", gateway.stderr());
+    let (code, v) = verify_state(&f.state_dir());
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        (v["records"].as_u64(), v["unanchored"].as_u64()),
+        (Some(7), Some(0)),
+        "{v}"
+    );
+
+    // An edit after the last checkpoint stops the next start (exit 2, named).
+    tamper(&f.state_dir(), |t| {
+        t.open_table(CHECKPOINTS)
+            .expect("cps")
+            .remove(1)
+            .expect("rm");
+        edit(t, 5);
+    });
+    let mut child = bin()
+        .args(["serve", "--config", s(&config)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            panic!("serve started on an edited log");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("record 6 does not chain"), "{stderr}");
+}
