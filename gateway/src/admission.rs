@@ -63,6 +63,8 @@ pub struct Admission {
     host_tiers: Vec<Tier>,
     /// Checkpoint and segment intervals, the denial budget.
     log: LogConfig,
+    /// Signs the log's checkpoints; default: the state's software custody key.
+    checkpoint_signer: Option<Arc<CheckpointSigner>>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -88,6 +90,7 @@ impl Admission {
             indexes: Vec::new(),
             host_tiers: Vec::new(),
             log: LogConfig::default(),
+            checkpoint_signer: None,
         }
     }
 
@@ -121,8 +124,9 @@ impl Admission {
                     crate::state::announce(&s);
                     // A recording command signs its checkpoints; `verify` only checks
                     // the last one against the state's key.
-                    let signer = match record {
-                        true => match CheckpointSigner::software(dir) {
+                    let signer = match (record, &self.checkpoint_signer) {
+                        (true, Some(s)) => Some(s.clone()),
+                        (true, None) => match CheckpointSigner::software(dir) {
                             Ok(s) => Some(Arc::new(s)),
                             Err(e) => {
                                 self.store =
@@ -133,7 +137,7 @@ impl Admission {
                                 return Ok(self);
                             }
                         },
-                        false => None,
+                        (false, _) => None,
                     };
                     Store::Dir(s.with_log(signer, self.log))
                 }
@@ -154,6 +158,14 @@ impl Admission {
     /// [`Admission::with_state_dir`]).
     pub fn with_log_config(mut self, log: LogConfig) -> Admission {
         self.log = log;
+        self
+    }
+
+    /// The custody signer of the log's checkpoints (a TPM one, where configured),
+    /// before [`Admission::with_state_dir`]; without it a recording command signs with
+    /// the state's software custody key.
+    pub fn with_checkpoint_signer(mut self, signer: CheckpointSigner) -> Admission {
+        self.checkpoint_signer = Some(Arc::new(signer));
         self
     }
 

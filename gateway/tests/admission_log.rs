@@ -194,8 +194,9 @@ fn each_sealed_segment_verifies_on_its_own_and_an_edited_one_does_not() {
 #[test]
 fn edited_removed_reordered_and_truncated_records_are_named_by_log_verify() {
     type Edit = fn(&redb::WriteTransaction);
-    let cases: [(&str, Edit, &str); 6] = [
+    let cases: [(&str, Edit, &str); 7] = [
         ("earlier record edited", |t| edit(t, 1), "record_edited"),
+        ("last record edited", |t| edit(t, 4), "record_edited"),
         (
             "record removed",
             |t| {
@@ -480,4 +481,64 @@ fn serve_logs_denials_checkpoints_at_shutdown_and_restarts_after_kill_9() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("record 6 does not chain"), "{stderr}");
+}
+
+/// A flood of denials beyond the budget is counted, not written one by one: the log
+/// grows by the burst and one `denials_suppressed` record, and a batch entirely over
+/// the budget commits nothing until the next checkpoint (through the library).
+#[test]
+fn a_denial_flood_is_bounded_by_the_denial_budget() {
+    use capsule_gateway::admission_log::record::CheckpointCause;
+    use capsule_gateway::admission_log::signer::CheckpointSigner;
+    use capsule_gateway::admission_log::LogConfig;
+    use capsule_gateway::state::StateDir;
+    use std::sync::Arc;
+    use verify_core::{Decision, Reason};
+    let w = World::new();
+    let dir = w.path("flood");
+    let clock = verify_core::FixedClock(w.now);
+    let policy =
+        verify_core::Policy::load(&w.policy_path(), verify_core::crypto::default_backend())
+            .expect("policy");
+    let log = LogConfig {
+        denial_burst: 3,
+        denials_per_second: 0,
+        ..LogConfig::default()
+    };
+    let located = StateDir::locate(&dir, true, &clock)
+        .expect("locate")
+        .expect("state");
+    let signer = Arc::new(CheckpointSigner::software(&dir).expect("signer"));
+    let state = located.with_log(Some(signer), log).open().expect("open");
+    let flood = |n: usize| -> Vec<_> {
+        (0..n)
+            .map(|_| Err(Decision::deny_unread(Reason::MalformedJws, "not a JWS")))
+            .collect()
+    };
+    let out = state.record(flood(10), &policy, &clock).expect("recorded");
+    assert!(out.iter().all(|r| r
+        .as_ref()
+        .is_err_and(|d| d.reason == Some(Reason::MalformedJws))));
+    // 3 denials one by one, then the summary of the other 7 in the same commit.
+    assert_eq!(state.verify_log().expect("intact"), 4);
+    // All over the budget: nothing is written (no commit) ...
+    state.record(flood(100), &policy, &clock).expect("recorded");
+    assert_eq!(state.verify_log().expect("intact"), 4);
+    // ... until the shutdown checkpoint writes their count.
+    assert!(state
+        .checkpoint(&clock, CheckpointCause::Shutdown)
+        .expect("cp")
+        .is_some());
+    drop(state);
+    let records = common::admission_log(&dir);
+    assert_eq!(records.len(), 5, "{records:?}");
+    assert_eq!(records[3]["kind"], "denials_suppressed");
+    assert_eq!(
+        (records[3]["count"].as_u64(), records[4]["count"].as_u64()),
+        (Some(7), Some(100))
+    );
+    assert_eq!(records[4]["reasons"]["malformed_jws"], 100);
+    let (code, v) = verify_state(&dir);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["counts"]["denials_suppressed"], 2, "{v}");
 }

@@ -44,28 +44,41 @@ impl CheckpointSigner {
         serde_json::to_vec(&sig).map_err(|e| LogError::Sign(e.to_string()))
     }
 
-    /// What a checkpoint of this state must be signed by.
+    /// What a checkpoint of this state must be signed by: this signer's kind and key.
     pub fn expect(&self) -> Expect {
         Expect {
+            kind: Some(self.0.kind().as_str()),
+            software: None,
             thumbprint: Some(self.0.key_thumbprint()),
         }
     }
 }
 
-/// The key a checkpoint must be signed with (`None`: any valid signature, reported).
+/// The signer a checkpoint must show; what is `None` is not compared.
 #[derive(Debug, Clone, Default)]
 pub struct Expect {
+    /// Only this kind (`software`, `tpm`) of signature is accepted.
+    pub kind: Option<&'static str>,
+    /// A software signature must be by this key.
+    pub software: Option<String>,
+    /// The signature must be by this key (software key or TPM identity key).
     pub thumbprint: Option<String>,
 }
 
 impl Expect {
-    /// The software custody key of the state at `state_dir`, if it has one.
+    /// What a process without a signer of its own (`verify`, `log verify`) pins: a
+    /// software signature must be by the state's own software custody key, when it
+    /// has one. A TPM signature is checked (the quote) and reported, its key not
+    /// pinned here.
     pub fn of_state(state_dir: &Path) -> Result<Expect, LogError> {
         let dir = crate::layout::StateLayout::new(state_dir).custody();
         if !dir.join(crate::custody::SOFTWARE_KEY_FILE).exists() {
             return Ok(Expect::default());
         }
-        Ok(CheckpointSigner::software(state_dir)?.expect())
+        Ok(Expect {
+            software: CheckpointSigner::software(state_dir)?.expect().thumbprint,
+            ..Expect::default()
+        })
     }
 }
 
@@ -74,7 +87,19 @@ pub fn verify(payload: &[u8], sig: &[u8], expect: &Expect) -> Result<SignerInfo,
     let sig = CustodySignature::parse(sig).map_err(|e| e.to_string())?;
     let info =
         verify_custody(payload, &sig, &CustodyExpect::default()).map_err(|e| e.to_string())?;
-    if let Some(want) = &expect.thumbprint {
+    let kind = info.kind.as_str();
+    if let Some(want) = expect.kind {
+        if want != kind {
+            return Err(format!(
+                "a {kind} signature, but this state signs with a {want} signer"
+            ));
+        }
+    }
+    let pinned = match kind {
+        "software" => expect.thumbprint.as_ref().or(expect.software.as_ref()),
+        _ => expect.thumbprint.as_ref(),
+    };
+    if let Some(want) = pinned {
         if *want != info.key_thumbprint {
             return Err(format!(
                 "signed by key {}, not by this state's key {want}",
@@ -83,7 +108,7 @@ pub fn verify(payload: &[u8], sig: &[u8], expect: &Expect) -> Result<SignerInfo,
         }
     }
     Ok(SignerInfo {
-        kind: info.kind.as_str(),
+        kind,
         key_thumbprint: info.key_thumbprint,
     })
 }
