@@ -14,8 +14,14 @@
 //! of the previous record's bytes, and the `log_head` table, written in the same
 //! transaction as each append, holds the record count and the sha256 of the last
 //! record, so editing or removing any record, the last one included, is detected
-//! (by [`State::verify_log`], and before every append). Signed checkpoints, which
-//! also catch a rewrite of the whole log and its head, are a later step.
+//! (by [`State::verify_log`], and before every append). Records are typed
+//! ([`crate::admission_log::record`]): admissions and denials. Signed checkpoints
+//! (table `log_checkpoints`, written in the transaction of the records they cover)
+//! anchor the head, so a rewrite of the log and its head before the last checkpoint
+//! is caught too; start-up walks only what follows the last checkpoint
+//! ([`State::check_since_checkpoint`]), `log verify` everything
+//! ([`State::audit_log`]). Full segments are sealed into files under `log/` and
+//! leave the database (table `log_base` says where its records start).
 //!
 //! The `clock` table holds the last-known time (as tough keeps its datastore time):
 //! the latest clock reading a commit trusted, raised in the commit's transaction and
@@ -840,37 +846,16 @@ fn walk_log(
     log: &impl ReadableTable<u64, &'static [u8]>,
     path: &Path,
 ) -> Result<LogHead, crate::GatewayError> {
-    let mut prev = [0u8; 32];
-    let mut expect = 0u64;
+    let checks = BTreeMap::new();
+    let mut walk = Walker::new(Link::START, &checks, false);
     for row in log.iter().map_err(|e| err(path, e))? {
         let (k, v) = row.map_err(|e| err(path, e))?;
-        let record: serde_json::Value = serde_json::from_slice(v.value()).map_err(|e| {
-            err(
-                path,
-                format!("admission log: record {} is not JSON: {e}", k.value()),
-            )
-        })?;
-        if k.value() != expect || record["seq"] != expect {
-            return Err(err(
-                path,
-                format!("admission log: record {expect} is missing"),
-            ));
-        }
-        if record["prev"] != Sha256Digest(prev).to_string() {
-            return Err(err(
-                path,
-                format!(
-                    "admission log: record {expect} does not chain to its predecessor \
-                     (record {expect} or the one before it was changed)"
-                ),
-            ));
-        }
-        prev = sha256(v.value());
-        expect += 1;
+        walk.step(k.value(), v.value()).map_err(|f| err(path, f))?;
     }
+    let end = walk.at();
     Ok(LogHead {
-        count: expect,
-        last: prev,
+        count: end.count,
+        last: end.last,
     })
 }
 
