@@ -13,6 +13,8 @@ use verify_core::{
     SpiffeId, SystemClock, TenantIndex, Tier, Verifier,
 };
 
+use crate::admission_log::signer::CheckpointSigner;
+use crate::admission_log::LogConfig;
 use crate::sealed::SealedKeys;
 use crate::state::{LazySnapshot, State, StateDir, Unavailable};
 use crate::GatewayError;
@@ -59,6 +61,10 @@ pub struct Admission {
     /// sandbox tiers, for the governance rules.
     indexes: Vec<TenantIndex>,
     host_tiers: Vec<Tier>,
+    /// Checkpoint and segment intervals, the denial budget.
+    log: LogConfig,
+    /// Signs the log's checkpoints; default: the state's software custody key.
+    checkpoint_signer: Option<Arc<CheckpointSigner>>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -83,6 +89,8 @@ impl Admission {
             store: Store::None,
             indexes: Vec::new(),
             host_tiers: Vec::new(),
+            log: LogConfig::default(),
+            checkpoint_signer: None,
         }
     }
 
@@ -114,7 +122,24 @@ impl Admission {
             Some(dir) => match StateDir::locate(dir, record, self.clock.as_ref()) {
                 Ok(Some(s)) => {
                     crate::state::announce(&s);
-                    Store::Dir(s)
+                    // A recording command signs its checkpoints; `verify` only checks
+                    // the last one against the state's key.
+                    let signer = match (record, &self.checkpoint_signer) {
+                        (true, Some(s)) => Some(s.clone()),
+                        (true, None) => match CheckpointSigner::software(dir) {
+                            Ok(s) => Some(Arc::new(s)),
+                            Err(e) => {
+                                self.store =
+                                    Store::Unavailable(Unavailable::new(GatewayError::State {
+                                        path: dir.to_path_buf(),
+                                        message: e.to_string(),
+                                    }));
+                                return Ok(self);
+                            }
+                        },
+                        (false, _) => None,
+                    };
+                    Store::Dir(s.with_log(signer, self.log))
                 }
                 Ok(None) => Store::None,
                 Err(e) => Store::Unavailable(Unavailable::new(e)),
@@ -127,6 +152,33 @@ impl Admission {
             None => Store::None,
         };
         Ok(self)
+    }
+
+    /// The log's checkpoint and segment intervals and denial budget (before
+    /// [`Admission::with_state_dir`]).
+    pub fn with_log_config(mut self, log: LogConfig) -> Admission {
+        self.log = log;
+        self
+    }
+
+    /// The custody signer of the log's checkpoints (a TPM one, where configured),
+    /// before [`Admission::with_state_dir`]; without it a recording command signs with
+    /// the state's software custody key.
+    pub fn with_checkpoint_signer(mut self, signer: CheckpointSigner) -> Admission {
+        self.checkpoint_signer = Some(Arc::new(signer));
+        self
+    }
+
+    /// Writes a checkpoint of the log's end now (`serve`'s graceful stop); nothing
+    /// without a state kept open.
+    pub fn checkpoint(&self) -> Result<Option<u64>, GatewayError> {
+        match &self.store {
+            Store::Open(s) => s.checkpoint(
+                self.clock.as_ref(),
+                crate::admission_log::record::CheckpointCause::Shutdown,
+            ),
+            _ => Ok(None),
+        }
     }
 
     /// A state kept open by this process (`serve`).

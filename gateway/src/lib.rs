@@ -10,7 +10,9 @@
 //!   [`sealed`]), a clock, a hash mode, the runner, the state and the tenant indexes
 //!   ([`tenant_index`]) become an admission;
 //! - [`state`]: the durable anti-rollback state, the admission log, the last-known
-//!   time and the highest tenant-index versions; [`layout`]: where state lives;
+//!   time and the highest tenant-index versions; [`admission_log`]: the log's record
+//!   and checkpoint types, its chain walker, sealed segments and the checkpoint
+//!   signer (over [`custody`]); [`layout`]: where state lives;
 //! - [`evidence`]: one schema for the run event and bundle, its writer, readers and
 //!   chain-of-custody check, the egress modes and masking, and `evidence export`;
 //!   [`launch`]: the sandbox, set up and run the same way for `run` and `serve`;
@@ -25,6 +27,7 @@
 //! - [`error`]: which failures are usage (exit 2) and which runtime (exit 4).
 
 pub mod admission;
+pub mod admission_log;
 pub mod agent;
 pub mod cli;
 pub mod custody;

@@ -14,8 +14,14 @@
 //! of the previous record's bytes, and the `log_head` table, written in the same
 //! transaction as each append, holds the record count and the sha256 of the last
 //! record, so editing or removing any record, the last one included, is detected
-//! (by [`State::verify_log`], and before every append). Signed checkpoints, which
-//! also catch a rewrite of the whole log and its head, are a later step.
+//! (by [`State::verify_log`], and before every append). Records are typed
+//! ([`crate::admission_log::record`]): admissions and denials. Signed checkpoints
+//! (table `log_checkpoints`, written in the transaction of the records they cover)
+//! anchor the head, so a rewrite of the log and its head before the last checkpoint
+//! is caught too; start-up walks only what follows the last checkpoint
+//! ([`State::check_since_checkpoint`]), `log verify` everything
+//! ([`State::audit_log`]). Full segments are sealed into files under `log/` and
+//! leave the database (table `log_base` says where its records start).
 //!
 //! The `clock` table holds the last-known time (as tough keeps its datastore time):
 //! the latest clock reading a commit trusted, raised in the commit's transaction and
@@ -43,6 +49,17 @@ use std::sync::{Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use crate::admission_log::chain::{Link, Walker};
+use crate::admission_log::record::{
+    AdmitRecord, Checkpoint, CheckpointCause, DenyRecord, LogRecord, SuppressedRecord,
+    CHECKPOINT_SCHEMA,
+};
+use crate::admission_log::segment::{self, LOG_DIR};
+use crate::admission_log::signer::{CheckpointSigner, Expect};
+use crate::admission_log::{CheckpointSummary, Failure, FailureCode, LogConfig, LogReport};
 use verify_core::digest::{open_regular_nofollow, Access, OpenError};
 use verify_core::{
     check_clock, check_rollback, Admitted, AdmittedVersion, Clock, Decision, Policy, Reason,
@@ -63,6 +80,13 @@ pub const CLOCK: TableDefinition<&str, u64> = TableDefinition::new("clock");
 pub const LAST_KNOWN_KEY: &str = "last_known";
 /// tenant -> the highest tenant-index version accepted (fleet freshness, issue 13).
 const INDEX_VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("index_versions");
+/// checkpoint number → (its exact bytes, its signature document's bytes).
+const CHECKPOINTS: TableDefinition<u64, (&[u8], &[u8])> = TableDefinition::new("log_checkpoints");
+/// `BASE_KEY` → (the first record still in `admission_log`, the sha256 of the record
+/// before it, the next segment's number); absent: (0, zeros, 0). Sealed segments
+/// moved the records before it into files.
+const BASE: TableDefinition<&str, (u64, [u8; 32], u64)> = TableDefinition::new("log_base");
+const BASE_KEY: &str = "base";
 const HEAD_KEY: &str = "head";
 const STATE_ID_KEY: &str = "state_id";
 
@@ -113,6 +137,9 @@ pub struct StateDir {
     marker: Option<Marker>,
     created: bool,
     adopted: bool,
+    /// Signs checkpoints (`admit`, `run`, `serve`); without one none are written.
+    signer: Option<Arc<CheckpointSigner>>,
+    log: LogConfig,
 }
 
 /// What is at a path, opened without following a symlink.
@@ -347,6 +374,8 @@ impl StateDir {
             marker,
             created: false,
             adopted: false,
+            signer: None,
+            log: LogConfig::default(),
         };
         match (found, &state.marker) {
             (Found::Absent, None) if create => {
@@ -386,6 +415,18 @@ impl StateDir {
             }
             (Found::File(..), None) => Ok(Some(state)),
         }
+    }
+
+    /// Checkpoints of this state are signed by `signer`, at the intervals of `log`.
+    pub fn with_log(mut self, signer: Option<Arc<CheckpointSigner>>, log: LogConfig) -> StateDir {
+        self.signer = signer;
+        self.log = log;
+        self
+    }
+
+    /// The directory of the sealed segments and the checkpoint key.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.join(LOG_DIR)
     }
 
     /// Whether [`StateDir::locate`] created this state just now.
@@ -514,12 +555,23 @@ impl StateDir {
     /// Opens the database and checks that it is this marker's state and that its log
     /// head matches its last record. Held until the [`State`] is dropped.
     pub fn open(&self) -> Result<State, crate::GatewayError> {
+        self.open_checked(true)
+    }
+
+    /// [`StateDir::open`]; without `check_head`, the log is not compared with its
+    /// head (`log verify` does that itself, and names what it finds).
+    fn open_checked(&self, check_head_now: bool) -> Result<State, crate::GatewayError> {
         let db = open_db(&self.db)?;
         let state = State {
             db,
             path: self.db.clone(),
             broken: AtomicBool::new(false),
             last_known: AtomicU64::new(0),
+            state_id: self.marker.as_ref().map(|m| m.state_id.clone()),
+            log_dir: self.log_dir(),
+            signer: self.signer.clone(),
+            log: self.log,
+            denials: Mutex::new(DenialBudget::new(&self.log)),
         };
         state.guard(|| {
             let txn = state.db.begin_read().map_err(|e| state.err(e))?;
@@ -543,8 +595,15 @@ impl StateDir {
             }
             let log = open_read_table(&txn, LOG, &state.path)?;
             let head = read_head(&txn, &state.path)?;
-            if let Some(log) = log {
-                check_head(&log, head, &state.path)?;
+            if !check_head_now {
+                // `log verify` compares the log with its head itself.
+            } else if let Some(log) = log {
+                let base = read_base(&txn, &state.path)?;
+                let base = Link {
+                    count: base.0,
+                    last: base.1,
+                };
+                check_head(&log, head, base, &state.path)?;
             } else if head.count != 0 {
                 return Err(state.err(format!(
                     "the admission log is missing, the log head says {} records",
@@ -564,7 +623,7 @@ impl StateDir {
     /// checked (chain and head), and the versions table is read.
     pub fn snapshot(&self) -> Result<Snapshot, crate::GatewayError> {
         let state = self.open()?;
-        state.verify_log()?;
+        state.check_since_checkpoint()?;
         let versions = state.guard(|| {
             let txn = state.db.begin_read().map_err(|e| state.err(e))?;
             let mut out = HashMap::new();
@@ -620,26 +679,36 @@ impl StateDir {
         })
     }
 
-    /// Opens the database, records the admissions ([`State::record`]) and closes it.
-    /// If nothing can be recorded, every admitted capsule is denied
-    /// `state_unavailable` instead (nothing was acknowledged).
+    /// Opens the database, records the batch ([`State::record`]: admissions and
+    /// denials) and a checkpoint of its end, and closes it. If nothing can be
+    /// recorded, every admitted capsule is denied `state_unavailable` instead (nothing
+    /// was acknowledged).
     pub fn record(
         &self,
         results: Vec<Result<Admitted, Decision>>,
         policy: &Policy,
         clock: &dyn Clock,
     ) -> Vec<Result<Admitted, Decision>> {
-        if !results.iter().any(Result::is_ok) {
+        if results.is_empty() {
             return results;
         }
         let state = match self.open() {
             Ok(s) => s,
             Err(e) => return deny_unavailable(results, &e.to_string()),
         };
-        match state.record_or_return(results, policy, clock) {
+        match state.record_or_return(results, policy, clock, Some(CheckpointCause::Batch)) {
             Ok(out) => out,
             Err((results, e)) => deny_unavailable(results, &e.to_string()),
         }
+    }
+
+    /// Verifies the whole log offline (`log verify`): see [`State::audit_log`].
+    /// A state that cannot be opened is `state_unreadable`.
+    pub fn audit_log(&self, expect: &Expect) -> Result<LogReport, Failure> {
+        let state = self
+            .open_checked(false)
+            .map_err(|e| Failure::new(FailureCode::StateUnreadable, e.to_string()))?;
+        state.audit_log(expect)
     }
 }
 
@@ -734,15 +803,17 @@ fn read_head(txn: &redb::ReadTransaction, path: &Path) -> Result<LogHead, crate:
 }
 
 /// The last record's bytes must hash to the stored head and its sequence number
-/// must be the stored count minus one (an empty log: count 0).
+/// must be the stored count minus one; with no record in the database (an empty log,
+/// or every record sealed into segments), the head is where the segments end.
 fn check_head(
     log: &impl ReadableTable<u64, &'static [u8]>,
     head: LogHead,
+    base: Link,
     path: &Path,
 ) -> Result<(), crate::GatewayError> {
     let last = log.last().map_err(|e| err(path, e))?;
     match (last, head.count) {
-        (None, 0) => Ok(()),
+        (None, n) if n == base.count && head.last == base.last => Ok(()),
         (None, n) => Err(err(
             path,
             format!(
@@ -775,37 +846,16 @@ fn walk_log(
     log: &impl ReadableTable<u64, &'static [u8]>,
     path: &Path,
 ) -> Result<LogHead, crate::GatewayError> {
-    let mut prev = [0u8; 32];
-    let mut expect = 0u64;
+    let checks = BTreeMap::new();
+    let mut walk = Walker::new(Link::START, &checks, false);
     for row in log.iter().map_err(|e| err(path, e))? {
         let (k, v) = row.map_err(|e| err(path, e))?;
-        let record: serde_json::Value = serde_json::from_slice(v.value()).map_err(|e| {
-            err(
-                path,
-                format!("admission log: record {} is not JSON: {e}", k.value()),
-            )
-        })?;
-        if k.value() != expect || record["seq"] != expect {
-            return Err(err(
-                path,
-                format!("admission log: record {expect} is missing"),
-            ));
-        }
-        if record["prev"] != Sha256Digest(prev).to_string() {
-            return Err(err(
-                path,
-                format!(
-                    "admission log: record {expect} does not chain to its predecessor \
-                     (record {expect} or the one before it was changed)"
-                ),
-            ));
-        }
-        prev = sha256(v.value());
-        expect += 1;
+        walk.step(k.value(), v.value()).map_err(|f| err(path, f))?;
     }
+    let end = walk.at();
     Ok(LogHead {
-        count: expect,
-        last: prev,
+        count: end.count,
+        last: end.last,
     })
 }
 
@@ -819,6 +869,81 @@ pub struct State {
     /// The stored last-known time (0: none yet), read at open and raised by each
     /// commit of this process, which holds the database's lock while it is open.
     last_known: AtomicU64,
+    state_id: Option<String>,
+    log_dir: PathBuf,
+    signer: Option<Arc<CheckpointSigner>>,
+    log: LogConfig,
+    denials: Mutex<DenialBudget>,
+}
+
+/// Seconds after which counted denials are written even without another commit.
+const SUPPRESSED_FLUSH_S: u64 = 60;
+
+/// How many denials this process may still record one by one (a token bucket), and
+/// the ones it counted instead since the last summary record.
+#[derive(Debug)]
+struct DenialBudget {
+    tokens: u64,
+    refilled_at: u64,
+    suppressed: u64,
+    reasons: BTreeMap<String, u64>,
+    first_at: u64,
+    last_at: u64,
+}
+
+impl DenialBudget {
+    fn new(config: &LogConfig) -> DenialBudget {
+        DenialBudget {
+            tokens: config.denial_burst,
+            refilled_at: 0,
+            suppressed: 0,
+            reasons: BTreeMap::new(),
+            first_at: 0,
+            last_at: 0,
+        }
+    }
+
+    /// Whether one more denial at `now` is recorded one by one; if not, it is counted.
+    fn take(&mut self, config: &LogConfig, now: u64, reason: &str) -> bool {
+        if self.refilled_at == 0 {
+            self.refilled_at = now;
+        }
+        let refill = now
+            .saturating_sub(self.refilled_at)
+            .saturating_mul(config.denials_per_second);
+        if refill > 0 {
+            self.tokens = (self.tokens.saturating_add(refill)).min(config.denial_burst);
+            self.refilled_at = now;
+        }
+        if self.tokens > 0 {
+            self.tokens -= 1;
+            return true;
+        }
+        if self.suppressed == 0 {
+            self.first_at = now;
+        }
+        self.suppressed += 1;
+        self.last_at = now;
+        *self.reasons.entry(reason.to_string()).or_insert(0) += 1;
+        false
+    }
+
+    /// The summary of what was counted, emptied.
+    fn drain(&mut self, seq: u64, prev: &Sha256Digest) -> Option<LogRecord> {
+        if self.suppressed == 0 {
+            return None;
+        }
+        let record = LogRecord::DenialsSuppressed(SuppressedRecord {
+            seq,
+            prev: prev.to_string(),
+            count: self.suppressed,
+            reasons: std::mem::take(&mut self.reasons),
+            first_at: self.first_at,
+            last_at: self.last_at,
+        });
+        self.suppressed = 0;
+        Some(record)
+    }
 }
 
 /// What [`State::record_or_return`] hands back when nothing was recorded.
@@ -871,16 +996,20 @@ impl State {
         })
     }
 
-    /// Records admissions in one durable transaction, in order. Each is checked
-    /// again against the state inside the transaction (an earlier capsule of the
-    /// same batch, or another process, may have admitted a higher version since it
-    /// was verified); one that no longer passes is returned as a `rollback` denial.
+    /// Records a batch in one durable transaction, in order: each admission, and each
+    /// denial (its reason and capsule digest only) within the denial budget. Each
+    /// admission is checked again against the state inside the transaction (an
+    /// earlier capsule of the same batch, or another process, may have admitted a
+    /// higher version since it was verified); one that no longer passes is returned
+    /// as a `rollback` denial, and logged as one.
     /// Before anything is appended, the last record must hash to the stored log head;
     /// each record chains from that head, which is updated in the same transaction.
     /// The clock is checked again against the stored last-known time (another process
     /// may have raised it since); a clock stepped back beyond the policy's skew denies
     /// every capsule of the batch `clock_rollback`. Otherwise the last-known time is
     /// raised to the clock in the same transaction.
+    /// A signed checkpoint is written in the same transaction every
+    /// `log.checkpoint_every` records, and a full segment is sealed (docs/state.md).
     /// Nothing is acknowledged unless the commit succeeds. The admitted capsules are
     /// handed back (for `run`), in order.
     pub fn record(
@@ -889,7 +1018,7 @@ impl State {
         policy: &Policy,
         clock: &dyn Clock,
     ) -> Result<Vec<Result<Admitted, Decision>>, crate::GatewayError> {
-        self.record_or_return(admitted, policy, clock)
+        self.record_or_return(admitted, policy, clock, None)
             .map_err(|(_, e)| e)
     }
 
@@ -898,10 +1027,35 @@ impl State {
         admitted: Vec<Result<Admitted, Decision>>,
         policy: &Policy,
         clock: &dyn Clock,
+        end: Option<CheckpointCause>,
     ) -> Result<Vec<Result<Admitted, Decision>>, NotRecorded> {
         let policy_version = policy.policy_version.as_str();
         let now = clock.now_unix();
         let mut raised = None;
+        let mut budget = match self.denials.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        // Which denials are logged one by one is decided before the transaction: a
+        // batch of denials only, all over the budget, commits nothing (no fsync).
+        let logged: Vec<bool> = admitted
+            .iter()
+            .map(|item| match item {
+                Ok(_) => true,
+                Err(d) => match d.reason {
+                    // The state failed: there is nothing to record it in.
+                    Some(Reason::StateUnavailable) | None => false,
+                    Some(r) => budget.take(&self.log, now, r.as_str()),
+                },
+            })
+            .collect();
+        // Counted denials are written with the next commit, or by themselves once
+        // the oldest is a minute old.
+        let summary_due =
+            budget.suppressed > 0 && now.saturating_sub(budget.first_at) >= SUPPRESSED_FLUSH_S;
+        if !logged.iter().any(|l| *l) && end.is_none() && !summary_due {
+            return Ok(admitted);
+        }
         // The transaction only reads `admitted` until it commits: on any failure the
         // results are returned untouched, for the caller to deny.
         let outcome = self.guard(|| {
@@ -920,7 +1074,12 @@ impl State {
                         "the admission log head is missing; {NOT_RECREATED}"
                     )));
                 };
-                check_head(&log, LogHead { count, last }, &self.path)?;
+                check_head(
+                    &log,
+                    LogHead { count, last },
+                    write_base(&txn, &self.path)?,
+                    &self.path,
+                )?;
                 let mut time = txn.open_table(CLOCK).map_err(|e| self.err(e))?;
                 let last_known = time
                     .get(LAST_KNOWN_KEY)
@@ -928,58 +1087,105 @@ impl State {
                     .map(|g| g.value());
                 let stepped_back = check_clock(now, last_known, policy.clock_skew_s).err();
                 let (mut seq, mut prev) = (count, Sha256Digest(last));
-                for item in &admitted {
-                    let Ok(a) = item else {
-                        verdicts.push(None);
-                        continue;
+                let mut append = |record: LogRecord,
+                                  seq: &mut u64,
+                                  prev: &mut Sha256Digest|
+                 -> Result<(), crate::GatewayError> {
+                    let bytes = record.to_bytes();
+                    log.insert(*seq, bytes.as_slice())
+                        .map_err(|e| self.err(e))?;
+                    *prev = Sha256Digest(sha256(&bytes));
+                    *seq += 1;
+                    Ok(())
+                };
+                let deny = |seq: u64, prev: &Sha256Digest, reason: Reason, d: &Decision| {
+                    LogRecord::Deny(DenyRecord {
+                        seq,
+                        prev: prev.to_string(),
+                        reason: reason.as_str().to_string(),
+                        capsule_digest: d.digest.map(|x| x.to_string()),
+                        policy_version: policy_version.to_string(),
+                        denied_at: now,
+                    })
+                };
+                for (item, logged) in admitted.iter().zip(&logged) {
+                    let a = match item {
+                        Ok(a) => a,
+                        Err(d) => {
+                            if let (true, Some(reason)) = (logged, d.reason) {
+                                append(deny(seq, &prev, reason, d), &mut seq, &mut prev)?;
+                            }
+                            verdicts.push(None);
+                            continue;
+                        }
                     };
-                    if let Some(why) = stepped_back {
-                        verdicts.push(Some((Reason::ClockRollback, why.to_string())));
+                    let denied = if let Some(why) = stepped_back {
+                        Some((Reason::ClockRollback, why.to_string()))
+                    } else {
+                        let m = a.manifest();
+                        let key = (m.tenant.as_str(), m.capsule_id.as_str());
+                        let latest = versions.get(key).map_err(|e| self.err(e))?.map(|g| {
+                            let (version, digest) = g.value();
+                            AdmittedVersion {
+                                version,
+                                digest: Sha256Digest(digest),
+                            }
+                        });
+                        check_rollback(latest, m.version, a.digest())
+                            .err()
+                            .map(|why| (Reason::Rollback, why.to_string()))
+                    };
+                    if let Some((reason, why)) = denied {
+                        append(deny(seq, &prev, reason, a.decision()), &mut seq, &mut prev)?;
+                        verdicts.push(Some((reason, why)));
                         continue;
                     }
                     let m = a.manifest();
-                    let key = (m.tenant.as_str(), m.capsule_id.as_str());
-                    let latest = versions.get(key).map_err(|e| self.err(e))?.map(|g| {
-                        let (version, digest) = g.value();
-                        AdmittedVersion {
-                            version,
-                            digest: Sha256Digest(digest),
-                        }
-                    });
-                    if let Err(why) = check_rollback(latest, m.version, a.digest()) {
-                        verdicts.push(Some((Reason::Rollback, why.to_string())));
-                        continue;
-                    }
                     versions
-                        .insert(key, (m.version, a.digest().0))
+                        .insert(
+                            (m.tenant.as_str(), m.capsule_id.as_str()),
+                            (m.version, a.digest().0),
+                        )
                         .map_err(|e| self.err(e))?;
-                    let record = serde_json::json!({
-                        "seq": seq,
-                        "prev": prev.to_string(),
-                        "capsule_digest": a.digest().to_string(),
-                        "tenant": m.tenant,
-                        "capsule_id": m.capsule_id,
-                        "version": m.version,
-                        "kid": a.decision().kid,
-                        "policy_version": policy_version,
-                        "approvers": m.approvals.iter().map(|x| x.approver.as_str()).collect::<Vec<_>>(),
-                        "admitted_at": now,
+                    let record = LogRecord::Admit(AdmitRecord {
+                        seq,
+                        prev: prev.to_string(),
+                        capsule_digest: a.digest().to_string(),
+                        tenant: m.tenant.clone(),
+                        capsule_id: m.capsule_id.clone(),
+                        version: m.version,
+                        kid: a.decision().kid.clone(),
+                        policy_version: policy_version.to_string(),
+                        approvers: m
+                            .approvals
+                            .iter()
+                            .map(|x| x.approver.as_str().to_string())
+                            .collect(),
+                        admitted_at: now,
                     });
-                    let bytes = serde_json::to_vec(&record).map_err(|e| self.err(e))?;
-                    log.insert(seq, bytes.as_slice())
-                        .map_err(|e| self.err(e))?;
-                    prev = Sha256Digest(sha256(&bytes));
-                    seq += 1;
+                    append(record, &mut seq, &mut prev)?;
                     verdicts.push(None);
+                }
+                if let Some(summary) = budget.drain(seq, &prev) {
+                    append(summary, &mut seq, &mut prev)?;
                 }
                 heads
                     .insert(HEAD_KEY, (seq, prev.0))
                     .map_err(|e| self.err(e))?;
+                drop((log, heads));
+                self.checkpoint_in(
+                    &txn,
+                    Link {
+                        count: seq,
+                        last: prev.0,
+                    },
+                    now,
+                    end,
+                )?;
                 // The last-known time only moves forward, in the transaction that
                 // records what was admitted by it.
                 if stepped_back.is_none() && last_known.is_none_or(|t| now > t) {
-                    time.insert(LAST_KNOWN_KEY, now)
-                        .map_err(|e| self.err(e))?;
+                    time.insert(LAST_KNOWN_KEY, now).map_err(|e| self.err(e))?;
                     raised = Some(now);
                 }
             }
@@ -1002,36 +1208,568 @@ impl State {
         }
     }
 
-    /// Walks the admission log and checks its hash chain and its stored head (count
-    /// and the last record's sha256); returns the record count.
-    pub fn verify_log(&self) -> Result<u64, crate::GatewayError> {
+    /// Writes a checkpoint now if records were appended since the last one (and the
+    /// counted denials first): `serve`'s graceful stop. Returns its number.
+    pub fn checkpoint(
+        &self,
+        clock: &dyn Clock,
+        cause: CheckpointCause,
+    ) -> Result<Option<u64>, crate::GatewayError> {
+        if self.signer.is_none() {
+            return Ok(None);
+        }
+        let now = clock.now_unix();
+        let mut budget = match self.denials.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        self.guard(|| {
+            let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+            let written = {
+                let mut log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+                let mut heads = txn.open_table(HEAD).map_err(|e| self.err(e))?;
+                let (mut count, mut last) = heads
+                    .get(HEAD_KEY)
+                    .map_err(|e| self.err(e))?
+                    .map(|g| g.value())
+                    .ok_or_else(|| {
+                        self.err(format!(
+                            "the admission log head is missing; {NOT_RECREATED}"
+                        ))
+                    })?;
+                check_head(
+                    &log,
+                    LogHead { count, last },
+                    write_base(&txn, &self.path)?,
+                    &self.path,
+                )?;
+                if let Some(summary) = budget.drain(count, &Sha256Digest(last)) {
+                    let bytes = summary.to_bytes();
+                    log.insert(count, bytes.as_slice())
+                        .map_err(|e| self.err(e))?;
+                    (count, last) = (count + 1, sha256(&bytes));
+                    heads
+                        .insert(HEAD_KEY, (count, last))
+                        .map_err(|e| self.err(e))?;
+                }
+                drop((log, heads));
+                self.checkpoint_in(&txn, Link { count, last }, now, Some(cause))?
+            };
+            txn.commit().map_err(|e| self.err(e))?;
+            Ok(written)
+        })
+    }
+
+    /// Inside a write transaction whose log ends at `end`: writes the checkpoint that
+    /// is due (a multiple of `checkpoint_every` crossed, or `cause` given and records
+    /// appended since the last one), sealing the segment when it is full.
+    fn checkpoint_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        end: Link,
+        now: u64,
+        cause: Option<CheckpointCause>,
+    ) -> Result<Option<u64>, crate::GatewayError> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let mut checkpoints = txn.open_table(CHECKPOINTS).map_err(|e| self.err(e))?;
+        let last = match checkpoints.last().map_err(|e| self.err(e))? {
+            Some((k, v)) => {
+                let cp = Checkpoint::parse(v.value().0).map_err(|e| {
+                    self.err(format!(
+                        "admission log: checkpoint {} is unreadable: {e}",
+                        k.value()
+                    ))
+                })?;
+                Some((cp, sha256(v.value().0)))
+            }
+            None => None,
+        };
+        let covered = last.as_ref().map_or(0, |(cp, _)| cp.count);
+        if end.count == covered {
+            return Ok(None);
+        }
+        let mut bases = txn.open_table(BASE).map_err(|e| self.err(e))?;
+        let (first, first_prev, segment) = bases
+            .get(BASE_KEY)
+            .map_err(|e| self.err(e))?
+            .map_or((0, [0u8; 32], 0), |g| g.value());
+        // A checkpoint vouches only for what was checked: every record since the last
+        // checkpoint (or the start of the database's records) is walked first, so a
+        // log edited after its last checkpoint is never signed over.
+        let mut start = Link {
+            count: first,
+            last: first_prev,
+        };
+        if let Some((cp, _)) = &last {
+            if cp.count > first {
+                start = Link {
+                    count: cp.count - 1,
+                    last: [0; 32],
+                };
+            }
+        }
+        {
+            let log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+            let cp_head = last.as_ref().and_then(|(cp, _)| digest_field(&cp.head));
+            if start.count + 1 == covered {
+                let at = log
+                    .get(start.count)
+                    .map_err(|e| self.err(e))?
+                    .map(|g| sha256(g.value()));
+                if at.is_none() || at != cp_head {
+                    return Err(self.err(format!(
+                        "admission log: record {} was changed: it does not hash to the head \
+                         of the last signed checkpoint",
+                        start.count
+                    )));
+                }
+                start = Link {
+                    count: covered,
+                    last: cp_head.unwrap_or_default(),
+                };
+            }
+            let checks = BTreeMap::new();
+            let mut walk = Walker::new(start, &checks, false);
+            for row in log.range(start.count..).map_err(|e| self.err(e))? {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                walk.step(k.value(), v.value()).map_err(|f| self.err(f))?;
+            }
+            compare_head(
+                walk.at(),
+                LogHead {
+                    count: end.count,
+                    last: end.last,
+                },
+                &self.path,
+            )?;
+        }
+        let every = self.log.checkpoint_every;
+        let seals = end.count - first >= self.log.segment_records;
+        let interval = end.count / every > covered / every;
+        let cause = match cause {
+            _ if seals || interval => CheckpointCause::Interval,
+            Some(c) => c,
+            None => return Ok(None),
+        };
+        let number = last.as_ref().map_or(0, |(cp, _)| cp.number + 1);
+        let cp = Checkpoint {
+            schema: CHECKPOINT_SCHEMA.into(),
+            state_id: self.state_id.clone().unwrap_or_default(),
+            number,
+            prev_checkpoint: last.as_ref().map(|(_, h)| Sha256Digest(*h).to_string()),
+            count: end.count,
+            head: Sha256Digest(end.last).to_string(),
+            time: now,
+            cause,
+            segment,
+            segment_first: first,
+            segment_prev: Sha256Digest(first_prev).to_string(),
+            seals,
+        };
+        let bytes = cp.to_bytes();
+        let sig = signer.sign(&bytes).map_err(|e| self.err(e))?;
+        checkpoints
+            .insert(number, (bytes.as_slice(), sig.as_slice()))
+            .map_err(|e| self.err(e))?;
+        if seals {
+            // The file is durable before the transaction that removes the records
+            // from the database commits; a crash in between leaves both, and the
+            // next seal of this segment replaces the uncommitted file.
+            let mut log = txn.open_table(LOG).map_err(|e| self.err(e))?;
+            let mut records = Vec::new();
+            for row in log.range(first..end.count).map_err(|e| self.err(e))? {
+                let (_, v) = row.map_err(|e| self.err(e))?;
+                records.push(v.value().to_vec());
+            }
+            let file = segment::encode(&records, &bytes, &sig);
+            write_segment(&self.log_dir, segment, &file).map_err(|e| self.err(e))?;
+            for seq in first..end.count {
+                log.remove(seq).map_err(|e| self.err(e))?;
+            }
+            bases
+                .insert(BASE_KEY, (end.count, end.last, segment + 1))
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(Some(number))
+    }
+
+    /// The start-up check: the last checkpoint's signature, that the record it ends
+    /// at still hashes to its head, and every record after it (chain and head). What
+    /// lies before the last checkpoint is `log verify`'s (docs/state.md).
+    pub fn check_since_checkpoint(&self) -> Result<u64, crate::GatewayError> {
         self.guard(|| {
             let txn = self.db.begin_read().map_err(|e| self.err(e))?;
             let head = read_head(&txn, &self.path)?;
-            let walked = match open_read_table(&txn, LOG, &self.path)? {
-                Some(log) => walk_log(&log, &self.path)?,
-                None => LogHead {
-                    count: 0,
-                    last: [0; 32],
-                },
+            let base = read_base(&txn, &self.path)?;
+            let last = match open_read_table(&txn, CHECKPOINTS, &self.path)? {
+                Some(t) => t
+                    .last()
+                    .map_err(|e| self.err(e))?
+                    .map(|(k, v)| (k.value(), v.value().0.to_vec(), v.value().1.to_vec())),
+                None => None,
             };
-            if walked.count != head.count {
-                return Err(self.err(format!(
-                    "admission log: {} records, but the log head says {} (records were \
-                     removed or added)",
-                    walked.count, head.count
-                )));
+            let log = open_read_table(&txn, LOG, &self.path)?;
+            let mut start = Link {
+                count: base.0,
+                last: base.1,
+            };
+            if let Some((number, bytes, sig)) = last {
+                let expect = self.expect().map_err(|e| self.err(e))?;
+                let cp = self.checked_checkpoint(number, &bytes, &sig, &expect)?;
+                let cp_head = digest_field(&cp.head).ok_or_else(|| {
+                    self.err(format!("admission log: checkpoint {number}'s head is not a digest"))
+                })?;
+                if cp.count > head.count {
+                    return Err(self.err(format!(
+                        "admission log: the log head says {} records, but signed checkpoint                          {number} covers {} (records were removed)",
+                        head.count, cp.count
+                    )));
+                }
+                if cp.count > base.0 {
+                    let at = cp.count - 1;
+                    let row = match &log {
+                        Some(l) => l.get(at).map_err(|e| self.err(e))?.map(|g| sha256(g.value())),
+                        None => None,
+                    };
+                    match row {
+                        None => {
+                            return Err(self.err(format!(
+                                "admission log: record {at} is missing (signed checkpoint                                  {number} ends at it)"
+                            )))
+                        }
+                        Some(h) if h != cp_head => {
+                            return Err(self.err(format!(
+                                "admission log: record {at} was changed: it does not hash to                                  the head of signed checkpoint {number}"
+                            )))
+                        }
+                        Some(_) => {}
+                    }
+                    start = Link {
+                        count: cp.count,
+                        last: cp_head,
+                    };
+                } else if cp.count < base.0 || (cp.count == base.0 && cp_head != base.1) {
+                    return Err(self.err(format!(
+                        "admission log: the sealed segments end at record {}, but the last                          signed checkpoint ({number}) covers {}",
+                        base.0, cp.count
+                    )));
+                }
             }
-            if walked.last != head.last {
-                return Err(self.err(format!(
-                    "admission log: record {} (the last) was changed: it does not hash to \
-                     the stored log head",
-                    walked.count.saturating_sub(1)
-                )));
+            let checks = BTreeMap::new();
+            let mut walk = Walker::new(start, &checks, false);
+            if let Some(log) = &log {
+                for row in log.range(start.count..).map_err(|e| self.err(e))? {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    walk.step(k.value(), v.value()).map_err(|f| self.err(f))?;
+                }
             }
-            Ok(walked.count)
+            compare_head(walk.at(), head, &self.path)?;
+            Ok(head.count)
         })
     }
+
+    /// The key checkpoints of this state must be signed with.
+    fn expect(&self) -> Result<Expect, crate::admission_log::LogError> {
+        match &self.signer {
+            Some(s) => Ok(s.expect()),
+            None => Expect::of_state(self.log_dir.parent().unwrap_or(Path::new("."))),
+        }
+    }
+
+    fn checked_checkpoint(
+        &self,
+        number: u64,
+        bytes: &[u8],
+        sig: &[u8],
+        expect: &Expect,
+    ) -> Result<Checkpoint, crate::GatewayError> {
+        crate::admission_log::signer::verify(bytes, sig, expect)
+            .map_err(|why| self.err(format!("admission log: signed checkpoint {number}: {why}")))?;
+        let cp = Checkpoint::parse(bytes).map_err(|e| {
+            self.err(format!(
+                "admission log: checkpoint {number} is unreadable: {e}"
+            ))
+        })?;
+        if cp.number != number || self.state_id.as_ref().is_some_and(|id| *id != cp.state_id) {
+            return Err(self.err(format!(
+                "admission log: checkpoint {number} names checkpoint {} of state {}",
+                cp.number, cp.state_id
+            )));
+        }
+        Ok(cp)
+    }
+
+    /// Walks the whole admission log, sealed segments included, and checks its hash
+    /// chain, its signed checkpoints and its stored head; returns the record count.
+    pub fn verify_log(&self) -> Result<u64, crate::GatewayError> {
+        let expect = self.expect().map_err(|e| self.err(e))?;
+        self.audit_log(&expect)
+            .map(|r| r.records)
+            .map_err(|f| self.err(f))
+    }
+
+    /// `log verify`: every sealed segment on its own and linked to the one before,
+    /// every checkpoint (signature, chain of checkpoints, the record each ends at),
+    /// every record in the database (position, link, schema) and the stored head.
+    pub fn audit_log(&self, expect: &Expect) -> Result<LogReport, Failure> {
+        let unreadable =
+            |e: crate::GatewayError| Failure::new(FailureCode::StateUnreadable, e.to_string());
+        self.guard(|| Ok(self.audit_inner(expect)))
+            .map_err(unreadable)?
+    }
+
+    fn audit_inner(&self, expect: &Expect) -> Result<LogReport, Failure> {
+        let unreadable =
+            |e: &dyn std::fmt::Display| Failure::new(FailureCode::StateUnreadable, e.to_string());
+        let txn = self.db.begin_read().map_err(|e| unreadable(&e))?;
+        let head = read_head(&txn, &self.path).map_err(|e| unreadable(&e))?;
+        let base = read_base(&txn, &self.path).map_err(|e| unreadable(&e))?;
+        // The checkpoints, each signed, each naming the previous one's bytes.
+        let mut checkpoints: Vec<Checkpoint> = Vec::new();
+        let mut signer = None;
+        if let Some(t) =
+            open_read_table(&txn, CHECKPOINTS, &self.path).map_err(|e| unreadable(&e))?
+        {
+            let mut prev: Option<[u8; 32]> = None;
+            for row in t.iter().map_err(|e| unreadable(&e))? {
+                let (k, v) = row.map_err(|e| unreadable(&e))?;
+                let (number, (bytes, sig)) = (k.value(), v.value());
+                let info =
+                    crate::admission_log::signer::verify(bytes, sig, expect).map_err(|why| {
+                        Failure::new(
+                            FailureCode::CheckpointSignatureInvalid,
+                            format!("admission log: signed checkpoint {number}: {why}"),
+                        )
+                    })?;
+                signer = Some(info);
+                let cp = Checkpoint::parse(bytes).map_err(|e| {
+                    Failure::new(
+                        FailureCode::CheckpointInvalid,
+                        format!("admission log: checkpoint {number} is unreadable: {e}"),
+                    )
+                })?;
+                let expected_number = checkpoints.len() as u64;
+                let linked = cp.prev_checkpoint.as_deref().and_then(digest_field);
+                if number != expected_number
+                    || cp.number != expected_number
+                    || linked != prev
+                    || self.state_id.as_ref().is_some_and(|id| *id != cp.state_id)
+                    || checkpoints.last().is_some_and(|p| p.count > cp.count)
+                {
+                    return Err(Failure::new(
+                        FailureCode::CheckpointInvalid,
+                        format!(
+                            "admission log: checkpoint {expected_number} is missing or out of                              order (found checkpoint {} under {number})",
+                            cp.number
+                        ),
+                    ));
+                }
+                prev = Some(sha256(bytes));
+                checkpoints.push(cp);
+            }
+        }
+        let checks: BTreeMap<u64, ([u8; 32], u64)> = checkpoints
+            .iter()
+            .filter_map(|cp| digest_field(&cp.head).map(|h| (cp.count, (h, cp.number))))
+            .collect();
+        // Sealed segments, in order, each as `log verify --segment` checks it, each
+        // the one its checkpoint in the database names.
+        let mut counts = crate::admission_log::chain::Counts::default();
+        let mut segments = Vec::new();
+        let mut at = Link::START;
+        for cp in checkpoints.iter().filter(|c| c.seals) {
+            let path = segment::path(&self.log_dir, cp.segment);
+            let bytes = std::fs::read(&path).map_err(|e| {
+                Failure::new(
+                    FailureCode::SegmentInvalid,
+                    format!("segment {} ({}): {e}", cp.segment, path.display()),
+                )
+            })?;
+            let report = segment::verify(&bytes, expect)?;
+            if report.sealed != *cp
+                || cp.segment_first != at.count
+                || digest_field(&cp.segment_prev) != Some(at.last)
+                || cp.segment != segments.len() as u64
+            {
+                return Err(Failure::new(
+                    FailureCode::SegmentInvalid,
+                    format!(
+                        "segment {}: not the segment checkpoint {} sealed, or not linked to                          the segment before it",
+                        cp.segment, cp.number
+                    ),
+                ));
+            }
+            // The checkpoints inside the segment hold for its records too.
+            let mut walk = Walker::new(at, &checks, true);
+            for line in bytes
+                .split(|b| *b == b'\n')
+                .take(usize::try_from(report.records).unwrap_or(usize::MAX))
+            {
+                let link: crate::admission_log::record::RecordLink = serde_json::from_slice(line)
+                    .map_err(|e| {
+                    Failure::new(
+                        FailureCode::RecordEdited,
+                        format!("segment {}: {e}", cp.segment),
+                    )
+                })?;
+                walk.step(link.seq, line)
+                    .map_err(|f| f.within(&format!("segment {}", cp.segment)))?;
+            }
+            at = walk.at();
+            counts.add(walk.counts);
+            segments.push(report);
+        }
+        if let Ok(dir) = std::fs::read_dir(&self.log_dir) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(n) = segment::parse_name(&name) {
+                    if n >= segments.len() as u64 {
+                        return Err(Failure::new(
+                            FailureCode::SegmentInvalid,
+                            format!("segment file {name} is not sealed by any checkpoint"),
+                        ));
+                    }
+                }
+            }
+        }
+        if (base.0, base.1, base.2) != (at.count, at.last, segments.len() as u64) {
+            return Err(Failure::new(
+                FailureCode::SegmentInvalid,
+                format!(
+                    "admission log: the database starts at record {}, but the sealed segments                      end at record {}",
+                    base.0, at.count
+                ),
+            ));
+        }
+        let mut walk = Walker::new(at, &checks, true);
+        if let Some(log) = open_read_table(&txn, LOG, &self.path).map_err(|e| unreadable(&e))? {
+            for row in log.iter().map_err(|e| unreadable(&e))? {
+                let (k, v) = row.map_err(|e| unreadable(&e))?;
+                walk.step(k.value(), v.value())?;
+            }
+        }
+        let end = walk.at();
+        counts.add(walk.counts);
+        if let Some(cp) = checkpoints.last() {
+            if end.count < cp.count {
+                return Err(Failure::new(
+                    FailureCode::LogTruncated,
+                    format!(
+                        "admission log: ends at record {}, but signed checkpoint {} covers {}                          records (records were removed)",
+                        end.count, cp.number, cp.count
+                    ),
+                ));
+            }
+        }
+        compare_head(end, head, &self.path).map_err(|e| {
+            let code = if end.count != head.count {
+                FailureCode::LogTruncated
+            } else {
+                FailureCode::HeadMismatch
+            };
+            Failure::new(code, e.to_string())
+        })?;
+        let last = checkpoints.last();
+        Ok(LogReport {
+            records: end.count,
+            counts,
+            checkpoints: checkpoints.len() as u64,
+            last_checkpoint: last.map(|cp| CheckpointSummary {
+                number: cp.number,
+                count: cp.count,
+                time: cp.time,
+                cause: cp.cause,
+            }),
+            unanchored: end.count - last.map_or(0, |c| c.count),
+            segments,
+            signer,
+        })
+    }
+}
+
+/// Writes a sealed segment file durably. One left by a seal whose transaction never
+/// committed (a crash in between) is replaced: the database, which does not name it,
+/// is the truth.
+fn write_segment(
+    log_dir: &Path,
+    segment: u64,
+    bytes: &[u8],
+) -> Result<(), crate::durable::DurableError> {
+    crate::durable::create_dirs(log_dir, 0o700)?;
+    let path = segment::path(log_dir, segment);
+    match crate::durable::write_new(&path, bytes, 0o600) {
+        Err(crate::durable::DurableError::Exists { .. }) => {
+            if std::fs::read(&path).is_ok_and(|old| old == bytes) {
+                return Ok(());
+            }
+            let stale = log_dir.join(format!(".{}.uncommitted", segment::file_name(segment)));
+            std::fs::rename(&path, &stale).map_err(|source| crate::durable::DurableError::Io {
+                op: "move an uncommitted segment aside",
+                path: path.clone(),
+                source,
+            })?;
+            crate::durable::write_new(&path, bytes, 0o600)?;
+            let _ = std::fs::remove_file(&stale);
+            crate::durable::sync_dir(log_dir)
+        }
+        other => other,
+    }
+}
+
+fn digest_field(s: &str) -> Option<[u8; 32]> {
+    Sha256Digest::parse(s).map(|d| d.0)
+}
+
+/// The end of a walk against the stored head.
+fn compare_head(walked: Link, head: LogHead, path: &Path) -> Result<(), crate::GatewayError> {
+    if walked.count != head.count {
+        return Err(err(
+            path,
+            format!(
+                "admission log: {} records, but the log head says {} (records were \
+                 removed or added)",
+                walked.count, head.count
+            ),
+        ));
+    }
+    if walked.last != head.last {
+        return Err(err(
+            path,
+            format!(
+                "admission log: record {} (the last) was changed: it does not hash to \
+                 the stored log head",
+                walked.count.saturating_sub(1)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn read_base(
+    txn: &redb::ReadTransaction,
+    path: &Path,
+) -> Result<(u64, [u8; 32], u64), crate::GatewayError> {
+    Ok(open_read_table(txn, BASE, path)?
+        .map(|t| t.get(BASE_KEY).map(|g| g.map(|g| g.value())))
+        .transpose()
+        .map_err(|e| err(path, e))?
+        .flatten()
+        .unwrap_or((0, [0; 32], 0)))
+}
+
+/// The base as a write transaction reads it (before it opens the table to change it).
+fn write_base(txn: &redb::WriteTransaction, path: &Path) -> Result<Link, crate::GatewayError> {
+    let t = txn.open_table(BASE).map_err(|e| err(path, e))?;
+    let base = t
+        .get(BASE_KEY)
+        .map_err(|e| err(path, e))?
+        .map_or((0, [0; 32], 0), |g| g.value());
+    Ok(Link {
+        count: base.0,
+        last: base.1,
+    })
 }
 
 impl State {

@@ -658,8 +658,10 @@ fn kill_9_under_load_loses_no_acknowledged_admission() {
         acked.len()
     );
     drop(state);
+    // Denials (the rollbacks) are logged too: the admissions are the `admit` records.
     let log: BTreeSet<(u64, String)> = admission_log(&f.state_dir())
         .iter()
+        .filter(|r| r["kind"] == "admit")
         .map(|r| {
             let v = r["version"].as_u64().expect("version");
             (v, r["capsule_digest"].as_str().expect("digest").to_string())
@@ -803,12 +805,22 @@ fn concurrent_rising_and_falling_versions_leave_the_highest_recorded() {
         .expect("open state")
         .expect("state exists");
     let records = state.verify_log().expect("an intact hash chain");
-    assert_eq!(records, admitted.len() as u64 + 1, "one record per 200");
+    // One record per answer: an `admit` per 200, a `deny` per rollback.
+    assert_eq!(records, seen.len() as u64 + 2, "one record per answer");
     drop(state);
-    let versions: Vec<u64> = admission_log(&f.state_dir())
+    let log = admission_log(&f.state_dir());
+    let denials = log.iter().filter(|r| r["kind"] == "deny").count();
+    assert_eq!(
+        denials,
+        seen.len() - admitted.len() + 1,
+        "one deny per rollback"
+    );
+    let versions: Vec<u64> = log
         .iter()
+        .filter(|r| r["kind"] == "admit")
         .map(|r| r["version"].as_u64().expect("version"))
         .collect();
+    assert_eq!(versions.len(), admitted.len() + 1, "one admit per 200");
     assert!(
         versions.windows(2).all(|p| p[0] <= p[1]),
         "recorded versions went down: {versions:?}"
@@ -1702,7 +1714,17 @@ fn a_clock_stepped_back_behind_the_state_is_clock_rollback_through_the_service()
     let state = State::open(&f.state_dir(), false, &verify_core::SystemClock)
         .expect("open state")
         .expect("state exists");
-    assert_eq!(state.verify_log().expect("intact chain"), 0);
+    // Nothing admitted: the one record is the logged `clock_rollback` denial.
+    assert_eq!(state.verify_log().expect("intact chain"), 1);
+    drop(state);
+    let log = admission_log(&f.state_dir());
+    assert_eq!(
+        (log[0]["kind"].as_str(), log[0]["reason"].as_str()),
+        (Some("deny"), Some("clock_rollback"))
+    );
+    let state = State::open(&f.state_dir(), false, &verify_core::SystemClock)
+        .expect("open state")
+        .expect("state exists");
     assert_eq!(state.last_known_time_now(), Some(now + 86_400));
 }
 

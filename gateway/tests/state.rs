@@ -26,6 +26,7 @@ use verify_core::{Capsule, FixedClock, HashMode, Reason, SpiffeId};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("admission_log");
 const HEAD: TableDefinition<&str, (u64, [u8; 32])> = TableDefinition::new("log_head");
+const CHECKPOINTS: TableDefinition<u64, (&[u8], &[u8])> = TableDefinition::new("log_checkpoints");
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
@@ -204,7 +205,8 @@ fn concurrent_first_admits_create_one_state() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, [STATE_FILE, MARKER_FILE], "{names:?}");
+    // `custody/` holds the software key that signs the log's checkpoints.
+    assert_eq!(names, ["custody", STATE_FILE, MARKER_FILE], "{names:?}");
 }
 
 #[test]
@@ -366,9 +368,18 @@ fn edited_or_removed_admission_log_records_are_detected_by_admit_and_serve() {
             |t| edit_record(t, 2),
             "record 2 (the last) was changed",
         ),
+        // An earlier record, covered by the batch's signed checkpoint, is no longer
+        // walked at start-up: `log verify` names it (tests/admission_log.rs), and
+        // start-up still walks what follows the last checkpoint.
         (
-            "earlier record edited",
-            |t| edit_record(t, 0),
+            "record after the last checkpoint edited",
+            |t| {
+                t.open_table(CHECKPOINTS)
+                    .expect("checkpoints")
+                    .remove(0)
+                    .expect("remove");
+                edit_record(t, 0)
+            },
             "record 1 does not chain",
         ),
         (
@@ -475,7 +486,8 @@ fn the_library_reads_a_cli_made_state_and_its_log_head() {
     let st = State::open(&state, false, &verify_core::SystemClock)
         .expect("open")
         .expect("exists");
-    assert_eq!(st.verify_log().expect("intact"), 3);
+    // v1, v2, the rollback denial of v1 (denials are logged too), v3.
+    assert_eq!(st.verify_log().expect("intact"), 4);
 }
 
 /// The library (`State::open`, as `serve` and tests use it) refuses the same damage,
@@ -489,8 +501,9 @@ fn the_library_refuses_an_edited_emptied_or_deleted_state_and_does_not_recreate_
         assert!(e.to_string().contains(detail), "{what}: {e}");
     };
     let good = fs::read(state.join(STATE_FILE)).expect("read");
-    tamper(&state, |t| edit_record(t, 1));
-    refused("last record edited", "record 1 (the last) was changed");
+    // Record 2 is the last: the rollback denial `seeded` provoked (denials are logged).
+    tamper(&state, |t| edit_record(t, 2));
+    refused("last record edited", "record 2 (the last) was changed");
     fs::write(state.join(STATE_FILE), &good).expect("restore");
     assert_eq!(
         State::open(&state, false, &verify_core::SystemClock)
@@ -498,7 +511,7 @@ fn the_library_refuses_an_edited_emptied_or_deleted_state_and_does_not_recreate_
             .expect("exists")
             .verify_log()
             .expect("log"),
-        2
+        3
     );
     fs::write(state.join(STATE_FILE), &good[..good.len() / 2]).expect("truncate");
     refused("truncated", "damaged");
@@ -511,13 +524,14 @@ fn the_library_refuses_an_edited_emptied_or_deleted_state_and_does_not_recreate_
 }
 
 /// Turns a state into one made before markers: no `state.json`, no `meta` or
-/// `log_head` table.
+/// `log_head` table, and (older still than checkpoints) no `log_checkpoints`.
 fn make_legacy(state: &Path) {
     fs::remove_file(state.join(MARKER_FILE)).expect("rm marker");
     tamper(state, |t| {
         const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
         assert!(t.delete_table(META).expect("delete meta"));
         assert!(t.delete_table(HEAD).expect("delete head"));
+        assert!(t.delete_table(CHECKPOINTS).expect("delete checkpoints"));
     });
 }
 
@@ -540,7 +554,8 @@ fn a_state_from_before_markers_is_adopted_with_its_history() {
     let st = State::open(&state, false, &verify_core::SystemClock)
         .expect("open")
         .expect("exists");
-    assert_eq!(st.verify_log().expect("intact"), 3);
+    // v1, v2, two rollback denials of v1 (denials are logged too), v3.
+    assert_eq!(st.verify_log().expect("intact"), 5);
 }
 
 /// ... but not with an edited log: the adoption walks the whole chain first.

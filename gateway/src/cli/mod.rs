@@ -9,6 +9,7 @@ mod events;
 mod evidence;
 mod index;
 mod keygen;
+mod log;
 pub mod logging;
 mod pack;
 mod publish;
@@ -112,6 +113,12 @@ pub struct VerifyArgs {
     /// A signed tenant index (fleet freshness); repeat for several tenants.
     #[arg(long, value_name = "FILE")]
     pub index: Vec<PathBuf>,
+    /// Admission log: a signed checkpoint every N records (and at the batch's end).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub checkpoint_every: u64,
+    /// Admission log: seal a segment once it holds N records.
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    pub segment_records: u64,
     /// The runner's SVID (default for --runner) and the TPM for sealed keys.
     #[command(flatten)]
     pub identity: self::attest::IdentityArgs,
@@ -179,6 +186,11 @@ pub enum Command {
     /// The admission service: mTLS (TLS 1.3, SPIFFE peers), micro-batched verification,
     /// durable state. Without --config, a development trust domain under --state.
     Serve(serve::ServeArgs),
+    /// The admission log, checked offline.
+    Log {
+        #[command(subcommand)]
+        command: log::LogCommand,
+    },
     /// TPM identity key, sealed keys, quotes, and the SVID-to-TPM binding.
     Attest {
         #[command(subcommand)]
@@ -257,6 +269,7 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::Publish(args) => publish::run(&args),
         Command::Agent(args) => agent::run(&args),
+        Command::Log { command } => log::run(command),
         Command::Attest { command } => self::attest::run(command),
         Command::Evidence { command } => evidence::run(command),
         Command::Events { command } => events::run(command),

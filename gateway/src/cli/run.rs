@@ -148,6 +148,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, GatewayError> {
         Some(&args.state),
         true,
         args.hash_mode,
+        crate::admission_log::LogConfig::default(),
     )?;
     let indexes = crate::tenant_index::load_all(&args.index, admission.policy())?;
     let gvisor = Runtime::Runsc {

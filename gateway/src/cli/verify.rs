@@ -17,6 +17,12 @@ use crate::GatewayError;
 
 pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
     let runner = args.identity.runner(args.runner.as_deref())?;
+    let log = crate::admission_log::LogConfig {
+        checkpoint_every: args.checkpoint_every,
+        segment_records: args.segment_records,
+        ..Default::default()
+    };
+    log.check().map_err(usage)?;
     let admission = Admission::open_with(
         &args.policy,
         runner.as_deref(),
@@ -24,6 +30,7 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
         args.state.as_deref(),
         record,
         args.hash_mode,
+        log,
     )?;
     let indexes = crate::tenant_index::load_all(&args.index, admission.policy())?;
     let admission = admission.with_governance(indexes, super::index::VERIFY_HOST_TIERS);
@@ -125,6 +132,7 @@ impl Admission {
         state: Option<&Path>,
         record: bool,
         hash_mode: HashModeArg,
+        log: crate::admission_log::LogConfig,
     ) -> Result<Admission, GatewayError> {
         let mut sealed = identity.sealed_keys();
         let policy = load_policy(policy, &mut sealed);
@@ -143,6 +151,7 @@ impl Admission {
         };
         Admission::new(policy, system_clock(), hash_mode)
             .with_runner(runner)
+            .with_log_config(log)
             .with_state_dir(state, record)
     }
 }

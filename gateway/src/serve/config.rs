@@ -38,6 +38,9 @@ pub struct ServeConfig {
     /// the state directory, in a background thread.
     #[serde(default)]
     pub events: Option<EventsConfig>,
+    /// Checkpoint and segment intervals of the admission log, and the denial budget.
+    #[serde(default)]
+    pub log: crate::admission_log::LogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -184,8 +184,18 @@ impl Server {
         let state_dir = StateDir::locate(&config.state_dir, true, clock.as_ref())?
             .ok_or_else(|| GatewayError::Usage("state: not created".into()))?;
         crate::state::announce(&state_dir);
-        let state = state_dir.open()?;
-        state.verify_log()?;
+        config.log.check().map_err(GatewayError::Usage)?;
+        let signer = crate::admission_log::signer::CheckpointSigner::software(&config.state_dir)
+            .map_err(|e| GatewayError::State {
+                path: config.state_dir.clone(),
+                message: e.to_string(),
+            })?;
+        let state = state_dir
+            .with_log(Some(Arc::new(signer)), config.log)
+            .open()?;
+        // Start-up walks what follows the last signed checkpoint; the rest is `log
+        // verify`'s (docs/state.md).
+        state.check_since_checkpoint()?;
         let blobs = BlobStore::open(&config.blob_dir())
             .map_err(|e| GatewayError::io(config.blob_dir(), e))?;
         let pool = rayon::ThreadPoolBuilder::new()
@@ -313,8 +323,13 @@ impl Server {
         if let Some(runs) = &self.service.runs {
             runs.drain(Duration::from_secs(30));
         }
+        let admissions = self.service.admissions.clone();
         if let Ok(service) = Arc::try_unwrap(self.service) {
             service.batcher.shutdown();
+        }
+        // Every queued admission is recorded: the log's end is signed now.
+        if let Err(e) = admissions.admission.checkpoint() {
+            tracing::error!(error = %e, "the shutdown checkpoint of the admission log failed");
         }
     }
 }

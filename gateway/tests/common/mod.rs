@@ -94,6 +94,7 @@ impl Fixture {
             runs: None,
             health: None,
             events: None,
+            log: Default::default(),
         }
     }
 
