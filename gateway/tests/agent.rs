@@ -292,6 +292,25 @@ fn agent_once(config: &Path) -> (i32, Vec<Value>, String) {
     )
 }
 
+/// Nothing ran: the evidence root holds one bundle, a denial's (decision, event and
+/// the signed index; never the presented bytes or any output).
+fn assert_only_a_denial_bundle(evidence: &Path) {
+    let bundles = dir_entries(evidence);
+    assert_eq!(bundles.len(), 1, "one denial bundle: {bundles:?}");
+    let mut files = dir_entries(&evidence.join(&bundles[0]));
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "decision.json",
+            "event.json",
+            "index.json",
+            "index.sig.json"
+        ],
+        "a denial bundle, nothing of a run"
+    );
+}
+
 fn dir_entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -433,7 +452,7 @@ fn a_blob_replaced_in_the_registry_storage_is_digest_mismatch_and_never_runs() {
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["type"], "dev.capsule-gateway.run.denied");
     assert_eq!(events[0]["data"]["reason"], "digest_mismatch");
-    assert!(dir_entries(&state.join("evidence")).is_empty(), "never run");
+    assert_only_a_denial_bundle(&state.join("evidence"));
     assert!(
         dir_entries(&state.join("agent/runs")).is_empty(),
         "never claimed"
@@ -595,7 +614,7 @@ fn two_agents_with_different_runner_ids_each_admit_only_what_their_tenant_allows
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["data"]["reason"], "runner_not_allowed");
     assert_eq!(events[0]["source"], "spiffe://other.example/runner/r9");
-    assert!(dir_entries(&other_state.join("evidence")).is_empty());
+    assert_only_a_denial_bundle(&other_state.join("evidence"));
 }
 
 #[test]

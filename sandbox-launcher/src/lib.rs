@@ -307,6 +307,7 @@ impl Launcher {
         // teardown below has removed them: a sweep by another launcher's start
         // never takes a run being torn down for a dead one.
         let mut network = None;
+        let networked = teardown::Networked::from(admitted.manifest().scope.network == "targets");
         let result = self.run_in(
             admitted,
             &run_id,
@@ -323,6 +324,7 @@ impl Launcher {
                     &run_id,
                     &container_id,
                     &run_dir,
+                    networked,
                     std::mem::take(&mut report.runtime_notes),
                 );
                 drop(network);
@@ -350,6 +352,7 @@ impl Launcher {
                     &run_id,
                     &container_id,
                     &run_dir,
+                    networked,
                     Vec::new(),
                 );
                 drop(network);

@@ -78,12 +78,33 @@ pub struct StaleReport {
     pub teardown: TeardownReport,
 }
 
+/// Whether the run had a network of its own (`scope.network = "targets"`): only then
+/// are its namespace, veth and nftables table removed and checked. A `none` run has
+/// none to leave, and checking nftables needs CAP_NET_ADMIN, which a host that runs
+/// only `none` capsules need not grant (the systemd units' capability set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Networked {
+    Yes,
+    No,
+}
+
+impl From<bool> for Networked {
+    fn from(had: bool) -> Networked {
+        if had {
+            Networked::Yes
+        } else {
+            Networked::No
+        }
+    }
+}
+
 /// Removes everything of one run and verifies that it is gone.
 pub(crate) fn teardown(
     runtime: &dyn Runtime,
     run_id: &str,
     container_id: &str,
     run_dir: &Path,
+    network: Networked,
     mut actions: Vec<String>,
 ) -> TeardownReport {
     // 1. The runtime's own removal (idempotent: a gone container is skipped).
@@ -110,14 +131,16 @@ pub(crate) fn teardown(
         }
     }
     // The run's network (`targets`), found by its names: namespace, veth, table.
-    actions.extend(crate::net::remove(run_id));
+    if network == Networked::Yes {
+        actions.extend(crate::net::remove(run_id));
+    }
     // 5. The run directory: staging, bundle, lock.
     if run_dir.exists() {
         if let Err(e) = remove_tree(run_dir) {
             actions.push(format!("removing {}: {e}", run_dir.display()));
         }
     }
-    verify(runtime, run_id, container_id, run_dir, actions)
+    verify(runtime, run_id, container_id, run_dir, network, actions)
 }
 
 /// The checks alone, from the outside.
@@ -126,6 +149,7 @@ pub(crate) fn verify(
     run_id: &str,
     container_id: &str,
     run_dir: &Path,
+    network: Networked,
     actions: Vec<String>,
 ) -> TeardownReport {
     let mut checks = Vec::new();
@@ -177,7 +201,9 @@ pub(crate) fn verify(
             if dir_gone { "removed" } else { "still exists" }
         ),
     });
-    checks.extend(crate::net::verify(run_id));
+    if network == Networked::Yes {
+        checks.extend(crate::net::verify(run_id));
+    }
     TeardownReport {
         ok: checks.iter().all(|c| c.ok),
         checks,
@@ -296,7 +322,17 @@ pub(crate) fn recover_stale(runtime: &dyn Runtime, state_dir: &Path) -> Result<V
     let mut out = Vec::new();
     for (run_id, lock) in stale {
         let cid = container_id(&run_id);
-        let report = teardown(runtime, &run_id, &cid, &runs.join(&run_id), Vec::new());
+        // A crashed run's network, if it had one, is the start-up sweep's
+        // (`net::recover_stale`); its checks run here only where a trace is left.
+        let network = Networked::from(crate::net::has_traces(&run_id));
+        let report = teardown(
+            runtime,
+            &run_id,
+            &cid,
+            &runs.join(&run_id),
+            network,
+            Vec::new(),
+        );
         drop(lock);
         if !report.ok {
             return Err(LaunchError::StaleCleanup {
@@ -346,7 +382,14 @@ mod tests {
         });
         assert!(seen, "the stray process never showed up in /proc");
 
-        let before = verify(&*runtime, run_id, &container, &run_dir, Vec::new());
+        let before = verify(
+            &*runtime,
+            run_id,
+            &container,
+            &run_dir,
+            Networked::No,
+            Vec::new(),
+        );
         assert!(!before.ok, "{before:?}");
         let procs = before
             .checks
@@ -358,7 +401,14 @@ mod tests {
             "{procs:?}"
         );
 
-        let after = teardown(&*runtime, run_id, &container, &run_dir, Vec::new());
+        let after = teardown(
+            &*runtime,
+            run_id,
+            &container,
+            &run_dir,
+            Networked::No,
+            Vec::new(),
+        );
         assert!(after.ok, "{}", after.failures());
         assert!(
             after

@@ -180,7 +180,9 @@ fn serve_in(name: &str, port: u16, hits: Option<Arc<AtomicUsize>>) {
 pub fn targets_world() -> World {
     let w = World::new();
     let policy = format!(
-        "{}\n[[tenants.rules]]\nenvironment = \"staging\"\nnetwork = [\"none\", \"targets\"]\n",
+        // The capsules of these tests speak HTTP with bash's /dev/tcp: the host's
+        // /usr by the tenant's explicit opt-in (the base rootfs is busybox).
+        "{}rootfs = {{ host_usr = true }}\n[[tenants.rules]]\nenvironment = \"staging\"\nnetwork = [\"none\", \"targets\"]\n",
         w.policy_toml()
     );
     std::fs::write(w.policy_path(), policy).expect("policy");

@@ -149,9 +149,17 @@ impl Admission {
             HashModeArg::Read => HashMode::Read,
             HashModeArg::Mmap => HashMode::Mmap,
         };
-        Admission::new(policy, system_clock(), hash_mode)
+        let admission = Admission::new(policy, system_clock(), hash_mode)
             .with_runner(runner)
-            .with_log_config(log)
-            .with_state_dir(state, record)
+            .with_log_config(log);
+        // With a TPM configured, the log's checkpoints are quoted by its identity key,
+        // as the evidence index is; without one, the state's software custody key.
+        let admission = match (state, identity.tcti.is_some() && record) {
+            (Some(dir), true) => admission.with_checkpoint_signer(
+                crate::admission_log::signer::CheckpointSigner::new(identity.custody_signer(dir)?),
+            ),
+            _ => admission,
+        };
+        admission.with_state_dir(state, record)
     }
 }

@@ -450,6 +450,17 @@ pub fn remove(run_id: &str) -> Vec<String> {
     actions
 }
 
+/// Whether anything of a network of `run_id` may be left: its namespace, its veth or
+/// its lock file (each readable without privileges). A table is made only after the
+/// lock and the namespace, and removed before them.
+pub fn has_traces(run_id: &str) -> bool {
+    link::netns_path(&netns_name(run_id)).exists()
+        || link::link_exists(&host_veth(run_id))
+        || Path::new(NET_RUN_DIR)
+            .join(format!("{run_id}.lock"))
+            .exists()
+}
+
 /// Without `nft` on the host, the launcher cannot have made a table.
 fn nft_installed() -> bool {
     crate::runtime::process::find_program(Path::new("nft")).is_some()
