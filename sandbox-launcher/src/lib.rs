@@ -310,9 +310,11 @@ impl Launcher {
         let networked = teardown::Networked::from(admitted.manifest().scope.network == "targets");
         let result = self.run_in(
             admitted,
-            &run_id,
-            &container_id,
-            &run_dir,
+            RunNames {
+                run_id: &run_id,
+                container_id: &container_id,
+                run_dir: &run_dir,
+            },
             rootfs,
             cancel,
             &mut network,
@@ -372,13 +374,16 @@ impl Launcher {
     fn run_in(
         &self,
         admitted: &Admitted,
-        run_id: &str,
-        container_id: &str,
-        run_dir: &Path,
+        run: RunNames<'_>,
         rootfs: &Rootfs,
         cancel: &AtomicBool,
         network: &mut Option<net::Egress>,
     ) -> Result<RunReport> {
+        let RunNames {
+            run_id,
+            container_id,
+            run_dir,
+        } = run;
         let manifest = admitted.manifest();
         let staged_dir = run_dir.join("staging");
         let staged = stage::stage(admitted, &staged_dir)?;
@@ -598,4 +603,12 @@ pub mod danger {
     pub fn runsc_host_network(config: &mut RunscConfig) {
         config.host_network = true;
     }
+}
+
+/// What one run is called: its id, its container's id and its directory.
+#[derive(Debug, Clone, Copy)]
+struct RunNames<'a> {
+    run_id: &'a str,
+    container_id: &'a str,
+    run_dir: &'a Path,
 }
