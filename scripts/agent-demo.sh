@@ -93,13 +93,24 @@ skopeo inspect --raw --cert-dir certs --creds demo:demo-pass "docker://127.0.0.1
 echo "== agent --once: pull, verify, run in gVisor, push the evidence back"
 agent_toml run capsules/team-a run
 "$cg" agent --config run.toml --once
-skopeo inspect --raw --cert-dir certs --creds demo:demo-pass \
+evidence=$(skopeo inspect --raw --cert-dir certs --creds demo:demo-pass \
   "docker://127.0.0.1:$port/capsules/team-a:sha256-${digest#sha256:}" \
-  | python3 -c 'import json,sys; print("evidence artifacts:", [m["digest"] for m in json.load(sys.stdin)["manifests"]])'
-# With the signed export merged (issue 12), the pushed export verifies offline:
-if "$cg" evidence verify --help >/dev/null 2>&1; then
-  "$cg" evidence verify run-state/evidence/*/
-fi
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["manifests"][0]["digest"])')
+echo "evidence artifact: $evidence"
+# The pushed export, pulled back by skopeo (each layer under its title), verifies
+# offline like the bundle it came from.
+skopeo copy --src-cert-dir certs --src-creds demo:demo-pass \
+  "docker://127.0.0.1:$port/capsules/team-a@$evidence" dir:pulled-oci >/dev/null
+python3 - pulled-oci pulled-export <<'PY'
+import json, os, shutil, sys
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst)
+for l in json.load(open(os.path.join(src, "manifest.json")))["layers"]:
+    shutil.copy(os.path.join(src, l["digest"].split(":", 1)[1]),
+                os.path.join(dst, l["annotations"]["org.opencontainers.image.title"]))
+PY
+"$cg" evidence verify pulled-export
+"$cg" evidence verify run-state/evidence/*/
 
 echo "== figure 1: $N capsules pulled and verified (admit-only, sandbox excluded)"
 for i in $(seq 1 "$N"); do

