@@ -2,7 +2,7 @@
 //! really writes (real gVisor, Debian package `runsc`; one run for the whole binary,
 //! its bundle copied for each case): every tampered hop is named, through the library
 //! and through the binary; a key rotated out of the trust store still verifies from
-//! the snapshot; denial bundles verify; exports built by hand to CONTRACT part 3
+//! the snapshot; denial bundles verify; exports built by hand to the export format of docs/evidence.md
 //! verify, and report what was withheld or masked.
 
 use std::path::{Path, PathBuf};
@@ -443,7 +443,7 @@ fn a_real_run_bundle_verifies_and_every_tampered_hop_is_named_by_the_library_and
 /// What an export does with one file: its status and, when masked, the masked bytes.
 type FileRule<'a> = &'a dyn Fn(&str) -> (&'static str, Option<Vec<u8>>);
 
-/// An export directory built by hand to CONTRACT part 3.
+/// An export directory built by hand to the format docs/evidence.md gives.
 struct ExportSpec<'a> {
     mode: &'a str,
     status: FileRule<'a>,

@@ -68,44 +68,6 @@ fn script_capsule(w: &World, name: &str, script: &str) -> PathBuf {
     w.capsule_with_files(name, &m, &files, Signer::Es256)
 }
 
-/// The signed index custody writes for every run (`index.json` + `index.sig.json`,
-/// CONTRACT.md part 2), when this branch's `run` did not write one: every other file
-/// with its sha256 and size, signed by the state's custody key. Once custody's index
-/// writer is merged, `run` writes it and this does nothing.
-fn ensure_index(bundle: &Path, state: &Path, mode: EgressMode) {
-    if bundle.join("index.json").exists() {
-        return;
-    }
-    let mut files = Vec::new();
-    let mut names: Vec<_> = std::fs::read_dir(bundle)
-        .expect("bundle")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .collect();
-    names.sort();
-    for name in names {
-        let bytes = std::fs::read(bundle.join(&name)).expect("read");
-        files.push(json!({"path": name, "sha256": format!("sha256:{}", sha256_hex(&bytes)), "size": bytes.len()}));
-    }
-    let event: Value =
-        serde_json::from_slice(&std::fs::read(bundle.join("event.json")).expect("event"))
-            .expect("json");
-    let index = json!({
-        "schema": "capsule-gateway/evidence-index/v1",
-        "kind": "run",
-        "run_id": event["data"]["run_id"],
-        "tenant_id": event["data"]["tenant_id"],
-        "capsule_digest": event["data"]["capsule_digest"],
-        "egress_mode": mode.as_str(),
-        "files": files,
-    });
-    let bytes = serde_json::to_vec_pretty(&index).expect("json");
-    let signer = CustodySigner::software(&state.join("custody")).expect("custody key");
-    std::fs::write(bundle.join("index.json"), &bytes).expect("index");
-    let sig = signer.sign(&bytes).expect("sign");
-    std::fs::write(bundle.join("index.sig.json"), sig.to_bytes()).expect("sig");
-}
-
 /// One real run, its printed event and its bundle.
 #[derive(Debug)]
 struct Ran {
@@ -158,7 +120,10 @@ fn fixture() -> &'static Fixture {
             let bundle = state
                 .join("evidence")
                 .join(printed["id"].as_str().expect("id"));
-            ensure_index(&bundle, &state, mode);
+            assert!(
+                bundle.join("index.json").is_file() && bundle.join("index.sig.json").is_file(),
+                "run writes the signed index of its bundle"
+            );
             ran.push(Ran {
                 policy,
                 state,

@@ -1,5 +1,5 @@
 //! `evidence export`: the part of a bundle that may leave the host under an egress
-//! mode, in a directory that still verifies (CONTRACT.md part 3,
+//! mode, in a directory that still verifies (docs/evidence.md,
 //! `capsule-gateway/evidence-export/v1`):
 //!
 //! - `export.json` lists every file the bundle's index lists, once, as `included`

@@ -6,14 +6,14 @@
 //! for; then [`Bundle::walk`], the one chain walk (`Bundle::check` uses it too), with
 //! the trust snapshot the index carries (and `--trust`, when given) as the trust
 //! store. A denial's bundle has a shorter chain ([`verify_denial`]). An export
-//! (CONTRACT part 3) is checked file by file against `export.json` and the signed
+//! (docs/evidence.md, "`evidence export`") is checked file by file against `export.json` and the signed
 //! index, and a hop whose input was withheld or masked is reported as such.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use attest::tpm::TpmKeyPublic;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use verify_core::keys::{KeySnapshot, KeyStore};
 use verify_core::Sha256Digest;
@@ -21,7 +21,7 @@ use verify_core::Sha256Digest;
 use super::check::{link, Expect, Hop, Trust};
 use super::index::{index_sig_file, Index, IndexKind, SnapshotJwk, INDEX_FILE};
 use super::read::{list_files, optional, Bundle};
-use super::schema::{parse_strict, DecisionRecord, Event, EventData};
+use super::schema::{DecisionRecord, Event, EventData};
 use super::EvidenceError;
 use crate::custody::{sig_name, verify_custody, CustodyExpect, CustodySignature, SignerInfo};
 
@@ -528,38 +528,8 @@ fn verify_denial(dir: &Path, index: &Index, dir_name: bool, r: &mut VerifyReport
     }
 }
 
-/// `export.json` (CONTRACT part 3).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportDoc {
-    pub schema: String,
-    pub mode: String,
-    pub run_id: String,
-    /// `sha256:<hex>` of the bundle's `index.json`.
-    pub index_sha256: String,
-    pub files: Vec<ExportEntry>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportEntry {
-    pub path: String,
-    pub status: FileStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub masked_by: Option<Vec<String>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FileStatus {
-    Included,
-    Masked,
-    Withheld,
-}
+// `export.json` is read with the writer's own types (`evidence::export`): one schema.
+use super::export::{ExportFile as ExportEntry, ExportManifest as ExportDoc, FileStatus};
 
 /// The files each hop reads (for an export's withheld/masked report).
 fn inputs(hop: Hop) -> &'static [&'static str] {
@@ -604,14 +574,14 @@ fn check_export(
         pcrs: None,
     };
     let export_signer = verify_custody(&bytes, &sig, &expect).map_err(|e| link(hop, e))?;
-    let doc: ExportDoc = parse_strict(EXPORT_FILE, &bytes).map_err(|e| link(hop, e))?;
+    let doc = ExportDoc::parse(&bytes).map_err(|e| link(hop, e))?;
     if doc.schema != EXPORT_SCHEMA {
         return Err(link(
             hop,
             format!("schema `{}` is not `{EXPORT_SCHEMA}`", doc.schema),
         ));
     }
-    r.mode = Some(doc.mode.clone());
+    r.mode = Some(doc.mode.to_string());
     r.run_id = Some(doc.run_id.clone());
     r.signer = Some(export_signer.clone());
     r.files = doc
