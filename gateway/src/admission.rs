@@ -265,6 +265,13 @@ impl Admission {
         }
     }
 
+    /// Puts `index` in place of its tenant's (the agent's poll of tag `index`); the
+    /// signature was checked by `TenantIndex::verify`, freshness is judged per capsule.
+    pub fn set_index(&mut self, index: TenantIndex) {
+        self.indexes.retain(|i| i.tenant != index.tenant);
+        self.indexes.push(index);
+    }
+
     /// Records verified admissions in one durable transaction (see `State::record`);
     /// nothing is acknowledged unless this returns them.
     pub fn record(
@@ -273,7 +280,14 @@ impl Admission {
     ) -> Result<Vec<Result<Admitted, Decision>>, GatewayError> {
         match &self.store {
             Store::Open(s) => s.record(results, &self.policy, self.clock.as_ref()),
-            Store::Dir(d) => Ok(d.record(results, &self.policy, self.clock.as_ref())),
+            Store::Dir(d) => {
+                // As `admit`: the index versions first, so a crash leaves it stricter.
+                let seen = crate::tenant_index::versions_used(&self.indexes, &results);
+                if let Err(e) = d.record_index_versions(&seen) {
+                    return Ok(crate::state::deny_unavailable(results, &e.to_string()));
+                }
+                Ok(d.record(results, &self.policy, self.clock.as_ref()))
+            }
             Store::None | Store::Unavailable(_) => Ok(results),
         }
     }

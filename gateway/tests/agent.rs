@@ -1157,3 +1157,65 @@ fn a_manifest_served_under_the_wrong_digest_is_refused() {
         "nothing pulled"
     );
 }
+
+/// The tenant index is polled at tag `index` (published by `publish --index`): a
+/// tenant whose index is required is denied `index_stale` while there is none, and
+/// while the one at `index` is signed by a key its tenant does not name; once the
+/// signed index is published, the capsule it lists is admitted.
+#[test]
+fn the_tenant_index_at_tag_index_is_polled_and_a_required_one_is_enforced() {
+    use capsule_tests::governance::INDEXED;
+    let w = World::new();
+    let reg = shared();
+    let repo = "capsules/indexed";
+    let files: [(&str, &[u8]); 1] = [("run.sh", b"true\n")];
+    let mut m = w.script_manifest(&files);
+    m["tenant"] = json!(INDEXED);
+    m["capsule_id"] = json!("indexed");
+    let dir = w.capsule_with_files("indexed", &m, &files, Signer::Es256);
+    published(reg, repo, "v1", &dir);
+    let (config, _) = agent_config(&w, "ix", &reg.url(), repo, "action = \"admit-only\"");
+    // The governance policy names the index keys and the indexed tenant.
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replace(s(&w.policy_path()), s(&w.governance_policy_path()));
+    std::fs::write(&config, text).expect("config");
+
+    let (code, events, stderr) = agent_once(&config);
+    assert_eq!(code, 1, "stderr: {stderr}");
+    assert_eq!(events[0]["data"]["reason"], "index_stale", "{events:?}");
+
+    let publish_index = |index: &Path| {
+        let pki = pki();
+        let out = bin()
+            .args(["publish", "--registry", &reg.url(), "--repository", repo])
+            .args(["--ca", s(&pki.path("ca.pem"))])
+            .args(["--basic-auth-file", s(&pki.path("registry.auth"))])
+            .arg("--index")
+            .arg(index)
+            .output()
+            .expect("publish --index");
+        assert!(
+            out.status.success(),
+            "publish --index: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let entry = ("indexed", 7, w.digest_of(&dir));
+    let payload = w.index_payload(INDEXED, 1, w.now + 3600, &[entry]);
+    // Signed by the capsule key, not one of the tenant's `index.keys`: ignored.
+    let forged = w.write(
+        "forged.index.jws",
+        w.sign(&serde_json::to_vec(&payload).expect("json"), Signer::Es256)
+            .as_bytes(),
+    );
+    publish_index(&forged);
+    let (code, events, stderr) = agent_once(&config);
+    assert_eq!(code, 1, "stderr: {stderr}");
+    assert_eq!(events[0]["data"]["reason"], "index_stale", "{events:?}");
+
+    publish_index(&w.index("good.index.jws", &payload));
+    let (code, events, stderr) = agent_once(&config);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert!(events.is_empty(), "admit-only prints no event: {events:?}");
+    assert!(stderr.contains("tenant index"), "{stderr}");
+}

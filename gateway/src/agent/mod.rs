@@ -46,7 +46,7 @@ use crate::serve::blobs::BlobStore;
 use crate::GatewayError;
 
 /// The tag the tenant index is published under (not a capsule).
-pub const INDEX_TAG: &str = "index";
+pub use crate::oci::publish::INDEX_TAG;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -251,6 +251,10 @@ impl Agent {
         };
         // In name order: the same registry is read the same way every pass.
         tags.sort();
+        // The tenant index first, so every capsule of this pass is judged against it.
+        if tags.iter().any(|t| t == INDEX_TAG) {
+            self.pull_index(i)?;
+        }
         for tag in tags {
             if tag == INDEX_TAG || tag.starts_with("sha256-") || self.cancel.load(Ordering::Relaxed)
             {
@@ -280,6 +284,66 @@ impl Agent {
                 Outcome::AlreadyRan => report.already_ran += 1,
                 Outcome::NotCapsule => {}
             }
+        }
+        Ok(())
+    }
+
+    /// Pulls the tenant index at tag `index` and, if it verifies against the policy
+    /// (signature, a key in its tenant's `index.keys`), judges capsules by it. One that
+    /// does not verify is ignored with a warning: a tenant whose index is `required`
+    /// is then denied `index_stale`, never admitted without one. An older index than
+    /// the state has seen is refused per capsule (`index_stale`), as with `--index`.
+    fn pull_index(&mut self, i: usize) -> Result<(), OciError> {
+        let s = &self.sources[i];
+        let pulled = match s.registry.manifest(&s.repository, INDEX_TAG) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(()),
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "tenant index manifest refused");
+                return Ok(());
+            }
+        };
+        let layer = serde_json::from_slice::<ImageManifest>(&pulled.bytes)
+            .ok()
+            .filter(|m| m.kind() == artifact::INDEX_ARTIFACT_TYPE && m.layers.len() == 1)
+            .map(|m| m.layers[0].clone())
+            .filter(|l| l.size <= verify_core::index::MAX_INDEX_BYTES as u64);
+        let Some(layer) = layer else {
+            tracing::warn!("tag `index` is not a tenant index of one bounded layer; ignored");
+            return Ok(());
+        };
+        let digest = layer.sha256()?;
+        if !self.store.contains(&digest) {
+            match s
+                .registry
+                .pull_blob(&s.repository, &digest, layer.size, &self.store)
+            {
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "tenant index not pulled; ignored");
+                    return Ok(());
+                }
+            }
+        }
+        let bytes = match self.read_blob(&layer) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "tenant index unreadable; ignored");
+                return Ok(());
+            }
+        };
+        match verify_core::TenantIndex::verify(&bytes, self.admission.policy()) {
+            Ok(index) => {
+                tracing::info!(
+                    tenant = index.tenant,
+                    version = index.version,
+                    "tenant index"
+                );
+                self.admission.set_index(index);
+            }
+            Err(e) => tracing::warn!(error = %e, "tenant index does not verify; ignored"),
         }
         Ok(())
     }

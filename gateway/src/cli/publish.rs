@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::oci::publish::publish;
+use crate::oci::publish::{publish, publish_index};
 use crate::oci::{Registry, RegistryAuth, RegistryConfig};
 use crate::GatewayError;
 
@@ -36,9 +36,13 @@ pub struct PublishArgs {
     /// Seconds one request may take.
     #[arg(long, default_value_t = 30)]
     pub timeout_s: u64,
+    /// Publish a signed tenant index (`index sign --out`) at tag `index` instead of a
+    /// capsule: the agent polls it there.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["capsule", "tag"])]
+    pub index: Option<PathBuf>,
     /// The capsule directory (capsule.jws, files/, approvals/).
-    #[arg(value_name = "CAPSULE")]
-    pub capsule: PathBuf,
+    #[arg(value_name = "CAPSULE", required_unless_present = "index")]
+    pub capsule: Option<PathBuf>,
 }
 
 pub fn run(args: &PublishArgs) -> Result<ExitCode, GatewayError> {
@@ -54,12 +58,13 @@ pub fn run(args: &PublishArgs) -> Result<ExitCode, GatewayError> {
         svid: args.svid.clone(),
         timeout: Duration::from_secs(args.timeout_s.max(1)),
     })?;
-    let published = publish(
-        &registry,
-        &args.repository,
-        args.tag.as_deref(),
-        &args.capsule,
-    )?;
+    let published = match (&args.index, &args.capsule) {
+        (Some(index), _) => publish_index(&registry, &args.repository, index)?,
+        (None, Some(capsule)) => {
+            publish(&registry, &args.repository, args.tag.as_deref(), capsule)?
+        }
+        (None, None) => return Err(super::usage("a CAPSULE or --index FILE is required")),
+    };
     tracing::info!(
         tag = published.tag,
         layers = published.layers,

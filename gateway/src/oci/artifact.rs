@@ -14,6 +14,9 @@ pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+jso
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 pub const CAPSULE_ARTIFACT_TYPE: &str = "application/vnd.capsule-gateway.capsule.v1";
 pub const EVIDENCE_ARTIFACT_TYPE: &str = "application/vnd.capsule-gateway.evidence.v1";
+/// A tenant index (one layer, the compact JWS, titled [`INDEX_TITLE`]), at tag `index`.
+pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.capsule-gateway.tenant-index.v1";
+pub const INDEX_TITLE: &str = "index.jws";
 pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 /// The empty config's bytes (`{}`), as the image spec defines them.
 pub const EMPTY_CONFIG: &[u8] = b"{}";

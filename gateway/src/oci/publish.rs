@@ -9,7 +9,8 @@ use verify_core::Sha256Digest;
 
 use super::artifact::{
     Descriptor, ImageManifest, ANN_CAPSULE_ID, ANN_TENANT, ANN_VERSION, CAPSULE_ARTIFACT_TYPE,
-    EMPTY_CONFIG, JOSE_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCTET_MEDIA_TYPE, TITLE,
+    EMPTY_CONFIG, INDEX_ARTIFACT_TYPE, INDEX_TITLE, JOSE_MEDIA_TYPE, MANIFEST_MEDIA_TYPE,
+    OCTET_MEDIA_TYPE, TITLE,
 };
 use super::{OciError, Registry};
 
@@ -173,3 +174,47 @@ pub fn publish(
         layers: n,
     })
 }
+
+/// Pushes a signed tenant index (`index sign`'s JWS) as an artifact of one layer at
+/// tag `index`, where the agent looks for it. Its bytes are not checked here: the
+/// agent verifies them against its own policy, as `--index` does.
+pub fn publish_index(
+    registry: &Registry,
+    repository: &str,
+    index: &Path,
+) -> Result<Published, OciError> {
+    let bytes = std::fs::read(index).map_err(|source| OciError::File {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    if bytes.len() > verify_core::index::MAX_INDEX_BYTES {
+        return Err(OciError::Malformed {
+            what: index.display().to_string(),
+            why: format!(
+                "larger than a tenant index may be ({} bytes)",
+                verify_core::index::MAX_INDEX_BYTES
+            ),
+        });
+    }
+    let size = bytes.len() as u64;
+    let digest = registry.push_blob(repository, Bytes::from(bytes))?;
+    let mut layer = Descriptor::new(JOSE_MEDIA_TYPE, digest, size);
+    layer
+        .annotations
+        .insert(TITLE.to_string(), INDEX_TITLE.to_string());
+    registry.push_blob(repository, Bytes::from_static(EMPTY_CONFIG))?;
+    let manifest = ImageManifest::artifact(INDEX_ARTIFACT_TYPE, vec![layer], BTreeMap::new());
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| OciError::Malformed {
+        what: "manifest".into(),
+        why: e.to_string(),
+    })?;
+    let pushed = registry.push_manifest(repository, INDEX_TAG, MANIFEST_MEDIA_TYPE, bytes)?;
+    Ok(Published {
+        digest: pushed.digest,
+        tag: INDEX_TAG.to_string(),
+        layers: 1,
+    })
+}
+
+/// The tag a tenant index is published at and polled from.
+pub const INDEX_TAG: &str = "index";
