@@ -33,6 +33,10 @@ fuzz_target!(|data: &[u8]| {
             cgroups_path: "/capsule-gateway/capsule-r",
             flavor,
             share_host_network: false,
+            // `none`: a new, empty network namespace (the targets network is the
+            // launcher's own code path, tested by the egress suites).
+            network: None,
+            probe_reach: &[],
             enforcement: sandbox_launcher::bundle::Enforcement {
                 seccomp_by: Some("kernel"),
                 apparmor: sandbox_launcher::profiles::AppArmorHost::NotAvailable,
