@@ -239,18 +239,7 @@ impl Admission {
             return Ok(results);
         }
         // The verdicts are given out only after the state is durable.
-        match &self.store {
-            Store::Dir(d) => {
-                // The index versions first: a crash in between leaves the state stricter.
-                let seen = crate::tenant_index::versions_used(&self.indexes, &results);
-                if let Err(e) = d.record_index_versions(&seen) {
-                    return Ok(crate::state::deny_unavailable(results, &e.to_string()));
-                }
-                Ok(d.record(results, &self.policy, self.clock.as_ref()))
-            }
-            Store::Open(s) => s.record(results, &self.policy, self.clock.as_ref()),
-            Store::None | Store::Unavailable(_) => Ok(results),
-        }
+        self.record(results)
     }
 
     /// Verifies one capsule for `runner` (the authenticated peer of `serve`) against
@@ -281,7 +270,7 @@ impl Admission {
         match &self.store {
             Store::Open(s) => s.record(results, &self.policy, self.clock.as_ref()),
             Store::Dir(d) => {
-                // As `admit`: the index versions first, so a crash leaves it stricter.
+                // The index versions first: a crash in between leaves the state stricter.
                 let seen = crate::tenant_index::versions_used(&self.indexes, &results);
                 if let Err(e) = d.record_index_versions(&seen) {
                     return Ok(crate::state::deny_unavailable(results, &e.to_string()));

@@ -219,23 +219,10 @@ pub fn verify_evidence(
     Ok(verify_bundle(path, opts))
 }
 
-const BUNDLE_HOPS: &[Hop] = &[
-    Hop::IndexSignature,
-    Hop::Index,
-    Hop::Event,
-    Hop::RunId,
-    Hop::CapsuleDigest,
-    Hop::ManifestJws,
-    Hop::Signature,
-    Hop::Manifest,
-    Hop::Approvals,
-    Hop::PolicyVersion,
-    Hop::Decision,
-    Hop::Sandbox,
-    Hop::OciConfig,
-    Hop::Staged,
-    Hop::Outputs,
-];
+/// A bundle's hops: every hop but `export` ([`Hop::ALL`] is in walking order and
+/// starts with it), so the order is written once.
+const BUNDLE_HOPS: &[Hop] = Hop::ALL.split_first().expect("Hop::ALL is not empty").1;
+const _: () = assert!(matches!(Hop::ALL[0], Hop::Export));
 
 /// The signed index: its signature (hop [`Hop::IndexSignature`]), then parsed.
 fn signed_index(
