@@ -24,6 +24,8 @@
 //! - [`oci`]: capsules and evidence as OCI artifacts, and the registry client;
 //!   [`agent`]: the pull-only edge runner (poll, pull into the blob store, admit,
 //!   run, push the evidence back);
+//! - [`selfcheck`]: proves on the host that the gate, the sandbox, the host's trust
+//!   anchors and the deployment's alignment still hold;
 //! - [`error`]: which failures are usage (exit 2) and which runtime (exit 4).
 
 pub mod admission;
@@ -42,6 +44,7 @@ pub mod oci;
 pub mod output;
 pub mod pack;
 pub mod sealed;
+pub mod selfcheck;
 pub mod serve;
 pub mod state;
 pub mod tenant_index;
