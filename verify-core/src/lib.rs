@@ -32,6 +32,7 @@ pub mod runner;
 pub mod time;
 pub mod trust_file;
 pub mod verify;
+pub mod verify_cache;
 
 pub use approvals::{ApprovalError, QuorumError};
 pub use decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
