@@ -117,3 +117,40 @@ server_view overload
 echo "   peak RSS of serve: $(grep VmHWM /proc/$pid/status | awk '{print $2, $3}')"
 stop_server
 echo "   (JSON reports and metrics in $work/)"
+
+# Re-admission of one capsule with the verification cache (issue 17, item 2): the
+# same small capsule admitted over and over, closed loop on CONNECTIONS HTTP/1.1
+# connections, first with the default cache (every admission after the first a hit:
+# no ECDSA, the artifact still hashed), then with `[cache] capacity = 0` (every
+# admission verified in full), each on a fresh server. Prints admissions per second
+# and the server's CPU per admission (utime + stime from /proc, per admission the
+# server counted) for both, and the cache's hit counter.
+cache_readmission_phase() {
+  local conf=$work/state/dev/gateway.toml
+  local saved=$work/gateway.toml.orig
+  cp "$conf" "$saved"
+  local ticks
+  ticks=$(getconf CLK_TCK)
+  for mode in cached uncached; do
+    cp "$saved" "$conf"
+    if [ "$mode" = uncached ]; then printf '\n[cache]\ncapacity = 0\n' >>"$conf"; fi
+    start_server
+    # With the cache, the first admission is its one miss; every later one a hit.
+    local before cpu0 cpu1 after
+    before=$(metrics)
+    cpu0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    lg --connections "$conns" --rate 0 >"$work/readmit-$mode.json"
+    cpu1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    after=$(metrics)
+    local admits hits
+    admits=$(( $(counter 'capsule_gateway_admissions_total\{verdict="admit",reason="none"\}' "$after") - $(counter 'capsule_gateway_admissions_total\{verdict="admit",reason="none"\}' "$before") ))
+    hits=$(( $(counter capsule_gateway_verify_cache_hits_total "$after") - $(counter capsule_gateway_verify_cache_hits_total "$before") ))
+    echo "== re-admission of one capsule, $mode: $conns HTTP/1.1 connections, ${duration}s"
+    field "$work/readmit-$mode.json" "$client_line"
+    python3 -c "import sys; a, h, c, t = map(int, sys.argv[1:]); print(f'   server: {a} admissions, {h} cache hits, CPU {1e6 * c / t / max(1, a):.1f} us per admission ({a / max(1e-9, c / t):.0f} admissions per CPU-second)')" \
+      "$admits" "$hits" "$((cpu1 - cpu0))" "$ticks"
+    stop_server
+  done
+  cp "$saved" "$conf"
+}
+cache_readmission_phase

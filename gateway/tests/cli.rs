@@ -1187,3 +1187,23 @@ fn index_sign_and_a_fresh_state_refuses_a_superseded_version() {
         "{o:?}"
     );
 }
+
+/// The verification cache through the CLI: one batch names the same JWS three times
+/// (a capsule, the same directory again, and a copy whose artifact was altered):
+/// the repeats are admitted alike and the copy, whose signature may come from the
+/// cache, is still `digest_mismatch`.
+#[test]
+fn a_repeated_jws_in_one_batch_still_has_every_artifact_checked() {
+    let w = World::new();
+    let good = w.good_capsule("good", Signer::Es256);
+    let altered = w.capsule_with_jws("altered", read_jws(&good).as_bytes());
+    let mut run_sh = capsule_tests::RUN_SH.to_vec();
+    run_sh[0] ^= 1;
+    std::fs::write(altered.join("files/run.sh"), run_sh).expect("alter run.sh");
+    let (code, lines) = check("verify", &w, Some(RUNNER), None, &[&good, &good, &altered]);
+    assert_eq!(code, 1);
+    assert_eq!(lines[0]["verdict"], "admit", "{lines:?}");
+    assert_eq!(lines[1]["verdict"], "admit", "{lines:?}");
+    assert_eq!(lines[2]["reason"], "digest_mismatch", "{lines:?}");
+    assert_eq!(lines[0]["digest"], lines[2]["digest"]);
+}

@@ -1812,3 +1812,68 @@ fn served_run_events_reach_a_sink_that_recovers() {
     }
     assert!(gateway.terminate().success(), "{}", gateway.stderr());
 }
+
+/// The verification cache through the service: the same capsule admitted again is a
+/// hit (`capsule_gateway_verify_cache_hits_total` rises, the answer is the same);
+/// after the key is removed from the trust file and the service restarted (the
+/// policy loaded again), the capsule it signed is denied `unknown_kid`.
+#[test]
+fn a_readmission_is_a_cache_hit_and_a_removed_key_is_denied_after_restart() {
+    const HITS: &str = "capsule_gateway_verify_cache_hits_total";
+    let f = Fixture::new();
+    let good = read_jws(&f.world.good_capsule("good", Signer::Es256));
+    let client = f.client_svid_dir(RUNNER);
+    let server = start(&f.config());
+    runtime().block_on(async {
+        let mut c = Client::connect(
+            server.local_addr(),
+            client_config(&client, GATEWAY_ID, false),
+        )
+        .await
+        .expect("connect");
+        c.upload_world_files().await;
+        assert_eq!(metric(&c.metrics().await, HITS), Some(0.0));
+        for _ in 0..3 {
+            let r = c.admit(good.clone()).await.expect("admission");
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+        let m = c.metrics().await;
+        assert_eq!(metric(&m, HITS), Some(2.0), "{m}");
+        assert_eq!(
+            metric(&m, "capsule_gateway_verify_cache_misses_total"),
+            Some(1.0),
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, "capsule_gateway_verify_cache_entries"),
+            Some(1.0),
+            "{m}"
+        );
+    });
+    server.shutdown();
+
+    // The ES256 key leaves the trust file (and the tenant); the service starts again.
+    let w = &f.world;
+    let jwks =
+        json!({ "keys": [w.hs.to_json(true), w.other.to_json(false), w.index_key.to_json(false)] });
+    w.write_mode("trusted.jwks.json", jwks.to_string().as_bytes(), 0o600);
+    let toml = w.policy_toml().replace(
+        &format!("keys = [\"{}\", ", capsule_tests::ES_KID),
+        "keys = [",
+    );
+    w.write_mode("policy.toml", toml.as_bytes(), 0o644);
+    let server = start(&f.config());
+    runtime().block_on(async {
+        let mut c = Client::connect(
+            server.local_addr(),
+            client_config(&client, GATEWAY_ID, false),
+        )
+        .await
+        .expect("connect");
+        let r = c.admit(good.clone()).await.expect("admission");
+        assert_eq!(r.status, 403, "{r:?}");
+        assert_eq!(r.json()["reason"], "unknown_kid", "{r:?}");
+        assert_eq!(metric(&c.metrics().await, HITS), Some(0.0));
+    });
+    server.shutdown();
+}

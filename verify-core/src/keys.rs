@@ -233,6 +233,32 @@ pub struct TrustedKey {
     alg: Alg,
     verifier: Verifier,
     snapshot: KeySnapshot,
+    fingerprint: KeyFingerprint,
+}
+
+/// Names one trusted key exactly: the SHA-256 of its kid, alg and [`KeySnapshot`]
+/// (an ES256 key's point, an HS256 key's fingerprint, never its secret). Two keys
+/// with one kid but other material, or one material under another kid or alg, have
+/// different fingerprints. The verification cache is keyed by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyFingerprint(pub [u8; 32]);
+
+impl KeyFingerprint {
+    fn of(kid: &str, alg: Alg, snapshot: &KeySnapshot, backend: &dyn Backend) -> KeyFingerprint {
+        let material: &[u8] = match snapshot {
+            KeySnapshot::Es256 { point } => point,
+            KeySnapshot::Hs256 { fingerprint } => fingerprint,
+        };
+        // Length-prefixed, so no two (kid, material) pairs share an encoding.
+        let mut text = Vec::with_capacity(64 + kid.len() + material.len());
+        text.extend_from_slice(b"capsule-gateway/trusted-key/v1\0");
+        text.extend_from_slice(alg.as_str().as_bytes());
+        text.push(0);
+        text.extend_from_slice(&(kid.len() as u64).to_be_bytes());
+        text.extend_from_slice(kid.as_bytes());
+        text.extend_from_slice(material);
+        KeyFingerprint(backend.sha256_oneshot(&text))
+    }
 }
 
 /// What evidence may keep of a trusted key (a trust snapshot, so a bundle still
@@ -272,6 +298,11 @@ impl TrustedKey {
         &self.snapshot
     }
 
+    /// Names this exact key ([`KeyFingerprint`]).
+    pub fn fingerprint(&self) -> KeyFingerprint {
+        self.fingerprint
+    }
+
     /// Prepares a verifier; the alg is the material's, and a JWK naming another is
     /// refused (`Jwk::parse` already matched them; a `ParsedJwk` built by hand may not).
     fn prepare(jwk: ParsedJwk, backend: &'static dyn Backend) -> Result<TrustedKey, KeyError> {
@@ -294,11 +325,13 @@ impl TrustedKey {
                 (Verifier::Hs256(key), KeySnapshot::Hs256 { fingerprint })
             }
         };
+        let fingerprint = KeyFingerprint::of(&jwk.kid, material, &snapshot, backend);
         Ok(TrustedKey {
             kid: jwk.kid,
             alg: material,
             verifier,
             snapshot,
+            fingerprint,
         })
     }
 }

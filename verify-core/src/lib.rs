@@ -9,6 +9,10 @@
 //! (`rules`, loaded by `policy`), lineage and the tenant index (`index`), all checked in
 //! `verify`'s one sequence.
 //!
+//! The verification cache (`verify_cache`, owned by the [`Policy`]) remembers that one
+//! JWS verified under one key and what its manifest parsed as; every other check runs
+//! on every admission.
+//!
 //! Errors untrusted input can cause are denials with a [`Reason`], never panics;
 //! configuration problems are [`ConfigError`]s naming the file and field.
 
@@ -32,6 +36,7 @@ pub mod runner;
 pub mod time;
 pub mod trust_file;
 pub mod verify;
+pub mod verify_cache;
 
 pub use approvals::{ApprovalError, QuorumError};
 pub use decision::{Alg, Decision, Reason, Sha256Digest, Verdict};

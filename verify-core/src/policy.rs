@@ -16,6 +16,7 @@ use crate::limits::Limits;
 use crate::manifest::ApproverId;
 use crate::rules::{Rule, TargetPattern, Tier, NETWORK_MODES};
 use crate::runner::RunnerPattern;
+use crate::verify_cache::VerifyCache;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -275,6 +276,9 @@ pub struct Policy {
     pub source: PathBuf,
     /// The sha256 of the policy text and of each trust file it loaded.
     pub digests: PolicyDigests,
+    /// Signatures verified under this policy's trust store: owned by it, so a policy
+    /// loaded again (a new trust store) starts with an empty cache.
+    verify_cache: VerifyCache,
 }
 
 /// The content digests of what this policy was loaded from, for evidence: the policy
@@ -567,7 +571,18 @@ impl Policy {
                 policy: Sha256Digest(backend.sha256_oneshot(text.as_bytes())),
                 trust_files: Vec::new(),
             },
+            verify_cache: VerifyCache::default(),
         })
+    }
+
+    /// The verification cache of this trust store ([`VerifyCache`]).
+    pub fn verify_cache(&self) -> &VerifyCache {
+        &self.verify_cache
+    }
+
+    /// Replaces the verification cache by an empty one of `capacity` entries (0: off).
+    pub fn set_verify_cache_capacity(&mut self, capacity: usize) {
+        self.verify_cache = VerifyCache::new(capacity);
     }
 }
 

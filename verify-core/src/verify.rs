@@ -15,7 +15,6 @@ use crate::decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
 use crate::digest::{open_dir, open_dir_at, open_regular_at, ArtifactSource, HashMode, Root};
 use crate::entrypoint::{self, Head, HeadKeeper};
 use crate::index::TenantIndex;
-use crate::jws;
 use crate::manifest::{ApproverId, ArtifactPath, FileEntry, Manifest, NOT_A_DIGEST, SCHEMA_V1};
 use crate::policy::{Policy, Tenant};
 use crate::rules::{Rule, ScopeRuleError, Tier};
@@ -507,8 +506,15 @@ impl Verifier<'_> {
             alg: None,
         };
 
-        // 1. Signature, by the trust store's key for this kid (JWS rules, DESIGN.md).
-        let verified = match jws::verify(&jws, &policy.keys, policy.limits.max_jws_bytes) {
+        // 1. Signature, by the trust store's key for this kid (JWS rules, DESIGN.md),
+        // 2. then the manifest, now that its bytes are authentic. The one step the
+        // verification cache may answer: keyed by (digest, the key), it skips only
+        // these two; every check below runs on every admission (verify_cache.rs).
+        let verified =
+            policy
+                .verify_cache()
+                .verify(&jws, digest, &policy.keys, policy.limits.max_jws_bytes);
+        let verified = match verified {
             Ok(v) => v,
             Err(f) => {
                 facts.kid = f.kid;
@@ -518,10 +524,7 @@ impl Verifier<'_> {
         };
         facts.kid = Some(verified.kid.clone());
         facts.alg = Some(verified.alg);
-
-        // 2. The manifest, now that its bytes are authentic.
-        let manifest = Manifest::parse(&verified.payload)
-            .map_err(|e| facts.deny(Reason::MalformedManifest, e.to_string()))?;
+        let manifest = verified.manifest.clone();
         facts.capsule_id = Some(manifest.capsule_id.clone());
         facts.version = Some(manifest.version);
         facts.tenant = Some(manifest.tenant.clone());
@@ -645,7 +648,7 @@ impl Verifier<'_> {
         Ok(Admitted {
             decision: facts.decision(Verdict::Admit, None, detail),
             digest,
-            manifest: Arc::new(manifest),
+            manifest,
             jws,
             files: files.into(),
             source: capsule.source.clone(),

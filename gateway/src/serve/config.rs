@@ -41,6 +41,25 @@ pub struct ServeConfig {
     /// Checkpoint and segment intervals of the admission log, and the denial budget.
     #[serde(default)]
     pub log: crate::admission_log::LogConfig,
+    /// The verification cache (`[cache] capacity`, docs/service.md).
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: how many verified signatures the service remembers (0: none). A hit
+/// skips the signature check and the manifest parse only (docs/manifest.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub capacity: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> CacheConfig {
+        CacheConfig {
+            capacity: verify_core::verify_cache::DEFAULT_CAPACITY,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -360,6 +360,21 @@ impl Metrics {
     }
 }
 
+/// The verification cache's counters (verify-core `VerifyCache`, owned by the
+/// policy): re-admissions answered without a signature check, and those that checked.
+pub fn render_verify_cache(out: &mut String, cache: &verify_core::verify_cache::VerifyCache) {
+    let p = PREFIX;
+    let _ = write!(
+        out,
+        "# HELP {p}_verify_cache_hits_total Signature checks and manifest parses answered by the verification cache.\n# TYPE {p}_verify_cache_hits_total counter\n{p}_verify_cache_hits_total {}\n\
+         # HELP {p}_verify_cache_misses_total Signatures checked (not in the verification cache, or the cache off).\n# TYPE {p}_verify_cache_misses_total counter\n{p}_verify_cache_misses_total {}\n\
+         # HELP {p}_verify_cache_entries Entries in the verification cache, at most its capacity.\n# TYPE {p}_verify_cache_entries gauge\n{p}_verify_cache_entries {}\n",
+        cache.hits(),
+        cache.misses(),
+        cache.len(),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,7 +142,9 @@ impl Service {
             .current()
             .ok()
             .map(|svid| svid.svid.not_after() - self.now());
-        self.metrics.render(left)
+        let mut text = self.metrics.render(left);
+        metrics::render_verify_cache(&mut text, self.admissions.admission.policy().verify_cache());
+        text
     }
 }
 
@@ -167,8 +169,9 @@ impl Server {
                 (None, None) => return Err(GatewayError::Usage("tls: no SVID source".into())),
             };
         let clock = system_clock();
-        let (policy, tpm) =
+        let (mut policy, tpm) =
             open_policy(&config.policy, config.tpm.as_ref().map(|t| t.tcti.as_str()))?;
+        policy.set_verify_cache_capacity(config.cache.capacity);
         let allowed = allowed_peers(config, &policy)?;
         let facts = crate::evidence::PolicyFacts::of(&policy);
         let resolver = Arc::new(SvidCertResolver::new(identity.clone(), None)?);
