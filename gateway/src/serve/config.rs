@@ -41,6 +41,9 @@ pub struct ServeConfig {
     /// Checkpoint and segment intervals of the admission log, and the denial budget.
     #[serde(default)]
     pub log: crate::admission_log::LogConfig,
+    /// The selfcheck's deployment manifest and schedule (docs/selfcheck.md).
+    #[serde(default)]
+    pub selfcheck: crate::selfcheck::target::SelfcheckConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,6 +302,11 @@ impl ServeConfig {
         if let Some(dir) = &mut config.tls.svid_dir {
             *dir = base.join(&*dir);
         }
+        config.selfcheck.resolve(base);
+        config
+            .selfcheck
+            .check()
+            .map_err(|e| GatewayError::Usage(format!("{}: {e}", path.display())))?;
         config
             .check()
             .map_err(|e| GatewayError::Usage(format!("{}: {e}", path.display())))?;

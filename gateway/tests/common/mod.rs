@@ -95,6 +95,7 @@ impl Fixture {
             health: None,
             events: None,
             log: Default::default(),
+            selfcheck: Default::default(),
         }
     }
 
