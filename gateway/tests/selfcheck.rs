@@ -278,12 +278,25 @@ fn a_healthy_deployment_passes_and_leaves_the_real_state_as_it_was() {
     println!("{text}");
 }
 
+/// `selfcheck --config gateway.toml`: the service's own file, `[selfcheck]` included.
 fn bin_selfcheck_text(d: &Deployment) -> Output {
+    let config = d.path("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\npolicy = \"{}\"\n\
+             [tls]\nsvid_dir = \"{}\"\n\
+             [selfcheck]\nmanifest = \"{}\"\nmanifest_key = \"{}\"\ninterval_s = 60\n",
+            s(&d.state()),
+            s(&d.world.policy_path()),
+            s(&d.svid()),
+            s(&d.manifest()),
+            s(&d.operator_jwks())
+        ),
+    )
+    .expect("gateway.toml");
     bin()
-        .args(["selfcheck", "--policy", s(&d.world.policy_path())])
-        .args(["--state", s(&d.state()), "--svid", s(&d.svid())])
-        .args(["--manifest", s(&d.manifest())])
-        .args(["--manifest-key", s(&d.operator_jwks())])
+        .args(["selfcheck", "--config", s(&config)])
         .output()
         .expect("selfcheck")
 }
