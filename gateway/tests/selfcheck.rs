@@ -531,3 +531,46 @@ fn usage_errors_exit_2() {
         .expect("selfcheck");
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn the_agent_config_and_its_selfcheck_table_are_read() {
+    let mut d = Deployment::new();
+    d.admit_next();
+    d.sign("operator", &gateway_binary(), &d.manifest());
+    let write = |extra: &str| {
+        let path = d.path("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"{}\"\npolicy = \"{}\"\nsvid = \"{}\"\naction = \"admit-only\"\n\
+                 [[sources]]\nregistry = \"http://127.0.0.1:9\"\nrepository = \"capsules/x\"\n\
+                 [selfcheck]\n{extra}",
+                s(&d.state()),
+                s(&d.world.policy_path()),
+                s(&d.svid()),
+            ),
+        )
+        .expect("agent.toml");
+        let o = bin()
+            .args(["selfcheck", "--json", "--agent-config", s(&path)])
+            .output()
+            .expect("selfcheck");
+        (o.status.code().expect("code"), o)
+    };
+    let (code, o) = write(&format!(
+        "manifest = \"{}\"\nmanifest_key = \"{}\"\n",
+        s(&d.manifest()),
+        s(&d.operator_jwks())
+    ));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(cli_check(&v, "alignment").0, "pass");
+    assert_eq!(cli_check(&v, "host.checkpoint").0, "pass");
+    // A manifest without its key, or an interval of 0: a configuration error.
+    assert_eq!(
+        write(&format!("manifest = \"{}\"\n", s(&d.manifest()))).0,
+        2
+    );
+    assert_eq!(write("interval_s = 0\n").0, 2);
+    assert_eq!(write("surprise = 1\n").0, 2);
+}
