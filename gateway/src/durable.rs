@@ -120,6 +120,25 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableErro
     Ok(())
 }
 
+/// Writes `path` with `mode`, durably, replacing what is there: the new bytes are
+/// written and synced under a temporary name beside it, renamed over it, and the
+/// parent synced, so a crash leaves the old file or the new one, never a mix.
+pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
+    let parent = parent_of(path);
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(parent)
+        .map_err(io("create temporary file", parent))?;
+    let mut f = tmp.as_file();
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io("write", tmp.path()))?;
+    tmp.persist(path)
+        .map_err(|e| io("rename into place", path)(e.error))?;
+    sync_dir(parent)
+}
+
 /// A directory filled under a temporary name beside its destination, and renamed into
 /// place by [`StagedDir::commit`]: whole or absent. Dropped without a commit, it is
 /// removed.

@@ -11,8 +11,9 @@
 //!   ([`tenant_index`]) become an admission;
 //! - [`state`]: the durable anti-rollback state, the admission log, the last-known
 //!   time and the highest tenant-index versions; [`admission_log`]: the log's record
-//!   and checkpoint types, its chain walker, sealed segments and the checkpoint
-//!   signer (over [`custody`]); [`layout`]: where state lives;
+//!   and checkpoint types, its chain walker, sealed segments, the checkpoint
+//!   signer (over [`custody`]) and the checkpoint witness outside the state;
+//!   [`layout`]: where state lives;
 //! - [`evidence`]: one schema for the run event and bundle, its writer, readers and
 //!   chain-of-custody check, the egress modes and masking, and `evidence export`;
 //!   [`launch`]: the sandbox, set up and run the same way for `run` and `serve`;
@@ -25,7 +26,7 @@
 //!   [`agent`]: the pull-only edge runner (poll, pull into the blob store, admit,
 //!   run, push the evidence back);
 //! - [`selfcheck`]: proves on the host that the gate, the sandbox, the host's trust
-//!   anchors and the deployment's alignment still hold;
+//!   anchors and the deployment's alignment still hold (`selfcheck`, `align sign`);
 //! - [`error`]: which failures are usage (exit 2) and which runtime (exit 4).
 
 pub mod admission;

@@ -967,6 +967,11 @@ impl State {
         &self.path
     }
 
+    /// The state's id (its marker's), `None` for an interrupted creation.
+    pub fn state_id(&self) -> Option<&str> {
+        self.state_id.as_deref()
+    }
+
     /// The latest time this state has trusted, if it has recorded one.
     pub fn last_known_time_now(&self) -> Option<u64> {
         match self.last_known.load(Ordering::Acquire) {
@@ -988,12 +993,15 @@ impl State {
                 "the database failed earlier in this process; nothing more is read or written",
             ));
         }
-        guarded(&self.path, || {
+        let out = guarded(&self.path, || {
             std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
                 self.broken.store(true, Ordering::Release);
                 std::panic::resume_unwind(p)
             })
-        })
+        });
+        // A checkpoint the closure committed is recorded outside the state now.
+        crate::admission_log::witness::publish_staged(out.is_ok());
+        out
     }
 
     /// Records a batch in one durable transaction, in order: each admission, and each
@@ -1373,6 +1381,13 @@ impl State {
         checkpoints
             .insert(number, (bytes.as_slice(), sig.as_slice()))
             .map_err(|e| self.err(e))?;
+        crate::admission_log::witness::stage(
+            &self.path,
+            self.state_id.as_deref(),
+            number,
+            cp.count,
+            cp.head.clone(),
+        );
         if seals {
             // The file is durable before the transaction that removes the records
             // from the database commits; a crash in between leaves both, and the

@@ -1,6 +1,7 @@
 //! The admission log's parts apart from the database: its record and checkpoint
 //! types ([`record`]), the hash-chain walker ([`chain`]), sealed segment files
-//! ([`segment`]) and the checkpoint signer ([`signer`]). `crate::state` keeps the
+//! ([`segment`]), the checkpoint signer ([`signer`]) and the checkpoint witness
+//! outside the state ([`witness`]). `crate::state` keeps the
 //! log in redb and uses these; `log verify` (`crate::cli`) reports with them.
 //! docs/state.md ("The admission log") describes the design.
 
@@ -8,6 +9,7 @@ pub mod chain;
 pub mod record;
 pub mod segment;
 pub mod signer;
+pub mod witness;
 
 use std::path::PathBuf;
 

@@ -59,6 +59,8 @@ struct RawConfig {
     max_blob_bytes: u64,
     #[serde(default)]
     sources: Vec<RawSource>,
+    #[serde(default)]
+    selfcheck: crate::selfcheck::target::SelfcheckConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +111,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     pub max_blob_bytes: u64,
     pub sources: Vec<Source>,
+    /// The selfcheck's deployment manifest and schedule (docs/selfcheck.md).
+    pub selfcheck: crate::selfcheck::target::SelfcheckConfig,
 }
 
 fn usage(path: &Path, why: impl std::fmt::Display) -> GatewayError {
@@ -151,6 +155,9 @@ impl AgentConfig {
             ));
         }
         let svid = raw.svid.as_deref().map(rel);
+        let mut selfcheck = raw.selfcheck;
+        selfcheck.resolve(base);
+        selfcheck.check().map_err(|e| usage(path, e))?;
         let mut sources = Vec::new();
         for s in raw.sources {
             if !valid_repository(&s.repository) {
@@ -198,6 +205,7 @@ impl AgentConfig {
             max_backoff: Duration::from_secs(raw.max_backoff_s.max(raw.poll_interval_s)),
             max_blob_bytes: raw.max_blob_bytes,
             sources,
+            selfcheck,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! each command returns an exit code.
 
 mod agent;
+mod align;
 mod approve;
 pub(crate) mod attest;
 mod events;
@@ -16,6 +17,7 @@ mod publish;
 
 mod rootfs;
 pub(crate) mod run;
+mod selfcheck;
 mod serve;
 mod verify;
 
@@ -228,6 +230,15 @@ pub enum Command {
     Publish(publish::PublishArgs),
     /// The pull-only edge runner: poll registries, pull, verify, run, push evidence.
     Agent(agent::AgentArgs),
+    /// Prove on this host, through the deployed configuration, that the gate works:
+    /// canaries, sandbox tiers, TPM, SVID, clock, state, alignment. Exit 0 all pass,
+    /// 1 any fails, 2 usage.
+    Selfcheck(selfcheck::SelfcheckArgs),
+    /// The signed deployment manifest the selfcheck's `alignment` compares with.
+    Align {
+        #[command(subcommand)]
+        command: align::AlignCommand,
+    },
     /// The egress probe, run inside the sandbox before the entrypoint (internal).
     #[command(name = "sandbox-probe", hide = true)]
     SandboxProbe {
@@ -275,6 +286,8 @@ pub fn run() -> ExitCode {
         Command::Events { command } => events::run(command),
         Command::Completions { shell } => completions(shell),
         Command::Man { out, command } => man(out.as_deref(), &command),
+        Command::Selfcheck(args) => selfcheck::run(&args),
+        Command::Align { command } => align::run(command),
         Command::SandboxProbe { args } => return run::probe(&args),
     };
     match result {

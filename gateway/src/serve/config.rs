@@ -44,6 +44,9 @@ pub struct ServeConfig {
     /// The verification cache (`[cache] capacity`, docs/service.md).
     #[serde(default)]
     pub cache: CacheConfig,
+    /// The selfcheck's deployment manifest and schedule (docs/selfcheck.md).
+    #[serde(default)]
+    pub selfcheck: crate::selfcheck::target::SelfcheckConfig,
 }
 
 /// `[cache]`: how many verified signatures the service remembers (0: none). A hit
@@ -318,6 +321,11 @@ impl ServeConfig {
         if let Some(dir) = &mut config.tls.svid_dir {
             *dir = base.join(&*dir);
         }
+        config.selfcheck.resolve(base);
+        config
+            .selfcheck
+            .check()
+            .map_err(|e| GatewayError::Usage(format!("{}: {e}", path.display())))?;
         config
             .check()
             .map_err(|e| GatewayError::Usage(format!("{}: {e}", path.display())))?;

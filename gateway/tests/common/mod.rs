@@ -96,6 +96,7 @@ impl Fixture {
             events: None,
             log: Default::default(),
             cache: Default::default(),
+            selfcheck: Default::default(),
         }
     }
 
