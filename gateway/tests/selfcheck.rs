@@ -494,9 +494,64 @@ fn the_tpm_check_passes_with_swtpm_and_fails_when_it_is_dead() {
     assert_eq!(v, Verdict::Pass, "{detail}");
     assert!(detail.contains("software TPM"), "{detail}");
     assert!(r.passed(), "{}", r.to_text());
+
+    // A policy whose HS256 key is sealed to this TPM: it unseals, the canaries run.
+    let w = &d.world;
+    ok(bin()
+        .env("TCTI", &tcti)
+        .args([
+            "attest",
+            "seal",
+            "--kid",
+            capsule_tests::HS_KID,
+            "--pcrs",
+            "sha256:0,7",
+        ])
+        .args(["--in", s(&w.path("hs.private.jwk.json"))])
+        .args(["--out", s(&w.path("hs.sealed.json"))])
+        .output()
+        .expect("attest seal"));
+    let jwks = serde_json::json!({ "keys": [w.es.to_json(false)] });
+    w.write("sealed.jwks.json", jwks.to_string().as_bytes());
+    let sealed_policy = w.write(
+        "sealed-policy.toml",
+        w.policy_toml()
+            .replace(
+                "jwks = \"trusted.jwks.json\"",
+                "jwks = \"sealed.jwks.json\"\nsealed = [\"hs.sealed.json\"]",
+            )
+            .as_bytes(),
+    );
+    let sealed_flags = |tcti: &str| Flags {
+        policy: sealed_policy.clone(),
+        tcti: Some(tcti.to_string()),
+        ..Flags::default()
+    };
+    let r = d.run(sealed_flags(&tcti), &gateway_binary());
+    assert_eq!(
+        verdict(&r, "host.sealed_keys"),
+        (Verdict::Pass, "1 sealed key(s) unsealed through the TPM"),
+        "{}",
+        r.to_text()
+    );
+    assert!(r.passed(), "{}", r.to_text());
+
     drop(tpm);
     let r = d.run(flags(&tcti), &gateway_binary());
     assert_eq!(verdict(&r, "host.tpm").0, Verdict::Fail, "{}", r.to_text());
+    let r = d.run(sealed_flags(&tcti), &gateway_binary());
+    assert_eq!(
+        verdict(&r, "host.sealed_keys").0,
+        Verdict::Fail,
+        "{}",
+        r.to_text()
+    );
+    assert_eq!(
+        verdict(&r, "canary.setup").0,
+        Verdict::Fail,
+        "{}",
+        r.to_text()
+    );
     let o = bin()
         .args([
             "selfcheck",
