@@ -83,7 +83,7 @@ PY
 # /proc/PID/stat; the command name before them has no spaces here).
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 clk=$(getconf CLK_TCK)
-admits() { counter 'capsule_gateway_admissions_total\{verdict="admit",reason=""\}' "$1"; }
+admits() { counter 'capsule_gateway_admissions_total\{verdict="admit",reason="(none|)"\}' "$1"; }
 # Runs the load generator (its JSON to $1) and prints the CPU ticks it used: a
 # wrapper shell waits for it and reads its own children's CPU (cutime + cstime,
 # fields 16 and 17 of /proc/PID/stat).
@@ -112,7 +112,7 @@ if [ "$inproc" = 1 ]; then
   echo "== in process: the service's Batcher, 10,000 admissions submitted at once (cargo bench -p benches --bench service)"
   cargo bench -q -p benches --bench service -- --noplot >"$work/inproc.txt" 2>&1
   # criterion's thrpt line: [low mid high]; the middle one, in elements/s.
-  inproc_rate=$(awk '/thrpt:/ {v=$5; u=$6} END {m = (u ~ /^K/) ? 1e3 : (u ~ /^M/) ? 1e6 : 1; print v * m}' "$work/inproc.txt")
+  inproc_rate=$(awk '/thrpt:/ {v=$4; u=$5} END {m = (u ~ /^K/) ? 1e3 : (u ~ /^M/) ? 1e6 : 1; print v * m}' "$work/inproc.txt")
   inproc_cpu=$(awk '/in-process CPU per admission:/ {print $5}' "$work/inproc.txt")
   echo "   in-process: ${inproc_rate}/s, CPU per admission ${inproc_cpu} us"
 fi

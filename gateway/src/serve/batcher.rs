@@ -205,6 +205,24 @@ fn gather(jobs: &Receiver<Job>, max: usize, wait: Duration) -> Option<Vec<Job>> 
     Some(batch)
 }
 
+/// The commit turn of one worker. A panic during a commit ends the turn: the waiting
+/// batches are dropped (their peers see the pipeline stopped, nothing of them was
+/// acknowledged) and another worker may commit again, instead of every later batch
+/// waiting for a turn that never ends.
+struct CommitTurn<'a>(&'a Workers);
+
+impl Drop for CommitTurn<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut offered = lock(&self.0.offered);
+            offered.committing = false;
+            offered.batches.clear();
+            drop(offered);
+            self.0.taken.notify_all();
+        }
+    }
+}
+
 impl Workers {
     /// One worker: gather, verify, offer for commit (and commit if no one is), until
     /// the queue is closed and empty.
@@ -249,6 +267,7 @@ impl Workers {
             return;
         }
         offered.committing = true;
+        let _turn = CommitTurn(self);
         loop {
             let batches = std::mem::take(&mut offered.batches);
             drop(offered);
