@@ -112,7 +112,7 @@ if [ "$inproc" = 1 ]; then
   echo "== in process: the service's Batcher, 10,000 admissions submitted at once (cargo bench -p benches --bench service)"
   cargo bench -q -p benches --bench service -- --noplot >"$work/inproc.txt" 2>&1
   # criterion's thrpt line: [low mid high]; the middle one, in elements/s.
-  inproc_rate=$(awk '/thrpt:/ {v=$4; u=$5} END {m = (u ~ /^K/) ? 1e3 : (u ~ /^M/) ? 1e6 : 1; print v * m}' "$work/inproc.txt")
+  inproc_rate=$(awk '/thrpt:/ && !v {v=$4; u=$5} END {m = (u ~ /^K/) ? 1e3 : (u ~ /^M/) ? 1e6 : 1; print v * m}' "$work/inproc.txt")
   inproc_cpu=$(awk '/in-process CPU per admission:/ {print $5}' "$work/inproc.txt")
   echo "   in-process: ${inproc_rate}/s, CPU per admission ${inproc_cpu} us"
 fi

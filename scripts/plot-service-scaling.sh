@@ -25,6 +25,7 @@ set datafile separator " "
 set title "capsule-gateway serve: admissions over mTLS keep-alive, closed loop (load generator on the same 2 cores)"
 set xlabel "connections (one request in flight on each)"
 set logscale x 2
+set xrange [0.8:320]
 set xtics (1, 2, 4, 8, 16, 32, 64, 128, 256)
 set ylabel "admissions/s"
 set yrange [0:*]
