@@ -236,6 +236,6 @@ PY
   echo "   (the top symbols: $work/perf.txt)"
 }
 
-[ "$scaling" = 1 ] && scaling_phase
-[ "$profile" = 1 ] && profile_phase
+if [ "$scaling" = 1 ]; then scaling_phase; fi
+if [ "$profile" = 1 ]; then profile_phase; fi
 echo "   (JSON reports and metrics in $work/)"
