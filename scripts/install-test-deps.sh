@@ -23,6 +23,10 @@ have promtool || need_apt+=(prometheus)
 have docker-registry || need_apt+=(docker-registry)
 have skopeo || need_apt+=(skopeo)
 have htpasswd || need_apt+=(apache2-utils)
+# scripts/bench-service.sh profiles the server with perf; scripts/plot-service-scaling.sh
+# draws its CSV with gnuplot (pngcairo).
+have perf || need_apt+=(linux-perf)
+have gnuplot || need_apt+=(gnuplot-nox)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-test-deps: apt-get install ${need_apt[*]}"

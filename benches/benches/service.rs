@@ -1,6 +1,6 @@
 //! The service's admission pipeline in process, no network: 10,000 admissions of the
-//! small ES256 capsule submitted to `serve`'s `Batcher` (micro-batches verified on a
-//! rayon pool, each batch recorded in the durable redb state before the answers go
+//! small ES256 capsule submitted to `serve`'s `Batcher` (micro-batches verified on its
+//! two worker threads, group-committed in the durable redb state before the answers go
 //! out), artifacts resolved from the service's blob store. This is the in-process
 //! batch rate the service over mTLS is compared with (`scripts/bench-service.sh`),
 //! next to `batch_10k_es256/admit_batch` (verification alone, nothing recorded).
@@ -40,13 +40,10 @@ fn pipeline(c: &mut Criterion) {
         .expect("created");
     let admissions = Arc::new(Admissions {
         admission: Admission::new(env.world.policy(), clock, HashMode::Auto).with_open_state(state),
-        pool: rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .expect("pool"),
     });
     let config = BatchConfig {
         queue: ADMISSIONS,
+        threads: 2,
         ..BatchConfig::default()
     };
     let batcher = Batcher::start(admissions, &config, Arc::new(Metrics::new())).expect("batcher");
@@ -67,6 +64,15 @@ fn pipeline(c: &mut Criterion) {
             .count()
     };
     assert_eq!(run(), ADMISSIONS, "every admission is admitted");
+    // The CPU the pipeline spends per admission (all its threads, from /proc), the
+    // figure the service's own is compared with (`scripts/bench-service.sh`).
+    let rounds = 5;
+    let before = process_cpu_s();
+    for _ in 0..rounds {
+        run();
+    }
+    let per = (process_cpu_s() - before) / (rounds * ADMISSIONS) as f64;
+    println!("in-process CPU per admission: {:.1} us", per * 1e6);
 
     let mut g = c.benchmark_group("service_pipeline_10k_es256");
     g.sample_size(10)
@@ -77,6 +83,21 @@ fn pipeline(c: &mut Criterion) {
     g.bench_function("batcher_durable/2_thread", |b| b.iter(run));
     g.finish();
     batcher.shutdown();
+}
+
+/// This process's user + system CPU seconds so far (fields 14 and 15 of
+/// /proc/self/stat, in USER_HZ ticks: 100 per second on Linux).
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<u64> = rest
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|x| x.parse().expect("ticks"))
+        .collect();
+    (f[0] + f[1]) as f64 / 100.0
 }
 
 criterion_group!(benches, pipeline);

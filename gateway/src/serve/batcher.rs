@@ -1,27 +1,33 @@
-//! Micro-batching: admissions from all connections are gathered into batches, each
-//! verified in parallel on the rayon pool (off the tokio workers) and then recorded
-//! in one durable transaction; every answer goes back through its own channel only
-//! after that commit.
+//! Micro-batching with group commit: admissions from all connections wait in one
+//! bounded queue; worker threads (off the tokio workers) each take a batch, verify it
+//! and commit it, and every answer goes back through its own channel only after the
+//! commit that recorded it.
 //!
-//! Two stages. A gatherer thread forms batches and hands each to the rayon pool
-//! without waiting for it (a few batches in flight, bounded), so the pool never idles
-//! at a batch boundary; a committer thread records whatever verified batches are
-//! waiting in one transaction (one fsync) and only then answers them. While one commit
-//! is under way, the next batches are being verified. That is safe because
-//! `State::record` re-checks anti-rollback inside its write transaction; the check at
-//! verification time only lets a denial return early.
+//! A worker verifies its batch on its own thread, then offers it for commit. If no
+//! commit is under way it commits itself — everything offered by then, its own batch
+//! and those of the workers that finished while it waited, in one transaction (one
+//! fsync) — and answers each admission from that thread. If a commit is under way,
+//! its batch waits for the next one (the worker that commits picks it up before it
+//! stops committing) and the worker goes back to the queue: while one commit fsyncs,
+//! the next batches are gathered and verified. The slower the disk, the larger the
+//! commits. A request thus crosses two threads at least (tokio → worker → tokio),
+//! and a third only when another worker's commit records it.
+//!
+//! Safe with commits in any order: `State::record` re-checks anti-rollback inside its
+//! write transaction; the check at verification time only lets a denial return early.
 //!
 //! The queue in front is bounded (`batch.queue`): a full queue makes `submit` fail
-//! at once and the caller answers 503 with Retry-After. Nothing is ever admitted
-//! without the full verification, and memory does not grow with the offered load.
+//! at once and the caller answers 503 with Retry-After. Verified batches waiting for
+//! a commit are bounded too (a worker waits while `VERIFIED_BATCHES` are waiting).
+//! Nothing is ever admitted without the full verification, and memory does not grow
+//! with the offered load.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rayon::prelude::*;
 use tokio::sync::oneshot;
 use verify_core::{Admitted, Capsule, Decision, Policy, SpiffeId};
 
@@ -39,12 +45,10 @@ pub struct NotRecorded(Arc<GatewayError>);
 /// The answer to one admission: a decision, or why nothing was recorded.
 pub type Outcome = Result<Result<Admitted, Decision>, NotRecorded>;
 
-/// What every batch needs: the admission (policy, clock, the durable state kept open)
-/// and the verification pool.
+/// What every batch needs: the admission (policy, clock, the durable state kept open).
 #[derive(Debug)]
 pub struct Admissions {
     pub admission: Admission,
-    pub pool: rayon::ThreadPool,
 }
 
 impl Admissions {
@@ -61,10 +65,8 @@ struct Job {
 
 type Verified = Vec<(Result<Admitted, Decision>, oneshot::Sender<Outcome>)>;
 
-/// Verified batches that may wait for the committer. While one commit (an fsync) is
-/// under way the verifier goes on, and the committer then records everything that
-/// waits in one transaction: the slower the disk, the larger the commits. Bounded, so
-/// at most `queue + VERIFIED_BATCHES * max_size` admissions are held in memory.
+/// Verified batches that may wait for the commit under way. Bounded, so at most
+/// `queue + (VERIFIED_BATCHES + threads) * max_size` admissions are held in memory.
 const VERIFIED_BATCHES: usize = 2;
 
 /// The queue is full: answer 503.
@@ -84,6 +86,32 @@ impl std::fmt::Debug for Job {
     }
 }
 
+/// Verified batches offered for commit, and whether a worker is committing.
+#[derive(Default)]
+struct Offered {
+    batches: Vec<Verified>,
+    committing: bool,
+}
+
+/// What the workers share: the queue's receiving end (one worker gathers at a time)
+/// and the group commit.
+struct Workers {
+    admissions: Arc<Admissions>,
+    metrics: Arc<Metrics>,
+    jobs: Mutex<Receiver<Job>>,
+    offered: Mutex<Offered>,
+    /// Signalled when a commit took the offered batches (room for more).
+    taken: Condvar,
+    max: usize,
+    wait: Duration,
+}
+
+/// A poisoned lock only means a panic on another worker mid-update; the data stays
+/// consistent (a receiver, or a list and a flag), so carry on.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Batcher {
     pub fn start(
         admissions: Arc<Admissions>,
@@ -91,21 +119,31 @@ impl Batcher {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Batcher> {
         let (queue, jobs) = mpsc::sync_channel::<Job>(config.queue);
-        let (verified_tx, verified_rx) = mpsc::sync_channel::<Verified>(VERIFIED_BATCHES);
-        let (max, wait) = (config.max_size, Duration::from_micros(config.max_wait_us));
-        let a = admissions.clone();
-        let m = metrics.clone();
-        let metrics_commit = metrics.clone();
-        let verifier = std::thread::Builder::new()
-            .name("admit-verify".into())
-            .spawn(move || verify_loop(&a, &jobs, &verified_tx, max, wait, &m))?;
-        let committer = std::thread::Builder::new()
-            .name("admit-commit".into())
-            .spawn(move || commit_loop(&admissions, &verified_rx, &metrics_commit))?;
+        let n = match config.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let workers = Arc::new(Workers {
+            admissions,
+            metrics: metrics.clone(),
+            jobs: Mutex::new(jobs),
+            offered: Mutex::default(),
+            taken: Condvar::new(),
+            max: config.max_size.max(1),
+            wait: Duration::from_micros(config.max_wait_us),
+        });
+        let threads = (0..n)
+            .map(|i| {
+                let w = workers.clone();
+                std::thread::Builder::new()
+                    .name(format!("admit-{i}"))
+                    .spawn(move || w.run())
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Batcher {
             queue,
             metrics,
-            threads: vec![verifier, committer],
+            threads,
         })
     }
 
@@ -116,7 +154,7 @@ impl Batcher {
         runner: SpiffeId,
     ) -> Result<oneshot::Receiver<Outcome>, Full> {
         let (reply, rx) = oneshot::channel();
-        // Counted before the send so the verifier's decrement never comes first.
+        // Counted before the send so the worker's decrement never comes first.
         self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
         match self.queue.try_send(Job {
             capsule,
@@ -132,7 +170,7 @@ impl Batcher {
         }
     }
 
-    /// Stops taking work, finishes what is queued and waits for both stages.
+    /// Stops taking work, finishes what is queued and waits for the workers.
     pub fn shutdown(self) {
         drop(self.queue);
         for t in self.threads {
@@ -167,68 +205,90 @@ fn gather(jobs: &Receiver<Job>, max: usize, wait: Duration) -> Option<Vec<Job>> 
     Some(batch)
 }
 
-fn verify_loop(
-    a: &Arc<Admissions>,
-    jobs: &Receiver<Job>,
-    verified: &SyncSender<Verified>,
-    max: usize,
-    wait: Duration,
-    metrics: &Arc<Metrics>,
-) {
-    // Batches being verified at once: a batch is handed to the pool and the next one
-    // gathered without waiting for it, so the pool never idles at a batch boundary.
-    let in_flight = a.pool.current_num_threads().max(1);
-    let (release, acquire) = mpsc::sync_channel::<()>(in_flight);
-    for _ in 0..in_flight {
-        let _ = release.send(());
-    }
-    while let Some(batch) = gather(jobs, max, wait) {
-        metrics
-            .queue_depth
-            .fetch_sub(batch.len(), Ordering::Relaxed);
-        metrics.batch(batch.len());
-        if acquire.recv().is_err() {
-            return;
+/// The commit turn of one worker. A panic during a commit ends the turn: the waiting
+/// batches are dropped (their peers see the pipeline stopped, nothing of them was
+/// acknowledged) and another worker may commit again, instead of every later batch
+/// waiting for a turn that never ends.
+struct CommitTurn<'a>(&'a Workers);
+
+impl Drop for CommitTurn<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut offered = lock(&self.0.offered);
+            offered.committing = false;
+            offered.batches.clear();
+            drop(offered);
+            self.0.taken.notify_all();
         }
-        let (task, verified, metrics, release) = (
-            a.clone(),
-            verified.clone(),
-            metrics.clone(),
-            release.clone(),
-        );
-        a.pool.spawn(move || {
-            let a = &*task;
-            let started = Instant::now();
-            let results: Vec<Result<Admitted, Decision>> = batch
-                .par_iter()
-                // The authenticated peer is the runner: the tenant's `runners` patterns
-                // (and the manifest's) are checked against it.
-                .map(|job| a.admission.verify(&job.capsule, &job.runner))
-                .collect();
-            metrics.stage(false, started.elapsed());
-            let paired = results
-                .into_iter()
-                .zip(batch.into_iter().map(|j| j.reply))
-                .collect();
-            // A stopped committer drops the replies: their peers see an error, and
-            // nothing was acknowledged.
-            let _ = verified.send(paired);
-            let _ = release.send(());
-        });
     }
 }
 
-fn commit_loop(a: &Admissions, verified: &Receiver<Verified>, metrics: &Metrics) {
-    while let Ok(mut batch) = verified.recv() {
-        while let Ok(more) = verified.try_recv() {
-            batch.extend(more);
+impl Workers {
+    /// One worker: gather, verify, offer for commit (and commit if no one is), until
+    /// the queue is closed and empty.
+    fn run(&self) {
+        loop {
+            // One worker gathers at a time; the others wait here, not on the queue.
+            let batch = {
+                let jobs = lock(&self.jobs);
+                gather(&jobs, self.max, self.wait)
+            };
+            let Some(batch) = batch else { return };
+            self.metrics
+                .queue_depth
+                .fetch_sub(batch.len(), Ordering::Relaxed);
+            self.metrics.batch(batch.len());
+            let started = Instant::now();
+            let a = &self.admissions.admission;
+            let verified: Verified = batch
+                .into_iter()
+                // The authenticated peer is the runner: the tenant's `runners` patterns
+                // (and the manifest's) are checked against it.
+                .map(|job| (a.verify(&job.capsule, &job.runner), job.reply))
+                .collect();
+            self.metrics.stage(false, started.elapsed());
+            self.offer(verified);
         }
-        let (results, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    }
+
+    /// Offers a verified batch for commit. Commits it (with whatever else is offered)
+    /// when no commit is under way; otherwise leaves it to the worker that commits,
+    /// which takes it before it stops.
+    fn offer(&self, verified: Verified) {
+        let mut offered = lock(&self.offered);
+        while offered.committing && offered.batches.len() >= VERIFIED_BATCHES {
+            offered = self
+                .taken
+                .wait(offered)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        offered.batches.push(verified);
+        if offered.committing {
+            return;
+        }
+        offered.committing = true;
+        let _turn = CommitTurn(self);
+        loop {
+            let batches = std::mem::take(&mut offered.batches);
+            drop(offered);
+            self.taken.notify_all();
+            self.commit(batches.into_iter().flatten().collect());
+            offered = lock(&self.offered);
+            if offered.batches.is_empty() {
+                offered.committing = false;
+                return;
+            }
+        }
+    }
+
+    /// Records one group in one transaction and only then answers each admission.
+    fn commit(&self, group: Verified) {
+        let (results, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
         // Denials are recorded too (within the denial budget: a batch of denials over
         // it commits nothing, so a flood costs no fsync).
         let started = Instant::now();
-        let recorded = a.admission.record(results);
-        metrics.stage(true, started.elapsed());
+        let recorded = self.admissions.admission.record(results);
+        self.metrics.stage(true, started.elapsed());
         match recorded {
             Ok(recorded) => {
                 for (outcome, reply) in recorded.into_iter().zip(replies) {

@@ -126,7 +126,7 @@ pub struct BatchConfig {
     pub max_wait_us: u64,
     /// Admissions waiting for a batch; beyond this, 503 with Retry-After.
     pub queue: usize,
-    /// Threads of the verification (rayon) pool; 0 = one per core.
+    /// Worker threads that verify and commit batches; 0 = one per core.
     pub threads: usize,
 }
 

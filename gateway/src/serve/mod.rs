@@ -3,8 +3,8 @@
 //! tokio + rustls (TLS 1.3 only, aws-lc-rs), HTTP/1.1 and HTTP/2 via hyper. Each peer
 //! is authenticated by its X.509-SVID (`attest::tls`) and must match `allowed_peers`
 //! (default: some tenant's `runners`); admissions then check the peer's ID against
-//! the capsule's tenant. Admissions are micro-batched (`batcher`), verified on a rayon
-//! pool and recorded durably before any answer. Layout:
+//! the capsule's tenant. Admissions are micro-batched (`batcher`), verified and
+//! group-committed on the batcher's worker threads, recorded durably before any answer. Layout:
 //!
 //! - `config`: the TOML configuration; `devtrust`: the embedded development default;
 //! - `http`: routes and answers; `blobs`: the content-addressed store;
@@ -201,11 +201,6 @@ impl Server {
         state.check_since_checkpoint()?;
         let blobs = BlobStore::open(&config.blob_dir())
             .map_err(|e| GatewayError::io(config.blob_dir(), e))?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(config.batch.threads)
-            .thread_name(|i| format!("verify-{i}"))
-            .build()
-            .map_err(|e| GatewayError::Usage(format!("verification pool: {e}")))?;
         let metrics = Arc::new(Metrics::new());
         // Run events leave the host shaped by the tenant's egress mode; the sink's
         // thread starts only when there are runs to report.
@@ -224,7 +219,6 @@ impl Server {
             admission: Admission::new(policy, clock.clone(), HashMode::Auto)
                 .with_open_state(state)
                 .with_governance(Vec::new(), &host_tiers),
-            pool,
         });
         let batcher = Batcher::start(admissions.clone(), &config.batch, metrics.clone())
             .map_err(|e| GatewayError::io("<batch threads>", e))?;
