@@ -304,8 +304,8 @@ fn an_edited_policy_or_trust_file_is_drift_naming_it_and_a_forged_manifest_fails
     std::fs::write(&policy, &edited).expect("edit policy");
     let (code, v) = d.cli(&[]);
     assert_eq!(code, 1, "{v}");
-    let (verdict, detail) = cli_check(&v, "alignment");
-    assert_eq!(verdict, "fail");
+    let (got, detail) = cli_check(&v, "alignment");
+    assert_eq!(got, "fail");
     assert!(
         detail.starts_with("DRIFT: policy (manifest sha256:"),
         "{detail}"

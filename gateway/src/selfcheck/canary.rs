@@ -240,7 +240,7 @@ impl Factory<'_> {
             "not_before": now.saturating_sub(60),
             "expires_at": now + 3600,
             "policy_version": self.policy_version,
-            "author": "selfcheck",
+            "author": "selfcheck@capsule-gateway.invalid",
             "approvals": [],
             "runners": [],
             "scope": {"environment": CANARY_ENVIRONMENT, "targets": [], "actions": [], "network": "none"},
