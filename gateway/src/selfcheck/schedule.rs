@@ -216,7 +216,7 @@ pub fn log(process: &str, report: &Report) {
         tracing::info!(
             process,
             checks = report.checks.len(),
-            elapsed_ms = report.elapsed.as_millis() as u64,
+            elapsed_ms = u64::try_from(report.elapsed.as_millis()).unwrap_or(u64::MAX),
             "selfcheck passed"
         );
     } else {
