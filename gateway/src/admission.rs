@@ -191,6 +191,14 @@ impl Admission {
         &self.policy
     }
 
+    /// The state this process keeps open (`serve`), for its scheduled selfcheck.
+    pub fn open_state(&self) -> Option<&State> {
+        match &self.store {
+            Store::Open(s) => Some(s),
+            _ => None,
+        }
+    }
+
     pub fn clock(&self) -> &dyn Clock {
         self.clock.as_ref()
     }

@@ -42,6 +42,7 @@ use crate::oci::artifact::{
 use crate::oci::client::Pulled;
 use crate::oci::{OciError, Registry};
 use crate::sealed::SealedKeys;
+use crate::selfcheck::{self, schedule::SelfcheckStatus};
 use crate::serve::blobs::BlobStore;
 use crate::GatewayError;
 
@@ -83,12 +84,14 @@ pub struct PassReport {
     pub unreachable: usize,
     /// Capsules already run (by this state) and left alone.
     pub already_ran: usize,
+    /// Why the pass did nothing: the selfcheck fails (`[selfcheck] enabled`).
+    pub paused: Option<String>,
 }
 
 impl PassReport {
     /// `--once`: everything found was admitted and ran.
     pub fn all_ok(&self) -> bool {
-        self.denied == 0 && self.failed == 0 && self.unreachable == 0
+        self.denied == 0 && self.failed == 0 && self.unreachable == 0 && self.paused.is_none()
     }
 }
 
@@ -126,6 +129,9 @@ pub struct Agent {
     /// Capsule manifests settled in this process (ran, denied, already ran): not
     /// pulled again every poll. A transient failure is not settled.
     settled: HashSet<Sha256Digest>,
+    /// The scheduled selfcheck (`[selfcheck] enabled`): while it fails, passes do
+    /// nothing. The runner is kept only to be stopped with the agent.
+    selfcheck: Option<(Arc<SelfcheckStatus>, selfcheck::schedule::Runner)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -190,6 +196,11 @@ impl Agent {
                 })
             })
             .collect::<Result<Vec<_>, OciError>>()?;
+        let selfcheck = if config.selfcheck.enabled {
+            Some(start_selfcheck(&config, &runner)?)
+        } else {
+            None
+        };
         Ok(Agent {
             config,
             admission,
@@ -204,6 +215,7 @@ impl Agent {
             custody,
             egress,
             settled: HashSet::new(),
+            selfcheck,
         })
     }
 
@@ -211,6 +223,15 @@ impl Agent {
     /// first, then every tag.
     pub fn pass(&mut self) -> PassReport {
         let mut report = PassReport::default();
+        if let Some(why) = self
+            .selfcheck
+            .as_ref()
+            .and_then(|(status, _)| status.snapshot().refusal())
+        {
+            tracing::warn!(reason = %why, "paused: nothing is pulled, admitted or run until the selfcheck passes");
+            report.paused = Some(why);
+            return report;
+        }
         self.push_pending(&mut report);
         for i in 0..self.sources.len() {
             if self.cancel.load(Ordering::Relaxed) {
@@ -749,6 +770,37 @@ impl Agent {
         }
         Ok(pushed.digest)
     }
+}
+
+/// Runs the first selfcheck now (before the first pass), then every `interval_s` on
+/// its own thread; each report is logged and printed as a CloudEvent on stdout with
+/// the agent's other events.
+fn start_selfcheck(
+    config: &AgentConfig,
+    runner: &SpiffeId,
+) -> Result<(Arc<SelfcheckStatus>, selfcheck::schedule::Runner), GatewayError> {
+    use selfcheck::{schedule, Target};
+    let status = SelfcheckStatus::new();
+    let source = runner.to_string();
+    let observe = move |report: &selfcheck::Report| {
+        schedule::log("agent", report);
+        if let Err(e) = crate::output::println_stdout(schedule::event(&source, report)) {
+            tracing::error!(error = %e, "could not print the selfcheck event");
+        }
+    };
+    let first = selfcheck::run(&Target::from_agent(config));
+    status.record(first.clone());
+    observe(&first);
+    let target_config = config.clone();
+    let thread = schedule::Runner::start(
+        status.clone(),
+        config.selfcheck.interval(),
+        false,
+        move || selfcheck::run(&Target::from_agent(&target_config)),
+        observe,
+    )
+    .map_err(|e| GatewayError::io("<selfcheck thread>", e))?;
+    Ok((status, thread))
 }
 
 fn egress_from_str(s: &str) -> EgressMode {

@@ -36,6 +36,7 @@ pub fn run(args: &AgentArgs) -> Result<ExitCode, GatewayError> {
             failed = report.failed,
             unreachable = report.unreachable,
             already_ran = report.already_ran,
+            paused = report.paused.as_deref().unwrap_or("no"),
             "pass done"
         );
         return Ok(if report.all_ok() {

@@ -73,6 +73,11 @@ pub struct SelfcheckConfig {
     /// Seconds between scheduled runs in `serve` and `agent` (at least 1).
     #[serde(default = "default_interval_s")]
     pub interval_s: u64,
+    /// `serve` and `agent` run the selfcheck at start and every `interval_s`, and
+    /// refuse work while it fails (`/readyz` 503, the agent pauses). Off unless
+    /// set: a deployment opts in once its `selfcheck` passes by hand.
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 /// Five minutes: often enough that a broken gate is noticed, rarely enough that the
@@ -89,6 +94,7 @@ impl Default for SelfcheckConfig {
             manifest: None,
             manifest_key: None,
             interval_s: DEFAULT_INTERVAL_S,
+            enabled: false,
         }
     }
 }

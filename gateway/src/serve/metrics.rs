@@ -88,6 +88,29 @@ impl Buckets {
     }
 }
 
+/// The scheduled selfcheck's gauges and counters (`[selfcheck] enabled`): whether
+/// the latest run passed (0 until a first run passed), runs by result, and when the
+/// latest run finished.
+pub fn render_selfcheck(out: &mut String, s: &crate::selfcheck::schedule::StatusSnapshot) {
+    let p = PREFIX;
+    let _ = write!(
+        out,
+        "# HELP {p}_selfcheck_passed 1 when the latest selfcheck passed (0 before the first has passed).\n# TYPE {p}_selfcheck_passed gauge\n{p}_selfcheck_passed {}\n",
+        u8::from(s.passed)
+    );
+    let _ = write!(
+        out,
+        "# HELP {p}_selfcheck_runs_total Selfcheck runs by result.\n# TYPE {p}_selfcheck_runs_total counter\n{p}_selfcheck_runs_total{{result=\"pass\"}} {}\n{p}_selfcheck_runs_total{{result=\"fail\"}} {}\n",
+        s.passes, s.failures
+    );
+    if let Some(t) = s.last_run_unix {
+        let _ = write!(
+            out,
+            "# HELP {p}_selfcheck_last_run_timestamp_seconds When the latest selfcheck finished (Unix seconds).\n# TYPE {p}_selfcheck_last_run_timestamp_seconds gauge\n{p}_selfcheck_last_run_timestamp_seconds {t}\n"
+        );
+    }
+}
+
 /// Why a handshake did not lead to an authenticated connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeFailure {

@@ -52,6 +52,7 @@ use self::pending::{PendingPool, PendingSlot};
 use self::runs::Runs;
 use crate::admission::{load_policy, system_clock, Admission};
 use crate::sealed::SealedKeys;
+use crate::selfcheck::schedule::SelfcheckStatus;
 use crate::state::StateDir;
 use crate::GatewayError;
 
@@ -75,6 +76,8 @@ pub struct Service {
     identity: Arc<dyn IdentitySource>,
     /// KiB of admission bodies that may be buffered at once (`limits.max_buffered_bytes`).
     body_budget: Arc<Semaphore>,
+    /// The scheduled selfcheck's latest outcome (`[selfcheck] enabled`).
+    selfcheck: Option<Arc<SelfcheckStatus>>,
 }
 
 /// Why `/readyz` answers 503.
@@ -95,6 +98,10 @@ pub enum NotReady {
     TpmProbe(#[source] tokio::task::JoinError),
     #[error("the TPM did not answer in time")]
     TpmTimeout,
+    /// The first selfcheck has not passed yet, or the latest one failed (its failed
+    /// checks named).
+    #[error("{0}")]
+    Selfcheck(String),
 }
 
 impl Service {
@@ -107,6 +114,9 @@ impl Service {
     /// Ready when the trust material is loaded (the SVID is current) and, if a TPM is
     /// configured, it answers.
     pub async fn readiness(&self) -> Result<(), NotReady> {
+        if let Some(why) = self.selfcheck.as_ref().and_then(|s| s.snapshot().refusal()) {
+            return Err(NotReady::Selfcheck(why));
+        }
         let svid = self.identity.current().map_err(NotReady::Svid)?;
         if svid.svid.not_after() <= self.now() {
             return Err(NotReady::SvidExpired);
@@ -144,6 +154,10 @@ impl Service {
             .map(|svid| svid.svid.not_after() - self.now());
         let mut text = self.metrics.render(left);
         metrics::render_verify_cache(&mut text, self.admissions.admission.policy().verify_cache());
+
+        if let Some(s) = &self.selfcheck {
+            metrics::render_selfcheck(&mut text, &s.snapshot());
+        }
         text
     }
 }
@@ -156,6 +170,8 @@ pub struct Server {
     runtime: tokio::runtime::Runtime,
     stop: watch::Sender<bool>,
     service: Arc<Service>,
+    /// The scheduled selfcheck, stopped first in `shutdown`.
+    selfcheck: Option<crate::selfcheck::schedule::Runner>,
 }
 
 impl Server {
@@ -224,16 +240,7 @@ impl Server {
             .map_err(|e| GatewayError::io("<batch threads>", e))?;
         let runs = match &config.runs {
             Some(r) => {
-                let deliverer = match &config.events {
-                    Some(events) => {
-                        let spool = crate::delivery::Spool::open(
-                            &crate::layout::StateLayout::new(&config.state_dir).spool(),
-                        )?;
-                        let delivery = crate::delivery::Delivery::new(spool, events.sink()?)?;
-                        Some(crate::delivery::Deliverer::start(delivery)?)
-                    }
-                    None => None,
-                };
+                let deliverer = deliverer(config)?;
                 let outbound = runs::Outbound {
                     policy_digest,
                     egress,
@@ -269,7 +276,19 @@ impl Server {
             body_budget: Arc::new(Semaphore::new(
                 usize::try_from(config.limits.max_buffered_bytes / 1024).unwrap_or(usize::MAX),
             )),
+            selfcheck: config
+                .selfcheck
+                .enabled
+                .then(crate::selfcheck::schedule::SelfcheckStatus::new),
         });
+        let selfcheck = match &service.selfcheck {
+            Some(status) => Some(start_selfcheck(
+                config,
+                status.clone(),
+                service.admissions.clone(),
+            )?),
+            None => None,
+        };
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -299,6 +318,7 @@ impl Server {
             runtime,
             stop,
             service,
+            selfcheck,
         })
     }
 
@@ -314,7 +334,11 @@ impl Server {
     /// Stops accepting, gives open requests a moment, stops running sandboxes in
     /// order, and lets the batcher finish (every queued admission is answered or
     /// its connection is gone; nothing half-written).
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
+        // The schedule first: its thread holds the admissions (and the open state).
+        if let Some(runner) = self.selfcheck.take() {
+            runner.stop();
+        }
         let _ = self.stop.send(true);
         self.runtime.shutdown_timeout(Duration::from_secs(2));
         if let Some(runs) = &self.service.runs {
@@ -329,6 +353,53 @@ impl Server {
             tracing::error!(error = %e, "the shutdown checkpoint of the admission log failed");
         }
     }
+}
+
+/// The background delivery of events to `[events]`'s sink from the state's spool.
+fn deliverer(config: &ServeConfig) -> Result<Option<crate::delivery::Deliverer>, GatewayError> {
+    let Some(events) = &config.events else {
+        return Ok(None);
+    };
+    let spool =
+        crate::delivery::Spool::open(&crate::layout::StateLayout::new(&config.state_dir).spool())?;
+    let delivery = crate::delivery::Delivery::new(spool, events.sink()?)?;
+    Ok(Some(crate::delivery::Deliverer::start(delivery)?))
+}
+
+/// The scheduled selfcheck of the service: at start and every `interval_s`, on its
+/// own thread, against the deployed configuration and the state this process holds
+/// open; each report is logged, recorded for `/readyz` and `/metrics`, and sent as a
+/// CloudEvent when `[events]` is configured.
+fn start_selfcheck(
+    config: &ServeConfig,
+    status: Arc<SelfcheckStatus>,
+    admissions: Arc<Admissions>,
+) -> Result<crate::selfcheck::schedule::Runner, GatewayError> {
+    use crate::selfcheck::{schedule, Target};
+    let deliverer = deliverer(config)?;
+    let source = format!("capsule-gateway/serve/{}", config.listen);
+    let target_config = config.clone();
+    schedule::Runner::start(
+        status,
+        config.selfcheck.interval(),
+        true,
+        move || {
+            let target = Target::from_serve(&target_config, admissions.admission.open_state());
+            crate::selfcheck::run(&target)
+        },
+        move |report| {
+            schedule::log("serve", report);
+            if let Some(d) = &deliverer {
+                let event = schedule::event(&source, report);
+                let id = event["id"].as_str().unwrap_or("selfcheck").to_string();
+                let bytes = serde_json::to_vec(&event).unwrap_or_default();
+                if let Err(e) = d.enqueue(&id, &bytes) {
+                    tracing::error!(error = %e, "the selfcheck event was not queued");
+                }
+            }
+        },
+    )
+    .map_err(|e| GatewayError::io("<selfcheck thread>", e))
 }
 
 /// The policy, with sealed keys unsealed through the configured TPM, which is kept

@@ -133,7 +133,7 @@ pub(crate) fn forbidden(a: Ipv4Addr, local: &[Ipv4Addr], pool: &Pool) -> Option<
 }
 
 /// Every IPv4 address of this host's interfaces (in the launcher's namespace).
-pub(crate) fn host_addresses() -> Vec<Ipv4Addr> {
+pub fn host_addresses() -> Vec<Ipv4Addr> {
     nix::ifaddrs::getifaddrs()
         .map(|it| {
             it.filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v4| v4.ip())))
