@@ -3,7 +3,6 @@
 //! (`jws::verify` returns the payload only after that).
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +11,9 @@ use rayon::prelude::*;
 
 use crate::approvals::{self, ApprovalFile};
 use crate::decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
-use crate::digest::{open_dir, open_dir_at, open_regular_at, ArtifactSource, HashMode, Root};
+use crate::digest::{
+    open_dir, open_dir_at, open_regular_at, read_sized, ArtifactSource, HashMode, Root,
+};
 use crate::entrypoint::{self, Head, HeadKeeper};
 use crate::index::TenantIndex;
 use crate::jws;
@@ -264,7 +265,7 @@ pub fn open_capsule(dir: &Path, max_jws_bytes: usize) -> Result<OpenedCapsule, (
     };
     let dir_fd = open_dir(dir).map_err(|e| unreadable(dir, describe_dir_error(dir, &e)))?;
     let path = dir.join(JWS_FILE);
-    let (mut file, st) =
+    let (file, st) =
         open_regular_at(&dir_fd, JWS_FILE).map_err(|e| unreadable(&path, e.to_string()))?;
     // Another name for the same inode may be a host file linked in: not read.
     if st.st_nlink != 1 {
@@ -281,12 +282,9 @@ pub fn open_capsule(dir: &Path, max_jws_bytes: usize) -> Result<OpenedCapsule, (
             format!("{}: larger than {max_jws_bytes} bytes", path.display()),
         ));
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(st.st_size).unwrap_or(0));
-    // One byte past the limit, in case it grew since the fstat.
-    (&mut file)
-        .take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| unreadable(&path, e.to_string()))?;
+    // One `read` of its size and a byte more; on past the limit only if it grew.
+    let size = u64::try_from(st.st_size).unwrap_or(0);
+    let bytes = read_sized(&file, size, limit).map_err(|e| unreadable(&path, e.to_string()))?;
     let bytes = strip_newline(&bytes);
     if bytes.len() > max_jws_bytes {
         return Err((
