@@ -318,21 +318,27 @@ fn describe_dir_error(dir: &Path, e: &std::io::Error) -> String {
     }
 }
 
-/// `files/` beneath an opened capsule directory.
+/// `files/` beneath an opened capsule directory (a pinned capsule holds it open).
 fn open_files_at(dir_fd: OwnedFd, source: &ArtifactSource) -> Result<Root, (Reason, String)> {
+    open_dir_at(&dir_fd, FILES_DIR)
+        .map(Root::from_dir_fd)
+        .map_err(|e| files_dir_denial(e, source))
+}
+
+/// `files/` as a prefix of the paths resolved beneath the capsule directory.
+const FILES_PREFIX: &str = "files/";
+
+/// Why `files/` did not open: the denial of every artifact.
+fn files_dir_denial(e: crate::digest::OpenError, source: &ArtifactSource) -> (Reason, String) {
     let where_ = match source {
         ArtifactSource::Dir(p) | ArtifactSource::Blobs(p) => p.display().to_string(),
     };
-    open_dir_at(&dir_fd, FILES_DIR)
-        .map(Root::from_dir_fd)
-        .map_err(|e| {
-            let reason = if e.is_refusal() {
-                Reason::ArtifactPathInvalid
-            } else {
-                Reason::ArtifactMissing
-            };
-            (reason, format!("{where_}: {e}"))
-        })
+    let reason = if e.is_refusal() {
+        Reason::ArtifactPathInvalid
+    } else {
+        Reason::ArtifactMissing
+    };
+    (reason, format!("{where_}: {e}"))
 }
 
 fn strip_newline(bytes: &[u8]) -> &[u8] {
@@ -867,14 +873,20 @@ impl Verifier<'_> {
         let root = match (&capsule.root, dir_fd) {
             (Some(Ok(root)), _) => root.as_ref(),
             (Some(Err(e)), _) => return Err(e.clone()),
+            // `files/<path>` beneath the capsule directory: no descriptor for `files/`.
             (None, Some(fd)) => {
-                opened = open_files_at(fd, &capsule.source)?;
+                opened = Root::files_of_capsule(fd, FILES_PREFIX);
                 &opened
             }
             (None, None) => {
                 opened = open_root(&capsule.source)?;
                 &opened
             }
+        };
+        // A failure because of `files/` itself is denied as when it was opened alone.
+        let files_first = |failure: (Reason, String)| match root.prefix_error() {
+            Some(e) => files_dir_denial(e, &capsule.source),
+            None => failure,
         };
         let backend = self.policy.backend;
         let check = |(f, head): (&FileEntry, &Head)| {
@@ -885,7 +897,11 @@ impl Verifier<'_> {
         // capsules are hashed in order on this thread, large ones in parallel.
         let total: u64 = files.iter().map(|f| f.size).sum();
         if files.len() == 1 || total <= crate::digest::MMAP_THRESHOLD_BYTES {
-            files.iter().zip(&heads).try_for_each(check)?;
+            files
+                .iter()
+                .zip(&heads)
+                .try_for_each(check)
+                .map_err(files_first)?;
             return Ok(heads);
         }
         // The first failure in manifest order is the one reported, whatever finishes first.
@@ -894,7 +910,7 @@ impl Verifier<'_> {
             .zip(heads.par_iter())
             .find_map_first(|f| check(f).err())
         {
-            Some(failure) => Err(failure),
+            Some(failure) => Err(files_first(failure)),
             None => Ok(heads),
         }
     }

@@ -9,8 +9,10 @@
 //! reading, so a blocked FIFO writer stays blocked); only then is the same inode
 //! re-opened for reading through `/proc/self/fd`. There is no window between the
 //! check and the open. The size is checked on the open descriptor before a byte is
-//! hashed. Hashing reads the descriptor in 1 MiB chunks by default; memory mapping
-//! is selectable (see [`HashMode`] and the SIGBUS guard in `mmap`).
+//! hashed. Hashing reads the descriptor in 1 MiB chunks by default, each `read`
+//! asking for one byte more than remains, so a small file is one `read` and a file
+//! that grew after its `fstat` is seen; memory mapping is selectable (see
+//! [`HashMode`] and the SIGBUS guard in `mmap`).
 
 pub(crate) mod mmap;
 
@@ -73,6 +75,9 @@ pub enum ArtifactSource {
 pub struct Root {
     fd: OwnedFd,
     by_digest: bool,
+    /// Prepended to every manifest path: `files/` when `fd` is the capsule directory
+    /// itself ([`Root::files_of_capsule`]), empty when it is the artifact directory.
+    prefix: &'static str,
 }
 
 impl ArtifactSource {
@@ -84,6 +89,7 @@ impl ArtifactSource {
         Ok(Root {
             fd: open_dir(path)?,
             by_digest,
+            prefix: "",
         })
     }
 }
@@ -123,7 +129,33 @@ impl Root {
         Root {
             fd,
             by_digest: false,
+            prefix: "",
         }
+    }
+
+    /// The artifacts of a capsule directory already opened, each resolved as
+    /// `files/<path>` beneath it by the same rules (a symlink anywhere on the way,
+    /// `files/` included, is refused): no descriptor of its own for `files/`, two
+    /// system calls fewer per capsule. Its manifest paths cannot leave `files/`
+    /// (`ArtifactPath` has no `..` and no leading `/`), and the kernel keeps every
+    /// lookup beneath the capsule directory. When a file fails, ask
+    /// [`Root::prefix_error`] whether `files/` itself is why.
+    pub fn files_of_capsule(capsule_dir: OwnedFd, files_dir: &'static str) -> Root {
+        Root {
+            fd: capsule_dir,
+            by_digest: false,
+            prefix: files_dir,
+        }
+    }
+
+    /// Why the prefix directory (`files/`) does not open, if it does not: a failure
+    /// of one file is then the whole root's, as when the root was opened on its own.
+    pub fn prefix_error(&self) -> Option<OpenError> {
+        let dir = self.prefix.trim_end_matches('/');
+        if dir.is_empty() {
+            return None;
+        }
+        open_dir_at(&self.fd, dir).err()
     }
 }
 
@@ -229,6 +261,9 @@ impl Root {
         let relative;
         let target = if self.by_digest {
             relative = format!("sha256/{}", entry.sha256.to_hex());
+            relative.as_str()
+        } else if !self.prefix.is_empty() {
+            relative = format!("{}{path}", self.prefix);
             relative.as_str()
         } else {
             path
