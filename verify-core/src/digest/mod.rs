@@ -428,6 +428,8 @@ fn proc_fd_checked() -> io::Result<()> {
     static PROCFS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     // `PROC_SUPER_MAGIC` of linux/magic.h.
     const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+    // `f_type` is i64 on x86_64 and narrower elsewhere.
+    #[allow(clippy::useless_conversion)]
     PROCFS
         .get_or_init(|| match rustix::fs::statfs("/proc/self/fd") {
             Ok(fs) if i64::from(fs.f_type) == PROC_SUPER_MAGIC => Ok(()),
@@ -663,7 +665,9 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let p = tmp.path().join("big");
         let len = CHUNK_BYTES * 2 + 7;
-        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| u8::try_from(i % 251).unwrap_or(0))
+            .collect();
         std::fs::write(&p, &bytes).expect("write");
         let (got, end) = hashed(&File::open(&p).expect("open"), len as u64);
         assert_eq!((got == bytes, end), (true, ReadEnd::Complete));
