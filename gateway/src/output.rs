@@ -17,6 +17,73 @@ pub fn print_stdout(text: &str) -> Result<(), GatewayError> {
     quiet_pipe(out.write_all(text.as_bytes()).and_then(|()| out.flush()))
 }
 
+/// Decision lines on stdout through one buffer: written in 64 KiB blocks (one
+/// `write` each, instead of one per line through stdout's line buffering), flushed by
+/// [`Lines::finish`] and, when the command ends early with an error, by the drop, so
+/// that no line already produced is lost. A closed pipe ends the output quietly.
+pub struct Lines<'a> {
+    out: io::BufWriter<io::StdoutLock<'a>>,
+    json: bool,
+    /// The reader went away (`EPIPE`): nothing more is written.
+    closed: bool,
+}
+
+impl std::fmt::Debug for Lines<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lines")
+            .field("json", &self.json)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lines<'static> {
+    /// `--json` lines (DESIGN.md) when `json`, else the human-readable ones.
+    pub fn stdout(json: bool) -> Lines<'static> {
+        Lines {
+            out: io::BufWriter::with_capacity(64 * 1024, io::stdout().lock()),
+            json,
+            closed: false,
+        }
+    }
+}
+
+impl Lines<'_> {
+    /// One decision's line; `capsule` is the argument as given.
+    pub fn decision(&mut self, capsule: &str, d: &Decision) -> Result<(), GatewayError> {
+        if self.closed {
+            return Ok(());
+        }
+        let written = if self.json {
+            // Straight into the buffer: no `Value` or `String` per line.
+            serde_json::to_writer(
+                &mut self.out,
+                &crate::evidence::DecisionRecord::new(capsule, d),
+            )
+            .map_err(io::Error::from)
+        } else {
+            self.out.write_all(decision_line(capsule, d).as_bytes())
+        }
+        .and_then(|()| self.out.write_all(b"\n"));
+        self.settle(written)
+    }
+
+    /// Flushes what is buffered.
+    pub fn finish(mut self) -> Result<(), GatewayError> {
+        if self.closed {
+            return Ok(());
+        }
+        let flushed = self.out.flush();
+        self.settle(flushed)
+    }
+
+    fn settle(&mut self, result: io::Result<()>) -> Result<(), GatewayError> {
+        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::BrokenPipe) {
+            self.closed = true;
+        }
+        quiet_pipe(result)
+    }
+}
+
 /// [`print_stdout`] of `line` and a newline.
 pub fn println_stdout(line: impl std::fmt::Display) -> Result<(), GatewayError> {
     print_stdout(&format!("{line}\n"))

@@ -1206,4 +1206,82 @@ fn a_repeated_jws_in_one_batch_still_has_every_artifact_checked() {
     assert_eq!(lines[1]["verdict"], "admit", "{lines:?}");
     assert_eq!(lines[2]["reason"], "digest_mismatch", "{lines:?}");
     assert_eq!(lines[0]["digest"], lines[2]["digest"]);
+
+/// `verify` of more capsule directories than the process may hold descriptors (and
+/// more lines than its 64 KiB output buffer): each capsule's descriptors are closed
+/// before the next is opened, every capsule gets its line, in order, and a JWS or an
+/// artifact that is a directory is refused by its type.
+#[test]
+fn a_batch_larger_than_the_descriptor_limit_answers_every_capsule_in_order() {
+    let w = World::new();
+    let good = w.good_capsule("fd-limit-good", Signer::Es256);
+    let jws_dir = w.good_capsule("fd-limit-jws-dir", Signer::Es256);
+    std::fs::remove_file(jws_dir.join("capsule.jws")).expect("rm");
+    std::fs::create_dir(jws_dir.join("capsule.jws")).expect("mkdir");
+    let artifact_dir = w.good_capsule("fd-limit-artifact-dir", Signer::Es256);
+    std::fs::remove_file(artifact_dir.join("files/run.sh")).expect("rm");
+    std::fs::create_dir(artifact_dir.join("files/run.sh")).expect("mkdir");
+    let copies = 300;
+    let mut dirs = Vec::new();
+    for i in 0..copies {
+        let d = w.path(&format!("fd-limit-{i:03}"));
+        let st = Command::new("cp")
+            .args(["-a", s(&good), s(&d)])
+            .status()
+            .expect("cp");
+        assert!(st.success());
+        dirs.push(d);
+    }
+    dirs.insert(100, jws_dir.clone());
+    dirs.insert(200, artifact_dir.clone());
+    let policy = w.policy_path();
+    let mut args = vec![
+        "verify",
+        "--policy",
+        s(&policy),
+        "--json",
+        "--runner",
+        RUNNER,
+    ];
+    args.extend(dirs.iter().map(|d| s(d)));
+    // 64 descriptors: the process's own (std streams, policy, the pool) and a
+    // capsule's few at a time, never one held per capsule of the batch.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_capsule-gateway"))
+        .args(&args)
+        .output()
+        .expect("run verify under ulimit -n 64");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout.len() > 64 * 1024,
+        "more than one buffer of lines"
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), dirs.len(), "every capsule gets its line");
+    for (line, dir) in lines.iter().zip(&dirs) {
+        assert_eq!(line["capsule"], s(dir), "in input order");
+        if dir == &jws_dir {
+            assert_eq!(reason(line), Some(Reason::CapsuleUnreadable), "{line}");
+            assert!(line["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("is a directory")));
+        } else if dir == &artifact_dir {
+            assert_eq!(reason(line), Some(Reason::ArtifactPathInvalid), "{line}");
+            assert!(line["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("is a directory")));
+        } else {
+            assert_eq!(line["verdict"], "admit", "{line}");
+        }
+    }
 }

@@ -557,3 +557,36 @@ fn without_a_runner_identity_the_tenants_runners_still_apply() {
         .verify(&Capsule::from_dir(&dir, open.limits.max_jws_bytes))
         .is_ok());
 }
+
+#[test]
+fn a_directory_where_the_jws_or_an_artifact_is_expected_is_refused_by_its_type() {
+    let w = World::new();
+    let (policy, runner, clock) = verifier_parts(&w);
+    let v = Verifier {
+        policy: &policy,
+        clock: &clock,
+        rollback: &NoHistory,
+        runner: Some(&runner),
+        hash_mode: HashMode::Auto,
+        governance: Default::default(),
+    };
+    let jws_dir = w.good_capsule("jws-is-a-dir", Signer::Es256);
+    std::fs::remove_file(jws_dir.join("capsule.jws")).expect("rm");
+    std::fs::create_dir(jws_dir.join("capsule.jws")).expect("mkdir");
+    let artifact_dir = w.good_capsule("artifact-is-a-dir", Signer::Es256);
+    std::fs::remove_file(artifact_dir.join("files/run.sh")).expect("rm");
+    std::fs::create_dir(artifact_dir.join("files/run.sh")).expect("mkdir");
+    for (dir, reason) in [
+        (&jws_dir, Reason::CapsuleUnreadable),
+        (&artifact_dir, Reason::ArtifactPathInvalid),
+    ] {
+        for capsule in [
+            Capsule::from_dir(dir, policy.limits.max_jws_bytes),
+            Capsule::from_dir(dir, policy.limits.max_jws_bytes).pinned(),
+        ] {
+            let d = v.verify(&capsule).expect_err("a directory is not a file");
+            assert_eq!(d.reason, Some(reason), "{d:?}");
+            assert!(d.detail.contains("is a directory"), "{}", d.detail);
+        }
+    }
+}

@@ -8,14 +8,13 @@
 //! the role counts only if policy gives that approver that role.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::decision::{Alg, Reason, Sha256Digest};
-use crate::digest::{open_dir_at, open_regular_at, OpenError};
+use crate::digest::{open_dir_at, open_regular_at, read_sized, OpenError};
 use crate::manifest::{ApproverId, Manifest};
 use crate::policy::{Policy, Tenant};
 use crate::rules::Rule;
@@ -128,9 +127,8 @@ pub fn read_approvals_at(capsule_dir: impl AsFd) -> Result<Vec<ApprovalFile>, (R
             if u64::try_from(st.st_size).map_or(true, |n| n > MAX_APPROVAL_BYTES as u64 + 1) {
                 return Err(at(format!("larger than {MAX_APPROVAL_BYTES} bytes")));
             }
-            let mut bytes = Vec::new();
-            file.take(MAX_APPROVAL_BYTES as u64 + 2)
-                .read_to_end(&mut bytes)
+            let size = u64::try_from(st.st_size).unwrap_or(0);
+            let bytes = read_sized(&file, size, MAX_APPROVAL_BYTES as u64 + 1)
                 .map_err(|e| at(e.to_string()))?;
             let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
             Ok(ApprovalFile {

@@ -3,7 +3,6 @@
 //! (`jws::verify` returns the payload only after that).
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +11,9 @@ use rayon::prelude::*;
 
 use crate::approvals::{self, ApprovalFile};
 use crate::decision::{Alg, Decision, Reason, Sha256Digest, Verdict};
-use crate::digest::{open_dir, open_dir_at, open_regular_at, ArtifactSource, HashMode, Root};
+use crate::digest::{
+    open_dir, open_dir_at, open_regular_at, read_sized, ArtifactSource, HashMode, Root,
+};
 use crate::entrypoint::{self, Head, HeadKeeper};
 use crate::index::TenantIndex;
 use crate::manifest::{ApproverId, ArtifactPath, FileEntry, Manifest, NOT_A_DIGEST, SCHEMA_V1};
@@ -263,7 +264,7 @@ pub fn open_capsule(dir: &Path, max_jws_bytes: usize) -> Result<OpenedCapsule, (
     };
     let dir_fd = open_dir(dir).map_err(|e| unreadable(dir, describe_dir_error(dir, &e)))?;
     let path = dir.join(JWS_FILE);
-    let (mut file, st) =
+    let (file, st) =
         open_regular_at(&dir_fd, JWS_FILE).map_err(|e| unreadable(&path, e.to_string()))?;
     // Another name for the same inode may be a host file linked in: not read.
     if st.st_nlink != 1 {
@@ -280,12 +281,9 @@ pub fn open_capsule(dir: &Path, max_jws_bytes: usize) -> Result<OpenedCapsule, (
             format!("{}: larger than {max_jws_bytes} bytes", path.display()),
         ));
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(st.st_size).unwrap_or(0));
-    // One byte past the limit, in case it grew since the fstat.
-    (&mut file)
-        .take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| unreadable(&path, e.to_string()))?;
+    // One `read` of its size and a byte more; on past the limit only if it grew.
+    let size = u64::try_from(st.st_size).unwrap_or(0);
+    let bytes = read_sized(&file, size, limit).map_err(|e| unreadable(&path, e.to_string()))?;
     let bytes = strip_newline(&bytes);
     if bytes.len() > max_jws_bytes {
         return Err((
@@ -319,21 +317,27 @@ fn describe_dir_error(dir: &Path, e: &std::io::Error) -> String {
     }
 }
 
-/// `files/` beneath an opened capsule directory.
+/// `files/` beneath an opened capsule directory (a pinned capsule holds it open).
 fn open_files_at(dir_fd: OwnedFd, source: &ArtifactSource) -> Result<Root, (Reason, String)> {
+    open_dir_at(&dir_fd, FILES_DIR)
+        .map(Root::from_dir_fd)
+        .map_err(|e| files_dir_denial(e, source))
+}
+
+/// `files/` as a prefix of the paths resolved beneath the capsule directory.
+const FILES_PREFIX: &str = "files/";
+
+/// Why `files/` did not open: the denial of every artifact.
+fn files_dir_denial(e: crate::digest::OpenError, source: &ArtifactSource) -> (Reason, String) {
     let where_ = match source {
         ArtifactSource::Dir(p) | ArtifactSource::Blobs(p) => p.display().to_string(),
     };
-    open_dir_at(&dir_fd, FILES_DIR)
-        .map(Root::from_dir_fd)
-        .map_err(|e| {
-            let reason = if e.is_refusal() {
-                Reason::ArtifactPathInvalid
-            } else {
-                Reason::ArtifactMissing
-            };
-            (reason, format!("{where_}: {e}"))
-        })
+    let reason = if e.is_refusal() {
+        Reason::ArtifactPathInvalid
+    } else {
+        Reason::ArtifactMissing
+    };
+    (reason, format!("{where_}: {e}"))
 }
 
 fn strip_newline(bytes: &[u8]) -> &[u8] {
@@ -872,14 +876,20 @@ impl Verifier<'_> {
         let root = match (&capsule.root, dir_fd) {
             (Some(Ok(root)), _) => root.as_ref(),
             (Some(Err(e)), _) => return Err(e.clone()),
+            // `files/<path>` beneath the capsule directory: no descriptor for `files/`.
             (None, Some(fd)) => {
-                opened = open_files_at(fd, &capsule.source)?;
+                opened = Root::files_of_capsule(fd, FILES_PREFIX);
                 &opened
             }
             (None, None) => {
                 opened = open_root(&capsule.source)?;
                 &opened
             }
+        };
+        // A failure because of `files/` itself is denied as when it was opened alone.
+        let files_first = |failure: (Reason, String)| match root.prefix_error() {
+            Some(e) => files_dir_denial(e, &capsule.source),
+            None => failure,
         };
         let backend = self.policy.backend;
         let check = |(f, head): (&FileEntry, &Head)| {
@@ -890,7 +900,11 @@ impl Verifier<'_> {
         // capsules are hashed in order on this thread, large ones in parallel.
         let total: u64 = files.iter().map(|f| f.size).sum();
         if files.len() == 1 || total <= crate::digest::MMAP_THRESHOLD_BYTES {
-            files.iter().zip(&heads).try_for_each(check)?;
+            files
+                .iter()
+                .zip(&heads)
+                .try_for_each(check)
+                .map_err(files_first)?;
             return Ok(heads);
         }
         // The first failure in manifest order is the one reported, whatever finishes first.
@@ -899,7 +913,7 @@ impl Verifier<'_> {
             .zip(heads.par_iter())
             .find_map_first(|f| check(f).err())
         {
-            Some(failure) => Err(failure),
+            Some(failure) => Err(files_first(failure)),
             None => Ok(heads),
         }
     }

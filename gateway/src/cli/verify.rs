@@ -12,7 +12,7 @@ use crate::custody::CustodySigner;
 use crate::evidence::{write_denial_bundle, Custody, Event, PolicyFacts};
 use crate::launch;
 use crate::layout::StateLayout;
-use crate::output::{decision_json, decision_line, print_stdout};
+use crate::output::Lines;
 use crate::GatewayError;
 
 pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
@@ -53,21 +53,14 @@ pub fn run(args: &VerifyArgs, record: bool) -> Result<ExitCode, GatewayError> {
         write_denial_bundles(args, state, tpm_custody, runner, &admission, &decisions)?;
     }
 
-    let mut text = String::new();
+    let mut lines = Lines::stdout(args.json);
     let mut all_admitted = true;
     for (path, d) in args.capsules.iter().zip(&decisions) {
         all_admitted &= d.is_admit();
-        let name = path.display().to_string();
-        let line = if args.json {
-            decision_json(&name, d).to_string()
-        } else {
-            decision_line(&name, d)
-        };
-        text.push_str(&line);
-        text.push('\n');
+        lines.decision(&path.display().to_string(), d)?;
     }
     // `| head -1` closing the pipe changes nothing: the exit code is the verdicts'.
-    print_stdout(&text)?;
+    lines.finish()?;
     Ok(if all_admitted {
         ExitCode::SUCCESS
     } else {

@@ -9,8 +9,10 @@
 //! reading, so a blocked FIFO writer stays blocked); only then is the same inode
 //! re-opened for reading through `/proc/self/fd`. There is no window between the
 //! check and the open. The size is checked on the open descriptor before a byte is
-//! hashed. Hashing reads the descriptor in 1 MiB chunks by default; memory mapping
-//! is selectable (see [`HashMode`] and the SIGBUS guard in `mmap`).
+//! hashed. Hashing reads the descriptor in 1 MiB chunks by default, each `read`
+//! asking for one byte more than remains, so a small file is one `read` and a file
+//! that grew after its `fstat` is seen; memory mapping is selectable (see
+//! [`HashMode`] and the SIGBUS guard in `mmap`).
 
 pub(crate) mod mmap;
 
@@ -73,6 +75,9 @@ pub enum ArtifactSource {
 pub struct Root {
     fd: OwnedFd,
     by_digest: bool,
+    /// Prepended to every manifest path: `files/` when `fd` is the capsule directory
+    /// itself ([`Root::files_of_capsule`]), empty when it is the artifact directory.
+    prefix: &'static str,
 }
 
 impl ArtifactSource {
@@ -84,6 +89,7 @@ impl ArtifactSource {
         Ok(Root {
             fd: open_dir(path)?,
             by_digest,
+            prefix: "",
         })
     }
 }
@@ -123,7 +129,33 @@ impl Root {
         Root {
             fd,
             by_digest: false,
+            prefix: "",
         }
+    }
+
+    /// The artifacts of a capsule directory already opened, each resolved as
+    /// `files/<path>` beneath it by the same rules (a symlink anywhere on the way,
+    /// `files/` included, is refused): no descriptor of its own for `files/`, two
+    /// system calls fewer per capsule. Its manifest paths cannot leave `files/`
+    /// (`ArtifactPath` has no `..` and no leading `/`), and the kernel keeps every
+    /// lookup beneath the capsule directory. When a file fails, ask
+    /// [`Root::prefix_error`] whether `files/` itself is why.
+    pub fn files_of_capsule(capsule_dir: OwnedFd, files_dir: &'static str) -> Root {
+        Root {
+            fd: capsule_dir,
+            by_digest: false,
+            prefix: files_dir,
+        }
+    }
+
+    /// Why the prefix directory (`files/`) does not open, if it does not: a failure
+    /// of one file is then the whole root's, as when the root was opened on its own.
+    pub fn prefix_error(&self) -> Option<OpenError> {
+        let dir = self.prefix.trim_end_matches('/');
+        if dir.is_empty() {
+            return None;
+        }
+        open_dir_at(&self.fd, dir).err()
     }
 }
 
@@ -230,6 +262,9 @@ impl Root {
         let target = if self.by_digest {
             relative = format!("sha256/{}", entry.sha256.to_hex());
             relative.as_str()
+        } else if !self.prefix.is_empty() {
+            relative = format!("{}{path}", self.prefix);
+            relative.as_str()
         } else {
             path
         };
@@ -263,13 +298,14 @@ impl Root {
             HashMode::Auto => HashMode::Read,
             other => other,
         };
-        let complete = match mode {
+        let end = match mode {
             HashMode::Read | HashMode::Auto => {
                 hash_read(&file, entry.size, &mut |b| hasher.update(b))
             }
             HashMode::Mmap => {
                 match mmap::read_mapped(&file, entry.size, CHUNK_BYTES, &mut |b| hasher.update(b)) {
-                    Ok(m) => Ok(m == mmap::MappedRead::Complete),
+                    Ok(mmap::MappedRead::Complete) => Ok(ReadEnd::Complete),
+                    Ok(_) => Ok(ReadEnd::Shrank),
                     // No guard slot free or the map failed: fall back to reading.
                     Err(_) => {
                         hasher = backend.sha256();
@@ -280,11 +316,20 @@ impl Root {
         }
         .map_err(|e| (Reason::ArtifactChanged, format!("{path}: read failed: {e}")))?;
         let changed = || fingerprint(&file).map_or(true, |now| now != before);
-        if !complete {
-            return Err((
-                Reason::ArtifactChanged,
-                format!("{path}: file shrank while it was hashed"),
-            ));
+        match end {
+            ReadEnd::Complete => {}
+            ReadEnd::Shrank => {
+                return Err((
+                    Reason::ArtifactChanged,
+                    format!("{path}: file shrank while it was hashed"),
+                ))
+            }
+            ReadEnd::Grew => {
+                return Err((
+                    Reason::ArtifactChanged,
+                    format!("{path}: file grew while it was hashed"),
+                ))
+            }
         }
         let digest = Sha256Digest(hasher.finish());
         if digest != entry.sha256 {
@@ -343,6 +388,9 @@ pub enum Access {
 }
 
 /// `fstat` on an `O_PATH` descriptor; a regular file is re-opened as `access` says.
+/// Returns that `fstat`: the re-opened descriptor is the same inode (see
+/// [`proc_fd_checked`]), so a second `fstat` would only repeat it; a size that
+/// changes after it is caught by the read (one byte past the size is asked for).
 fn reopen_regular(pinned: OwnedFd, access: Access) -> Result<(File, Stat), OpenError> {
     let st = rustix::fs::fstat(&pinned).map_err(io::Error::from)?;
     let kind = FileType::from_raw_mode(st.st_mode);
@@ -352,6 +400,7 @@ fn reopen_regular(pinned: OwnedFd, access: Access) -> Result<(File, Stat), OpenE
     if kind != FileType::RegularFile {
         return Err(OpenError::NotRegular(type_name(kind)));
     }
+    proc_fd_checked()?;
     // The magic link names the inode already checked, whatever the path names now.
     let proc = format!("/proc/self/fd/{}", pinned.as_raw_fd());
     let mode = match access {
@@ -366,43 +415,121 @@ fn reopen_regular(pinned: OwnedFd, access: Access) -> Result<(File, Stat), OpenE
             format!("re-opening through {proc} (is /proc mounted?): {e}"),
         )
     })?;
-    let now = rustix::fs::fstat(&fd).map_err(io::Error::from)?;
-    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
-        // Only a /proc that is not procfs could do this.
-        return Err(OpenError::Io(io::Error::other(
-            "/proc/self/fd re-opened another file",
-        )));
-    }
-    Ok((File::from(fd), now))
+    Ok((File::from(fd), st))
 }
 
-/// Feeds exactly `len` bytes of `file` to `update`. Returns `false` when the file
-/// ended early (it shrank after the size check).
-fn hash_read(file: &File, len: u64, update: &mut dyn FnMut(&[u8])) -> io::Result<bool> {
+/// Whether `/proc/self/fd` is procfs, asked once per process: only procfs makes its
+/// entries magic links to the very inode of the descriptor, which is what lets a
+/// re-open through it skip comparing `(st_dev, st_ino)` per file (one `fstat` less
+/// on every file). Something else mounted there is refused, as the per-file
+/// comparison refused it; only a mount over `/proc` while the process runs (root, in
+/// its mount namespace) is not seen.
+fn proc_fd_checked() -> io::Result<()> {
+    static PROCFS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    // `PROC_SUPER_MAGIC` of linux/magic.h.
+    const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+    // `f_type` is i64 on x86_64 and narrower elsewhere.
+    #[allow(clippy::useless_conversion)]
+    PROCFS
+        .get_or_init(|| match rustix::fs::statfs("/proc/self/fd") {
+            Ok(fs) if i64::from(fs.f_type) == PROC_SUPER_MAGIC => Ok(()),
+            Ok(fs) => Err(format!(
+                "/proc/self/fd is not procfs (f_type {:#x}): files cannot be re-opened safely",
+                fs.f_type
+            )),
+            Err(e) => Err(format!("statfs /proc/self/fd (is /proc mounted?): {e}")),
+        })
+        .clone()
+        .map_err(io::Error::other)
+}
+
+/// How a read of a file of a known size ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadEnd {
+    /// Exactly the size, then end of file.
+    Complete,
+    /// End of file before the size: it shrank after the `fstat`.
+    Shrank,
+    /// More bytes than the size: it grew after the `fstat`.
+    Grew,
+}
+
+/// Feeds exactly `len` bytes of `file` to `update`, each `read` asking for one byte
+/// more than remains: a file that is still `len` bytes long is read with exactly one
+/// `read` per chunk (a single `read` up to [`CHUNK_BYTES`]), and one that grew is
+/// seen without another system call. Loops only on a short read.
+fn hash_read(file: &File, len: u64, update: &mut dyn FnMut(&[u8])) -> io::Result<ReadEnd> {
     BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
-        let want = usize::try_from(len).unwrap_or(usize::MAX).min(CHUNK_BYTES);
+        let want = usize::try_from(len).unwrap_or(usize::MAX).min(CHUNK_BYTES) + 1;
         if buf.len() < want {
             buf.resize(want, 0);
         }
         let mut remaining = len;
         let mut reader = file;
-        while remaining > 0 {
-            let n = usize::try_from(remaining)
+        loop {
+            let ask = usize::try_from(remaining)
                 .unwrap_or(usize::MAX)
+                .saturating_add(1)
                 .min(buf.len());
-            match reader.read(&mut buf[..n]) {
-                Ok(0) => return Ok(false),
+            match reader.read(&mut buf[..ask]) {
+                Ok(0) if remaining == 0 => return Ok(ReadEnd::Complete),
+                Ok(0) => return Ok(ReadEnd::Shrank),
+                Ok(got) if got as u64 > remaining => return Ok(ReadEnd::Grew),
                 Ok(got) => {
                     update(&buf[..got]);
                     remaining -= got as u64;
+                    // A short read is the end of a regular file: the size is met with
+                    // no second `read` when it asked for one byte more than remained.
+                    if remaining == 0 && got < ask {
+                        return Ok(ReadEnd::Complete);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(true)
     })
+}
+
+/// Reads a whole small file whose `fstat` said `size` bytes, refusing more than
+/// `limit`: one `read` of `size + 1` bytes when the file is still that long (a short
+/// read is its end); a file that grew since the `fstat` is read on to its end or to
+/// one byte past `limit`, so the caller's limit check sees it. The JWS and the
+/// approvals are read through this.
+pub fn read_sized(file: &File, size: u64, limit: u64) -> io::Result<Vec<u8>> {
+    let cap = usize::try_from(size.min(limit).saturating_add(1)).unwrap_or(usize::MAX);
+    let mut bytes = vec![0u8; cap];
+    let mut len = 0;
+    let mut reader = file;
+    loop {
+        match reader.read(&mut bytes[len..]) {
+            Ok(0) => break,
+            Ok(got) => {
+                len += got;
+                if len < bytes.len() {
+                    // Short of the buffer: the end of the file. Only when it is short
+                    // of the size as well (it shrank, or a read was cut) is it asked again.
+                    if len as u64 >= size {
+                        break;
+                    }
+                    continue;
+                }
+                // It grew: read on, at most to one byte past the limit.
+                if len as u64 > limit {
+                    break;
+                }
+                let more = usize::try_from(limit + 1)
+                    .unwrap_or(usize::MAX)
+                    .min(len.saturating_mul(2).max(len + 4096));
+                bytes.resize(more, 0);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    bytes.truncate(len);
+    Ok(bytes)
 }
 
 /// Opens a file the operator named on the command line (a manifest or key for
@@ -494,5 +621,62 @@ mod tests {
             open_regular_path(d),
             Err(OpenError::NotRegular("a directory"))
         ));
+    }
+
+    fn hashed(file: &File, len: u64) -> (Vec<u8>, ReadEnd) {
+        let mut got = Vec::new();
+        let end = hash_read(file, len, &mut |b| got.extend_from_slice(b)).expect("read");
+        (got, end)
+    }
+
+    /// A size from an `fstat` that is already stale: the file grew or shrank after it.
+    #[test]
+    fn a_read_by_size_sees_growth_and_shrinking_after_the_fstat() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = tmp.path().join("f");
+        std::fs::write(&p, b"0123456789").expect("write");
+        let f = File::open(&p).expect("open");
+        let at = |len| {
+            use std::io::Seek;
+            (&f).rewind().expect("rewind");
+            hashed(&f, len)
+        };
+        assert_eq!(at(10), (b"0123456789".to_vec(), ReadEnd::Complete));
+        // Grew: the one read of size + 1 returns more than the size.
+        assert_eq!(at(9).1, ReadEnd::Grew);
+        assert_eq!(at(0).1, ReadEnd::Grew);
+        // Shrank: the file ends before the size.
+        assert_eq!(at(11), (b"0123456789".to_vec(), ReadEnd::Shrank));
+
+        let read = |size, limit| {
+            use std::io::Seek;
+            (&f).rewind().expect("rewind");
+            read_sized(&f, size, limit).expect("read")
+        };
+        assert_eq!(read(10, 100), b"0123456789");
+        // Grown past the size: read on to its end, or to one byte past the limit.
+        assert_eq!(read(2, 100), b"0123456789");
+        assert_eq!(read(2, 4), b"01234");
+        assert_eq!(read(40, 100), b"0123456789");
+    }
+
+    #[test]
+    fn a_large_file_is_read_whole_and_its_growth_seen() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = tmp.path().join("big");
+        let len = CHUNK_BYTES * 2 + 7;
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| u8::try_from(i % 251).unwrap_or(0))
+            .collect();
+        std::fs::write(&p, &bytes).expect("write");
+        let (got, end) = hashed(&File::open(&p).expect("open"), len as u64);
+        assert_eq!((got == bytes, end), (true, ReadEnd::Complete));
+        // A stale size of exactly one chunk, and one of a byte short of the file.
+        let (_, end) = hashed(&File::open(&p).expect("open"), CHUNK_BYTES as u64);
+        assert_eq!(end, ReadEnd::Grew);
+        let (_, end) = hashed(&File::open(&p).expect("open"), len as u64 - 1);
+        assert_eq!(end, ReadEnd::Grew);
+        let got = read_sized(&File::open(&p).expect("open"), 10, len as u64).expect("read");
+        assert_eq!(got, bytes);
     }
 }
