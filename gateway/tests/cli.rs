@@ -1206,6 +1206,7 @@ fn a_repeated_jws_in_one_batch_still_has_every_artifact_checked() {
     assert_eq!(lines[1]["verdict"], "admit", "{lines:?}");
     assert_eq!(lines[2]["reason"], "digest_mismatch", "{lines:?}");
     assert_eq!(lines[0]["digest"], lines[2]["digest"]);
+}
 
 /// `verify` of more capsule directories than the process may hold descriptors (and
 /// more lines than its 64 KiB output buffer): each capsule's descriptors are closed
