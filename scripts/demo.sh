@@ -117,4 +117,18 @@ CG="$PWD/$gw" scripts/agent-demo.sh 20 >"$out/agent.log" 2>&1 \
   || { cat "$out/agent.log" >&2; echo "demo: the pull section failed" >&2; exit 1; }
 step agent "$(grep -E 'capsules/s|publish -> evidence' "$out/agent.log" | paste -sd ';' -)  (log: $out/agent.log)"
 
-echo "demo: OK (admitted the signed capsule, ran it in gVisor, verified its evidence bundle and its sanitized export offline, denied the tampered copy with exit code $code, admitted through the mTLS service, pulled, ran and pushed evidence through a registry); full outputs in $out/"
+# Last, what an operator runs after install: sign the deployment manifest (the sha256
+# of this binary, the policy and its trust store), then `selfcheck` proves through
+# this deployment that canaries are denied and admitted as they must be, that a canary
+# in gVisor has no egress and a clean teardown, that the state's log verifies up to
+# the checkpoint its witness saw, and that the deployment is ALIGNED.
+"$gw" keygen --alg ES256 --kid operator --out "$work/operator" >"$out/operator-keygen.txt"
+"$gw" align sign --key "$work/operator/operator.private.jwk.json" --policy "$work/policy.toml" \
+  --out "$work/deployment.jws" >"$out/align.txt"
+"$gw" selfcheck --policy "$work/policy.toml" --state "$work/state" --runtime runsc \
+  --manifest "$work/deployment.jws" --manifest-key "$work/operator/operator.public.jwks.json" \
+  >"$out/selfcheck.txt" 2>"$out/selfcheck.log" \
+  || { cat "$out/selfcheck.txt" "$out/selfcheck.log" >&2; echo "demo: selfcheck failed" >&2; exit 1; }
+step selfcheck "$(tail -1 "$out/selfcheck.txt"); $(grep -o 'ALIGNED' "$out/selfcheck.txt" | head -1)  (every check: $out/selfcheck.txt)"
+
+echo "demo: OK (admitted the signed capsule, ran it in gVisor, verified its evidence bundle and its sanitized export offline, denied the tampered copy with exit code $code, admitted through the mTLS service, pulled, ran and pushed evidence through a registry, and the selfcheck passed, aligned); full outputs in $out/"
