@@ -386,7 +386,9 @@ fn governance(c: &mut Criterion) {
     use capsule_tests::governance::{ALICE, BOB, CAROL};
     let env = Env::new();
     let w = &env.world;
-    let policy = w.governance_policy_with(w.backend);
+    let mut policy = w.governance_policy_with(w.backend);
+    // The same capsules are admitted each iteration: without this, a cache hit.
+    policy.set_verify_cache_capacity(0);
     let tiers = [verify_core::Tier::Gvisor];
     let v = verify_core::Verifier {
         policy: &policy,
