@@ -97,14 +97,13 @@ fn create_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableErro
         .map_err(io("write", path))
 }
 
-/// Writes a new file `path` with `mode`, durably; refuses to replace an existing one
-/// ([`DurableError::Exists`]). The parent directory must exist.
-pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
-    let parent = parent_of(path);
-    if path.symlink_metadata().is_ok() {
-        // Checked first only for the message; the rename below is what enforces it.
-        return Err(DurableError::Exists { path: path.into() });
-    }
+/// `bytes` written and synced under a temporary name (mode `mode`) in `parent`: the
+/// first half of [`write_new`] and [`replace`], which then rename it into place.
+fn synced_temp(
+    parent: &Path,
+    bytes: &[u8],
+    mode: u32,
+) -> Result<tempfile::NamedTempFile, DurableError> {
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-")
         .permissions(std::fs::Permissions::from_mode(mode))
@@ -114,6 +113,18 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableErro
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(io("write", tmp.path()))?;
+    Ok(tmp)
+}
+
+/// Writes a new file `path` with `mode`, durably; refuses to replace an existing one
+/// ([`DurableError::Exists`]). The parent directory must exist.
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
+    let parent = parent_of(path);
+    if path.symlink_metadata().is_ok() {
+        // Checked first only for the message; the rename below is what enforces it.
+        return Err(DurableError::Exists { path: path.into() });
+    }
+    let tmp = synced_temp(parent, bytes, mode)?;
     rename_new(tmp.path(), path)?;
     // Renamed away: there is nothing left for the guard to delete.
     let _ = tmp.into_temp_path().keep();
@@ -125,15 +136,7 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableErro
 /// parent synced, so a crash leaves the old file or the new one, never a mix.
 pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
     let parent = parent_of(path);
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .permissions(std::fs::Permissions::from_mode(mode))
-        .tempfile_in(parent)
-        .map_err(io("create temporary file", parent))?;
-    let mut f = tmp.as_file();
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(io("write", tmp.path()))?;
+    let tmp = synced_temp(parent, bytes, mode)?;
     tmp.persist(path)
         .map_err(|e| io("rename into place", path)(e.error))?;
     sync_dir(parent)
