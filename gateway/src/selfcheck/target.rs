@@ -38,14 +38,14 @@ pub enum StateRef<'a> {
     Open(&'a crate::state::State),
 }
 
-/// One configured sandbox tier. OWNED BY: tiers.
+/// One configured sandbox tier: its runtime and the base rootfs its canary runs on.
 #[derive(Debug, Clone)]
 pub struct TierTarget {
     pub runtime: Runtime,
     pub rootfs: PathBuf,
 }
 
-/// Where the signed deployment manifest is and what verifies it. OWNED BY: selfcheck.
+/// Where the signed deployment manifest is and what verifies it.
 #[derive(Debug, Clone)]
 pub struct AlignmentTarget {
     pub manifest: PathBuf,
