@@ -1303,6 +1303,17 @@ impl State {
             .get(BASE_KEY)
             .map_err(|e| self.err(e))?
             .map_or((0, [0u8; 32], 0), |g| g.value());
+        // Decided before the walk below: a commit that writes no checkpoint walks
+        // nothing (walking on every commit made each cost grow with the records
+        // since the last checkpoint).
+        let every = self.log.checkpoint_every;
+        let seals = end.count - first >= self.log.segment_records;
+        let interval = end.count / every > covered / every;
+        let cause = match cause {
+            _ if seals || interval => CheckpointCause::Interval,
+            Some(c) => c,
+            None => return Ok(None),
+        };
         // A checkpoint vouches only for what was checked: every record since the last
         // checkpoint (or the start of the database's records) is walked first, so a
         // log edited after its last checkpoint is never signed over.
@@ -1353,14 +1364,6 @@ impl State {
                 &self.path,
             )?;
         }
-        let every = self.log.checkpoint_every;
-        let seals = end.count - first >= self.log.segment_records;
-        let interval = end.count / every > covered / every;
-        let cause = match cause {
-            _ if seals || interval => CheckpointCause::Interval,
-            Some(c) => c,
-            None => return Ok(None),
-        };
         let number = last.as_ref().map_or(0, |(cp, _)| cp.number + 1);
         let cp = Checkpoint {
             schema: CHECKPOINT_SCHEMA.into(),
