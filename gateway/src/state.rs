@@ -21,7 +21,8 @@
 //! is caught too; start-up walks only what follows the last checkpoint
 //! ([`State::check_since_checkpoint`]), `log verify` everything
 //! ([`State::audit_log`]). Full segments are sealed into files under `log/` and
-//! leave the database (table `log_base` says where its records start).
+//! leave the database (table `log_base` says where its records start); the file is
+//! written after the commit that seals it, off the commit path ([`upkeep`]).
 //!
 //! The `clock` table holds the last-known time (as tough keeps its datastore time):
 //! the latest clock reading a commit trusted, raised in the commit's transaction and
@@ -572,6 +573,7 @@ impl StateDir {
             signer: self.signer.clone(),
             log: self.log,
             denials: Mutex::new(DenialBudget::new(&self.log)),
+            upkeep: upkeep::Upkeep::default(),
         };
         state.guard(|| {
             let txn = state.db.begin_read().map_err(|e| state.err(e))?;
@@ -859,6 +861,9 @@ fn walk_log(
     })
 }
 
+mod upkeep;
+pub use upkeep::Upkept;
+
 /// An open database; the file stays locked until this is dropped.
 #[derive(Debug)]
 pub struct State {
@@ -874,6 +879,7 @@ pub struct State {
     signer: Option<Arc<CheckpointSigner>>,
     log: LogConfig,
     denials: Mutex<DenialBudget>,
+    upkeep: upkeep::Upkeep,
 }
 
 /// Seconds after which counted denials are written even without another commit.
@@ -999,8 +1005,10 @@ impl State {
                 std::panic::resume_unwind(p)
             })
         });
-        // A checkpoint the closure committed is recorded outside the state now.
-        crate::admission_log::witness::publish_staged(out.is_ok());
+        // A checkpoint the closure committed is recorded outside the state, by the
+        // upkeep that follows the commit (`upkeep`).
+        self.upkeep
+            .committed(crate::admission_log::witness::take_staged(out.is_ok()));
         out
     }
 
@@ -1203,6 +1211,9 @@ impl State {
         if let (Ok(_), Some(now)) = (&outcome, raised) {
             self.last_known.fetch_max(now, Ordering::AcqRel);
         }
+        if outcome.is_ok() {
+            self.after_commit();
+        }
         match outcome {
             Ok(verdicts) => Ok(admitted
                 .into_iter()
@@ -1231,7 +1242,7 @@ impl State {
             Ok(b) => b,
             Err(p) => p.into_inner(),
         };
-        self.guard(|| {
+        let written = self.guard(|| {
             let txn = self.db.begin_write().map_err(|e| self.err(e))?;
             let written = {
                 let mut log = txn.open_table(LOG).map_err(|e| self.err(e))?;
@@ -1265,7 +1276,12 @@ impl State {
             };
             txn.commit().map_err(|e| self.err(e))?;
             Ok(written)
-        })
+        })?;
+        // The graceful stop: whatever upkeep is left is done now, whoever runs it.
+        if let Err(e) = self.upkeep() {
+            tracing::warn!(error = %e, "admission log upkeep failed at the checkpoint");
+        }
+        Ok(written)
     }
 
     /// Inside a write transaction whose log ends at `end`: writes the checkpoint that
@@ -1392,20 +1408,13 @@ impl State {
             cp.head.clone(),
         );
         if seals {
-            // The file is durable before the transaction that removes the records
-            // from the database commits; a crash in between leaves both, and the
-            // next seal of this segment replaces the uncommitted file.
-            let mut log = txn.open_table(LOG).map_err(|e| self.err(e))?;
-            let mut records = Vec::new();
-            for row in log.range(first..end.count).map_err(|e| self.err(e))? {
-                let (_, v) = row.map_err(|e| self.err(e))?;
-                records.push(v.value().to_vec());
-            }
-            let file = segment::encode(&records, &bytes, &sig);
-            write_segment(&self.log_dir, segment, &file).map_err(|e| self.err(e))?;
-            for seq in first..end.count {
-                log.remove(seq).map_err(|e| self.err(e))?;
-            }
+            // Sealed now, exported after the commit (`upkeep`): the records stay
+            // below the base, noted, until their file is durable.
+            txn.open_table(upkeep::SEALING)
+                .map_err(|e| self.err(e))?
+                .insert(segment, (first, end.count, number))
+                .map_err(|e| self.err(e))?;
+            self.upkeep.sealed();
             bases
                 .insert(BASE_KEY, (end.count, end.last, segment + 1))
                 .map_err(|e| self.err(e))?;
@@ -1597,14 +1606,20 @@ impl State {
         let mut counts = crate::admission_log::chain::Counts::default();
         let mut segments = Vec::new();
         let mut at = Link::START;
+        let noted = upkeep::noted_segments(&txn, &self.path).map_err(|e| unreadable(&e))?;
         for cp in checkpoints.iter().filter(|c| c.seals) {
             let path = segment::path(&self.log_dir, cp.segment);
-            let bytes = std::fs::read(&path).map_err(|e| {
-                Failure::new(
-                    FailureCode::SegmentInvalid,
-                    format!("segment {} ({}): {e}", cp.segment, path.display()),
-                )
-            })?;
+            let bytes = match noted.get(&cp.segment) {
+                // Sealed, its file not written yet: checked as it will be written.
+                Some(&note) => upkeep::noted_segment_file(&txn, cp.segment, note, &self.path)
+                    .map_err(|e| Failure::new(FailureCode::SegmentInvalid, e.to_string()))?,
+                None => std::fs::read(&path).map_err(|e| {
+                    Failure::new(
+                        FailureCode::SegmentInvalid,
+                        format!("segment {} ({}): {e}", cp.segment, path.display()),
+                    )
+                })?,
+            };
             let report = segment::verify(&bytes, expect)?;
             if report.sealed != *cp
                 || cp.segment_first != at.count
@@ -1663,7 +1678,8 @@ impl State {
         }
         let mut walk = Walker::new(at, &checks, true);
         if let Some(log) = open_read_table(&txn, LOG, &self.path).map_err(|e| unreadable(&e))? {
-            for row in log.iter().map_err(|e| unreadable(&e))? {
+            // Records below the base are sealed: in their files, or noted above.
+            for row in log.range(base.0..).map_err(|e| unreadable(&e))? {
                 let (k, v) = row.map_err(|e| unreadable(&e))?;
                 walk.step(k.value(), v.value())?;
             }

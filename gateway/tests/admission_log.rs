@@ -542,3 +542,143 @@ fn a_denial_flood_is_bounded_by_the_denial_budget() {
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["counts"]["denials_suppressed"], 2, "{v}");
 }
+
+/// A seal is exported after its commit, off the commit path: between the two, the
+/// segment is sealed in the database (its records below the base, noted), `log
+/// verify` checks it as its file will be written, and an edit of it is named. A
+/// process that stops there (a crash) loses nothing: the next commit of the next
+/// process writes the file and only then removes the records (through the library
+/// and the binary).
+#[test]
+fn a_seal_is_exported_after_its_commit_and_a_crash_before_the_export_loses_nothing() {
+    use capsule_gateway::admission_log::signer::CheckpointSigner;
+    use capsule_gateway::admission_log::LogConfig;
+    use capsule_gateway::state::{StateDir, Upkept};
+    use std::sync::Arc;
+    use verify_core::{Decision, Reason};
+    let w = World::new();
+    let clock = verify_core::FixedClock(w.now);
+    let policy =
+        verify_core::Policy::load(&w.policy_path(), verify_core::crypto::default_backend())
+            .expect("policy");
+    let log = LogConfig {
+        checkpoint_every: 4,
+        segment_records: 8,
+        denial_burst: 1000,
+        denials_per_second: 0,
+    };
+    let open = |dir: &Path| {
+        let located = StateDir::locate(dir, true, &clock)
+            .expect("locate")
+            .expect("state");
+        let signer = Arc::new(CheckpointSigner::software(dir).expect("signer"));
+        located.with_log(Some(signer), log).open().expect("open")
+    };
+    let flood = |n: usize| -> Vec<_> {
+        (0..n)
+            .map(|_| Err(Decision::deny_unread(Reason::MalformedJws, "not a JWS")))
+            .collect()
+    };
+    let first_key = |dir: &Path| {
+        let db = redb::Database::open(dir.join(STATE_FILE)).expect("open");
+        let txn = db.begin_read().expect("read");
+        let log = txn.open_table(LOG).expect("log");
+        let first = log.first().expect("first").map(|(k, _)| k.value());
+        first
+    };
+    let segment_file = |dir: &Path| dir.join("log/segment-00000000.jsonl");
+
+    // `serve`'s mode: the commit seals, the upkeep is left to the caller.
+    let dir = w.path("sealed");
+    let state = open(&dir);
+    state.defer_upkeep();
+    state.upkeep().expect("nothing left by an earlier process");
+    state.record(flood(10), &policy, &clock).expect("recorded");
+    assert!(state.upkeep_due(), "the seal left its export");
+    assert!(!segment_file(&dir).exists(), "exported inside the commit");
+    assert_eq!(state.verify_log().expect("sealed, not exported"), 10);
+    // The crash: the process goes before its upkeep.
+    drop(state);
+    assert_eq!(first_key(&dir), Some(0), "the records stay until exported");
+    let (code, v) = verify_state(&dir);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["segments"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["records"], 10, "{v}");
+
+    // The next process (the CLI's mode): its commit, then the export.
+    let state = open(&dir);
+    state.check_since_checkpoint().expect("start-up check");
+    state.record(flood(3), &policy, &clock).expect("recorded");
+    assert!(!state.upkeep_due(), "done after the commit");
+    assert_eq!(
+        state.upkeep().expect("upkeep"),
+        Upkept::default(),
+        "nothing left"
+    );
+    drop(state);
+    assert!(segment_file(&dir).exists());
+    assert_eq!(first_key(&dir), Some(10), "exported records are removed");
+    let (code, v) = log_verify(&["--segment", s(&segment_file(&dir))]);
+    assert_eq!((code, &v["records"]), (0, &Value::from(10)), "{v}");
+    let (code, v) = verify_state(&dir);
+    assert_eq!((code, &v["records"]), (0, &Value::from(13)), "{v}");
+
+    // Deferred, the upkeep reports what it did: more than one chunk of records.
+    let dir = w.path("chunks");
+    let big = LogConfig {
+        segment_records: 1200,
+        checkpoint_every: 1024,
+        denial_burst: 10_000,
+        ..log
+    };
+    let located = StateDir::locate(&dir, true, &clock)
+        .expect("locate")
+        .expect("state");
+    let signer = Arc::new(CheckpointSigner::software(&dir).expect("signer"));
+    let state = located.with_log(Some(signer), big).open().expect("open");
+    state.defer_upkeep();
+    state
+        .record(flood(1300), &policy, &clock)
+        .expect("recorded");
+    let done = state.upkeep().expect("upkeep");
+    assert_eq!(
+        (done.segments, done.removed, done.witness),
+        (1, 1300, true),
+        "{done:?}"
+    );
+    assert!(!state.upkeep_due());
+    assert_eq!(state.verify_log().expect("intact"), 1300);
+    drop(state);
+    assert_eq!(first_key(&dir), None, "every record is in the segment");
+
+    // An edit of a sealed record not yet exported is named, like one in a file.
+    let dir = w.path("edited");
+    let state = open(&dir);
+    state.defer_upkeep();
+    state.record(flood(10), &policy, &clock).expect("recorded");
+    drop(state);
+    tamper(&dir, |txn| {
+        let mut log = txn.open_table(LOG).expect("log");
+        let bytes = log.get(3).expect("get").expect("record").value().to_vec();
+        let mut r: Value = serde_json::from_slice(&bytes).expect("json");
+        r["reason"] = "expired".into();
+        log.insert(3, serde_json::to_vec(&r).expect("json").as_slice())
+            .expect("insert");
+    });
+    let (code, v) = verify_state(&dir);
+    assert_eq!(
+        (code, v["code"].as_str()),
+        (1, Some("record_edited")),
+        "{v}"
+    );
+    // ... and a removed one too.
+    tamper(&dir, |txn| {
+        txn.open_table(LOG).expect("log").remove(5).expect("remove");
+    });
+    let (code, v) = verify_state(&dir);
+    assert_eq!(
+        (code, v["code"].as_str()),
+        (1, Some("segment_invalid")),
+        "{v}"
+    );
+}

@@ -1877,3 +1877,95 @@ fn a_readmission_is_a_cache_hit_and_a_removed_key_is_denied_after_restart() {
     });
     server.shutdown();
 }
+
+/// The service seals segments off its commit path: a segment that a killed process
+/// sealed and did not export is written when the service starts, and those sealed
+/// while it serves are written by its keeper while it serves (not at the stop). Each
+/// leaves the database once its file is written, and `log verify` holds throughout.
+#[test]
+fn the_service_writes_sealed_segments_off_its_commits_and_after_a_crash() {
+    use capsule_gateway::admission_log::signer::CheckpointSigner;
+    use capsule_gateway::state::StateDir;
+    use verify_core::{Decision, FixedClock, Reason};
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.log.checkpoint_every = 2;
+    config.log.segment_records = 4;
+    let dir = config.state_dir.clone();
+    let segment = |n: u64| dir.join(format!("log/segment-{n:08}.jsonl"));
+    let log_verify = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_capsule-gateway"))
+            .args(["log", "verify", "--json", "--state"])
+            .arg(&dir)
+            .output()
+            .expect("log verify");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        (out.status.code(), v)
+    };
+
+    // What a process killed between a seal's commit and its export leaves.
+    {
+        let clock = FixedClock(f.world.now);
+        let policy = verify_core::Policy::load(
+            &f.world.policy_path(),
+            verify_core::crypto::default_backend(),
+        )
+        .expect("policy");
+        let located = StateDir::locate(&dir, true, &clock)
+            .expect("locate")
+            .expect("state");
+        let signer = Arc::new(CheckpointSigner::software(&dir).expect("signer"));
+        let state = located
+            .with_log(Some(signer), config.log)
+            .open()
+            .expect("open");
+        state.defer_upkeep();
+        let denials = (0..5)
+            .map(|_| Err(Decision::deny_unread(Reason::MalformedJws, "not a JWS")))
+            .collect();
+        state.record(denials, &policy, &clock).expect("recorded");
+    }
+    assert!(!segment(0).exists());
+    assert_eq!(admission_log(&dir).len(), 5);
+
+    let good = read_jws(&f.world.good_capsule("good", Signer::Es256));
+    let client = f.client_svid_dir(RUNNER);
+    let server = start(&config);
+    let wait_for = |path: &Path| {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !path.exists() {
+            assert!(Instant::now() < end, "{} never written", path.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(&segment(0));
+    runtime().block_on(async {
+        let mut c = Client::connect(
+            server.local_addr(),
+            client_config(&client, GATEWAY_ID, false),
+        )
+        .await
+        .expect("connect");
+        c.upload_world_files().await;
+        for _ in 0..6 {
+            let r = c.admit(good.clone()).await.expect("admission");
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+    });
+    // One admission per commit: the fourth record after the seal seals segment 1.
+    wait_for(&segment(1));
+    server.shutdown();
+
+    let (code, v) = log_verify();
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["records"], 11, "{v}");
+    let sealed: u64 = v["segments"]
+        .as_array()
+        .expect("segments")
+        .iter()
+        .map(|s| s["records"].as_u64().expect("records"))
+        .sum();
+    assert_eq!(sealed, 9, "segments 0..5 and 5..9: {v}");
+    // Every sealed record has left the database; the rest is still there.
+    assert_eq!(admission_log(&dir).len() as u64, 11 - sealed, "{v}");
+}

@@ -3,8 +3,9 @@
 //!
 //! `STATE/log/segment-<8 digits>.jsonl`: one record per line (its exact stored
 //! bytes; compact JSON holds no newline), then the sealing checkpoint's bytes, then
-//! its signature document. Written whole or not at all (`durable::write_new`) before
-//! the transaction that removes the records from the database commits.
+//! its signature document. Written whole or not at all (`durable::write_new`) after
+//! the commit that seals it and before its records leave the database
+//! (`crate::state`'s upkeep).
 
 use std::path::{Path, PathBuf};
 

@@ -8,7 +8,8 @@
 //! between leaves the witness one checkpoint behind (harmless: the next checkpoint
 //! moves it), never ahead (which would look like a restored state). The checkpoint
 //! path stages it ([`stage`]) inside the transaction; `State`'s guard publishes what
-//! was staged once the closure that committed returns ([`publish_staged`]). A witness
+//! was staged once the closure that committed returns ([`take_staged`], written by
+//! `crate::state`'s upkeep, off the commit path). A witness
 //! never moves back: a lower number for the same state is not written.
 //!
 //! With a TPM, an NV counter (TPM2_NV_DefineSpace with TPMA_NV_COUNTER, incremented
@@ -128,18 +129,10 @@ pub fn stage(db: &Path, state_id: Option<&str>, number: u64, count: u64, head: S
     STAGED.with(|s| *s.borrow_mut() = Some((path, w)));
 }
 
-/// After the closure that ran a transaction returned: writes the staged witness if
-/// it `committed`, drops it otherwise. A witness that cannot be written is logged and
-/// left behind (the admission is already durable; `host.checkpoint` then reports the
-/// witness behind the state).
-pub fn publish_staged(committed: bool) {
-    let Some((path, w)) = STAGED.with(|s| s.borrow_mut().take()) else {
-        return;
-    };
-    if !committed {
-        return;
-    }
-    if let Err(e) = write(&path, &w) {
-        tracing::warn!(witness = %path.display(), error = %e, "checkpoint witness not written");
-    }
+/// After the closure that ran a transaction returned: the staged witness if it
+/// `committed` (to be written by the upkeep that follows the commit), dropped
+/// otherwise.
+pub fn take_staged(committed: bool) -> Option<(PathBuf, Witness)> {
+    let staged = STAGED.with(|s| s.borrow_mut().take());
+    staged.filter(|_| committed)
 }

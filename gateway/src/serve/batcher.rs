@@ -21,6 +21,10 @@
 //! a commit are bounded too (a worker waits while `VERIFIED_BATCHES` are waiting).
 //! Nothing is ever admitted without the full verification, and memory does not grow
 //! with the offered load.
+//!
+//! What a commit leaves for after it (the checkpoint witness, a sealed segment's
+//! export: `crate::state`'s upkeep) runs on one more thread, the keeper, which the
+//! committing worker only wakes: no answer waits for it.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -78,6 +82,7 @@ pub struct Batcher {
     queue: SyncSender<Job>,
     metrics: Arc<Metrics>,
     threads: Vec<JoinHandle<()>>,
+    keeper: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -100,6 +105,8 @@ struct Workers {
     metrics: Arc<Metrics>,
     jobs: Mutex<Receiver<Job>>,
     offered: Mutex<Offered>,
+    /// Wakes the keeper; `None` without a state.
+    keeper: Option<SyncSender<()>>,
     /// Signalled when a commit took the offered batches (room for more).
     taken: Condvar,
     max: usize,
@@ -123,7 +130,27 @@ impl Batcher {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        // One wake-up pending is enough: the keeper does all that is due each time.
+        let (wake, woken) = mpsc::sync_channel::<()>(1);
+        let keeper = match admissions.admission.open_state() {
+            Some(state) => {
+                state.defer_upkeep();
+                let a = admissions.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("log-keeper".into())
+                        .spawn(move || keep(&a, &woken))?,
+                )
+            }
+            None => None,
+        };
+        let wake = keeper.as_ref().map(|_| {
+            // Whatever an earlier process left is done first.
+            let _ = wake.try_send(());
+            wake
+        });
         let workers = Arc::new(Workers {
+            keeper: wake,
             admissions,
             metrics: metrics.clone(),
             jobs: Mutex::new(jobs),
@@ -144,6 +171,7 @@ impl Batcher {
             queue,
             metrics,
             threads,
+            keeper,
         })
     }
 
@@ -175,6 +203,27 @@ impl Batcher {
         drop(self.queue);
         for t in self.threads {
             let _ = t.join();
+        }
+        // The workers are gone and with them the keeper's wake-up: it finishes.
+        if let Some(k) = self.keeper {
+            let _ = k.join();
+        }
+    }
+}
+
+/// The keeper: runs the state's upkeep each time a commit left some, and once more
+/// when the workers are gone.
+fn keep(admissions: &Admissions, woken: &Receiver<()>) {
+    let Some(state) = admissions.admission.open_state() else {
+        return;
+    };
+    loop {
+        let stop = woken.recv().is_err();
+        if let Err(e) = state.upkeep() {
+            tracing::warn!(error = %e, "admission log upkeep failed; retried after the next commit");
+        }
+        if stop {
+            return;
         }
     }
 }
@@ -289,6 +338,12 @@ impl Workers {
         let started = Instant::now();
         let recorded = self.admissions.admission.record(results);
         self.metrics.stage(true, started.elapsed());
+        if let (Some(keeper), Some(state)) = (&self.keeper, self.admissions.admission.open_state())
+        {
+            if state.upkeep_due() {
+                let _ = keeper.try_send(());
+            }
+        }
         match recorded {
             Ok(recorded) => {
                 for (outcome, reply) in recorded.into_iter().zip(replies) {
