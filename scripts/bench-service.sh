@@ -5,7 +5,8 @@
 # connections. Three runs: saturated (closed loop, SAT_CONNECTIONS HTTP/1.1
 # connections, one request in flight on each), 70 % of the saturated rate (open loop
 # over the same SAT_CONNECTIONS HTTP/1.1 connections, so the protocol is the one that
-# set the saturated rate), and 2x the saturated rate (open loop over CONNECTIONS
+# set the saturated rate, then over CONNECTIONS HTTP/2 connections; each with the time
+# the server's threads waited for a CPU, from /proc), and 2x the saturated rate (open loop over CONNECTIONS
 # HTTP/2 connections, each request on its own stream when it is due, so that more
 # requests can be outstanding than the server's queue holds: the overload run shows
 # how much is shed with 503, the p99 of what is served, the server's peak RSS). Around the overload run, /metrics is read to show that every
@@ -147,13 +148,31 @@ PY
 server_view saturated
 stop_server
 
+# Nanoseconds the server's threads have spent runnable but waiting for a CPU (field 2
+# of /proc/PID/task/TID/schedstat, summed over its threads): on 2 cores shared with
+# the load generator, the part of the latency that is neither work nor the disk.
+runq_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s+=$2} END {print s+0}'; }
 rate70=$(python3 -c "print(int($sat * 0.7))")
+p70_phase() {
+  local name=$1
+  shift
+  start_server
+  local a0 w0 a1 w1
+  a0=$(admits "$(metrics)")
+  w0=$(runq_ns "$pid")
+  lg --rate "$rate70" "$@" >"$work/$name.json"
+  w1=$(runq_ns "$pid")
+  a1=$(admits "$(metrics)")
+  field "$work/$name.json" "$client_line"
+  python3 -c "import sys; w, n, d = (float(sys.argv[2]) - float(sys.argv[1])) / 1e6, max(1, float(sys.argv[4]) - float(sys.argv[3])), float(sys.argv[5]); print(f'   server threads waited for a CPU: {w:.0f} ms over the run ({w / d:.0f} ms per second; {w * 1e3 / n:.0f} us per admission)')" \
+    "$w0" "$w1" "$a0" "$a1" "$duration"
+  server_view "$name"
+  stop_server
+}
 echo "== 70% of saturation: $rate70/s open loop, $sat_conns HTTP/1.1 connections"
-start_server
-lg --connections "$sat_conns" --rate "$rate70" >"$work/p70.json"
-field "$work/p70.json" "$client_line"
-server_view p70
-stop_server
+p70_phase p70 --connections "$sat_conns"
+echo "== 70% of saturation: $rate70/s open loop, $conns HTTP/2 connections"
+p70_phase p70-http2 --connections "$conns" --http2
 
 rate2x=$(python3 -c "print(int($sat * 2))")
 echo "== 2x overload: $rate2x/s open loop, $conns HTTP/2 connections"
