@@ -33,19 +33,35 @@ pub fn parse_name(name: &str) -> Option<u64> {
         .flatten()
 }
 
-/// The bytes of a sealed segment file.
-pub fn encode(records: &[Vec<u8>], checkpoint: &[u8], sig: &[u8]) -> Vec<u8> {
-    let len = records.iter().map(|r| r.len() + 1).sum::<usize>() + checkpoint.len() + sig.len() + 2;
-    let mut out = Vec::with_capacity(len);
-    for r in records {
-        out.extend_from_slice(r);
-        out.push(b'\n');
+/// The bytes of a sealed segment file, built as its records are read (no copy of
+/// each record on the way).
+#[derive(Debug)]
+pub struct Encoder {
+    out: Vec<u8>,
+}
+
+impl Encoder {
+    /// `bytes`: about how large the file will be.
+    pub fn with_capacity(bytes: usize) -> Encoder {
+        Encoder {
+            out: Vec::with_capacity(bytes),
+        }
     }
-    out.extend_from_slice(checkpoint);
-    out.push(b'\n');
-    out.extend_from_slice(sig);
-    out.push(b'\n');
-    out
+
+    /// The next record's exact stored bytes (compact JSON: no newline inside).
+    pub fn record(&mut self, record: &[u8]) {
+        self.out.extend_from_slice(record);
+        self.out.push(b'\n');
+    }
+
+    /// The file: the records, then the sealing checkpoint, then its signature.
+    pub fn seal(mut self, checkpoint: &[u8], sig: &[u8]) -> Vec<u8> {
+        self.out.extend_from_slice(checkpoint);
+        self.out.push(b'\n');
+        self.out.extend_from_slice(sig);
+        self.out.push(b'\n');
+        self.out
+    }
 }
 
 /// What a segment verified on its own holds.

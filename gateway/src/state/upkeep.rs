@@ -3,7 +3,7 @@
 //! database. None of it decides anything (the commit that recorded the admissions
 //! already did), so none of it holds an answer back: the CLI runs it right after its
 //! commit, and `serve` on its keeper thread (`crate::serve::batcher`). Done inside
-//! the commit, a seal (a 16 MiB file written and synced, 65536 records removed) held
+//! the commit, a seal (a file of 16–24 MiB written and synced, 65536 records removed) held
 //! redb's one write transaction, and every admission waiting on it, for 250–800 ms.
 //!
 //! A seal is therefore two steps. The commit that crosses `segment_records` signs
@@ -35,6 +35,8 @@ pub(super) const SEALING: TableDefinition<u64, (u64, u64, u64)> =
 /// Exported records removed per transaction: about 1 ms of the write lock each, so a
 /// commit waits at most that long behind one.
 const REMOVE_CHUNK: u64 = 512;
+/// About the size of one admission record, to size a segment file's buffer once.
+const RECORD_BYTES: u64 = 384;
 /// The pause between two chunks when the process runs the upkeep off its commits.
 const CHUNK_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -254,12 +256,17 @@ pub(super) fn noted_segment_file(
         )
     };
     let log = open_read_table(txn, LOG, path)?.ok_or_else(missing)?;
-    let mut records = Vec::with_capacity(usize::try_from(end - first).unwrap_or(0));
+    let count = end - first;
+    let mut file = segment::Encoder::with_capacity(
+        usize::try_from(count.saturating_mul(RECORD_BYTES)).unwrap_or(0),
+    );
+    let mut read = 0;
     for row in log.range(first..end).map_err(|e| super::err(path, e))? {
         let (_, v) = row.map_err(|e| super::err(path, e))?;
-        records.push(v.value().to_vec());
+        file.record(v.value());
+        read += 1;
     }
-    if records.len() as u64 != end - first {
+    if read != count {
         return Err(missing());
     }
     let (cp, sig) = open_read_table(txn, CHECKPOINTS, path)?
@@ -279,7 +286,7 @@ pub(super) fn noted_segment_file(
                 ),
             )
         })?;
-    Ok(segment::encode(&records, &cp, &sig))
+    Ok(file.seal(&cp, &sig))
 }
 
 /// The segments sealed and not yet written to their files, as `log_sealing` notes them.
