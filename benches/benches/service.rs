@@ -24,6 +24,11 @@ use common::{small_manifest, Env};
 
 const ADMISSIONS: usize = 10_000;
 
+/// The allocator the `capsule-gateway` binary ships with (gateway/src/main.rs), so
+/// that the service and this in-process twin are compared on the same one.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn pipeline(c: &mut Criterion) {
     let env = Env::new();
     let cap = env.signed("small-es", &small_manifest(&env.world), Signer::Es256);
