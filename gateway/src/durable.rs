@@ -59,13 +59,23 @@ pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
         .map_err(io("sync directory", dir))
 }
 
-/// Creates `dir` and its missing parents, each new one with `mode`.
+/// Creates `dir` and its missing parents, each new one with `mode`, and syncs the
+/// parent of each one it created: a file later made durable inside a new directory
+/// is not lost with the directory's own entry.
 pub fn create_dirs(dir: &Path, mode: u32) -> Result<(), DurableError> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
     DirBuilder::new()
         .recursive(true)
         .mode(mode)
         .create(dir)
-        .map_err(io("create directory", dir))
+        .map_err(io("create directory", dir))?;
+    for created in missing {
+        sync_dir(parent_of(created))?;
+    }
+    Ok(())
 }
 
 /// Renames `from` to `to` unless `to` exists, then syncs `to`'s parent.

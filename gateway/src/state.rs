@@ -1654,6 +1654,18 @@ impl State {
             counts.add(walk.counts);
             segments.push(report);
         }
+        // Every note names a segment that a checkpoint sealed.
+        if let Some(orphan) = noted
+            .keys()
+            .find(|n| !checkpoints.iter().any(|c| c.seals && c.segment == **n))
+        {
+            return Err(Failure::new(
+                FailureCode::SegmentInvalid,
+                format!(
+                    "admission log: log_sealing notes segment {orphan}, which no checkpoint sealed"
+                ),
+            ));
+        }
         if let Ok(dir) = std::fs::read_dir(&self.log_dir) {
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -1736,7 +1748,16 @@ fn write_segment(
     match crate::durable::write_new(&path, bytes, 0o600) {
         Err(crate::durable::DurableError::Exists { .. }) => {
             if std::fs::read(&path).is_ok_and(|old| old == bytes) {
-                return Ok(());
+                // Left by an export that may have been killed before it synced:
+                // synced now, before the records it holds leave the database.
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|source| crate::durable::DurableError::Io {
+                        op: "sync a segment written before",
+                        path: path.clone(),
+                        source,
+                    })?;
+                return crate::durable::sync_dir(log_dir);
             }
             let stale = log_dir.join(format!(".{}.uncommitted", segment::file_name(segment)));
             std::fs::rename(&path, &stale).map_err(|source| crate::durable::DurableError::Io {

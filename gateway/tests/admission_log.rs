@@ -681,4 +681,52 @@ fn a_seal_is_exported_after_its_commit_and_a_crash_before_the_export_loses_nothi
         (1, Some("segment_invalid")),
         "{v}"
     );
+
+    // The note itself is not signed: a forged one is named (never a panic, never a
+    // huge allocation), and the next process's upkeep builds nothing from it.
+    const SEALING: TableDefinition<u64, (u64, u64, u64)> = TableDefinition::new("log_sealing");
+    let dir = w.path("forged");
+    let state = open(&dir);
+    state.defer_upkeep();
+    state.record(flood(10), &policy, &clock).expect("recorded");
+    drop(state);
+    let note = {
+        let db = redb::Database::open(dir.join(STATE_FILE)).expect("open");
+        let txn = db.begin_read().expect("read");
+        let t = txn.open_table(SEALING).expect("log_sealing");
+        let note = t.get(0).expect("get").expect("segment 0 noted").value();
+        note
+    };
+    assert_eq!((note.0, note.1), (0, 10));
+    let forgeries: [(u64, (u64, u64, u64)); 4] = [
+        (0, (10, 0, note.2)),
+        (0, (0, u64::MAX, note.2)),
+        (0, (0, 10, note.2 + 7)),
+        (99, note),
+    ];
+    for (segment, forged) in forgeries {
+        tamper(&dir, |txn| {
+            let mut t = txn.open_table(SEALING).expect("log_sealing");
+            t.insert(segment, forged).expect("insert");
+        });
+        let (code, v) = verify_state(&dir);
+        assert_eq!(
+            (code, v["code"].as_str()),
+            (1, Some("segment_invalid")),
+            "{segment} {forged:?}: {v}"
+        );
+        if segment == 0 {
+            let state = open(&dir);
+            assert!(state.upkeep().is_err(), "{forged:?} exported");
+            drop(state);
+            assert!(!segment_file(&dir).exists(), "{forged:?}");
+        }
+        tamper(&dir, |txn| {
+            let mut t = txn.open_table(SEALING).expect("log_sealing");
+            t.remove(segment).expect("remove");
+            t.insert(0, note).expect("restore");
+        });
+    }
+    let (code, v) = verify_state(&dir);
+    assert_eq!(code, 0, "restored: {v}");
 }

@@ -274,7 +274,17 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 fn serve_is_not_ready_while_the_selfcheck_fails_and_ready_when_it_passes() {
     let sink = TestSink::start();
     sink.set(UP);
-    let run = |path: &str| {
+    let selfcheck_events = || -> Vec<Value> {
+        sink.seen()
+            .iter()
+            .filter_map(|s| serde_json::from_slice::<Value>(&s.body).ok())
+            .filter(|e| e["type"] == "dev.capsule-gateway.selfcheck.v1")
+            .collect()
+    };
+    // `events`: how many selfcheck events the sink has seen once this run's arrived.
+    // The process is stopped only then: its spool is delivered by a background thread,
+    // and a process stopped first leaves its event in a state no one restarts.
+    let run = |path: &str, events: usize| {
         let f = Fixture::new();
         let config = f.write_config(&format!(
             "[health]\nlisten = \"127.0.0.1:0\"\n\n[runs]\nruntime = \"runsc\"\n\n[events]\nsink = \"{}\"\n\n[selfcheck]\nenabled = true\n",
@@ -284,11 +294,15 @@ fn serve_is_not_ready_while_the_selfcheck_fails_and_ready_when_it_passes() {
         let health = serve.health();
         let ready = settled_readyz(health);
         let metrics = plain(health, "/metrics").1;
+        let end = Instant::now() + Duration::from_secs(30);
+        while selfcheck_events().len() < events && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         drop(serve);
         (f, ready, metrics)
     };
 
-    let (_f, (code, body), metrics) = run(&shim_path().1);
+    let (_f, (code, body), metrics) = run(&shim_path().1, 1);
     assert_eq!(code, 503, "{body}");
     assert!(
         body.starts_with("not ready: selfcheck failed: ") && body.contains("tier.gvisor.egress"),
@@ -313,7 +327,7 @@ fn serve_is_not_ready_while_the_selfcheck_fails_and_ready_when_it_passes() {
     )
     .is_some());
 
-    let (_f, (code, body), metrics) = run(&healthy_path_restore());
+    let (_f, (code, body), metrics) = run(&healthy_path_restore(), 2);
     assert_eq!((code, body.as_str()), (200, "ready\n"));
     assert_eq!(
         metric(&metrics, "capsule_gateway_selfcheck_passed "),
@@ -329,19 +343,7 @@ fn serve_is_not_ready_while_the_selfcheck_fails_and_ready_when_it_passes() {
     );
 
     // Both runs' CloudEvents reached the sink, the failed one naming its check.
-    let end = Instant::now() + Duration::from_secs(30);
-    let events = loop {
-        let events: Vec<Value> = sink
-            .seen()
-            .iter()
-            .filter_map(|s| serde_json::from_slice::<Value>(&s.body).ok())
-            .filter(|e| e["type"] == "dev.capsule-gateway.selfcheck.v1")
-            .collect();
-        if events.len() >= 2 || Instant::now() > end {
-            break events;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let events = selfcheck_events();
     assert!(
         events.iter().any(|e| e["data"]["passed"] == false
             && e["data"]["failed"]

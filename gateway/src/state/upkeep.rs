@@ -24,6 +24,7 @@ use std::sync::{Mutex, PoisonError};
 use redb::{ReadableTable, TableDefinition};
 
 use super::{open_read_table, write_base, write_segment, State, CHECKPOINTS, LOG};
+use crate::admission_log::record::Checkpoint;
 use crate::admission_log::segment;
 use crate::admission_log::witness::{self, Witness};
 
@@ -37,6 +38,8 @@ pub(super) const SEALING: TableDefinition<u64, (u64, u64, u64)> =
 const REMOVE_CHUNK: u64 = 512;
 /// About the size of one admission record, to size a segment file's buffer once.
 const RECORD_BYTES: u64 = 384;
+/// At most this many records' worth is allocated up front (about 50 MB).
+const MAX_PREALLOCATED_RECORDS: u64 = 1 << 17;
 /// The pause between two chunks when the process runs the upkeep off its commits.
 const CHUNK_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -47,6 +50,9 @@ pub(super) struct Upkeep {
     deferred: AtomicBool,
     /// Something may be waiting: a witness, a noted segment, exported records.
     due: AtomicBool,
+    /// Held for a whole upkeep: the keeper and a stop's checkpoint may both run one,
+    /// and the witness's read-compare-replace must not interleave (it would move back).
+    running: Mutex<()>,
     /// The latest committed checkpoint's witness, not yet written (boxed: a `State`
     /// is held by value, and this is rarely set).
     witness: Mutex<Option<Box<(PathBuf, Witness)>>>,
@@ -100,6 +106,11 @@ impl State {
     /// and removes exported records from the database. A failure leaves the work due
     /// (the next call retries it); nothing recorded depends on it.
     pub fn upkeep(&self) -> Result<Upkept, crate::GatewayError> {
+        let _one_at_a_time = self
+            .upkeep
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // Cleared before the work: a commit during it sets it again.
         self.upkeep.due.store(false, Ordering::Release);
         let out = self.upkeep_inner();
@@ -246,6 +257,40 @@ pub(super) fn noted_segment_file(
     (first, end, checkpoint): (u64, u64, u64),
     path: &std::path::Path,
 ) -> Result<Vec<u8>, crate::GatewayError> {
+    let invalid = |why: String| {
+        super::err(
+            path,
+            format!("admission log: the note of segment {number} in log_sealing {why}"),
+        )
+    };
+    let count = end
+        .checked_sub(first)
+        .ok_or_else(|| invalid("ends before it starts".into()))?;
+    // The note is the database's word, not a signed one: it must be exactly what the
+    // checkpoint it names sealed, or nothing is built from it.
+    let (cp, sig) = open_read_table(txn, CHECKPOINTS, path)?
+        .and_then(|t| t.get(checkpoint).transpose())
+        .transpose()
+        .map_err(|e| super::err(path, e))?
+        .map(|g| {
+            let (cp, sig) = g.value();
+            (cp.to_vec(), sig.to_vec())
+        })
+        .ok_or_else(|| invalid(format!("names checkpoint {checkpoint}, which is missing")))?;
+    let sealed = Checkpoint::parse(&cp)
+        .map_err(|e| invalid(format!("names checkpoint {checkpoint}, unreadable: {e}")))?;
+    if !sealed.seals
+        || (
+            sealed.number,
+            sealed.segment,
+            sealed.segment_first,
+            sealed.count,
+        ) != (checkpoint, number, first, end)
+    {
+        return Err(invalid(format!(
+            "is not what checkpoint {checkpoint} sealed"
+        )));
+    }
     let missing = || {
         super::err(
             path,
@@ -256,10 +301,11 @@ pub(super) fn noted_segment_file(
         )
     };
     let log = open_read_table(txn, LOG, path)?.ok_or_else(missing)?;
-    let count = end - first;
-    let mut file = segment::Encoder::with_capacity(
-        usize::try_from(count.saturating_mul(RECORD_BYTES)).unwrap_or(0),
-    );
+    // Sized from the note, bounded: a forged count must not allocate the machine.
+    let expect = count
+        .min(MAX_PREALLOCATED_RECORDS)
+        .saturating_mul(RECORD_BYTES);
+    let mut file = segment::Encoder::with_capacity(usize::try_from(expect).unwrap_or(0));
     let mut read = 0;
     for row in log.range(first..end).map_err(|e| super::err(path, e))? {
         let (_, v) = row.map_err(|e| super::err(path, e))?;
@@ -269,23 +315,6 @@ pub(super) fn noted_segment_file(
     if read != count {
         return Err(missing());
     }
-    let (cp, sig) = open_read_table(txn, CHECKPOINTS, path)?
-        .and_then(|t| t.get(checkpoint).transpose())
-        .transpose()
-        .map_err(|e| super::err(path, e))?
-        .map(|g| {
-            let (cp, sig) = g.value();
-            (cp.to_vec(), sig.to_vec())
-        })
-        .ok_or_else(|| {
-            super::err(
-                path,
-                format!(
-                    "admission log: checkpoint {checkpoint}, which sealed segment {number}, \
-                     is missing"
-                ),
-            )
-        })?;
     Ok(file.seal(&cp, &sig))
 }
 
