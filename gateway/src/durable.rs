@@ -59,6 +59,15 @@ pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
         .map_err(io("sync directory", dir))
 }
 
+/// fsync an existing file and then its directory: a file an earlier process wrote,
+/// and may have been killed before it synced, is durable, name included.
+pub fn sync_existing(path: &Path) -> Result<(), DurableError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io("sync file", path))?;
+    sync_dir(parent_of(path))
+}
+
 /// Creates `dir` and its missing parents, each new one with `mode`, and syncs the
 /// parent of each one it created: a file later made durable inside a new directory
 /// is not lost with the directory's own entry.

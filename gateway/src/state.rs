@@ -1750,14 +1750,7 @@ fn write_segment(
             if std::fs::read(&path).is_ok_and(|old| old == bytes) {
                 // Left by an export that may have been killed before it synced:
                 // synced now, before the records it holds leave the database.
-                File::open(&path)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|source| crate::durable::DurableError::Io {
-                        op: "sync a segment written before",
-                        path: path.clone(),
-                        source,
-                    })?;
-                return crate::durable::sync_dir(log_dir);
+                return crate::durable::sync_existing(&path);
             }
             let stale = log_dir.join(format!(".{}.uncommitted", segment::file_name(segment)));
             std::fs::rename(&path, &stale).map_err(|source| crate::durable::DurableError::Io {

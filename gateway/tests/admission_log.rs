@@ -567,13 +567,14 @@ fn a_seal_is_exported_after_its_commit_and_a_crash_before_the_export_loses_nothi
         denial_burst: 1000,
         denials_per_second: 0,
     };
-    let open = |dir: &Path| {
+    let open_with = |dir: &Path, log: LogConfig| {
         let located = StateDir::locate(dir, true, &clock)
             .expect("locate")
             .expect("state");
         let signer = Arc::new(CheckpointSigner::software(dir).expect("signer"));
         located.with_log(Some(signer), log).open().expect("open")
     };
+    let open = |dir: &Path| open_with(dir, log);
     let flood = |n: usize| -> Vec<_> {
         (0..n)
             .map(|_| Err(Decision::deny_unread(Reason::MalformedJws, "not a JWS")))
@@ -631,11 +632,7 @@ fn a_seal_is_exported_after_its_commit_and_a_crash_before_the_export_loses_nothi
         denial_burst: 10_000,
         ..log
     };
-    let located = StateDir::locate(&dir, true, &clock)
-        .expect("locate")
-        .expect("state");
-    let signer = Arc::new(CheckpointSigner::software(&dir).expect("signer"));
-    let state = located.with_log(Some(signer), big).open().expect("open");
+    let state = open_with(&dir, big);
     state.defer_upkeep();
     state
         .record(flood(1300), &policy, &clock)
